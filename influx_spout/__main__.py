@@ -1,0 +1,3 @@
+from influx_spout.cli import main
+
+raise SystemExit(main())

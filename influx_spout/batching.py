@@ -1,0 +1,96 @@
+"""One batcher (count / size / age) used by every mode that batches.
+
+Chunks are whole lines ending in b"\\n"; a batch never splits a line and never
+exceeds max_size unless a single line does (the caller decides what to do with it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def ensure_newline(chunk: bytes) -> bytes:
+    """A chunk that does not end with a newline would glue its last line to the next chunk."""
+    if chunk and not chunk.endswith(b"\n"):
+        return chunk + b"\n"
+    return chunk
+
+
+def split_under(data: bytes, limit: int) -> list[bytes]:
+    """Split data on line boundaries into pieces of at most limit bytes.
+
+    A single line longer than limit becomes a piece of its own (over the limit).
+    """
+    if len(data) <= limit:
+        return [data]
+    pieces = []
+    start = 0
+    end = len(data)
+    while start < end:
+        if end - start <= limit:
+            pieces.append(data[start:])
+            break
+        cut = data.rfind(b"\n", start, start + limit)
+        if cut < 0:  # one line longer than the limit
+            cut = data.find(b"\n", start + limit)
+            if cut < 0:
+                cut = end - 1
+        pieces.append(data[start : cut + 1])
+        start = cut + 1
+    return pieces
+
+
+class Batcher:
+    """Collects chunks until max_count chunks, max_size bytes, or max_age seconds."""
+
+    def __init__(
+        self,
+        max_count: int,
+        max_size: int,
+        max_age: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_count = max_count
+        self.max_size = max_size
+        self.max_age = max_age
+        self._clock = clock
+        self._chunks: list[bytes] = []
+        self.size = 0
+        self.started = 0.0  # clock() when the first chunk of this batch arrived
+
+    @property
+    def count(self) -> int:
+        return len(self._chunks)
+
+    def add(self, chunk: bytes) -> list[bytes]:
+        """Add one chunk of whole lines; return the batches that became ready, oldest first."""
+        if not chunk:
+            return []
+        ready: list[bytes] = []
+        if self._chunks and self.size + len(chunk) > self.max_size:
+            ready.append(self.take())
+        if len(chunk) > self.max_size:
+            pieces = split_under(chunk, self.max_size)
+            ready.extend(pieces[:-1])
+            chunk = pieces[-1]
+        if not self._chunks:
+            self.started = self._clock()
+        self._chunks.append(chunk)
+        self.size += len(chunk)
+        if len(self._chunks) >= self.max_count or self.size >= self.max_size:
+            ready.append(self.take())
+        return ready
+
+    def due(self) -> bool:
+        """True when the batch holds data older than max_age."""
+        return bool(self._chunks) and self._clock() - self.started >= self.max_age
+
+    def take(self) -> bytes:
+        """Return the batch collected so far (b"" when empty) and start a new one."""
+        chunks = self._chunks
+        self._chunks = []
+        self.size = 0
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)

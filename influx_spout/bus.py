@@ -1,0 +1,132 @@
+"""NATS: connect, publish under the server's max payload, subscribe with pending limits.
+
+The one NATS wrapper every mode uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import SlowConsumerError
+
+from influx_spout.batching import split_under
+from influx_spout.config import Config
+
+log = logging.getLogger("influx_spout.bus")
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+def nats_servers(address: str) -> list[str]:
+    return [s.strip() for s in address.split(",") if s.strip()]
+
+
+class Bus:
+    """A NATS connection with the bookkeeping the modes need."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.nc = Client()
+        self.dropped: Counter[str] = Counter()  # messages NATS dropped per subject (slow consumer)
+        self._subs: list = []
+
+    @classmethod
+    async def connect(cls, cfg: Config) -> Bus:
+        bus = cls(cfg)
+        await bus.nc.connect(
+            servers=nats_servers(cfg.nats_address),
+            name=f"influx-spout-{cfg.mode}-{cfg.name}",
+            error_cb=bus._on_error,
+            disconnected_cb=bus._on_disconnect,
+            reconnected_cb=bus._on_reconnect,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=5,
+            # buffer publishes while reconnecting rather than failing at once
+            pending_size=64 * 1024 * 1024,
+        )
+        return bus
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            self.dropped[exc.subject] += 1
+            if self.cfg.debug:
+                log.warning("dropped a message on %s: input buffer full", exc.subject)
+        else:
+            log.warning("NATS error: %s", exc)
+
+    async def _on_disconnect(self) -> None:
+        log.warning("disconnected from NATS, reconnecting")
+
+    async def _on_reconnect(self) -> None:
+        log.info("reconnected to NATS at %s", self.nc.connected_url)
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    @property
+    def max_payload(self) -> int:
+        return self.nc.max_payload
+
+    async def publish(self, subject: str, data: bytes) -> int:
+        """Publish whole lines, split under the server's max payload.
+
+        Returns the number of bytes that could NOT be published (0 on success):
+        a line longer than the max payload, or a closed connection.
+        """
+        if not data:
+            return 0
+        failed = 0
+        limit = self.nc.max_payload
+        for piece in split_under(data, limit) if len(data) > limit else (data,):
+            if len(piece) > limit:
+                log.warning("a line of %d bytes exceeds the NATS max payload %d", len(piece), limit)
+                failed += len(piece)
+                continue
+            try:
+                await self.nc.publish(subject, piece)
+            except Exception as exc:
+                log.warning("publish to %s failed: %s", subject, exc)
+                failed += len(piece)
+        return failed
+
+    async def publish_raw(self, subject: str, data: bytes) -> None:
+        """Publish one message as is (stats)."""
+        await self.nc.publish(subject, data)
+
+    async def subscribe(self, subjects: list[str], handler: Handler, pending_bytes: int) -> None:
+        """Subscribe handler to each subject, honouring queue_group and the pending limit."""
+        for subject in subjects:
+            sub = await self.nc.subscribe(
+                subject,
+                queue=self.cfg.queue_group,
+                cb=handler,
+                pending_msgs_limit=1_000_000,
+                pending_bytes_limit=pending_bytes,
+            )
+            self._subs.append(sub)
+
+    async def unsubscribe(self) -> None:
+        """Stop taking input (messages already received are still handled)."""
+        for sub in self._subs:
+            try:
+                await sub.drain()
+            except Exception as exc:
+                log.debug("unsubscribe: %s", exc)
+        self._subs = []
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.nc.flush(), 3)
+        except Exception as exc:
+            log.debug("flush on close: %s", exc)
+        try:
+            await self.nc.close()
+        except Exception as exc:
+            log.debug("close: %s", exc)

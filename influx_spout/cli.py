@@ -1,0 +1,89 @@
+"""Entry point: args -> config -> run the chosen mode; signals; exit codes.
+
+Exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 when the component fails at
+run time (e.g. NATS unreachable), 2 for a bad command line or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+
+from influx_spout import __version__
+from influx_spout.config import Config, ConfigError, load_config
+
+log = logging.getLogger("influx_spout")
+
+# how long a stopping component may take to flush before it is cut short
+STOP_GRACE = 4.0
+
+
+def _setup_logging(component: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s {component} %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="influx-spout",
+        description="Route InfluxDB line protocol through NATS (the config picks the mode).",
+    )
+    parser.add_argument("config", help="path to the TOML configuration file")
+    parser.add_argument("--version", action="version", version=f"influx-spout {__version__}")
+    args = parser.parse_args(argv)
+
+    _setup_logging("influx-spout")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"influx-spout: configuration error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(f"{cfg.mode}[{cfg.name}]")
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(run(cfg))
+    except Exception as exc:
+        log.error("stopped: %s", exc, exc_info=cfg.debug)
+        return 1
+    return 0
+
+
+async def run(cfg: Config) -> None:
+    """Run cfg's mode until SIGTERM/SIGINT, then give it STOP_GRACE seconds to flush."""
+    module = importlib.import_module(f"influx_spout.modes.{cfg.mode}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, stop, sig)
+    task = asyncio.create_task(module.run(cfg, stop))
+    stop_wait = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        stop_wait.cancel()
+        task.result()  # raise what failed
+        return
+    try:
+        await asyncio.wait_for(task, STOP_GRACE)
+    except TimeoutError:
+        log.error("did not stop within %.0fs; exiting anyway", STOP_GRACE)
+    log.info("stopped")
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    log.info("%s received: stopping", sig.name)
+    stop.set()

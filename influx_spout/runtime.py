@@ -1,0 +1,72 @@
+"""What every mode shares while it runs: the NATS bus, its counters, stats publishing, probes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from types import TracebackType
+
+from influx_spout.bus import Bus
+from influx_spout.config import Config
+from influx_spout.probes import Probes
+from influx_spout.stats import Stats, publish_forever
+
+log = logging.getLogger("influx_spout")
+
+
+class Runtime:
+    """`async with Runtime(cfg, stop, counters) as rt:` connects, publishes stats, serves probes."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        stop: asyncio.Event,
+        counters: Iterable[str],
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.stop = stop
+        self.stats = Stats(cfg.mode, cfg.name, counters, labels)
+        self.bus = Bus(cfg)
+        self.ready = False  # the mode sets it once it can do its work
+        self._probes: Probes | None = None
+        self._stats_task: asyncio.Task | None = None
+
+    def is_ready(self) -> bool:
+        return self.ready and self.bus.connected
+
+    async def __aenter__(self) -> Runtime:
+        if self.cfg.probe_port:
+            self._probes = Probes(self.cfg.probe_port, self.is_ready)
+            await self._probes.start()
+        self.bus = await Bus.connect(self.cfg)
+        self._stats_task = asyncio.create_task(
+            publish_forever(self.stats, self._publish_stats, self.cfg.stats_interval)
+        )
+        return self
+
+    async def _publish_stats(self, data: bytes) -> None:
+        self.sync_dropped()
+        await self.bus.publish_raw(self.cfg.nats_subject_monitor, data)
+
+    def sync_dropped(self) -> None:
+        """Copy what NATS dropped (slow consumer) into the nats_dropped counters."""
+        for subject, n in self.bus.dropped.items():
+            key = ("nats_dropped", (("subject", subject),))
+            self.stats.values[key] = n
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
+        await self.bus.close()
+        if self._probes is not None:
+            await self._probes.stop()

@@ -1,0 +1,80 @@
+"""Counters of a component, and publishing them on the monitor subject.
+
+Stats travel as Prometheus text lines (`name{labels} value timestamp_ms`), which the
+monitor mode parses and serves as they are; every line carries component, name, host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+log = logging.getLogger("influx_spout.stats")
+
+LabelKey = tuple[tuple[str, str], ...]
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Stats:
+    """Monotonic counters; plain and labelled (e.g. triggered{rule="..."})."""
+
+    def __init__(
+        self,
+        component: str,
+        name: str,
+        counters: Iterable[str],
+        labels: dict[str, str] | None = None,
+        host: str | None = None,
+    ) -> None:
+        base = {"component": component, "name": name, "host": host or socket.gethostname()}
+        base.update(labels or {})
+        self.base_labels = base
+        # every listed counter is published from the start, even at zero
+        self.values: dict[tuple[str, LabelKey], int] = {(c, ()): 0 for c in counters}
+
+    def inc(self, counter: str, n: int = 1, **labels: str) -> None:
+        key = (counter, tuple(sorted(labels.items())))
+        self.values[key] = self.values.get(key, 0) + n
+
+    def get(self, counter: str, **labels: str) -> int:
+        return self.values.get((counter, tuple(sorted(labels.items()))), 0)
+
+    def render(self, now_ms: int | None = None) -> bytes:
+        """All counters as Prometheus text lines."""
+        ts = int(time.time() * 1000) if now_ms is None else now_ms
+        base = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(self.base_labels.items()))
+        lines = []
+        for (counter, extra), value in sorted(self.values.items()):
+            labels = base
+            if extra:
+                labels += "," + ",".join(f'{k}="{_escape_label(v)}"' for k, v in extra)
+            lines.append(f"{counter}{{{labels}}} {value} {ts}\n")
+        return "".join(lines).encode()
+
+
+async def publish_forever(
+    stats: Stats,
+    publish: Callable[[bytes], Awaitable[object]],
+    interval: float,
+) -> None:
+    """Publish the counters every interval until cancelled (then once more)."""
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            await _publish_once(stats, publish)
+    except asyncio.CancelledError:
+        await _publish_once(stats, publish)
+        raise
+
+
+async def _publish_once(stats: Stats, publish: Callable[[bytes], Awaitable[object]]) -> None:
+    try:
+        await publish(stats.render())
+    except Exception as exc:  # stats must never take a component down
+        log.warning("could not publish stats: %s", exc)
