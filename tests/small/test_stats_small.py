@@ -1,0 +1,65 @@
+import asyncio
+
+from influx_spout.stats import Stats, publish_forever
+
+
+def test_render_prometheus_lines() -> None:
+    s = Stats("filter", "f1", ["processed", "passed"], host="h1")
+    s.inc("processed", 5)
+    s.inc("triggered", 2, rule="cpu")
+    out = s.render(now_ms=1000).decode().splitlines()
+    assert 'passed{component="filter",host="h1",name="f1"} 0 1000' in out
+    assert 'processed{component="filter",host="h1",name="f1"} 5 1000' in out
+    assert 'triggered{component="filter",host="h1",name="f1",rule="cpu"} 2 1000' in out
+    assert s.get("triggered", rule="cpu") == 2
+    assert s.get("missing") == 0
+
+
+def test_extra_labels_and_escaping() -> None:
+    s = Stats("writer", 'w"1', ["received"], labels={"influxdb_port": "8086"}, host="h")
+    line = s.render(now_ms=1).decode()
+    assert 'name="w\\"1"' in line
+    assert 'influxdb_port="8086"' in line
+
+
+def test_publish_forever_publishes_and_once_more_on_cancel() -> None:
+    sent: list[bytes] = []
+
+    async def publish(data: bytes) -> None:
+        sent.append(data)
+
+    async def main() -> None:
+        s = Stats("listener", "l", ["received"], host="h")
+        task = asyncio.create_task(publish_forever(s, publish, 0.01))
+        await asyncio.sleep(0.035)
+        s.inc("received", 7)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    assert len(sent) >= 3
+    assert b"received" in sent[-1] and b" 7 " in sent[-1]
+
+
+def test_publish_failure_does_not_stop_publishing() -> None:
+    calls = 0
+
+    async def publish(data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("down")
+
+    async def main() -> None:
+        task = asyncio.create_task(publish_forever(Stats("x", "y", []), publish, 0.01))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    assert calls >= 3
