@@ -19,6 +19,8 @@ from influx_spout.config import Config
 
 log = logging.getLogger("influx_spout.bus")
 
+STARTUP_CONNECT_ATTEMPTS = 3
+
 Handler = Callable[[Msg], Awaitable[None]]
 
 
@@ -38,19 +40,31 @@ class Bus:
     @classmethod
     async def connect(cls, cfg: Config) -> Bus:
         bus = cls(cfg)
-        await bus.nc.connect(
+        try:
+            await bus._connect()
+        except Exception as exc:
+            raise RuntimeError(
+                f"cannot connect to NATS at {cfg.nats_address}: {exc or type(exc).__name__} "
+                "(is nats-server running there? check nats_address)"
+            ) from exc
+        bus.nc.options["max_reconnect_attempts"] = -1
+        return bus
+
+    async def _connect(self) -> None:
+        cfg = self.cfg
+        await self.nc.connect(
             servers=nats_servers(cfg.nats_address),
             name=f"influx-spout-{cfg.mode}-{cfg.name}",
-            error_cb=bus._on_error,
-            disconnected_cb=bus._on_disconnect,
-            reconnected_cb=bus._on_reconnect,
-            max_reconnect_attempts=-1,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect,
+            # a few tries at start-up, then a clear failure; once connected, retry forever
+            max_reconnect_attempts=STARTUP_CONNECT_ATTEMPTS,
             reconnect_time_wait=1,
             connect_timeout=5,
             # buffer publishes while reconnecting rather than failing at once
             pending_size=64 * 1024 * 1024,
         )
-        return bus
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
