@@ -15,17 +15,13 @@ from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
 
 from influx_spout.batching import split_under
-from influx_spout.config import Config
+from influx_spout.config import Config, nats_servers
 
 log = logging.getLogger("influx_spout.bus")
 
 STARTUP_CONNECT_ATTEMPTS = 3
 
 Handler = Callable[[Msg], Awaitable[None]]
-
-
-def nats_servers(address: str) -> list[str]:
-    return [s.strip() for s in address.split(",") if s.strip()]
 
 
 class Bus:
@@ -53,7 +49,7 @@ class Bus:
     async def _connect(self) -> None:
         cfg = self.cfg
         await self.nc.connect(
-            servers=nats_servers(cfg.nats_address),
+            servers=nats_servers(cfg),
             name=f"influx-spout-{cfg.mode}-{cfg.name}",
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnect,

@@ -1,15 +1,43 @@
 """Configuration: one dataclass for every mode, its defaults, loading and validation.
 
 Loading reads /etc/influx-spout.toml (when present), then the given file on top.
-Every problem stops the program before it connects anywhere (ConfigError -> exit 2).
+Every problem stops the program before it connects anywhere (ConfigError -> exit 2),
+with one line: `<file>: <key>: <what is wrong> (<what to do>)`.
+
+Units once loaded: byte sizes are int bytes, durations are float seconds.
+Option names of the Go influx-spout's older generation are read as aliases with a
+deprecation warning, so a config file written for the Go version runs unchanged.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import regex
 
 MODES = ("listener", "listener_http", "filter", "downsampler", "writer", "monitor")
 RULE_TYPES = ("basic", "tags", "regex", "negregex")
+
+# Modes this project plans; naming one gets a clearer message than "unknown".
+PLANNED_MODES = ("kafka", "archive")
+
+KB = 1024
+MB = 1024 * KB
+GB = 1024 * MB
+TB = 1024 * GB
+
+# The NATS server refuses larger messages whatever its max_payload says.
+NATS_MAX_PAYLOAD = 64 * MB
+
+log = logging.getLogger("influx_spout.config")
 
 
 class ConfigError(Exception):
@@ -76,3 +104,739 @@ class Config:
 
     # where the config came from, for messages
     source: str = ""
+
+
+# Every key a config file may set, with the kind of value it takes. A key that
+# belongs to another mode is accepted, so one /etc file can serve every component.
+OPTIONS: dict[str, str] = {
+    "mode": "str",
+    "name": "str",
+    "nats_address": "str",
+    "nats_subject": "subjects",
+    "nats_subject_monitor": "str",
+    "nats_subject_junkyard": "str",
+    "stats_interval": "duration",
+    "probe_port": "int",
+    "queue_group": "str",
+    "debug": "bool",
+    "port": "int",
+    "read_buffer_size": "size",
+    "max_body_size": "size",
+    "batch_max_count": "int",
+    "batch_max_size": "size",
+    "batch_max_age": "duration",
+    "workers": "int",
+    "max_time_delta": "duration",
+    "nats_max_pending_size": "size",
+    "rule": "rules",
+    "downsample_period": "duration",
+    "downsample_suffix": "str",
+    "influxdb_protocol": "str",
+    "influxdb_address": "str",
+    "influxdb_port": "int",
+    "influxdb_dbname": "str",
+    "influxdb_rp": "str",
+    "influxdb_org": "str",
+    "influxdb_bucket": "str",
+    "write_timeout": "duration",
+    "writer_retry_batches": "int",
+    "writer_retry_interval": "duration",
+    "writer_retry_timeout": "duration",
+}
+
+# Older option names: old -> (new, unit of the old integer value, bytes or seconds per unit).
+ALIASES: dict[str, tuple[str, str, int]] = {
+    "batch": ("batch_max_count", "count", 1),
+    "batch_max_mb": ("batch_max_size", "megabytes", MB),
+    "batch_max_secs": ("batch_max_age", "seconds", 1),
+    "read_buffer_bytes": ("read_buffer_size", "bytes", 1),
+    "listener_batch_bytes": ("batch_max_size", "bytes", 1),
+    "max_time_delta_secs": ("max_time_delta", "seconds", 1),
+    "nats_pending_max_mb": ("nats_max_pending_size", "megabytes", MB),
+    "write_timeout_secs": ("write_timeout", "seconds", 1),
+}
+
+# Keys of the Go influx-spout that mean nothing here: accepted with a warning.
+IGNORED: dict[str, str] = {
+    "pprof_port": "Go's pprof profiler has no equivalent in this version",
+}
+
+# Credentials never come from a file, which tends to be world-readable and committed.
+_CREDENTIAL_KEYS: dict[str, str] = {
+    "influxdb_user": "INFLUXDB_USER",
+    "influxdb_username": "INFLUXDB_USER",
+    "influxdb_pass": "INFLUXDB_PASS",
+    "influxdb_password": "INFLUXDB_PASS",
+    "influxdb_token": "INFLUXDB_TOKEN",
+}
+
+# Names from the Go version's first releases, renamed before its README of seed 002.
+_RENAMED: dict[str, str] = {
+    "nats_topic": "nats_subject",
+    "nats_topic_monitor": "nats_subject_monitor",
+    "nats_topic_junkyard": "nats_subject_junkyard",
+}
+
+RULE_KEYS = ("type", "match", "tags", "subject")
+
+_PORT_DEFAULTS = {"listener": 10001, "listener_http": 13337, "monitor": 9331}
+_BATCH_SIZE_DEFAULTS = {"listener": MB, "listener_http": MB, "writer": 10 * MB}
+_LISTENERS = ("listener", "listener_http")
+
+
+def load_config(
+    path: str,
+    etc_path: str = "/etc/influx-spout.toml",
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read etc_path (when it exists) then path on top, apply mode defaults, validate.
+
+    Keys in path override those in etc_path; [[rule]] tables in path replace those
+    in etc_path. Credentials come from environ (default os.environ), never a file.
+    """
+    settings: dict[str, _Setting] = {}
+    if os.path.exists(etc_path):
+        settings.update(_read_layer(etc_path))
+    settings.update(_read_layer(path))
+    cfg = _build(settings, path)
+    _read_credentials(cfg, path, os.environ if environ is None else environ)
+    _validate(cfg, settings, path)
+    return cfg
+
+
+def nats_servers(cfg: Config) -> list[str]:
+    """The NATS server URLs of cfg.nats_address (a comma-separated list)."""
+    return [s.strip() for s in cfg.nats_address.split(",") if s.strip()]
+
+
+_SIZE_RE = re.compile(r"\s*([0-9]+)\s*([A-Za-z]*)\s*")
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": KB,
+    "kb": KB,
+    "kib": KB,
+    "m": MB,
+    "mb": MB,
+    "mib": MB,
+    "g": GB,
+    "gb": GB,
+    "gib": GB,
+    "t": TB,
+    "tb": TB,
+    "tib": TB,
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "2097152", "2048KB", "2MB", "2M", "2mb", "2 MB" (KB = 1024).
+
+    Raises ValueError with a message fit for the user.
+    """
+    m = _SIZE_RE.fullmatch(text)
+    if not m:
+        raise ValueError(f"{_quote(text)} is not a byte size")
+    number, unit = m.groups()
+    factor = _SIZE_UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(f"{_quote(text)} has an unknown unit {_quote(unit)}")
+    return int(number) * factor
+
+
+_DURATION_PART = re.compile(
+    r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ns|us|µs|μs|ms|s|m|h)", re.IGNORECASE
+)
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as "30s", "1.5h", "500ms" or "1m30s" (units ns us ms s m h).
+
+    Raises ValueError with a message fit for the user.
+    """
+    total = 0.0
+    pos = 0
+    stripped = text.rstrip()
+    while pos < len(stripped):
+        m = _DURATION_PART.match(stripped, pos)
+        if not m:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+        pos = m.end()
+    if pos == 0 or pos < len(stripped):
+        if re.fullmatch(r"\s*[0-9]+(\.[0-9]*)?\s*", text):
+            raise ValueError(f"{_quote(text)} has no unit")
+        raise ValueError(f"{_quote(text)} is not a duration")
+    return total
+
+
+# -- reading one file ---------------------------------------------------------------
+
+
+class _Setting(NamedTuple):
+    value: Any  # converted: int bytes, float seconds, list[Rule], ...
+    file: str
+    key: str  # as written in the file: an alias when one was used
+    shown: str  # the value as written, for messages
+
+
+def _fail(file: str, key: str, what: str, todo: str) -> ConfigError:
+    return ConfigError(f"{file}: {key}: {what} ({todo})")
+
+
+_TOML_POS = re.compile(r"^(.*) \(at (?:line (\d+), column (\d+)|end of document)\)$", re.DOTALL)
+
+
+def _parse_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (give the path of a TOML config file)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror} (check the path)") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: byte {exc.start}: not UTF-8 text (save the file as UTF-8)"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = _TOML_POS.match(str(exc))
+        if m is None:
+            where, what = "TOML", str(exc)
+        elif m.group(2):
+            where, what = f"line {m.group(2)}, column {m.group(3)}", m.group(1)
+        else:  # tomllib says "end of document": name that position too
+            line = text.count("\n") + 1
+            column = len(text) - (text.rfind("\n") + 1) + 1
+            where, what = f"line {line}, column {column} (end of file)", m.group(1)
+        raise ConfigError(f"{path}: {where}: {what} (fix the TOML syntax there)") from None
+
+
+def _read_layer(path: str) -> dict[str, _Setting]:
+    data = _parse_toml(path)
+    out: dict[str, _Setting] = {}
+    alias_for: dict[str, str] = {}  # new key -> the alias that set it
+    for key, raw in data.items():
+        if key in OPTIONS:
+            out[key] = _Setting(_convert(OPTIONS[key], raw, path, key), path, key, _show(raw))
+        elif key in ALIASES:
+            new, unit, factor = ALIASES[key]
+            if new in data:
+                raise _fail(
+                    path, key, f"both {key} (deprecated) and {new} are set", f"keep only {new}"
+                )
+            if new in alias_for:
+                raise _fail(
+                    path,
+                    key,
+                    f"both {alias_for[new]} and {key} set {new} (both deprecated)",
+                    f"keep only {new}",
+                )
+            alias_for[new] = key
+            value = _convert_alias(raw, path, key, new, unit, factor)
+            log.warning(
+                "%s: %s is deprecated, use %s instead (read as %s = %s)",
+                path,
+                key,
+                new,
+                new,
+                _format_new(OPTIONS[new], value),
+            )
+            out[new] = _Setting(value, path, key, _show(raw))
+        elif key in IGNORED:
+            log.warning("%s: %s is ignored (%s)", path, key, IGNORED[key])
+        elif key in _CREDENTIAL_KEYS:
+            raise _fail(
+                path,
+                key,
+                "unknown key: credentials are not read from config files",
+                f"set the {_CREDENTIAL_KEYS[key]} environment variable instead",
+            )
+        elif isinstance(raw, dict):
+            raise _fail(
+                path, key, f"unknown table [{key}]", "options go at the top, outside any [table]"
+            )
+        else:
+            raise _fail(path, key, "unknown key", _suggest(key, [*OPTIONS, *ALIASES, *IGNORED]))
+    return out
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    if key in _RENAMED:
+        return f'did you mean "{_RENAMED[key]}"? {key} is its old name'
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f'did you mean "{close[0]}"?'
+    return "remove it; no known option has a similar name"
+
+
+_EXPECTED = {
+    "str": ("a string", "put the value in double quotes"),
+    "int": ("an integer", "write a whole number without quotes"),
+    "bool": ("true or false", "write true or false without quotes"),
+    "subjects": ("a list of strings", 'write e.g. ["influx-spout"]'),
+}
+
+
+def _convert(kind: str, raw: Any, file: str, key: str) -> Any:
+    if kind == "str" and isinstance(raw, str):
+        return raw
+    if kind == "int" and isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if kind == "bool" and isinstance(raw, bool):
+        return raw
+    if kind == "subjects":
+        # The Go version required a list; a single string is read as a list of one.
+        if isinstance(raw, str):
+            return [raw]
+        if isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+            return list(raw)
+        if isinstance(raw, list):
+            bad = next(s for s in raw if not isinstance(s, str))
+            raise _fail(
+                file,
+                key,
+                f"expected a list of strings, got a list holding {_describe(bad)}",
+                'write e.g. ["influx-spout"]',
+            )
+    if kind == "size":
+        return _convert_size(raw, file, key)
+    if kind == "duration":
+        return _convert_duration(raw, file, key)
+    if kind == "rules":
+        return _convert_rules(raw, file)
+    expected, todo = _EXPECTED[kind]
+    raise _fail(file, key, f"expected {expected}, got {_describe(raw)}", todo)
+
+
+def _convert_size(raw: Any, file: str, key: str) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw  # plain bytes
+    if isinstance(raw, str):
+        try:
+            return parse_size(raw)
+        except ValueError as exc:
+            raise _fail(
+                file, key, str(exc), 'write a whole number with an optional unit, e.g. "10MB"'
+            ) from None
+    raise _fail(
+        file, key, f"expected a byte size, got {_describe(raw)}", 'write e.g. "10MB" or "512KB"'
+    )
+
+
+def _convert_duration(raw: Any, file: str, key: str) -> float:
+    if isinstance(raw, str):
+        try:
+            return parse_duration(raw)
+        except ValueError as exc:
+            example = f'"{raw.strip()}s"' if re.fullmatch(r"\s*[0-9]+\s*", raw) else '"30s"'
+            raise _fail(
+                file, key, str(exc), f"write e.g. {example}; units are ns, us, ms, s, m, h"
+            ) from None
+    example = f'"{raw}s"' if isinstance(raw, int) and not isinstance(raw, bool) else '"30s"'
+    raise _fail(
+        file,
+        key,
+        f"expected a duration string with a unit, got {_describe(raw)}",
+        f"write e.g. {example}; units are ns, us, ms, s, m, h",
+    )
+
+
+def _convert_alias(raw: Any, file: str, key: str, new: str, unit: str, factor: int) -> Any:
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        raise _fail(
+            file,
+            key,
+            f"expected an integer ({unit}), got {_describe(raw)}",
+            f"write a whole number, or better use {new}",
+        )
+    if unit == "seconds":
+        return float(raw)
+    return raw * factor
+
+
+def _convert_rules(raw: Any, file: str) -> list[Rule]:
+    if isinstance(raw, dict):
+        raise _fail(
+            file, "rule", "expected [[rule]] tables, got a single [rule] table", "write [[rule]]"
+        )
+    if not isinstance(raw, list):
+        raise _fail(
+            file, "rule", f"expected [[rule]] tables, got {_describe(raw)}", "write [[rule]] tables"
+        )
+    return [_convert_rule(item, file, f"rule[{n}]") for n, item in enumerate(raw, 1)]
+
+
+def _convert_rule(raw: Any, file: str, name: str) -> Rule:
+    """One [[rule]] table; `name` is rule[N], N counting the file's rules from 1."""
+    if not isinstance(raw, dict):
+        raise _fail(file, name, f"expected a table, got {_describe(raw)}", "write [[rule]] tables")
+    for key in raw:
+        if key not in RULE_KEYS:
+            raise _fail(file, f"{name}.{key}", "unknown key", _suggest(key, list(RULE_KEYS)))
+    for key in ("type", "match", "subject"):
+        if key in raw and not isinstance(raw[key], str):
+            raise _fail(
+                file,
+                f"{name}.{key}",
+                f"expected a string, got {_describe(raw[key])}",
+                "put the value in double quotes",
+            )
+    types = ", ".join(RULE_TYPES)
+    rtype = raw.get("type")
+    if rtype is None:
+        raise _fail(file, f"{name}.type", "missing", f"set type to one of {types}")
+    if rtype not in RULE_TYPES:
+        close = difflib.get_close_matches(rtype, RULE_TYPES, n=1)
+        hint = f'did you mean "{close[0]}"? ' if close else ""
+        raise _fail(
+            file, f"{name}.type", f"unknown rule type {_quote(rtype)}", f"{hint}use one of {types}"
+        )
+    match = raw.get("match", "")
+    rule = Rule(type=rtype, match=match, subject=raw.get("subject", ""))
+    if rtype == "tags":
+        if "match" in raw:
+            raise _fail(
+                file, f"{name}.match", "tags rules take no match", "list the tag pairs in tags"
+            )
+        rule.tags = _convert_tags(raw.get("tags"), file, f"{name}.tags")
+        return rule
+    if "tags" in raw:
+        raise _fail(
+            file, f"{name}.tags", f"{rtype} rules take no tags", 'remove it, or use type = "tags"'
+        )
+    if not match:
+        what = "the measurement name" if rtype == "basic" else "a regular expression"
+        raise _fail(file, f"{name}.match", "missing or empty", f"{rtype} rules need {what}")
+    if rtype in ("regex", "negregex"):
+        try:
+            regex.compile(match)
+        except regex.error as exc:
+            raise _fail(
+                file, f"{name}.match", f"invalid regular expression: {exc}", "fix the pattern"
+            ) from None
+    return rule
+
+
+def _convert_tags(raw: Any, file: str, key: str) -> list[tuple[str, str]]:
+    todo = 'write e.g. tags = [["region", "eu"], ["env", "prod"]]'
+    if raw is None:
+        raise _fail(file, key, "missing", todo)
+    if not isinstance(raw, list) or not raw:
+        raise _fail(file, key, f"expected a non-empty list of pairs, got {_describe(raw)}", todo)
+    pairs = []
+    for pair in raw:
+        ok = isinstance(pair, list) and len(pair) == 2
+        if not ok or not all(isinstance(s, str) and s for s in pair):
+            raise _fail(
+                file,
+                key,
+                f"expected pairs of two non-empty strings, got {_describe(pair)}",
+                todo,
+            )
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+# -- the merged configuration -------------------------------------------------------
+
+
+def _build(settings: dict[str, _Setting], path: str) -> Config:
+    modes = ", ".join(MODES)
+    mode_setting = settings.get("mode")
+    if mode_setting is None:
+        raise _fail(path, "mode", "missing", f"set mode to one of {modes}")
+    mode = mode_setting.value
+    if mode not in MODES:
+        file = mode_setting.file
+        if mode in PLANNED_MODES:
+            raise _fail(
+                file,
+                "mode",
+                f"{_quote(mode)} is planned but not available yet",
+                f"use one of {modes}",
+            )
+        close = difflib.get_close_matches(mode, MODES, n=1)
+        hint = f'did you mean "{close[0]}"? ' if close else ""
+        raise _fail(file, "mode", f"unknown mode {_quote(mode)}", f"{hint}use one of {modes}")
+
+    cfg = Config(mode=mode, source=path)
+    for key, setting in settings.items():
+        setattr(cfg, key, setting.value)
+
+    # Defaults that depend on the mode apply only where no file set the key.
+    if "port" not in settings and mode in _PORT_DEFAULTS:
+        cfg.port = _PORT_DEFAULTS[mode]
+    if "batch_max_size" not in settings and mode in _BATCH_SIZE_DEFAULTS:
+        cfg.batch_max_size = _BATCH_SIZE_DEFAULTS[mode]
+    if not cfg.name:
+        cfg.name = os.path.splitext(os.path.basename(path))[0]
+    return cfg
+
+
+def _read_credentials(cfg: Config, path: str, environ: Mapping[str, str]) -> None:
+    if cfg.mode != "writer":
+        return
+    cfg.influxdb_user = environ.get("INFLUXDB_USER", "")
+    cfg.influxdb_pass = environ.get("INFLUXDB_PASS", "")
+    cfg.influxdb_token = environ.get("INFLUXDB_TOKEN", "")
+    if cfg.influxdb_user and not cfg.influxdb_pass:
+        raise _fail(path, "INFLUXDB_USER", "set without INFLUXDB_PASS", "set both or neither")
+    if cfg.influxdb_pass and not cfg.influxdb_user:
+        raise _fail(path, "INFLUXDB_PASS", "set without INFLUXDB_USER", "set both or neither")
+
+
+class _Checker:
+    """Range and consistency checks, each failure naming the file and key as written."""
+
+    def __init__(self, cfg: Config, settings: dict[str, _Setting], path: str) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.path = path
+
+    def where(self, key: str) -> tuple[str, str]:
+        s = self.settings.get(key)
+        return (s.file, s.key) if s else (self.path, key)
+
+    def fail(self, key: str, what: str, todo: str) -> ConfigError:
+        file, written = self.where(key)
+        return _fail(file, written, what, todo)
+
+    def shown(self, key: str) -> str:
+        s = self.settings.get(key)
+        return s.shown if s else _show(getattr(self.cfg, key))
+
+    def at_least(self, key: str, low: int) -> None:
+        if getattr(self.cfg, key) < low:
+            raise self.fail(key, f"{self.shown(key)} is too small", f"use {low} or more")
+
+    def positive(self, key: str, example: str) -> None:
+        if getattr(self.cfg, key) <= 0:
+            raise self.fail(key, f"{self.shown(key)} must be above zero", f"use e.g. {example}")
+
+    def port(self, key: str, low: int) -> None:
+        value = getattr(self.cfg, key)
+        if not low <= value <= 65535:
+            todo = "use 1 to 65535, or 0 to turn it off" if low == 0 else "use 1 to 65535"
+            raise self.fail(key, f"{self.shown(key)} is not a port", todo)
+
+    def subject(self, key: str, value: str, publish: bool, written: str = "") -> None:
+        """Check one NATS subject; `written` names a key inside a rule, e.g. rule[2].subject."""
+        problem = _subject_problem(value, publish)
+        if problem:
+            file, key_written = self.where(key)
+            raise _fail(file, written or key_written, *problem)
+
+
+def _subject_problem(value: str, publish: bool) -> tuple[str, str] | None:
+    if not value:
+        return "empty subject", "give a NATS subject name"
+    if any(c.isspace() for c in value):
+        return f"{_quote(value)} contains whitespace", "NATS subjects cannot hold spaces"
+    tokens = value.split(".")
+    if "" in tokens:
+        return f"{_quote(value)} has an empty token", "remove the stray dot"
+    if publish and ("*" in tokens or ">" in tokens):
+        return f"{_quote(value)} is a wildcard", "publishing needs a plain subject without * or >"
+    return None
+
+
+def _validate(cfg: Config, settings: dict[str, _Setting], path: str) -> None:
+    c = _Checker(cfg, settings, path)
+    mode = cfg.mode
+
+    # Ranges every mode shares: a bad value is an error even where it is unused.
+    c.port("probe_port", 0)
+    c.at_least("workers", 1)
+    c.at_least("batch_max_count", 1)
+    c.at_least("writer_retry_batches", 0)
+    for key, kind in OPTIONS.items():
+        if kind == "size":
+            c.positive(key, '"1MB"')
+        elif kind == "duration":
+            c.positive(key, '"30s"')
+
+    _check_nats_address(c)
+    if mode != "monitor":
+        c.subject("nats_subject_monitor", cfg.nats_subject_monitor, publish=True)
+    if cfg.queue_group and any(ch.isspace() for ch in cfg.queue_group):
+        raise c.fail("queue_group", f"{_quote(cfg.queue_group)} contains whitespace", "remove it")
+
+    if mode in _PORT_DEFAULTS:
+        c.port("port", 1)
+        if mode != "listener" and cfg.probe_port == cfg.port:
+            raise c.fail("probe_port", f"same as port ({cfg.port})", "use another port or 0")
+
+    subjects = cfg.nats_subject
+    if mode in _LISTENERS or mode == "filter":
+        if len(subjects) != 1:
+            role = "output" if mode in _LISTENERS else "input"
+            raise c.fail(
+                "nats_subject",
+                f"{mode} needs exactly one {role} subject, got {len(subjects)}",
+                'write e.g. nats_subject = ["influx-spout"]',
+            )
+    elif mode in ("writer", "downsampler") and not subjects:
+        raise c.fail(
+            "nats_subject",
+            f"{mode} needs at least one input subject",
+            'write e.g. nats_subject = ["system"]',
+        )
+    if mode != "monitor":
+        for subject in subjects:
+            c.subject("nats_subject", subject, publish=mode in _LISTENERS)
+
+    if mode in _LISTENERS and cfg.batch_max_size > NATS_MAX_PAYLOAD:
+        raise c.fail(
+            "batch_max_size",
+            f"{c.shown('batch_max_size')} is above the 64MB a NATS message can hold",
+            "use at most the NATS server's max_payload, 1MB by default",
+        )
+
+    if mode == "filter":
+        c.subject("nats_subject_junkyard", cfg.nats_subject_junkyard, publish=True)
+        if not cfg.rule:
+            raise c.fail(
+                "rule",
+                "a filter needs at least one [[rule]]",
+                "add [[rule]] tables with type, match and subject",
+            )
+        for n, rule in enumerate(cfg.rule, 1):
+            if not rule.subject:
+                raise _fail(
+                    c.where("rule")[0],
+                    f"rule[{n}].subject",
+                    "missing",
+                    "filter rules need the subject that matching lines go to",
+                )
+            c.subject("rule", rule.subject, publish=True, written=f"rule[{n}].subject")
+    elif mode == "writer":
+        for n, rule in enumerate(cfg.rule, 1):
+            if rule.subject:
+                raise _fail(
+                    c.where("rule")[0],
+                    f"rule[{n}].subject",
+                    "writer rules take no subject",
+                    "remove it; a writer with rules drops the lines no rule matches",
+                )
+        _check_writer(c)
+    elif cfg.rule:
+        file = c.where("rule")[0]
+        log.warning("%s: rule: ignored in %s mode (only filter and writer use rules)", file, mode)
+        cfg.rule = []
+
+    if mode == "downsampler":
+        suffix = cfg.downsample_suffix
+        if not suffix or any(ch.isspace() for ch in suffix):
+            raise c.fail(
+                "downsample_suffix", f"{_quote(suffix)} is not usable", 'use e.g. "-archive"'
+            )
+
+
+def _check_nats_address(c: _Checker) -> None:
+    todo = 'write e.g. "nats://localhost:4222" or "nats://a:4222,nats://b:4222"'
+    servers = nats_servers(c.cfg)
+    if not servers:
+        raise c.fail("nats_address", "empty", todo)
+    for server in servers:
+        m = re.fullmatch(
+            r"(nats|tls)://(?:[^@/\s]+@)?([^/\s:@]+|\[[0-9A-Fa-f:.]+\])(:[0-9]+)?/?", server
+        )
+        if m is None:
+            raise c.fail("nats_address", f"{_quote(server)} is not a nats:// or tls:// URL", todo)
+        if m.group(3) and not 1 <= int(m.group(3)[1:]) <= 65535:
+            raise c.fail("nats_address", f"{_quote(server)} has an invalid port", todo)
+
+
+def _check_writer(c: _Checker) -> None:
+    cfg = c.cfg
+    if cfg.influxdb_protocol not in ("http", "https"):
+        raise c.fail(
+            "influxdb_protocol",
+            f"{_quote(cfg.influxdb_protocol)} is not supported",
+            "use http or https",
+        )
+    address = cfg.influxdb_address
+    if not address:
+        raise c.fail("influxdb_address", "empty", 'use a host name, e.g. "localhost"')
+    if "://" in address or "/" in address or any(ch.isspace() for ch in address):
+        raise c.fail(
+            "influxdb_address",
+            f"{_quote(address)} is not a host name",
+            "give the host only; set influxdb_protocol and influxdb_port apart",
+        )
+    c.port("influxdb_port", 1)
+    if not cfg.influxdb_dbname:
+        raise c.fail("influxdb_dbname", "empty", "give the database to write to")
+    if cfg.influxdb_bucket and not cfg.influxdb_org:
+        raise c.fail(
+            "influxdb_bucket", "set without influxdb_org", "set the InfluxDB 2.x organization too"
+        )
+
+
+# -- formatting values for messages -------------------------------------------------
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _quote(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+    if hasattr(value, "isoformat"):
+        return str(value.isoformat())
+    return str(value)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        kind = "boolean"
+    elif isinstance(value, int):
+        kind = "integer"
+    elif isinstance(value, float):
+        kind = "float"
+    elif isinstance(value, str):
+        kind = "string"
+    elif isinstance(value, list):
+        kind = "array"
+    elif isinstance(value, dict):
+        return "a table"
+    else:
+        kind = "date/time"
+    return f"{kind} {_show(value)}"
+
+
+def _format_new(kind: str, value: Any) -> str:
+    """A converted value as the new option would be written."""
+    if kind == "size":
+        for unit, factor in (("GB", GB), ("MB", MB), ("KB", KB)):
+            if value and value % factor == 0:
+                return f'"{value // factor}{unit}"'
+        return f'"{value}"'
+    if kind == "duration":
+        for unit, seconds in (("h", 3600), ("m", 60)):
+            if value and value % seconds == 0:
+                return f'"{value // seconds:g}{unit}"'
+        return f'"{value:g}s"'
+    return _show(value)
