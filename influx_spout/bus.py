@@ -32,6 +32,7 @@ class Bus:
         self.nc = Client()
         self.dropped: Counter[str] = Counter()  # messages NATS dropped per subject (slow consumer)
         self._subs: list = []
+        self._closing = False
 
     @classmethod
     async def connect(cls, cfg: Config) -> Bus:
@@ -71,7 +72,8 @@ class Bus:
             log.warning("NATS error: %s", exc)
 
     async def _on_disconnect(self) -> None:
-        log.warning("disconnected from NATS, reconnecting")
+        if not self._closing:
+            log.warning("disconnected from NATS, reconnecting")
 
     async def _on_reconnect(self) -> None:
         log.info("reconnected to NATS at %s", self.nc.connected_url)
@@ -121,6 +123,8 @@ class Bus:
                 pending_bytes_limit=pending_bytes,
             )
             self._subs.append(sub)
+        # the server has the subscriptions once this returns: only then is the mode ready
+        await self.nc.flush()
 
     async def unsubscribe(self) -> None:
         """Stop taking input (messages already received are still handled)."""
@@ -132,6 +136,7 @@ class Bus:
         self._subs = []
 
     async def close(self) -> None:
+        self._closing = True
         try:
             await asyncio.wait_for(self.nc.flush(), 3)
         except Exception as exc:

@@ -1,0 +1,444 @@
+"""writer mode: NATS subjects -> batches -> HTTP writes to one InfluxDB.
+
+NATS messages are batched (batch_max_count messages, batch_max_size bytes, batch_max_age)
+and each batch is POSTed as it is to InfluxDB 1.x `/write?db=&rp=&precision=ns`, or to
+InfluxDB 2.x `/api/v2/write?org=&bucket=&precision=ns` when influxdb_bucket is set.
+At most `workers` writes are in flight; while they are all busy the NATS handler waits, so
+the subscription's pending limit (nats_max_pending_size) takes the overload and NATS
+drops are counted in nats_dropped{subject}.
+
+A write that fails with a connection error, a timeout, a 5xx or a 429 is kept for retry:
+at most writer_retry_batches batches are kept (the oldest is given up when one more
+fails), each retried every writer_retry_interval until writer_retry_timeout after its
+first failure. Other 4xx answers are not retried: InfluxDB keeps the good lines of a
+partial write and the rejected ones are given up. Nothing is given up silently.
+
+Without [[rule]] tables the writer never looks inside a batch; with them only lines some
+rule matches are written.
+
+Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
+  received               lines received from NATS
+  write_requests         HTTP writes attempted, retries included
+  failed_writes          writes that failed (connection error, timeout, or not 2xx)
+  retries                write_requests that were retries of a kept batch
+  lines_written          lines InfluxDB accepted
+  lines_given_up         lines dropped after a failed write: rejected by InfluxDB (4xx),
+                         retry list full, retry timeout, or still unwritten at stop
+  dropped_by_rules       lines no rule matched, or not valid line protocol (only with
+                         [[rule]] tables)
+  nats_dropped{subject}  messages NATS dropped because the input buffer was full
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from nats.aio.msg import Msg
+
+from influx_spout.batching import Batcher, ensure_newline
+from influx_spout.config import Config
+from influx_spout.runtime import Runtime
+from influx_spout.stats import Stats
+
+log = logging.getLogger("influx_spout.writer")
+
+COUNTERS = (
+    "received",
+    "write_requests",
+    "failed_writes",
+    "retries",
+    "lines_written",
+    "lines_given_up",
+)
+
+# time allowed, after a stop, to stop taking input and then to write out what is left;
+# together they stay under cli.STOP_GRACE
+UNSUBSCRIBE_TIMEOUT = 0.5
+CLOSE_TIMEOUT = 2.5
+
+# longest InfluxDB error text quoted in a log line
+MAX_ERROR_TEXT = 300
+
+# what to do about answers that will not change by retrying
+_HINTS = {
+    401: "; check INFLUXDB_USER/INFLUXDB_PASS (or INFLUXDB_TOKEN for a bucket)",
+    403: "; check that the credentials may write to this database or bucket",
+    404: "; check influxdb_dbname (or influxdb_org/influxdb_bucket) and that it exists",
+    413: "; lower batch_max_size below InfluxDB's max-body-size",
+}
+
+_DROPPED = re.compile(rb"dropped=(\d+)")
+_UNPARSABLE = b"unable to parse '"
+
+
+def labels(cfg: Config) -> dict[str, str]:
+    """The labels every writer metric carries."""
+    return {
+        "influxdb_address": cfg.influxdb_address,
+        "influxdb_port": str(cfg.influxdb_port),
+        "influxdb_dbname": cfg.influxdb_bucket or cfg.influxdb_dbname,
+    }
+
+
+def write_url(cfg: Config) -> str:
+    """The URL every batch is POSTed to (v2 API when influxdb_bucket is set)."""
+    host = cfg.influxdb_address
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    base = f"{cfg.influxdb_protocol}://{host}:{cfg.influxdb_port}"
+    params: dict[str, str]
+    if cfg.influxdb_bucket:
+        params = {"org": cfg.influxdb_org, "bucket": cfg.influxdb_bucket, "precision": "ns"}
+        return str(httpx.URL(base + "/api/v2/write", params=params))
+    params = {"db": cfg.influxdb_dbname}
+    if cfg.influxdb_rp:
+        params["rp"] = cfg.influxdb_rp
+    params["precision"] = "ns"
+    return str(httpx.URL(base + "/write", params=params))
+
+
+def make_client(cfg: Config) -> httpx.AsyncClient:
+    """One client for every write: a pool of `workers` connections, write_timeout each."""
+    headers = {"Content-Type": "text/plain; charset=utf-8"}
+    if cfg.influxdb_bucket and cfg.influxdb_token:
+        headers["Authorization"] = f"Token {cfg.influxdb_token}"
+    auth = None
+    if cfg.influxdb_user and "Authorization" not in headers:
+        auth = (cfg.influxdb_user, cfg.influxdb_pass)
+    return httpx.AsyncClient(
+        headers=headers,
+        auth=auth,
+        timeout=httpx.Timeout(cfg.write_timeout),
+        limits=httpx.Limits(max_connections=cfg.workers, max_keepalive_connections=cfg.workers),
+    )
+
+
+def rejected_lines(body: bytes, lines: int) -> int:
+    """How many lines of a batch InfluxDB refused, from its 4xx answer.
+
+    A partial write ("partial write: ... dropped=N") kept the other lines; InfluxDB 1.x
+    reports each line it could not parse as "unable to parse '...'" with dropped=0.
+    Any other 4xx refused the whole batch.
+    """
+    if b"partial write" not in body:
+        return lines
+    dropped = body.count(_UNPARSABLE) + sum(int(n) for n in _DROPPED.findall(body))
+    return min(lines, dropped) if dropped else lines
+
+
+def error_text(body: bytes) -> str:
+    """InfluxDB's error message on one line, cut to MAX_ERROR_TEXT characters."""
+    text = body.decode("utf-8", "replace")
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict):  # 1.x {"error": ...}, 2.x {"code": ..., "message": ...}
+        text = str(answer.get("error") or answer.get("message") or text)
+    text = " ".join(text.split())
+    if len(text) > MAX_ERROR_TEXT:
+        text = text[:MAX_ERROR_TEXT] + "..."
+    return text or "(no message)"
+
+
+@dataclass
+class Kept:
+    """A batch whose write failed and that waits for its next try."""
+
+    body: bytes
+    lines: int
+    first_failure: float  # clock() of the first failed write
+    next_try: float
+
+
+class Writer:
+    """Batches data and writes it to InfluxDB with bounded concurrency and retries.
+
+    Feed it with add(); flush() writes what is batched now; close() writes out everything
+    left within a deadline. The mode's run() feeds it from NATS; tests feed it directly.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        stats: Stats,
+        client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.stats = stats
+        self.url = write_url(cfg)
+        self._client = client or make_client(cfg)
+        self._clock = clock
+        self._batcher = Batcher(
+            cfg.batch_max_count, cfg.batch_max_size, cfg.batch_max_age, clock=clock
+        )
+        self._slots = asyncio.Semaphore(max(1, cfg.workers))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._kept: list[Kept] = []
+        self._closing = False  # close() started: new input is written at once
+        self._closed = False  # close() done: new input can only be given up
+        self._ticker: asyncio.Task[None] | None = None
+        self._in_tick = False
+        self._rules: Any = None
+        if cfg.rule:
+            from influx_spout.rules import RuleSet
+
+            self._rules = RuleSet(cfg.rule)
+            stats.inc("dropped_by_rules", 0)
+        # how often batch age and kept batches are checked
+        self._tick = min(1.0, max(0.005, min(cfg.batch_max_age, cfg.writer_retry_interval) / 4))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def kept(self) -> int:
+        """Failed batches waiting for a retry."""
+        return len(self._kept)
+
+    def start(self) -> None:
+        """Start the timer that writes aged batches and retries kept ones."""
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_forever())
+
+    async def __aenter__(self) -> Writer:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def add(self, data: bytes) -> None:
+        """Batch one chunk of lines; waits while all workers are busy."""
+        if not data:
+            return
+        data = ensure_newline(data)
+        self.stats.inc("received", data.count(b"\n"))
+        if self._closing:  # late input while stopping is written at once
+            await self._submit(data)
+            return
+        for batch in self._batcher.add(data):
+            await self._submit(batch)
+
+    async def flush(self) -> None:
+        """Start writing what is batched now."""
+        batch = self._batcher.take()
+        if batch:
+            await self._submit(batch)
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Write out the batch, wait for writes, give kept batches one last try; then stop.
+
+        What is still unwritten after timeout seconds is given up (counted and logged).
+        """
+        if self._closing:
+            return
+        self._closing = True
+        if self._ticker is not None and not self._in_tick:
+            self._ticker.cancel()
+        try:
+            await asyncio.wait_for(self._close_out(), timeout)
+        except TimeoutError:
+            pass
+        self._closed = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for task in list(self._tasks):
+            task.cancel()  # a cancelled write gives its lines up
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        for kept in self._kept:
+            self._give_up(kept.lines, "still failing at stop")
+        self._kept = []
+        await self._client.aclose()
+
+    async def _close_out(self) -> None:
+        if self._ticker is not None:  # let a tick that is submitting finish
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.flush()
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+        while self._kept:  # the last try: whatever fails now is given up
+            k = self._kept.pop(0)
+            await self._submit(k.body, k)
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    async def _tick_forever(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self._tick)
+            self._in_tick = True
+            try:
+                await self._on_tick()
+            except Exception:  # the timer must survive anything
+                log.exception("writer timer failed")
+            finally:
+                self._in_tick = False
+
+    async def _on_tick(self) -> None:
+        if self._batcher.due():
+            await self.flush()
+        now = self._clock()
+        for k in list(self._kept):
+            if now - k.first_failure >= self.cfg.writer_retry_timeout:
+                self._kept.remove(k)
+                self._give_up(
+                    k.lines, f"still failing {self.cfg.writer_retry_timeout:g}s after the first try"
+                )
+            elif now >= k.next_try:
+                self._kept.remove(k)
+                await self._submit(k.body, k)
+
+    async def _submit(self, body: bytes, kept: Kept | None = None) -> None:
+        """Start one write once a worker is free."""
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:
+            self._give_up(kept.lines if kept else body.count(b"\n"), "stopped while waiting")
+            raise
+        if self._closed:  # waited for a worker past the stop deadline
+            self._slots.release()
+            self._give_up(kept.lines if kept else body.count(b"\n"), "arrived after the stop")
+            return
+        task = asyncio.create_task(self._write(body, kept))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("write task failed: %s", task.exception())
+
+    async def _write(self, body: bytes, kept: Kept | None) -> None:
+        lines = kept.lines if kept else 0
+        try:
+            if kept is None and self._rules is not None:
+                body = await self._apply_rules(body)
+            if not body:
+                return
+            if kept is None:
+                lines = body.count(b"\n")
+            await self._post(body, lines, kept)
+        except asyncio.CancelledError:
+            self._give_up(lines or body.count(b"\n"), "stopped before the write finished")
+            raise
+        except Exception as exc:  # a bug must not lose lines silently
+            self._give_up(lines or body.count(b"\n"), f"unexpected {type(exc).__name__}: {exc}")
+
+    async def _apply_rules(self, batch: bytes) -> bytes:
+        # CPU work on the whole batch, off the event loop
+        routed = await asyncio.to_thread(self._rules.route, batch, time.time_ns())
+        outputs = routed.outputs
+        if len(outputs) == 1:
+            kept = next(iter(outputs.values()))
+        else:
+            kept = b"".join(outputs[i] for i in sorted(outputs))
+        # unmatched lines, and invalid ones the rules engine sets apart, are all dropped
+        dropped = batch.count(b"\n") - kept.count(b"\n")
+        if dropped:
+            self.stats.inc("dropped_by_rules", dropped)
+        return kept
+
+    async def _post(self, body: bytes, lines: int, kept: Kept | None) -> None:
+        self.stats.inc("write_requests")
+        if kept is not None:
+            self.stats.inc("retries")
+        try:
+            resp = await self._client.post(self.url, content=body)
+            status = resp.status_code
+        except (httpx.HTTPError, OSError) as exc:
+            self.stats.inc("failed_writes")
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._keep(body, lines, kept, reason)
+            return
+        if 200 <= status < 300:
+            self.stats.inc("lines_written", lines)
+            return
+        self.stats.inc("failed_writes")
+        text = error_text(resp.content)
+        if status == 429 or status >= 500:
+            self._keep(body, lines, kept, f"HTTP {status}: {text}")
+            return
+        refused = rejected_lines(resp.content, lines) if status == 400 else lines
+        if refused < lines:
+            self.stats.inc("lines_written", lines - refused)
+        hint = _HINTS.get(status, "")
+        self._give_up(refused, f"InfluxDB refused them (HTTP {status}: {text}); not retried{hint}")
+
+    def _keep(self, body: bytes, lines: int, kept: Kept | None, reason: str) -> None:
+        """Keep a failed batch for retry, or give it up when retries are off or stopping."""
+        now = self._clock()
+        log.warning("write of %d lines to %s failed: %s", lines, self.url, reason)
+        if self.cfg.writer_retry_batches <= 0:
+            self._give_up(lines, "retries are off (writer_retry_batches = 0)")
+            return
+        if self._closing:
+            self._give_up(lines, f"still failing at stop ({reason})")
+            return
+        first = kept.first_failure if kept else now
+        if now - first >= self.cfg.writer_retry_timeout:
+            self._give_up(
+                lines, f"still failing {self.cfg.writer_retry_timeout:g}s after the first try"
+            )
+            return
+        while len(self._kept) >= self.cfg.writer_retry_batches:
+            oldest = min(self._kept, key=lambda k: k.first_failure)
+            self._kept.remove(oldest)
+            self._give_up(
+                oldest.lines,
+                f"retry list full (writer_retry_batches = {self.cfg.writer_retry_batches})",
+            )
+        self._kept.append(Kept(body, lines, first, now + self.cfg.writer_retry_interval))
+
+    def _give_up(self, lines: int, why: str) -> None:
+        if lines <= 0:
+            return
+        self.stats.inc("lines_given_up", lines)
+        log.error("gave up %d lines for %s: %s", lines, self.url, why)
+
+
+async def run(cfg: Config, stop: asyncio.Event) -> None:
+    """Read cfg.nats_subject and write to InfluxDB until stop is set."""
+    async with Runtime(cfg, stop, COUNTERS, labels=labels(cfg)) as rt:
+        writer = Writer(cfg, rt.stats)
+        writer.start()
+        try:
+
+            async def on_message(msg: Msg) -> None:
+                await writer.add(msg.data)
+
+            await rt.bus.subscribe(cfg.nats_subject, on_message, cfg.nats_max_pending_size)
+            rt.ready = True
+            log.info(
+                "writing %s to %s with %d workers",
+                ", ".join(cfg.nats_subject),
+                writer.url,
+                cfg.workers,
+            )
+            await stop.wait()
+            rt.ready = False
+            try:
+                await asyncio.wait_for(rt.bus.unsubscribe(), UNSUBSCRIBE_TIMEOUT)
+            except TimeoutError:
+                log.warning(
+                    "input still busy %.1fs after stop; writing out what is held",
+                    UNSUBSCRIBE_TIMEOUT,
+                )
+        finally:
+            await writer.close()
+            rt.sync_dropped()

@@ -1,0 +1,694 @@
+"""writer: batching, the HTTP request written, retries, timeouts, rules, concurrency.
+
+InfluxDB is played by an in-process aiohttp server, because a real one cannot be made to
+answer slowly, with 5xx or with 429 on demand. Each test runs its own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from influx_spout.config import Config, Rule
+from influx_spout.modes.writer import (
+    COUNTERS,
+    Writer,
+    error_text,
+    labels,
+    rejected_lines,
+    write_url,
+)
+from influx_spout.stats import Stats
+
+# InfluxDB 1.6's answers, as seen from the real server (REAL-SERVERS.md)
+PARTIAL_UNPARSABLE = (
+    b'{"error":"partial write: unable to parse \'bad line\': invalid field format\\n'
+    b"unable to parse 'worse': missing fields dropped=0\"}\n"
+)
+PARTIAL_CONFLICT = (
+    b'{"error":"partial write: field type conflict: input field \\"f\\" on measurement '
+    b'\\"a\\" is type string, already exists as type float dropped=1"}\n'
+)
+NOTHING_PARSED = b'{"error":"unable to parse \'bad\': missing fields"}\n'
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for cond (a liveness wait, not a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.005)
+
+
+@dataclass
+class Request:
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+Answer = Callable[[Request], Awaitable[web.Response]]
+
+
+async def no_content(req: Request) -> web.Response:
+    return web.Response(status=204)
+
+
+@dataclass
+class FakeInflux:
+    """An HTTP endpoint that records every request and answers with `answer`."""
+
+    answer: Answer = no_content
+    requests: list[Request] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> FakeInflux:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # handlers still sleeping at stop are cancelled, not waited for
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.05)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        req = Request(request.path, request.rel_url.raw_query_string, dict(request.headers), b"")
+        req.body = await request.read()
+        self.requests.append(req)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self.answer(req)
+        finally:
+            self.in_flight -= 1
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [r.body for r in self.requests]
+
+
+def answers(*statuses: int, body: bytes = b"") -> Answer:
+    """Answer with these statuses in turn, then 204 for ever."""
+    queue = list(statuses)
+
+    async def answer(req: Request) -> web.Response:
+        status = queue.pop(0) if queue else 204
+        if status == 204:
+            return web.Response(status=204)
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    return answer
+
+
+def always(status: int, body: bytes = b'{"error":"overloaded"}') -> Answer:
+    async def answer(req: Request) -> web.Response:
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    return answer
+
+
+def slow(seconds: float) -> Answer:
+    async def answer(req: Request) -> web.Response:
+        await asyncio.sleep(seconds)
+        return web.Response(status=204)
+
+    return answer
+
+
+def writer_config(port: int, **overrides: Any) -> Config:
+    values: dict[str, Any] = {
+        "mode": "writer",
+        "name": "test",
+        "influxdb_address": "127.0.0.1",
+        "influxdb_port": port,
+        "influxdb_dbname": "db",
+        "batch_max_count": 10,
+        "batch_max_size": 10 * 1024 * 1024,
+        "batch_max_age": 60.0,
+        "workers": 4,
+        "write_timeout": 5.0,
+        "writer_retry_batches": 1,
+        "writer_retry_interval": 0.02,
+        "writer_retry_timeout": 5.0,
+    }
+    values.update(overrides)
+    return Config(**values)
+
+
+def new_writer(cfg: Config) -> tuple[Writer, Stats]:
+    stats = Stats("writer", cfg.name, COUNTERS, labels(cfg), host="h")
+    return Writer(cfg, stats), stats
+
+
+def lines(n: int, start: int = 0, measurement: str = "cpu") -> bytes:
+    return b"".join(
+        b"%s,host=h%d usage=%d.5,n=%di %d\n" % (measurement.encode(), i % 3, i, i, 10**18 + i)
+        for i in range(start, start + n)
+    )
+
+
+def count(stats: Stats) -> dict[str, int]:
+    return {c: stats.get(c) for c in COUNTERS}
+
+
+# --- the request ---------------------------------------------------------------------------
+
+
+def test_body_and_query_string_are_exactly_what_was_received() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        cfg = writer_config(influx.port, influxdb_dbname="metrics", influxdb_rp="two_weeks")
+        writer, stats = new_writer(cfg)
+        async with writer:
+            await writer.add(b"cpu,host=a usage=1 1\ncpu,host=b usage=2 2\n")
+            await writer.add(b'disk,path=/ free=3i,note="x y" 3')  # no final newline
+        await influx.stop()
+        assert len(influx.requests) == 1
+        req = influx.requests[0]
+        assert req.path == "/write"
+        assert req.query == "db=metrics&rp=two_weeks&precision=ns"
+        assert req.body == (
+            b'cpu,host=a usage=1 1\ncpu,host=b usage=2 2\ndisk,path=/ free=3i,note="x y" 3\n'
+        )
+        assert "Authorization" not in req.headers
+        assert stats.get("received") == 3
+        assert stats.get("write_requests") == 1
+        assert stats.get("lines_written") == 3
+
+    run(scenario())
+
+
+def test_query_string_without_retention_policy() -> None:
+    cfg = writer_config(8086, influxdb_address="influx.example", influxdb_dbname="a b")
+    assert write_url(cfg) == "http://influx.example:8086/write?db=a+b&precision=ns"
+
+
+def test_ipv6_address_is_bracketed() -> None:
+    cfg = writer_config(8086, influxdb_address="::1", influxdb_protocol="https")
+    assert write_url(cfg) == "https://[::1]:8086/write?db=db&precision=ns"
+
+
+def test_basic_auth_header() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        cfg = writer_config(influx.port, influxdb_user="spout", influxdb_pass="s3cret:x")
+        writer, _ = new_writer(cfg)
+        async with writer:
+            await writer.add(lines(2))
+        await influx.stop()
+        expected = "Basic " + base64.b64encode(b"spout:s3cret:x").decode()
+        assert influx.requests[0].headers["Authorization"] == expected
+
+    run(scenario())
+
+
+def test_v2_target_with_token() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        cfg = writer_config(
+            influx.port,
+            influxdb_org="my org",
+            influxdb_bucket="telemetry",
+            influxdb_token="tok123",
+        )
+        writer, stats = new_writer(cfg)
+        async with writer:
+            await writer.add(lines(3))
+        await influx.stop()
+        req = influx.requests[0]
+        assert req.path == "/api/v2/write"
+        assert req.query == "org=my+org&bucket=telemetry&precision=ns"
+        assert req.headers["Authorization"] == "Token tok123"
+        assert req.body == lines(3)
+        assert stats.get("lines_written") == 3
+        assert stats.base_labels["influxdb_dbname"] == "telemetry"
+
+    run(scenario())
+
+
+# --- batching ------------------------------------------------------------------------------
+
+
+def test_batches_by_message_count() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        writer, stats = new_writer(writer_config(influx.port, batch_max_count=3))
+        async with writer:
+            for i in range(7):
+                await writer.add(lines(2, start=2 * i))
+            await until(lambda: len(influx.requests) == 2)
+        await influx.stop()
+        assert influx.bodies == [lines(6), lines(6, start=6), lines(2, start=12)]
+        assert stats.get("received") == 14
+        assert stats.get("lines_written") == 14
+        assert stats.get("write_requests") == 3
+
+    run(scenario())
+
+
+def test_batches_by_size() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        one = lines(1)
+        size = 2 * len(one) + 10  # room for two messages, not three
+        writer, stats = new_writer(
+            writer_config(influx.port, batch_max_count=100, batch_max_size=size)
+        )
+        async with writer:
+            for _ in range(5):
+                await writer.add(one)
+            await until(lambda: len(influx.requests) == 2)
+        await influx.stop()
+        assert influx.bodies == [one * 2, one * 2, one]
+        assert all(len(b) <= size for b in influx.bodies)
+
+    run(scenario())
+
+
+def test_batches_by_age() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        writer, stats = new_writer(
+            writer_config(influx.port, batch_max_count=100, batch_max_age=0.05)
+        )
+        async with writer:
+            await writer.add(lines(4))
+            assert influx.requests == []
+            await until(lambda: len(influx.requests) == 1)  # written without a flush
+            assert influx.bodies == [lines(4)]
+            await until(lambda: stats.get("lines_written") == 4)
+        await influx.stop()
+
+    run(scenario())
+
+
+def test_close_writes_the_partial_batch() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        writer, stats = new_writer(writer_config(influx.port, batch_max_count=100))
+        async with writer:
+            await writer.add(lines(5))
+            await asyncio.sleep(0.05)
+            assert influx.requests == []
+        await influx.stop()
+        assert influx.bodies == [lines(5)]
+        assert stats.get("lines_written") == 5
+
+    run(scenario())
+
+
+# --- retries -------------------------------------------------------------------------------
+
+
+def test_retries_succeed_after_500s() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(answers(500, 503, body=b'{"error":"engine busy"}')).start()
+        writer, stats = new_writer(writer_config(influx.port, batch_max_count=1))
+        async with writer:
+            await writer.add(lines(7))
+            await until(lambda: stats.get("lines_written") == 7)
+            assert writer.kept == 0
+        await influx.stop()
+        assert influx.bodies == [lines(7)] * 3  # the same batch, tried three times
+        assert count(stats) == {
+            "received": 7,
+            "write_requests": 3,
+            "failed_writes": 2,
+            "retries": 2,
+            "lines_written": 7,
+            "lines_given_up": 0,
+        }
+
+    run(scenario())
+
+
+def test_429_is_retried() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(answers(429)).start()
+        writer, stats = new_writer(writer_config(influx.port, batch_max_count=1))
+        async with writer:
+            await writer.add(lines(2))
+            await until(lambda: stats.get("lines_written") == 2)
+        await influx.stop()
+        assert stats.get("retries") == 1
+        assert stats.get("lines_given_up") == 0
+
+    run(scenario())
+
+
+def test_retry_timeout_gives_up_and_counts(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(503)).start()
+        cfg = writer_config(
+            influx.port,
+            batch_max_count=1,
+            writer_retry_interval=0.02,
+            writer_retry_timeout=0.3,
+        )
+        writer, stats = new_writer(cfg)
+        async with writer:
+            await writer.add(lines(9))
+            await until(lambda: stats.get("lines_given_up") == 9)
+            assert writer.kept == 0
+            tries = len(influx.requests)
+            await asyncio.sleep(0.1)
+            assert len(influx.requests) == tries  # no more tries once given up
+        await influx.stop()
+        assert tries >= 2
+        assert stats.get("write_requests") == tries
+        assert stats.get("failed_writes") == tries
+        assert stats.get("retries") == tries - 1
+        assert stats.get("lines_written") == 0
+
+    run(scenario())
+    assert "gave up 9 lines" in caplog.text
+    assert "after the first try" in caplog.text
+
+
+def test_no_retries_gives_up_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(500)).start()
+        cfg = writer_config(influx.port, batch_max_count=1, writer_retry_batches=0)
+        writer, stats = new_writer(cfg)
+        async with writer:
+            await writer.add(lines(4))
+            await until(lambda: stats.get("lines_given_up") == 4)
+            await asyncio.sleep(0.05)
+        await influx.stop()
+        assert len(influx.requests) == 1
+        assert stats.get("failed_writes") == 1
+        assert stats.get("retries") == 0
+
+    run(scenario())
+    assert "writer_retry_batches = 0" in caplog.text
+
+
+def test_full_retry_list_gives_up_the_oldest() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(answers(500, 500)).start()
+        cfg = writer_config(influx.port, batch_max_count=1, workers=1, writer_retry_interval=60.0)
+        writer, stats = new_writer(cfg)
+        async with writer:
+            await writer.add(lines(3))
+            await until(lambda: writer.kept == 1)
+            await writer.add(lines(5, start=3))
+            await until(lambda: stats.get("lines_given_up") == 3)
+            assert writer.kept == 1
+        # the kept batch gets its last try at close, and InfluxDB now accepts it
+        await influx.stop()
+        assert stats.get("lines_given_up") == 3
+        assert stats.get("lines_written") == 5
+        assert influx.bodies[-1] == lines(5, start=3)
+
+    run(scenario())
+
+
+def test_400_is_not_retried_and_logs_influxdb_error(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(400, NOTHING_PARSED)).start()
+        writer, stats = new_writer(writer_config(influx.port, batch_max_count=1))
+        async with writer:
+            await writer.add(b"bad\n")
+            await until(lambda: stats.get("lines_given_up") == 1)
+            await asyncio.sleep(0.05)
+        await influx.stop()
+        assert len(influx.requests) == 1
+        assert stats.get("failed_writes") == 1
+        assert writer.kept == 0
+
+    run(scenario())
+    assert "unable to parse 'bad': missing fields" in caplog.text
+    assert "not retried" in caplog.text
+
+
+def test_partial_write_counts_what_influxdb_kept() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(400, PARTIAL_UNPARSABLE)).start()
+        writer, stats = new_writer(writer_config(influx.port, batch_max_count=1))
+        async with writer:
+            await writer.add(b"a f=1 1\nbad line\nb f=2 2\nworse\n")
+            await until(lambda: stats.get("lines_given_up") == 2)
+        await influx.stop()
+        assert stats.get("lines_written") == 2
+        assert stats.get("write_requests") == 1
+
+    run(scenario())
+
+
+def test_404_unknown_database_is_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(404, b'{"error":"database not found: \\"x\\""}')).start()
+        writer, stats = new_writer(writer_config(influx.port, batch_max_count=1))
+        async with writer:
+            await writer.add(lines(3))
+            await until(lambda: stats.get("lines_given_up") == 3)
+        await influx.stop()
+        assert len(influx.requests) == 1
+
+    run(scenario())
+    assert 'database not found: "x"' in caplog.text
+    assert "check influxdb_dbname" in caplog.text
+
+
+def test_unexpected_error_gives_up_the_batch_and_counts_it() -> None:
+    def explode(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("bug in a transport")
+
+    async def scenario() -> None:
+        cfg = writer_config(1, batch_max_count=1)
+        stats = Stats("writer", cfg.name, COUNTERS, labels(cfg), host="h")
+        writer = Writer(
+            cfg, stats, client=httpx.AsyncClient(transport=httpx.MockTransport(explode))
+        )
+        async with writer:
+            await writer.add(lines(5))
+            await until(lambda: stats.get("lines_given_up") == 5)
+            await writer.add(lines(1))  # and the writer goes on
+            await until(lambda: stats.get("lines_given_up") == 6)
+
+    run(scenario())
+
+
+def test_rejected_lines_from_influxdb_answers() -> None:
+    assert rejected_lines(PARTIAL_UNPARSABLE, 4) == 2
+    assert rejected_lines(PARTIAL_CONFLICT, 2) == 1
+    assert rejected_lines(NOTHING_PARSED, 1) == 1
+    assert rejected_lines(b'{"error":"partial write: dropped=50"}', 3) == 3
+    assert rejected_lines(b"", 7) == 7
+
+
+def test_error_text_is_one_short_line() -> None:
+    assert error_text(PARTIAL_UNPARSABLE) == (
+        "partial write: unable to parse 'bad line': invalid field format "
+        "unable to parse 'worse': missing fields dropped=0"
+    )
+    assert error_text(b'{"code":"invalid","message":"no bucket"}') == "no bucket"
+    assert error_text(b"<html>\n<b>bad gateway</b>\n</html>") == (
+        "<html> <b>bad gateway</b> </html>"
+    )
+    long = error_text(b"x" * 5000)
+    assert len(long) < 400 and long.endswith("...")
+    assert error_text(b"") == "(no message)"
+
+
+# --- failures of the connection ------------------------------------------------------------
+
+
+def test_timeout_is_a_failed_write_and_retried() -> None:
+    async def scenario() -> None:
+        calls = 0
+
+        async def slow_then_fast(req: Request) -> web.Response:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await asyncio.sleep(2.0)
+            return web.Response(status=204)
+
+        influx = await FakeInflux(slow_then_fast).start()
+        cfg = writer_config(influx.port, batch_max_count=1, write_timeout=0.5)
+        writer, stats = new_writer(cfg)
+        async with writer:
+            await writer.add(lines(6))
+            await until(lambda: stats.get("lines_written") == 6)
+        await influx.stop()
+        assert stats.get("failed_writes") == 1
+        assert stats.get("retries") == 1
+        assert stats.get("lines_given_up") == 0
+
+    run(scenario())
+
+
+def test_timeout_without_retries_gives_up(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(slow(2.0)).start()
+        cfg = writer_config(
+            influx.port, batch_max_count=1, write_timeout=0.1, writer_retry_batches=0
+        )
+        writer, stats = new_writer(cfg)
+        async with writer:
+            await writer.add(lines(2))
+            await until(lambda: stats.get("lines_given_up") == 2)
+        await influx.stop()
+        assert stats.get("failed_writes") == 1
+
+    run(scenario())
+    assert "ReadTimeout" in caplog.text
+
+
+def test_connection_refused_is_counted_and_kept() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        port = influx.port
+        await influx.stop()  # nothing listens there now
+        cfg = writer_config(port, batch_max_count=1, writer_retry_interval=60.0)
+        writer, stats = new_writer(cfg)
+        async with writer:
+            await writer.add(lines(3))
+            await until(lambda: writer.kept == 1)
+            assert stats.get("failed_writes") == 1
+        # the last try at close fails too: given up, counted
+        assert stats.get("failed_writes") == 2
+        assert stats.get("lines_given_up") == 3
+
+    run(scenario())
+
+
+def test_close_gives_up_writes_still_hanging_after_its_timeout() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(slow(30.0)).start()
+        cfg = writer_config(influx.port, batch_max_count=1, write_timeout=30.0)
+        writer, stats = new_writer(cfg)
+        writer.start()
+        await writer.add(lines(4))
+        await until(lambda: len(influx.requests) == 1)
+        started = time.monotonic()
+        await writer.close(timeout=0.2)
+        assert time.monotonic() - started < 5.0  # returned, did not wait for the write
+        assert stats.get("lines_given_up") == 4
+        await influx.stop()
+
+    run(scenario())
+
+
+def test_input_after_close_is_given_up_and_counted() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        writer, stats = new_writer(writer_config(influx.port))
+        async with writer:
+            await writer.add(lines(2))
+        await writer.add(lines(3, start=2))
+        await influx.stop()
+        assert stats.get("received") == 5
+        assert stats.get("lines_written") == 2
+        assert stats.get("lines_given_up") == 3
+        assert influx.bodies == [lines(2)]
+
+    run(scenario())
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def test_workers_bound_concurrent_writes() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(slow(0.05)).start()
+        writer, stats = new_writer(writer_config(influx.port, batch_max_count=1, workers=2))
+        async with writer:
+            for i in range(8):
+                await writer.add(lines(1, start=i))
+                assert writer.in_flight <= 2
+        await influx.stop()
+        assert influx.max_in_flight == 2
+        assert stats.get("lines_written") == 8
+        assert sorted(influx.bodies) == sorted(lines(1, start=i) for i in range(8))
+
+    run(scenario())
+
+
+def test_add_waits_while_all_workers_are_busy() -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def held(req: Request) -> web.Response:
+            await release.wait()
+            return web.Response(status=204)
+
+        influx = await FakeInflux(held).start()
+        writer, stats = new_writer(writer_config(influx.port, batch_max_count=1, workers=1))
+        async with writer:
+            await writer.add(lines(1))
+            blocked = asyncio.create_task(writer.add(lines(1, start=1)))
+            await asyncio.sleep(0.05)
+            assert not blocked.done()  # NATS's pending buffer takes the overload meanwhile
+            release.set()
+            await blocked
+        await influx.stop()
+        assert stats.get("lines_written") == 2
+
+    run(scenario())
+
+
+# --- rules ---------------------------------------------------------------------------------
+
+
+def test_rules_drop_lines_no_rule_matches() -> None:
+    pytest.importorskip("influx_spout.rules")
+
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        rules = [Rule(type="basic", match="cpu"), Rule(type="tags", tags=[("keep", "yes")])]
+        writer, stats = new_writer(writer_config(influx.port, rule=rules))
+        async with writer:
+            await writer.add(lines(3, measurement="cpu") + lines(2, measurement="mem"))
+            await writer.add(b"disk,keep=yes free=1i 1\ndisk,keep=no free=2i 2\n")
+            await writer.add(b"cpu not line protocol\n")
+        await influx.stop()
+        written = b"".join(influx.bodies)
+        assert sorted(written.splitlines()) == sorted(
+            (lines(3, measurement="cpu") + b"disk,keep=yes free=1i 1\n").splitlines()
+        )
+        assert stats.get("received") == 8
+        assert stats.get("dropped_by_rules") == 4
+        assert stats.get("lines_written") == 4
+
+    run(scenario())
+
+
+def test_batch_all_dropped_by_rules_is_not_written() -> None:
+    pytest.importorskip("influx_spout.rules")
+
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        writer, stats = new_writer(writer_config(influx.port, rule=[Rule("basic", "cpu")]))
+        async with writer:
+            await writer.add(lines(3, measurement="mem"))
+        await influx.stop()
+        assert influx.requests == []
+        assert stats.get("dropped_by_rules") == 3
+        assert stats.get("write_requests") == 0
+
+    run(scenario())
