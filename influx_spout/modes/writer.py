@@ -131,7 +131,8 @@ def rejected_lines(body: bytes, lines: int) -> int:
     """
     if b"partial write" not in body:
         return lines
-    dropped = body.count(_UNPARSABLE) + sum(int(n) for n in _DROPPED.findall(body))
+    # influxd says dropped=0 for unparsable lines; our listener_http counts them in dropped=N
+    dropped = max(body.count(_UNPARSABLE), sum(int(n) for n in _DROPPED.findall(body)))
     return min(lines, dropped) if dropped else lines
 
 

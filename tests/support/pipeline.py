@@ -52,7 +52,8 @@ class Pipeline:
         port = {"listener": self.udp_port, "listener_http": self.http_port}.get(stem)
         if port is not None:
             text = re.sub(r"(?m)^port = \d+", f"port = {port}", text)
-        return text + f"\nprobe_port = {probe_port}\n"
+        # at the top: after the first [[rule]] table a key would belong to the rule
+        return f"probe_port = {probe_port}\n" + text
 
     def send_udp(self, lines: list[bytes], per_datagram: int = 10) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

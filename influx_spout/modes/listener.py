@@ -1,0 +1,207 @@
+"""listener mode: UDP datagrams of line protocol -> batches -> one NATS subject.
+
+Each datagram is taken as it is (the filter validates lines, not the listener), given a
+final newline so that two datagrams' lines are never glued together, and added to one
+Batcher: a batch is published to nats_subject[0] when it holds batch_max_count
+datagrams, reaches batch_max_size (never above the NATS server's max payload), or is
+batch_max_age old. Lines are never split across batches.
+
+UDP has no back-pressure: when NATS cannot take batches as fast as datagrams arrive,
+at most MAX_QUEUED_BATCHES ready batches wait; the datagrams beyond that are dropped
+and counted (failed_nats_publish), so memory stays bounded.
+
+The socket listens on every interface (IPv6 and IPv4 when the host has IPv6, as the Go
+influx-spout did), with a receive buffer of read_buffer_size bytes.
+
+Counters:
+  received             lines received (newline-terminated, as sent; not validated here)
+  sent                 lines published to NATS
+  read_errors          errors the socket reported while receiving
+  failed_nats_publish  lines that could not be published: NATS refused the batch (or
+                       a line above its max payload), or dropped while NATS lagged
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+
+from influx_spout.batching import Batcher, ensure_newline
+from influx_spout.config import Config
+from influx_spout.runtime import Runtime
+from influx_spout.stats import Stats
+
+log = logging.getLogger("influx_spout.listener")
+
+COUNTERS = ("received", "sent", "read_errors", "failed_nats_publish")
+
+# ready batches allowed to wait for NATS before datagrams are dropped
+MAX_QUEUED_BATCHES = 8
+
+# how often, at most, the age of the open batch is checked
+MAX_AGE_CHECK_INTERVAL = 1.0
+
+
+def open_socket(port: int, read_buffer_size: int) -> socket.socket:
+    """A UDP socket bound to port on every interface, with the receive buffer asked for.
+
+    A receive buffer smaller than asked (the kernel caps it at net.core.rmem_max) is
+    logged, since datagrams that overflow it are lost without a trace.
+    """
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address: tuple = ("::", port)
+    except OSError:  # no IPv6 on this host
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        address = ("0.0.0.0", port)
+    try:
+        _set_receive_buffer(sock, read_buffer_size)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(
+            f"cannot listen on UDP port {port}: {exc.strerror or exc} "
+            "(is another process using it? check port)"
+        ) from exc
+    sock.setblocking(False)
+    return sock
+
+
+def _set_receive_buffer(sock: socket.socket, size: int) -> None:
+    # SO_RCVBUFFORCE passes the rmem_max cap when the process may (CAP_NET_ADMIN)
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    # Linux reports twice the usable size it granted (it reserves half for bookkeeping)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted < size:
+        log.warning(
+            "UDP receive buffer is %d bytes, not the %d of read_buffer_size: datagrams may "
+            "be lost at peak rates (raise net.core.rmem_max, e.g. sysctl -w "
+            "net.core.rmem_max=%d)",
+            granted,
+            size,
+            size,
+        )
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    """Batches datagrams as they arrive; a pump task publishes the ready batches."""
+
+    def __init__(self, cfg: Config, rt: Runtime) -> None:
+        self.cfg = cfg
+        self.rt = rt
+        self.stats: Stats = rt.stats
+        self.subject = cfg.nats_subject[0]
+        self.batcher = Batcher(
+            cfg.batch_max_count, min(cfg.batch_max_size, rt.bus.max_payload), cfg.batch_max_age
+        )
+        self.ready: collections.deque[bytes] = collections.deque()
+        self.wake = asyncio.Event()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.closing = False
+
+    # -- asyncio.DatagramProtocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if not data:
+            return
+        data = ensure_newline(data)
+        lines = data.count(b"\n")
+        self.stats.inc("received", lines)
+        if len(self.ready) >= MAX_QUEUED_BATCHES:
+            self.stats.inc("failed_nats_publish", lines)
+            if self.cfg.debug:
+                log.warning("dropped a datagram of %d lines from %s: NATS is lagging", lines, addr)
+            return
+        batches = self.batcher.add(data)
+        if batches:
+            self.ready.extend(batches)
+            self.wake.set()
+
+    def error_received(self, exc: Exception) -> None:
+        self.stats.inc("read_errors")
+        log.warning("UDP receive error on port %d: %s", self.cfg.port, exc)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def pump(self) -> None:
+        """Publish ready batches as they come, and the open batch once it is too old.
+
+        Returns once closing is set and what was ready is published; never cancelled, so
+        a batch is never cut off half-published.
+        """
+        tick = min(MAX_AGE_CHECK_INTERVAL, max(self.cfg.batch_max_age / 4, 0.001))
+        while not self.closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), tick)
+            self.wake.clear()
+            if self.batcher.due():
+                self.ready.append(self.batcher.take())
+            while self.ready:
+                await publish_counted(self.rt, self.subject, self.ready.popleft())
+
+    async def close(self, pump: asyncio.Task) -> None:
+        """Stop receiving, let the pump finish, then publish everything batched."""
+        if self.transport is not None:
+            self.transport.close()
+        self.closing = True
+        self.wake.set()
+        await pump
+        self.ready.append(self.batcher.take())
+        while self.ready:
+            await publish_counted(self.rt, self.subject, self.ready.popleft())
+
+
+async def publish_counted(rt: Runtime, subject: str, batch: bytes) -> int:
+    """Publish a batch of whole lines, count them in sent or failed_nats_publish.
+
+    Returns the number of lines that could not be published.
+    """
+    if not batch:
+        return 0
+    lines = batch.count(b"\n")
+    failed = await rt.bus.publish(subject, batch)
+    lost = 0
+    if failed:
+        # bus.publish reports bytes; the lost lines are whole pieces of the batch
+        lost = lines if failed >= len(batch) else max(1, lines * failed // len(batch))
+        rt.stats.inc("failed_nats_publish", lost)
+        if rt.cfg.debug:
+            log.warning("could not publish %d of %d lines to %s", lost, lines, subject)
+    rt.stats.inc("sent", lines - lost)
+    return lost
+
+
+async def run(cfg: Config, stop: asyncio.Event) -> None:
+    async with Runtime(cfg, stop, COUNTERS) as rt:
+        sock = open_socket(cfg.port, cfg.read_buffer_size)
+        listener = UdpListener(cfg, rt)
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: listener, sock=sock)
+        pump = asyncio.create_task(listener.pump())
+        rt.ready = True
+        log.info(
+            "listening on UDP port %d, publishing to %s at %s",
+            cfg.port,
+            listener.subject,
+            cfg.nats_address,
+        )
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({stopping, pump}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            rt.ready = False
+            await listener.close(pump)  # raises what made the pump fail, if it did

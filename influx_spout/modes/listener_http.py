@@ -1,0 +1,581 @@
+"""listener_http mode: an InfluxDB-compatible write endpoint -> batches -> one NATS subject.
+
+Telegraf's outputs.influxdb, outputs.influxdb_v2 and the InfluxDB client libraries can
+point at it unchanged:
+
+  POST /write?db=&rp=&precision=           InfluxDB 1.x write (precision n/ns, u/us, ms, s, m, h)
+  POST /api/v2/write?bucket=&org=&precision=  InfluxDB 2.x write (precision ns, us, ms, s)
+  GET|HEAD /ping                           204 with X-Influxdb-Version (?verbose=true: 200 JSON)
+  GET /health                              InfluxDB 2.x health: 200 when NATS is connected
+  GET|POST /query                          only CREATE DATABASE and SHOW DATABASES, which
+                                           clients send at start; anything else is a 400
+
+Routing is done by the filter's rules, not here: db, rp, bucket and org are accepted and
+ignored (db may be missing, as with the Go influx-spout), and so are credentials.
+
+A write body (gzip or plain, at most max_body_size bytes once decompressed) is checked
+line by line (lineproto.split_valid, one regex pass for a good body), its timestamps are
+converted to nanoseconds, and the valid lines go into one Batcher (batch_max_count
+requests, batch_max_size bytes, never above the NATS max payload, batch_max_age).
+Batches that become ready are published before the request is answered, so:
+
+  204  every line was accepted (handed to NATS, or batched for the next publish)
+  400  some or all lines are not line protocol (InfluxDB's "unable to parse" and
+       "partial write" errors): the valid lines of the request were still accepted
+  413  the body is over max_body_size (plain, or once decompressed: gzip bombs too)
+  503  NATS is unreachable or too much data waits for it (Retry-After): nothing of
+       the request was accepted unless publishing failed half-way; retry it
+
+Each error has a JSON body, {"error": "..."} (v1) or {"code": ..., "message": ...} (v2),
+and an X-Influxdb-Error header, like InfluxDB's.
+
+Counters:
+  received             lines received in write bodies (valid or not)
+  sent                 lines published to NATS
+  read_errors          invalid lines, plus one per write refused as a whole (bad
+                       precision, encoding or gzip data, over max_body_size, body unreadable)
+  failed_nats_publish  valid lines that could not be published (NATS refused or down)
+  rejected_busy        write requests answered 503 because too much data waits for NATS
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from influx_spout import lineproto
+from influx_spout.batching import Batcher, split_under
+from influx_spout.config import Config
+from influx_spout.modes.listener import MAX_AGE_CHECK_INTERVAL, publish_counted
+from influx_spout.runtime import Runtime
+
+log = logging.getLogger("influx_spout.listener_http")
+
+COUNTERS = ("received", "sent", "read_errors", "failed_nats_publish", "rejected_busy")
+
+VERSION = "1.8.10-influx-spout"
+
+V1_PRECISIONS = ("n", "ns", "u", "us", "ms", "s", "m", "h")
+V2_PRECISIONS = ("ns", "us", "ms", "s")
+
+# Plain bodies above this, and every gzip body, are checked in a worker thread so the
+# event loop keeps serving; smaller ones cost less than the hop to the thread.
+THREAD_THRESHOLD = 64 * 1024
+
+# Write bodies being read or checked, plus what the NATS client has not sent yet, may
+# reach BUSY_FACTOR * batch size (at least max_body_size) before writes get 503.
+BUSY_FACTOR = 4
+RETRY_AFTER = "1"  # seconds, in 503 answers
+
+# time a stopping server gives requests in progress; stays well under cli.STOP_GRACE
+SHUTDOWN_TIMEOUT = 1.5
+
+MAX_LISTED_LINES = 5  # invalid lines quoted in an error answer
+MAX_SHOWN_LINE = 200  # characters of an invalid line quoted
+MAX_ERROR_HEADER = 1000  # characters of the X-Influxdb-Error header
+MAX_DATABASES = 1000  # database names remembered for SHOW DATABASES
+
+INVALID = "invalid line protocol"
+FORMAT_HINT = "(a line is: measurement[,tag=value...] field=value[,field=value...] [timestamp])"
+
+_CREATE_DATABASE = re.compile(r'(?is)\s*CREATE\s+DATABASE\s+("(?:[^"\\]|\\.)+"|[^\s;]+)')
+_SHOW_DATABASES = re.compile(r"(?is)\s*SHOW\s+DATABASES\s*")
+
+
+class Reject(Exception):
+    """A write refused as a whole: answered with status and message."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str = "invalid",
+        counter: str = "read_errors",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code  # InfluxDB 2.x error code
+        self.counter = counter  # the counter a refused write increments
+        self.headers = headers or {}
+
+
+@dataclass
+class Decoded:
+    """A write body once checked: what can be published and what cannot."""
+
+    valid: bytes = b""  # valid lines, timestamps in ns, each ending with "\n"
+    valid_lines: int = 0
+    rejected: list[tuple[bytes, str]] = field(default_factory=list)  # (line, reason)
+    problem: str = ""  # InfluxDB-style description of the rejected lines
+
+
+# -- checking a body (pure functions, run in a worker thread for large bodies) -------------
+
+
+def gunzip(data: bytes, limit: int) -> bytes:
+    """The decompressed gzip data (every member), refused with 413 beyond limit bytes."""
+    out = []
+    size = 0
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            # max_length stops a gzip bomb one byte past the limit
+            chunk = d.decompress(data, limit - size + 1)
+        except zlib.error as exc:
+            raise Reject(
+                400,
+                f"gzip: invalid data: {exc} (send a valid gzip body or no Content-Encoding)",
+            ) from None
+        size += len(chunk)
+        if size > limit:
+            raise Reject(
+                413,
+                f"request body over max_body_size ({limit} bytes) once decompressed "
+                "(send smaller batches)",
+                "request too large",
+            )
+        out.append(chunk)
+        if not d.eof:
+            raise Reject(400, "gzip: unexpected EOF (the gzip body is truncated; send all of it)")
+        data = d.unused_data
+        if not data:
+            return b"".join(out)
+
+
+def decode(body: bytes, gzipped: bool, precision: str, limit: int, max_payload: int) -> Decoded:
+    """Check a write body: valid lines (in ns) to publish, invalid ones to report."""
+    if gzipped and body:
+        body = gunzip(body, limit)
+    valid, bad = lineproto.split_valid(body)
+    rejected = [(line, INVALID) for line in bad]
+    if valid and lineproto.PRECISIONS[precision] != 1:
+        try:
+            valid = lineproto.to_nanoseconds(valid, precision)
+        except lineproto.TimestampOverflowError as exc:
+            # rare: drop those lines, keep the others
+            out_of_range = set(exc.lines)
+            kept = [line for line in valid.split(b"\n")[:-1] if line not in out_of_range]
+            valid = b"".join(line + b"\n" for line in kept)
+            valid = lineproto.to_nanoseconds(valid, precision)
+            reason = f"timestamp out of range once converted from precision {precision!r} to ns"
+            rejected += [(line, reason) for line in exc.lines]
+    if len(valid) > max_payload:
+        pieces = split_under(valid, max_payload)
+        too_long = [p for p in pieces if len(p) > max_payload]
+        if too_long:
+            valid = b"".join(p for p in pieces if len(p) <= max_payload)
+            rejected += [
+                (
+                    p[:-1],
+                    f"line of {len(p) - 1} bytes is above the NATS max payload "
+                    f"({max_payload} bytes)",
+                )
+                for p in too_long
+            ]
+    decoded = Decoded(valid, valid.count(b"\n"), rejected)
+    if rejected:
+        decoded.problem = describe(body, rejected)
+    return decoded
+
+
+def describe(body: bytes, rejected: list[tuple[bytes, str]]) -> str:
+    """InfluxDB's "unable to parse '<line>': <reason>" for the first rejected lines."""
+    parts = []
+    for line, reason in rejected[:MAX_LISTED_LINES]:
+        shown = printable(line.decode("utf-8", "backslashreplace"))
+        if len(shown) > MAX_SHOWN_LINE:
+            shown = shown[:MAX_SHOWN_LINE] + "..."
+        number = line_number(body, line)
+        where = f" (line {number} of the body)" if number else ""
+        parts.append(f"unable to parse '{shown}': {reason}{where}")
+    more = len(rejected) - MAX_LISTED_LINES
+    if more > 0:
+        parts.append(f"and {more} more lines could not be parsed")
+    if any(reason == INVALID for _, reason in rejected):
+        parts.append(FORMAT_HINT)
+    return "\n".join(parts)
+
+
+def line_number(body: bytes, line: bytes) -> int:
+    """The number (from 1) of the first line of body that starts with line, or 0."""
+    if body.startswith(line):
+        return 1
+    pos = body.find(b"\n" + line)
+    return body.count(b"\n", 0, pos + 1) + 1 if pos >= 0 else 0
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """text with control characters written as \\xNN, fit for a log line or a header."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+# -- responses ---------------------------------------------------------------------------
+
+
+def error_response(
+    status: int,
+    message: str,
+    v2: bool = False,
+    code: str = "invalid",
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """A JSON error like InfluxDB's, with the message also in X-Influxdb-Error."""
+    payload: dict[str, str] = {"code": code, "message": message} if v2 else {"error": message}
+    header = printable(" ".join(message.split()))
+    header = header.encode("ascii", "backslashreplace").decode()[:MAX_ERROR_HEADER]
+    all_headers = {"X-Influxdb-Error": header, **(headers or {})}
+    if v2:
+        all_headers["X-Platform-Error-Code"] = code
+    return web.Response(
+        status=status,
+        body=json.dumps(payload).encode() + b"\n",
+        content_type="application/json",
+        headers=all_headers,
+    )
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(payload).encode() + b"\n", content_type="application/json"
+    )
+
+
+async def _add_version_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Influxdb-Version"] = VERSION
+    response.headers["X-Influxdb-Build"] = "OSS"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unknown paths, wrong methods and unexpected failures also answer JSON errors."""
+    v2 = request.path.startswith("/api/v2/")
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = f"{exc.status} {exc.reason}: {request.method} {request.path}"
+        if exc.status == 404:
+            message += " (this is influx-spout: use /write, /api/v2/write, /ping, /query)"
+        code = "not found" if exc.status == 404 else "method not allowed"
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, message, v2, code, headers=allow)
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, f"internal error: {exc}", v2, "internal error")
+
+
+# -- the server --------------------------------------------------------------------------
+
+
+class HttpListener:
+    def __init__(self, cfg: Config, rt: Runtime) -> None:
+        self.cfg = cfg
+        self.rt = rt
+        self.subject = cfg.nats_subject[0]
+        self.batch_size = min(cfg.batch_max_size, rt.bus.max_payload)
+        self.batcher = Batcher(cfg.batch_max_count, self.batch_size, cfg.batch_max_age)
+        self.busy_limit = max(BUSY_FACTOR * self.batch_size, cfg.max_body_size)
+        self.waiting = 0  # bytes of write bodies being read or checked
+        self.databases: set[str] = set()
+        self.closing = False
+        self.runner: web.AppRunner | None = None
+        self.wake = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[json_errors])
+        app.on_response_prepare.append(_add_version_headers)
+        router = app.router
+        router.add_post("/write", self.write_v1, expect_handler=self.expect)
+        router.add_post("/api/v2/write", self.write_v2, expect_handler=self.expect)
+        router.add_get("/ping", self.ping)
+        router.add_get("/health", self.health)
+        router.add_get("/query", self.query)
+        router.add_post("/query", self.query)
+        return app
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(
+            self.app(),
+            access_log=None,
+            auto_decompress=False,  # gzip is decompressed here, within max_body_size
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+        )
+        await self.runner.setup()
+        try:
+            await web.TCPSite(self.runner, port=self.cfg.port).start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            raise RuntimeError(
+                f"cannot listen on TCP port {self.cfg.port}: {exc.strerror or exc} "
+                "(is another process using it? check port)"
+            ) from exc
+
+    async def stop(self, pump: asyncio.Task) -> None:
+        """Stop taking requests (those in progress may finish), then publish the rest."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+        self.closing = True
+        self.wake.set()
+        await pump
+        await publish_counted(self.rt, self.subject, self.batcher.take())
+
+    async def pump(self) -> None:
+        """Publish the open batch once it is batch_max_age old."""
+        tick = min(MAX_AGE_CHECK_INTERVAL, max(self.cfg.batch_max_age / 4, 0.001))
+        while not self.closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), tick)
+            self.wake.clear()
+            if self.batcher.due():
+                await publish_counted(self.rt, self.subject, self.batcher.take())
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def write_v1(self, request: web.Request) -> web.Response:
+        precision = request.query.get("precision") or "ns"
+        if precision not in V1_PRECISIONS:
+            return self.refuse(
+                request,
+                Reject(400, f'invalid precision "{precision}" (use n, u, ms, s, m or h)'),
+                v2=False,
+            )
+        db = request.query.get("db")
+        if db and len(self.databases) < MAX_DATABASES:
+            self.databases.add(db)
+        return await self.write(request, precision, v2=False)
+
+    async def write_v2(self, request: web.Request) -> web.Response:
+        precision = request.query.get("precision") or "ns"
+        if precision not in V2_PRECISIONS:
+            reject = Reject(400, f'invalid precision "{precision}" (use ns, us, ms or s)')
+            return self.refuse(request, reject, v2=True)
+        if not request.query.get("bucket"):
+            reject = Reject(400, "bucket is required (add ?bucket=NAME to the URL)")
+            return self.refuse(request, reject, v2=True)
+        return await self.write(request, precision, v2=True)
+
+    async def write(self, request: web.Request, precision: str, v2: bool) -> web.Response:
+        try:
+            encoding = content_encoding(request)
+            limit = self.cfg.max_body_size
+            if request.content_length is not None and request.content_length > limit:
+                raise too_large(limit)
+            waiting = self.waiting + self.rt.bus.nc.pending_data_size
+            if waiting > self.busy_limit:
+                raise busy(waiting, self.busy_limit)
+            decoded = await self.read_and_decode(request, encoding == "gzip", precision)
+        except Reject as exc:
+            return self.refuse(request, exc, v2)
+
+        received = decoded.valid_lines + len(decoded.rejected)
+        stats = self.rt.stats
+        stats.inc("received", received)
+        stats.inc("read_errors", len(decoded.rejected))
+        if self.cfg.debug:
+            for line, reason in decoded.rejected:
+                log.warning("rejected a line from %s: %s: %r", request.remote, reason, line)
+
+        if decoded.valid_lines:
+            if not self.rt.bus.connected:
+                stats.inc("failed_nats_publish", decoded.valid_lines)
+                return error_response(
+                    503,
+                    f"not connected to NATS at {self.cfg.nats_address}: "
+                    f"{decoded.valid_lines} lines not accepted (retry later)",
+                    v2,
+                    "unavailable",
+                    headers={"Retry-After": RETRY_AFTER},
+                )
+            lost = 0
+            for batch in self.batcher.add(decoded.valid):
+                lost += await publish_counted(self.rt, self.subject, batch)
+            if lost:
+                return error_response(
+                    503,
+                    f"could not publish {lost} lines to NATS subject {self.subject} (retry later)",
+                    v2,
+                    "unavailable",
+                    headers={"Retry-After": RETRY_AFTER},
+                )
+
+        if decoded.rejected:
+            if decoded.valid_lines:
+                message = f"partial write: {decoded.problem} dropped={len(decoded.rejected)}"
+            else:
+                message = decoded.problem
+            return error_response(400, message, v2)
+        return web.Response(status=204)
+
+    async def read_and_decode(self, request: web.Request, gzipped: bool, precision: str) -> Decoded:
+        """Read the body within max_body_size (and the busy limit), then check it."""
+        limit = self.cfg.max_body_size
+        hard_limit = self.busy_limit + limit
+        chunks = []
+        size = 0
+        try:
+            while True:
+                try:
+                    chunk = await request.content.readany()
+                except Exception as exc:  # the client went away, bad chunked encoding...
+                    raise Reject(400, f"could not read the request body: {exc}") from None
+                if not chunk:
+                    break
+                size += len(chunk)
+                self.waiting += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                if self.waiting > hard_limit:
+                    raise busy(self.waiting, hard_limit)
+                chunks.append(chunk)
+            body = b"".join(chunks)
+            chunks.clear()
+            args = (body, gzipped, precision, limit, self.rt.bus.max_payload)
+            if gzipped or len(body) > THREAD_THRESHOLD:
+                return await asyncio.to_thread(decode, *args)
+            return decode(*args)
+        finally:
+            self.waiting -= size
+
+    def refuse(self, request: web.Request, exc: Reject, v2: bool) -> web.Response:
+        """Answer a write refused as a whole, and count it."""
+        self.rt.stats.inc(exc.counter)
+        if self.cfg.debug:
+            log.warning("refused a write from %s: %s", request.remote, exc.message)
+        return error_response(exc.status, exc.message, v2, exc.code, exc.headers)
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer "Expect: 100-continue" with 413 at once when the body is too large."""
+        limit = self.cfg.max_body_size
+        if request.content_length is not None and request.content_length > limit:
+            return self.refuse(request, too_large(limit), v2=request.path.startswith("/api/v2/"))
+        expect = request.headers.get("Expect", "").lower()
+        if expect == "100-continue" and request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+
+    # -- the rest of the API ----------------------------------------------------------------
+
+    async def ping(self, request: web.Request) -> web.Response:
+        verbose = request.query.get("verbose", "")
+        if verbose not in ("", "0", "false"):
+            return json_response({"version": VERSION})
+        return web.Response(status=204)
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = self.rt.bus.connected
+        return json_response(
+            {
+                "name": "influx-spout",
+                "message": "ready for writes" if ok else "not connected to NATS",
+                "status": "pass" if ok else "fail",
+                "checks": [],
+                "version": VERSION,
+            },
+            200 if ok else 503,
+        )
+
+    async def query(self, request: web.Request) -> web.Response:
+        q = request.query.get("q")
+        if q is None and request.method == "POST":
+            form = await request.post()
+            value = form.get("q")
+            q = value if isinstance(value, str) else None
+        if not q:
+            return error_response(400, 'missing required parameter "q"')
+        results: list[dict[str, Any]] = []
+        statements = [s for s in q.split(";") if s.strip()]
+        for i, statement in enumerate(statements):
+            create = _CREATE_DATABASE.match(statement)
+            if create:
+                name = create.group(1)
+                if name.startswith('"'):
+                    name = re.sub(r"\\(.)", r"\1", name[1:-1])
+                if len(self.databases) < MAX_DATABASES:
+                    self.databases.add(name)
+                results.append({"statement_id": i})
+            elif _SHOW_DATABASES.fullmatch(statement):
+                values = [[name] for name in sorted(self.databases)]
+                series: dict[str, Any] = {"name": "databases", "columns": ["name"]}
+                if values:
+                    series["values"] = values
+                results.append({"statement_id": i, "series": [series]})
+            else:
+                return error_response(
+                    400,
+                    f"influx-spout is a write-only endpoint: cannot run {statement.strip()!r} "
+                    "(only CREATE DATABASE and SHOW DATABASES are answered; query InfluxDB "
+                    "itself)",
+                )
+        return json_response({"results": results})
+
+
+def content_encoding(request: web.Request) -> str:
+    """ "gzip" or "" (plain); any other Content-Encoding is refused."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        return "gzip"
+    if encoding in ("", "identity"):
+        return ""
+    raise Reject(
+        415,
+        f"unsupported Content-Encoding {encoding!r} (send gzip or no encoding)",
+        "unsupported media type",
+    )
+
+
+def busy(waiting: int, limit: int) -> Reject:
+    return Reject(
+        503,
+        f"busy: {waiting} bytes wait to be published to NATS (limit {limit}); "
+        f"retry in {RETRY_AFTER}s",
+        "unavailable",
+        counter="rejected_busy",
+        headers={"Retry-After": RETRY_AFTER},
+    )
+
+
+def too_large(limit: int) -> Reject:
+    return Reject(
+        413,
+        f"request body over max_body_size ({limit} bytes) (send smaller batches)",
+        "request too large",
+    )
+
+
+async def run(cfg: Config, stop: asyncio.Event) -> None:
+    async with Runtime(cfg, stop, COUNTERS) as rt:
+        server = HttpListener(cfg, rt)
+        await server.start()
+        pump = asyncio.create_task(server.pump())
+        rt.ready = True
+        log.info(
+            "listening on HTTP port %d, publishing to %s at %s",
+            cfg.port,
+            server.subject,
+            cfg.nats_address,
+        )
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({stopping, pump}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            rt.ready = False
+            await server.stop(pump)  # raises what made the pump fail, if it did

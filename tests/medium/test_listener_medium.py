@@ -1,0 +1,325 @@
+"""listener (UDP): batching by count, size and age, flush on stop, counters; real nats-server.
+
+The listener runs in-process (`listener.run(cfg, stop)` as a task); a nats-py client
+reads what it publishes and the counters on the monitor subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+from support.servers import NatsServer, free_port
+
+from influx_spout.config import Config
+from influx_spout.modes import listener
+
+SUBJECT = "udp-out"
+MONITOR = "udp-monitor"
+
+
+def make_config(nats_url: str, **overrides: object) -> Config:
+    cfg = Config(
+        mode="listener",
+        name="udp-test",
+        nats_address=nats_url,
+        nats_subject=[SUBJECT],
+        nats_subject_monitor=MONITOR,
+        stats_interval=0.1,
+        port=free_port(udp=True),
+        probe_port=free_port(),
+        batch_max_count=1000,
+        batch_max_size=1024 * 1024,
+        batch_max_age=300.0,
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+class Collector:
+    """Every message on SUBJECT and the latest counters on MONITOR, as nats-py sees them."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.counters: dict[str, int] = {}
+
+    async def start(self, url: str) -> None:
+        self.nc = await nats.connect(url)
+        await self.nc.subscribe(SUBJECT, cb=self._on_message)
+        await self.nc.subscribe(MONITOR, cb=self._on_stats)
+        await self.nc.flush()
+
+    async def _on_message(self, msg) -> None:
+        self.messages.append(msg.data)
+
+    async def _on_stats(self, msg) -> None:
+        for line in msg.data.decode().splitlines():
+            name, _, rest = line.partition("{")
+            value = rest.rsplit("} ", 1)[1].split()[0]
+            self.counters[name] = int(value)
+
+    async def wait_for(self, what: Callable[[], bool], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out; messages={self.messages!r} counters={self.counters!r}"
+                )
+            await asyncio.sleep(0.01)
+
+    async def wait_counters(self, timeout: float = 5.0, **expected: int) -> None:
+        def reached() -> bool:
+            return all(self.counters.get(k) == v for k, v in expected.items())
+
+        await self.wait_for(reached, timeout)
+
+    @property
+    def published(self) -> bytes:
+        return b"".join(self.messages)
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+
+@asynccontextmanager
+async def running(cfg: Config) -> AsyncIterator[tuple[Collector, Callable[[], Awaitable[None]]]]:
+    """Start the listener and a collector; yield (collector, stop). Stops at exit anyway."""
+    collector = Collector()
+    await collector.start(cfg.nats_address)
+    stop = asyncio.Event()
+    task = asyncio.create_task(listener.run(cfg, stop))
+    await wait_ready(cfg.probe_port, task)
+
+    async def stop_listener() -> None:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    try:
+        yield collector, stop_listener
+    finally:
+        if not task.done():
+            await stop_listener()
+        await collector.close()
+
+
+async def wait_ready(probe_port: int, task: asyncio.Task, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(trust_env=False) as client:
+        while True:
+            if task.done():
+                task.result()
+                raise AssertionError("listener stopped before it was ready")
+            try:
+                resp = await client.get(f"http://127.0.0.1:{probe_port}/readyz")
+                if resp.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("listener not ready in time")
+            await asyncio.sleep(0.01)
+
+
+def send(port: int, *datagrams: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for d in datagrams:
+            s.sendto(d, ("127.0.0.1", port))
+
+
+def lines(n: int, start: int = 0) -> list[bytes]:
+    return [
+        b"cpu,host=h%d value=%di %d\n" % (i, i, 1_700_000_000_000_000_000 + i)
+        for i in range(start, start + n)
+    ]
+
+
+def test_batches_by_count(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        cfg = make_config(nats_server.url, batch_max_count=3)
+        async with running(cfg) as (col, _):
+            data = lines(7)
+            send(cfg.port, *data)
+            await col.wait_for(lambda: len(col.messages) == 2)
+            assert col.messages == [b"".join(data[:3]), b"".join(data[3:6])]
+            await col.wait_counters(received=7, sent=6, read_errors=0, failed_nats_publish=0)
+
+    asyncio.run(main())
+
+
+def test_batches_by_size(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        cfg = make_config(nats_server.url, batch_max_size=100)
+        async with running(cfg) as (col, _):
+            data = lines(5)  # 41 bytes each: two fit in 100 bytes, three do not
+            assert all(len(d) == 41 for d in data)
+            send(cfg.port, *data)
+            await col.wait_for(lambda: len(col.messages) == 2)
+            assert col.messages == [data[0] + data[1], data[2] + data[3]]
+            assert all(len(m) <= 100 for m in col.messages)
+
+    asyncio.run(main())
+
+
+def test_large_batch_size_waits_for_count_or_age(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        cfg = make_config(nats_server.url)  # 1MB, 1000 datagrams, 5 minutes
+        async with running(cfg) as (col, stop):
+            data = lines(20)
+            send(cfg.port, *data)
+            await col.wait_counters(received=20)
+            assert col.messages == []
+            await stop()
+            assert col.messages == [b"".join(data)]
+
+    asyncio.run(main())
+
+
+def test_batches_by_age(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        cfg = make_config(nats_server.url, batch_max_age=0.2)
+        async with running(cfg) as (col, _):
+            data = lines(2)
+            send(cfg.port, *data)
+            await col.wait_for(lambda: len(col.messages) == 1)
+            assert col.messages == [b"".join(data)]
+            send(cfg.port, *lines(1, start=2))
+            await col.wait_for(lambda: len(col.messages) == 2)
+            assert col.messages[1] == lines(1, start=2)[0]
+            await col.wait_counters(received=3, sent=3)
+
+    asyncio.run(main())
+
+
+def test_stop_flushes_the_partial_batch_and_final_counters(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        cfg = make_config(nats_server.url, batch_max_count=10)
+        async with running(cfg) as (col, stop):
+            data = lines(13)
+            send(cfg.port, *data)
+            await col.wait_for(lambda: len(col.messages) == 1)
+            await col.wait_counters(received=13)
+            await stop()
+            await col.wait_for(lambda: len(col.messages) == 2)
+            assert col.messages == [b"".join(data[:10]), b"".join(data[10:])]
+            # the runtime publishes the counters once more at exit
+            await col.wait_counters(received=13, sent=13)
+
+    asyncio.run(main())
+
+
+def test_datagram_without_trailing_newline_is_never_glued(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        cfg = make_config(nats_server.url, batch_max_count=3)
+        async with running(cfg) as (col, _):
+            send(cfg.port, b"a x=1", b"b x=2 1\nc x=3", b"d x=4\n")
+            await col.wait_for(lambda: len(col.messages) == 1)
+            assert col.messages == [b"a x=1\nb x=2 1\nc x=3\nd x=4\n"]
+            await col.wait_counters(received=4, sent=4)
+
+    asyncio.run(main())
+
+
+def test_listener_passes_lines_unvalidated(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        cfg = make_config(nats_server.url, batch_max_count=1)
+        async with running(cfg) as (col, _):
+            send(cfg.port, b"not line protocol\x00\xff\n")
+            await col.wait_for(lambda: len(col.messages) == 1)
+            assert col.messages == [b"not line protocol\x00\xff\n"]
+
+    asyncio.run(main())
+
+
+def test_batches_stay_under_the_nats_max_payload(tmp_path: Path) -> None:
+    server = NatsServer(max_payload=4096, workdir=tmp_path / "nats").start()
+    try:
+
+        async def main() -> None:
+            cfg = make_config(server.url, batch_max_size=1024 * 1024, batch_max_count=1000)
+            async with running(cfg) as (col, stop):
+                data = lines(300)  # 12.6 KB in 30 datagrams of 10 lines
+                send(cfg.port, *(b"".join(data[i : i + 10]) for i in range(0, 300, 10)))
+                await col.wait_counters(received=300)
+                await stop()
+                assert col.published == b"".join(data)
+                assert len(col.messages) >= 4
+                assert all(len(m) <= 4096 for m in col.messages)
+                await col.wait_counters(sent=300, failed_nats_publish=0)
+
+        asyncio.run(main())
+    finally:
+        server.close()
+
+
+def test_line_above_the_nats_max_payload_is_counted_as_failed(tmp_path: Path) -> None:
+    server = NatsServer(max_payload=1024, workdir=tmp_path / "nats").start()
+    try:
+
+        async def main() -> None:
+            cfg = make_config(server.url, batch_max_count=1)
+            async with running(cfg) as (col, _):
+                huge = b"big value=%di\n" % (10**1999)
+                send(cfg.port, huge, b"ok x=1\n")
+                await col.wait_counters(received=2, sent=1, failed_nats_publish=1)
+                assert col.messages == [b"ok x=1\n"]
+
+        asyncio.run(main())
+    finally:
+        server.close()
+
+
+def test_datagrams_are_dropped_and_counted_while_nats_lags(nats_server: NatsServer) -> None:
+    # NATS cannot be made to lag on demand: fill the ready queue the pump would drain
+    async def main() -> None:
+        cfg = make_config(nats_server.url, probe_port=0)
+        async with listener.Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
+            udp = listener.UdpListener(cfg, rt)
+            udp.ready.extend([b"queued x=1\n"] * listener.MAX_QUEUED_BATCHES)
+            udp.datagram_received(b"a x=1\nb x=2\n", ("127.0.0.1", 1))
+            assert rt.stats.get("received") == 2
+            assert rt.stats.get("failed_nats_publish") == 2
+            assert udp.batcher.count == 0
+
+    asyncio.run(main())
+
+
+def test_socket_errors_are_counted(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        cfg = make_config(nats_server.url, probe_port=0)
+        async with listener.Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
+            udp = listener.UdpListener(cfg, rt)
+            udp.error_received(ConnectionRefusedError(111, "Connection refused"))
+            assert rt.stats.get("read_errors") == 1
+
+    asyncio.run(main())
+
+
+def test_receive_buffer_is_set_or_a_warning_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    size = 2 * 1024 * 1024
+    sock = listener.open_socket(free_port(udp=True), size)
+    try:
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    finally:
+        sock.close()
+    # root gets it (SO_RCVBUFFORCE); others are capped by net.core.rmem_max, and told
+    assert granted >= size or "net.core.rmem_max" in caplog.text
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as busy:
+        busy.bind(("::", 0))
+        port = busy.getsockname()[1]
+        try:
+            listener.open_socket(port, 65536)
+        except RuntimeError as exc:
+            assert f"UDP port {port}" in str(exc)
+        else:
+            raise AssertionError("binding a used port should fail")
