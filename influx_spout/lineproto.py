@@ -1,0 +1,443 @@
+"""The line-protocol core: split, check, parse, escape and re-time InfluxDB 1.x lines.
+
+Every mode goes through this one module, so its hot paths work on whole batches with
+C-speed primitives (one compiled regular expression over the whole batch, ``bytes.split``,
+``bytes.replace``) and keep per-line Python for the rare invalid line.
+
+Grammar (InfluxDB 1.x), one line::
+
+    measurement[,tagk=tagv...] fieldk=fieldv[,fieldk=fieldv...] [timestamp]
+
+- The measurement escapes ``\\,`` and ``\\ ``; tag keys, tag values and field keys escape
+  ``\\,`` ``\\ `` ``\\=``. A backslash before any other byte is a literal backslash. A name
+  cannot end with a backslash (it would escape the separator after it), as in InfluxDB.
+- Field values: float (``1``, ``-1.5``, ``1e9``, ``.5``), integer ``12i``, unsigned ``12u``,
+  booleans (``t T true True TRUE f F false False FALSE``), or a double-quoted string with
+  ``\\"`` and ``\\\\`` escapes. Integers must fit int64, unsigned integers uint64.
+- The optional timestamp is an integer that fits int64.
+- Exactly one space separates the sections, and nothing precedes the measurement or follows
+  the last section: stricter than influxd, which also skips extra spaces and tabs, so that
+  "the token after the last space" is the timestamp everywhere in the pipeline. A tab is
+  an ordinary byte, as is any non-ASCII byte (names need not be UTF-8).
+- Lines end with ``\\n`` (a trailing ``\\r`` is dropped); empty lines and lines starting
+  with ``#`` are skipped, never counted as invalid. A string field cannot hold a newline.
+
+Not checked (influxd rejects these when it writes, one point at a time): duplicate tag
+keys, float magnitudes beyond float64 (``1e999``), keys longer than 65535 bytes, and the
+reserved key ``time``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from typing import Any, NamedTuple
+
+try:  # optional accelerator: a DFA makes the whole-batch check ~5x faster
+    import re2 as re2_engine
+except ImportError:  # pragma: no cover - depends on the environment
+    re2_engine = None
+
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+
+PRECISIONS: dict[str, int] = {
+    "n": 1,
+    "ns": 1,
+    "u": 1_000,
+    "us": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60 * 1_000_000_000,
+    "h": 3600 * 1_000_000_000,
+}
+"""Nanoseconds per unit of each precision accepted by the InfluxDB write APIs."""
+
+
+class Parsed(NamedTuple):
+    """One valid line, split into its sections; tags and fields stay raw to parse lazily."""
+
+    measurement: bytes  # unescaped
+    tags: bytes  # raw escaped tag section without its leading comma, b"" if none
+    fields: bytes  # raw field section
+    timestamp: int | None
+
+
+class TimestampOverflowError(ValueError):
+    """A timestamp that no longer fits int64 once converted to nanoseconds."""
+
+    def __init__(self, precision: str, lines: list[bytes]) -> None:
+        self.precision = precision
+        self.lines = lines
+        shown = b"\n".join(lines[:3]).decode("utf-8", "backslashreplace")
+        more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
+        super().__init__(
+            f"timestamp out of range in precision {precision!r} for line(s): {shown}{more}"
+        )
+
+
+# --- the grammar ------------------------------------------------------------------------------
+#
+# One grammar, spelled for two engines. RE2 (google-re2) runs it as a DFA over a whole
+# batch at several hundred MB/s; the stdlib re engine, with possessive quantifiers so that
+# nothing backtracks across a token, runs the per-line matches that need capture groups,
+# and the whole-batch check when RE2 is not installed. The third-party regex engine is
+# 4-5x slower than re on this grammar (see tests/small/test_lineproto_bench.py). RE2
+# releases the GIL while it matches, so threads check batches in parallel.
+
+
+def _digits_at_most(bound: int) -> str:
+    """Regex source for decimal digits, the first non-zero, whose value is 1..bound.
+
+    Checking ranges in the pattern keeps the whole-batch check a single pass.
+    """
+    s = str(bound)
+    n = len(s)
+    alts = []
+    for i, ch in enumerate(s):
+        lo = 1 if i == 0 else 0
+        d = int(ch)
+        if d > lo:
+            top = str(d - 1)
+            cls = top if d - 1 == lo else f"[{lo}-{top}]"
+            rest = n - i - 1
+            alts.append(f"{s[:i]}{cls}\\d{{{rest}}}" if rest else f"{s[:i]}{cls}")
+    alts.append(s)
+    if n > 1:
+        alts.append(f"[1-9]\\d{{0,{n - 2}}}")
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _line_grammar(re2: bool, capture: bool) -> str:
+    """The grammar of one line; with capture, groups 1-4 are the sections of Parsed.
+
+    For re, ``p`` makes every repetition possessive and the lookahead ``end`` stops a
+    float or a boolean that is only the start of a longer value (``1`` of ``1i``), since
+    a possessive repetition never comes back to try another alternative; ``no_digit`` does
+    the same for an integer whose first digits fit a shorter bound. RE2 has none of these
+    and needs none.
+    """
+    p = "" if re2 else "+"
+    end = "" if re2 else r"(?![^ ,\n])"
+    no_digit = "" if re2 else r"(?!\d)"
+    g = "(" if capture else "(?:"
+
+    def int_at_most(bound: int) -> str:
+        # Leading zeros are allowed, as influxd's strconv.ParseInt allows them. For re,
+        # numbers shorter than the bound take a cheap first branch.
+        short = "" if re2 else f"\\d{{1,{len(str(bound)) - 1}}}+(?!\\d)|"
+        return f"(?:{short}0+{p}|0*{p}{_digits_at_most(bound)}){no_digit}"
+
+    int64 = f"(?:-?{p}{int_at_most(INT64_MAX)}|-{int_at_most(INT64_MAX + 1)})"
+    field_value = (
+        f"(?:-?{p}(?:\\d+{p}(?:\\.\\d*{p})?{p}|\\.\\d+{p})(?:[eE][+-]?{p}\\d+{p})?{p}{end}"
+        f"|{int64}i"
+        f'|"(?:[^"\\\\\\n]+{p}|\\\\[^\\n])*{p}"'
+        f"|(?:true|True|TRUE|t|T|false|False|FALSE|f|F){end}"
+        f"|{int_at_most(UINT64_MAX)}u)"
+    )
+    # A run of backslashes takes the byte after it, escaped separator or not, so a
+    # separator right after a backslash never ends a name (as influxd's scanner). For re,
+    # the same loop unrolled: plain runs between backslash pairs, non-empty by lookahead.
+    if re2:
+        name = r"(?:[^\\ ,=\n]|\\+[^\\\n])+"
+        measurement = r"(?:[^#\\ ,\n]|\\+[^\\\n])(?:[^\\ ,\n]|\\+[^\\\n])*"
+    else:
+        name = r"(?=[^ ,=\n])[^\\ ,=\n]*+(?:\\++[^\\\n][^\\ ,=\n]*+)*+"
+        measurement = r"(?=[^#, \n])[^\\ ,\n]*+(?:\\++[^\\\n][^\\ ,\n]*+)*+"
+    tag = f"{name}={name}"
+    field = f"{name}={field_value}"
+    return (
+        f"{g}{measurement})"
+        f"(?:,{g}{tag}(?:,{tag})*{p}))?{p}"
+        f" {g}{field}(?:,{field})*{p})"
+        f"(?: {g}{int64}))?{p}"
+    )
+
+
+def _compile_batch(pattern: str) -> Any:
+    """A pattern for a scan of a whole batch, compiled by RE2 when it is installed.
+
+    The pattern must be in the syntax both engines share (no lookaround, no possessives).
+    """
+    if re2_engine is None:  # pragma: no cover - depends on the environment
+        return re.compile(pattern.encode())
+    options = re2_engine.Options()
+    options.encoding = re2_engine.Options.Encoding.LATIN1  # bytes are bytes, not UTF-8
+    options.max_mem = 64 << 20  # room for the DFA's states; past it RE2 stays linear
+    return re2_engine.compile(pattern.encode(), options)
+
+
+_LINE = re.compile(_line_grammar(re2=False, capture=True).encode())
+_line_fullmatch = _LINE.fullmatch
+_new_parsed = functools.partial(tuple.__new__, Parsed)  # skips NamedTuple's Python __new__
+_LINE_NOCAP = re.compile(_line_grammar(re2=False, capture=False).encode())
+# The longest run of valid lines from a position: split_valid's single pass.
+_VALID_RUN_RE = re.compile(f"(?:{_line_grammar(re2=False, capture=False)}\\n)*+".encode())
+_VALID_RUN: Any = (
+    _VALID_RUN_RE
+    if re2_engine is None
+    else _compile_batch(f"(?:{_line_grammar(re2=True, capture=False)}\\n)*")
+)
+_KEY = r"(?:[^\\ ,=]++|\\++[^\\])++"
+_TAG_PAIR = re.compile(f"({_KEY})=({_KEY})".encode())
+_FIELD_PAIR = re.compile(f'({_KEY})=("(?:[^"\\\\]++|\\\\.)*+"|[^,]*+)'.encode(), re.DOTALL)
+_STRING_ESCAPE = re.compile(rb'\\([\\"])')
+_TIMESTAMP_AT_EOL = re.compile(rb"(?m) -?\d++$")
+
+
+# In a valid line the token after the last space is the timestamp, or holds "=" (a field)
+# or '"' (a string field with a space). An empty line would take zeros too.
+_LINE_WITHOUT_TIMESTAMP = _compile_batch(r'(?m)[="][^ \n]*$|\n\n|\A\n')
+
+_BOOLS: dict[bytes, bool] = {
+    b"t": True,
+    b"T": True,
+    b"true": True,
+    b"True": True,
+    b"TRUE": True,
+    b"f": False,
+    b"F": False,
+    b"false": False,
+    b"False": False,
+    b"FALSE": False,
+}
+
+
+# --- splitting and checking batches ---------------------------------------------------------
+
+
+def _normalise(batch: bytes) -> bytes:
+    """The batch with ``\\n`` line ends only and a final ``\\n``.
+
+    Both checks are single-byte scans (memchr); the batch is returned unchanged, without a
+    copy, when there is nothing to do.
+    """
+    if b"\r" in batch:
+        batch = batch.replace(b"\r\n", b"\n")
+        if batch.endswith(b"\r"):
+            batch = batch[:-1]
+    if batch and not batch.endswith(b"\n"):
+        batch += b"\n"
+    return batch
+
+
+def split_lines(batch: bytes) -> list[bytes]:
+    """The lines of a batch that carry data: not empty, not comments, no ``\\n``/``\\r``."""
+    lines = list(filter(None, _normalise(batch).split(b"\n")))
+    if b"#" in batch:
+        lines = [line for line in lines if line[0] != 35]  # 35 == ord("#")
+    return lines
+
+
+def split_valid(batch: bytes) -> tuple[bytes, list[bytes]]:
+    """(the valid lines joined, each ending with ``\\n``; the invalid lines, in order).
+
+    One match of the grammar runs over the whole batch and stops at the first line that
+    is not valid; when there is none, the batch itself is returned without being split.
+    Each stop costs one more match, resuming after that line; empty and comment lines
+    stop the match too and are dropped without being reported.
+    """
+    batch = _normalise(batch)
+    size = len(batch)
+    end = _VALID_RUN.match(batch).end()  # the grammar matches b"" at worst
+    if end == size:
+        return batch, []
+    good: list[bytes] = []
+    bad: list[bytes] = []
+    start = 0
+    while True:
+        if end > start:
+            good.append(batch[start:end])
+        if end == size:
+            return b"".join(good), bad
+        nl = batch.index(b"\n", end)
+        if nl > end and batch[end] != 35:  # neither empty nor a comment
+            bad.append(batch[end:nl])
+        start = nl + 1
+        end = _VALID_RUN.match(batch, start).end()
+
+
+def is_valid(line: bytes) -> bool:
+    """Whether one line, as split_lines returns it (no ``\\n``, no final ``\\r``), is valid."""
+    return _LINE_NOCAP.fullmatch(line) is not None
+
+
+# --- one line --------------------------------------------------------------------------------
+
+
+def parse(line: bytes) -> Parsed | None:
+    """The sections of one line, or None when it is not valid: the per-line slow path."""
+    m = _line_fullmatch(line)
+    if m is None:
+        return None
+    measurement, tags, fields, ts = m.groups()
+    if b"\\" in measurement:
+        measurement = unescape_measurement(measurement)
+    return _new_parsed((measurement, tags or b"", fields, ts and int(ts)))
+
+
+def parse_tags(raw_tags: bytes) -> list[tuple[bytes, bytes]]:
+    """Unescaped (key, value) pairs, in line order, of a raw tag section (Parsed.tags)."""
+    if not raw_tags:
+        return []
+    if b"\\" not in raw_tags:
+        return [(k, v) for k, _, v in (kv.partition(b"=") for kv in raw_tags.split(b","))]
+    return [(unescape(k), unescape(v)) for k, v in _TAG_PAIR.findall(raw_tags)]
+
+
+def _field_value(raw: bytes) -> object:
+    """The Python value of one well-formed raw field value."""
+    if raw[:1] == b'"':
+        return unescape_string_field(raw[1:-1]).decode("utf-8", "surrogateescape")
+    boolean = _BOOLS.get(raw)
+    if boolean is not None:
+        return boolean
+    if raw[-1:] in (b"i", b"u"):
+        return int(raw[:-1])
+    return float(raw)
+
+
+def parse_fields(raw_fields: bytes) -> list[tuple[bytes, object]]:
+    """Unescaped (key, value) pairs of a raw field section (Parsed.fields) of a valid line.
+
+    Values are float, int (for ``i`` and ``u``), bool, or str; strings are decoded as
+    UTF-8 with surrogateescape so that any byte survives a round trip. Raises ValueError
+    on a malformed number.
+    """
+    return [(unescape(k), _field_value(v)) for k, v in _FIELD_PAIR.findall(raw_fields)]
+
+
+def timestamp(line: bytes) -> int | None:
+    """The timestamp of a valid line, or None when it has none, without parsing the line.
+
+    In a valid line the token after the last space is the timestamp exactly when it holds
+    neither ``=`` (a field) nor ``"`` (the inside of a string field such as ``f="a 1"``).
+    """
+    token = line[line.rfind(b" ") + 1 :]
+    if b"=" in token or b'"' in token:
+        return None
+    try:
+        return int(token)
+    except ValueError:
+        return None
+
+
+# --- escaping ---------------------------------------------------------------------------------
+
+
+def unescape(raw: bytes) -> bytes:
+    """A tag key, tag value or field key without its ``\\,`` ``\\ `` ``\\=`` escapes.
+
+    Other backslashes stay literal. Since a backslash is never itself escaped, one
+    ``bytes.replace`` per escape gives the same result as a left-to-right scan.
+    """
+    if b"\\" not in raw:
+        return raw
+    return raw.replace(b"\\,", b",").replace(b"\\ ", b" ").replace(b"\\=", b"=")
+
+
+def unescape_measurement(raw: bytes) -> bytes:
+    """A measurement without its ``\\,`` ``\\ `` escapes (``\\=`` stays as is, as influxd)."""
+    if b"\\" not in raw:
+        return raw
+    return raw.replace(b"\\,", b",").replace(b"\\ ", b" ")
+
+
+def unescape_string_field(raw: bytes) -> bytes:
+    """The inside of a quoted string field without its ``\\"`` and ``\\\\`` escapes."""
+    if b"\\" not in raw:
+        return raw
+    return _STRING_ESCAPE.sub(rb"\1", raw)
+
+
+def escape_measurement(name: bytes) -> bytes:
+    """A measurement name as it must appear in a line.
+
+    A name ending with a backslash or starting with ``#`` cannot be written unambiguously.
+    """
+    return name.replace(b",", b"\\,").replace(b" ", b"\\ ")
+
+
+def escape_tag(s: bytes) -> bytes:
+    """A tag key, tag value or field key as it must appear in a line.
+
+    A name ending with a backslash cannot be written unambiguously.
+    """
+    return s.replace(b",", b"\\,").replace(b" ", b"\\ ").replace(b"=", b"\\=")
+
+
+def escape_string_field(s: bytes) -> bytes:
+    """The inside of a quoted string field as it must appear in a line (no newlines)."""
+    return s.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+
+
+# --- time ----------------------------------------------------------------------------------
+
+
+def now_ns() -> int:
+    """The current time in nanoseconds since the epoch (one place to fake it in tests)."""
+    return time.time_ns()
+
+
+def _digits_above(bound: int) -> str:
+    """Regex source for decimal digits, the first non-zero, whose value is above bound."""
+    s = str(bound)
+    n = len(s)
+    alts = [f"[1-9]\\d{{{n},}}"]
+    for i, ch in enumerate(s):
+        d = int(ch)
+        if d < 9:
+            cls = "9" if d == 8 else f"[{d + 1}-9]"
+            rest = n - i - 1
+            alts.append(f"{s[:i]}{cls}\\d{{{rest}}}" if rest else f"{s[:i]}{cls}")
+    return "(?:" + "|".join(alts) + ")"
+
+
+@functools.cache
+def _overflow_finder(factor: int) -> Any:
+    """Finds the timestamps whose magnitude exceeds INT64_MAX // factor, in one pass.
+
+    For every factor above 1, INT64_MAX // factor == 2**63 // factor, so one bound holds
+    for both signs.
+    """
+    return _compile_batch(f"(?m) -?0*{_digits_above(INT64_MAX // factor)}$")
+
+
+def _line_around(batch: bytes, pos: int) -> bytes:
+    """The line of batch that holds position pos."""
+    start = batch.rfind(b"\n", 0, pos) + 1
+    end = batch.find(b"\n", pos)
+    return batch[start : end if end >= 0 else len(batch)]
+
+
+def to_nanoseconds(batch: bytes, precision: str) -> bytes:
+    """A batch of valid lines with each timestamp converted from precision to nanoseconds.
+
+    Downstream components only ever see nanoseconds. Lines without a timestamp are left
+    alone, and n/ns returns the batch itself. For u, ms and s, when every line has a
+    timestamp (the usual case), one ``bytes.replace`` appends the zeros before each
+    ``\\n``; otherwise, and for m and h, one regex substitution rewrites each timestamp.
+    Raises ValueError for an unknown precision, and TimestampOverflowError (a ValueError
+    listing the lines) when a converted timestamp would not fit int64: callers answer
+    such a request as a bad request rather than drop lines silently.
+    """
+    factor = PRECISIONS.get(precision)
+    if factor is None:
+        raise ValueError(
+            f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}"
+        )
+    if factor == 1 or not batch:
+        return batch
+    batch = _normalise(batch)
+    overflow = [_line_around(batch, m.start()) for m in _overflow_finder(factor).finditer(batch)]
+    if overflow:
+        raise TimestampOverflowError(precision, overflow)
+    digits = len(str(factor)) - 1
+    if factor != 10**digits:
+        return _TIMESTAMP_AT_EOL.sub(lambda m: b" %d" % (int(m[0]) * factor), batch)
+    zeros = b"0" * digits
+    if _LINE_WITHOUT_TIMESTAMP.search(batch) is None:
+        return batch.replace(b"\n", zeros + b"\n")
+    return _TIMESTAMP_AT_EOL.sub(lambda m: m[0] + zeros, batch)

@@ -1,0 +1,532 @@
+"""influx_spout.lineproto: the grammar, escaping, parsing, batch splitting and precisions."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from types import ModuleType
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from support.sample import telegraf_lines
+
+from influx_spout import lineproto as lp
+from influx_spout.lineproto import Parsed
+
+
+def _without_re2() -> ModuleType:
+    """A separate copy of lineproto loaded as if google-re2 were not installed."""
+    spec = importlib.util.spec_from_file_location("lineproto_without_re2", lp.__file__)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(sys.modules, {"re2": None}):
+        spec.loader.exec_module(module)
+    assert module.re2_engine is None
+    return module
+
+
+@pytest.fixture(scope="module", params=["as installed", "without re2"])
+def impl(request: pytest.FixtureRequest) -> ModuleType:
+    """lineproto as installed (with RE2 when google-re2 is there) and with re alone."""
+    return lp if request.param == "as installed" else _without_re2()
+
+
+VALID = [
+    b"m f=1",
+    b"m,t=v f=1 123",
+    b"cpu,cpu=cpu0,host=web01 usage_user=12.5,usage_idle=84.4 1700000000000000000",
+    b"m f=-1.5",
+    b"m f=1e9",
+    b"m f=1E-5",
+    b"m f=-2.5e+3",
+    b"m f=.5",
+    b"m f=1.",
+    b"m f=-0",
+    b"m f=12i",
+    b"m f=-12i",
+    b"m f=007i",
+    b"m f=12u",
+    b"m f=0u",
+    b"m f=t,g=T,h=true,i=True,j=TRUE",
+    b"m f=f,g=F,h=false,i=False,j=FALSE",
+    b'm f="a b,c=d"',
+    b'm f="quote \\" backslash \\\\ other \\n"',
+    b'm f=""',
+    b'm f="\\\\"',
+    b"m f=1 -1",
+    b"m f=1 0",
+    b"m f=1 0001",
+    b"m f=9223372036854775807i",
+    b"m f=-9223372036854775808i",
+    b"m f=18446744073709551615u",
+    b"m f=1 9223372036854775807",
+    b"m f=1 -9223372036854775808",
+    b"m\\ x,t\\ k=v\\,w f\\=k=1",
+    b"m\\,x f=1",
+    b"m=x f=1",  # "=" needs no escape in a measurement
+    b"m,t=a\\b f=1",  # a backslash before a plain byte is literal
+    b"m,t=a\\\\,b f=1",  # ... and one right before a separator escapes it
+    b"m\\x\\ y f=1",
+    "温度,地点=北京 值=1".encode(),
+    b"\xff\xfe f=1",  # bytes, not necessarily UTF-8
+    b"m\tx,t=\tv f\t=1",  # a tab is an ordinary byte
+    b'm "=1',
+    b"m f=1,f=2",
+    b'm,t=v,t2=v2 f=1,g=2i,h="s",k=t 5',
+]
+
+INVALID = [
+    b"m",
+    b"m ",
+    b"m f",
+    b"m f=",
+    b"m f=1 abc",
+    b"m,t= f=1",
+    b"m,=v f=1",
+    b"m,t f=1",
+    b"m, f=1",
+    b"m,t=v, f=1",
+    b",t=v f=1",
+    b" m f=1",
+    b"m  f=1",
+    b"m f=1 ",
+    b"m f=1  123",
+    b"m f=1 123 ",
+    b"m\tf=1",
+    b"m f=1\t123",
+    b'm f="unterminated',
+    b'm f="a\\"',
+    b'm f="a"b',
+    b"m f=1,",
+    b"m f=1,g",
+    b"m f=1,=2",
+    b"m f==1",
+    b"m =1",
+    b"m f=1i2",
+    b"m f=1.2.3",
+    b"m f=1e",
+    b"m f=e5",
+    b"m f=-",
+    b"m f=+1",
+    b"m f=NaN",
+    b"m f=Inf",
+    b"m f=1x",
+    b"m f=tru",
+    b"m f=yes",
+    b"m f=TRue",
+    b"m f=-1u",
+    b"m f=1.5i",
+    b"m f=1iu",
+    b"m f=9223372036854775808i",
+    b"m f=-9223372036854775809i",
+    b"m f=18446744073709551616u",
+    b"m f=1 9223372036854775808",
+    b"m f=1 -9223372036854775809",
+    b"m f=1 1.5",
+    b"m f=1 12i",
+    b"m f=1 -",
+    b"m f=1 1 2",
+    b"\\",
+    b"\\\\",
+    b"m\\ f=1",  # the escaped space leaves no field section
+    b"m,t=v\\ f=1",
+    b"m,t=a\\",
+    b"m,t=a=b f=1",
+    b"m f\\=1",
+    b"m f=1\n",
+    b"m f=1\rx",
+    b"m f=1\r",  # split_lines drops one "\r" before "\n", not a second one
+    b"#m f=1",
+    b"",
+    b"\x00\x01\x02\xff",
+    b"\xff\xfe\xfd garbage",
+]
+
+
+@pytest.mark.parametrize("line", VALID)
+def test_valid_lines(line: bytes) -> None:
+    assert lp.is_valid(line)
+    assert lp.parse(line) is not None
+    assert _run_accepts(line)
+
+
+@pytest.mark.parametrize("line", INVALID)
+def test_invalid_lines(line: bytes) -> None:
+    assert not lp.is_valid(line)
+    assert lp.parse(line) is None
+    if b"\n" not in line:
+        assert not _run_accepts(line)
+
+
+def _run_accepts(line: bytes) -> bool:
+    """Whether both whole-batch matchers (RE2 when installed, and re) accept the line."""
+    batch = line + b"\n"
+    by_batch = lp._VALID_RUN.match(batch).end() == len(batch)
+    by_re = lp._VALID_RUN_RE.fullmatch(batch) is not None
+    assert by_batch == by_re, line
+    return by_batch
+
+
+def test_huge_lines() -> None:
+    big_value = b"v" * (1 << 20)
+    line = b"m,t=" + big_value + b" f=1 1"
+    assert lp.is_valid(line)
+    assert lp.split_valid(line) == (line + b"\n", [])
+    assert lp.parse_tags(lp.parse(line).tags) == [(b"t", big_value)]  # type: ignore[union-attr]
+    fields = b",".join(b"f%d=%di" % (i, i) for i in range(50_000))
+    assert lp.is_valid(b"m " + fields)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"m," + b"a" * (1 << 20),
+        b"m f=" + b"1" * (1 << 20) + b"x",
+        b"m f=" + b"0" * (1 << 20) + b"x",
+        b"m f=1 " + b"9" * (1 << 20),
+        b"m " + b"\\" * (1 << 20),
+        b'm f="' + b"\\\\" * (1 << 19),
+        b"m,a=b" * (1 << 18),
+        b"m f=1" + b",f=1" * (1 << 18) + b" x",
+        bytes(range(256)) * 4096,
+    ],
+)
+def test_garbage_is_rejected_in_linear_time(impl: ModuleType, garbage: bytes) -> None:
+    # Catastrophic backtracking would hit the test timeout long before finishing.
+    assert not lp.is_valid(garbage)
+    good, bad = impl.split_valid(garbage)
+    assert good == b""
+    assert bad == [line for line in garbage.split(b"\n") if line and line[0] != 35]
+
+
+# --- splitting batches ------------------------------------------------------------------------
+
+
+def test_split_lines() -> None:
+    batch = b"a f=1\r\n\n# comment\nbad line\n  \nb f=2 3\r\nc f=3\r"
+    assert lp.split_lines(batch) == [b"a f=1", b"bad line", b"  ", b"b f=2 3", b"c f=3"]
+    assert lp.split_lines(b"") == []
+    assert lp.split_lines(b"\n\n#x\n") == []
+    assert lp.split_lines(b"a f=1") == [b"a f=1"]
+
+
+def test_split_valid_keeps_valid_and_reports_invalid_in_order(impl: ModuleType) -> None:
+    batch = b"a f=1\nbad\n\n# comment\nb f=2 3\r\nm f=\nc f=3\nalso bad"
+    assert impl.split_valid(batch) == (b"a f=1\nb f=2 3\nc f=3\n", [b"bad", b"m f=", b"also bad"])
+
+
+def test_split_valid_fast_path_returns_the_batch_itself(impl: ModuleType) -> None:
+    batch = b"\n".join(telegraf_lines(100)) + b"\n"
+    good, bad = impl.split_valid(batch)
+    assert good is batch
+    assert bad == []
+
+
+@pytest.mark.parametrize(
+    ("batch", "expected"),
+    [
+        (b"", (b"", [])),
+        (b"\n", (b"", [])),
+        (b"\n\n#x\n", (b"", [])),
+        (b"a f=1", (b"a f=1\n", [])),
+        (b"a f=1\r\n", (b"a f=1\n", [])),
+        (b"bad", (b"", [b"bad"])),
+        (b"bad\n", (b"", [b"bad"])),
+        (b" \n\t\n", (b"", [b" ", b"\t"])),  # whitespace-only lines are not empty
+        (b"#a f=1\na f=1\n", (b"a f=1\n", [])),
+        (b"bad\na f=1", (b"a f=1\n", [b"bad"])),
+        (b"a f=1\nb f=1\nbad", (b"a f=1\nb f=1\n", [b"bad"])),
+    ],
+)
+def test_split_valid_edges(
+    impl: ModuleType, batch: bytes, expected: tuple[bytes, list[bytes]]
+) -> None:
+    assert impl.split_valid(batch) == expected
+
+
+# --- parsing one line -------------------------------------------------------------------------
+
+
+def test_parse_sections() -> None:
+    line = b'cpu\\ x,host=a\\ b,dc=eu f=1.5,s="x y",n=3i 1700000000000000000'
+    assert lp.parse(line) == Parsed(
+        b"cpu x", b"host=a\\ b,dc=eu", b'f=1.5,s="x y",n=3i', 1700000000000000000
+    )
+    assert lp.parse(b"m f=1") == Parsed(b"m", b"", b"f=1", None)
+    assert lp.parse(b"m f=1 -5") == Parsed(b"m", b"", b"f=1", -5)
+    assert lp.parse(b"m\\=x f=1") == Parsed(b"m\\=x", b"", b"f=1", None)
+
+
+def test_parse_tags() -> None:
+    assert lp.parse_tags(b"") == []
+    assert lp.parse_tags(b"a=1,b=2") == [(b"a", b"1"), (b"b", b"2")]
+    raw = b"a\\ b=c\\,d,e\\==f\\\\g,h=i\\\\,j\\=k"
+    assert lp.is_valid(b"m," + raw + b" f=1")
+    assert lp.parse_tags(raw) == [(b"a b", b"c,d"), (b"e=", b"f\\\\g"), (b"h", b"i\\,j=k")]
+
+
+def test_parse_fields() -> None:
+    raw = b'f=1.5,i=-3i,u=18446744073709551615u,t=t,F=FALSE,s="a, b=\\"c\\" \\\\",e=1e3,k\\ x=.5'
+    assert lp.parse_fields(raw) == [
+        (b"f", 1.5),
+        (b"i", -3),
+        (b"u", 18446744073709551615),
+        (b"t", True),
+        (b"F", False),
+        (b"s", 'a, b="c" \\'),
+        (b"e", 1000.0),
+        (b"k x", 0.5),
+    ]
+    assert [type(v) for _, v in lp.parse_fields(b"a=1,b=1i,c=t")] == [float, int, bool]
+    assert lp.parse_fields(b's="\\n\\t"') == [(b"s", "\\n\\t")]
+    assert lp.parse_fields(b's="\xff"') == [(b"s", "\udcff")]  # any byte survives
+
+
+@pytest.mark.parametrize(
+    ("line", "ts"),
+    [
+        (b"m f=1 123", 123),
+        (b"m f=1 -123", -123),
+        (b"m f=1", None),
+        (b"m,t=a\\ 12 f=1", None),
+        (b'm f="a 123"', None),
+        (b'm f="a 123",g=1', None),
+        (b'm f="a 123" 5', 5),
+        (b"m a\\ 12=1", None),
+    ],
+)
+def test_timestamp(line: bytes, ts: int | None) -> None:
+    assert lp.timestamp(line) == ts
+    assert lp.parse(line).timestamp == ts  # type: ignore[union-attr]
+
+
+# --- escaping ---------------------------------------------------------------------------------
+
+
+def test_unescape() -> None:
+    raw = b"a\\,b\\ c\\=d\\e"
+    assert lp.unescape(raw) == b"a,b c=d\\e"
+    assert lp.unescape(b"plain") == b"plain"
+    assert lp.unescape(b"a\\\\,") == b"a\\,"
+    assert lp.unescape(b"\\") == b"\\"
+    assert lp.unescape_measurement(raw) == b"a,b c\\=d\\e"
+    assert lp.unescape_string_field(b'\\"\\\\\\n\\') == b'"\\\\n\\'
+
+
+def test_escape() -> None:
+    assert lp.escape_measurement(b"a, b=c") == b"a\\,\\ b=c"
+    assert lp.escape_tag(b"a, b=c") == b"a\\,\\ b\\=c"
+    assert lp.escape_string_field(b'a "b" \\') == b'a \\"b\\" \\\\'
+    for s in (b"a, b=c", b"x\\,y", b"\\ \\=", b"plain"):
+        assert lp.unescape(lp.escape_tag(s)) == s
+        assert lp.unescape_measurement(lp.escape_measurement(s)) == s
+        assert lp.unescape_string_field(lp.escape_string_field(s)) == s
+
+
+# --- precisions -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", sorted(lp.PRECISIONS))
+@pytest.mark.parametrize("ts", [0, 1, -1, 1_700_000_000, -1_700_000_000, 123_456])
+def test_to_nanoseconds_every_unit(impl: ModuleType, precision: str, ts: int) -> None:
+    factor = lp.PRECISIONS[precision]
+    if abs(ts) * factor > lp.INT64_MAX:
+        ts = ts // 1000  # keep the minute and hour cases in range
+    batch = b'a f=1 %d\nb f="x 12"\nc,t=v f=2i,g="y 7" %d\nd f=1\n' % (ts, ts)
+    out = impl.to_nanoseconds(batch, precision)
+    expected = b'a f=1 %d\nb f="x 12"\nc,t=v f=2i,g="y 7" %d\nd f=1\n' % (
+        ts * factor,
+        ts * factor,
+    )
+    assert impl.split_valid(out) == (out, [])
+    # Zeros are appended to the digits, so "0" may come out as "0000": the same value.
+    assert [lp.parse(line) for line in lp.split_lines(out)] == [
+        lp.parse(line) for line in lp.split_lines(expected)
+    ]
+    if ts != 0:
+        assert out == expected
+
+
+def test_to_nanoseconds_every_line_stamped(impl: ModuleType) -> None:
+    lines = telegraf_lines(50, ts=1_700_000_000)
+    out = impl.to_nanoseconds(b"\n".join(lines), "s")
+    assert out == b"\n".join(telegraf_lines(50, ts=1_700_000_000_000_000_000)) + b"\n"
+
+
+def test_to_nanoseconds_nanoseconds_is_the_same_batch() -> None:
+    batch = b"a f=1 5\r\n"
+    assert lp.to_nanoseconds(batch, "n") is batch
+    assert lp.to_nanoseconds(batch, "ns") is batch
+
+
+def test_to_nanoseconds_lines_without_timestamps(impl: ModuleType) -> None:
+    batch = b'a f=1\nb f="x 12"\nc f="12 13",g=1\n'
+    assert impl.to_nanoseconds(batch, "s") == batch
+    assert impl.to_nanoseconds(batch, "h") == batch
+
+
+def test_to_nanoseconds_carriage_returns_and_no_final_newline(impl: ModuleType) -> None:
+    assert impl.to_nanoseconds(b"a f=1 1\r\nb f=1 2", "ms") == b"a f=1 1000000\nb f=1 2000000\n"
+
+
+def test_to_nanoseconds_unknown_precision() -> None:
+    with pytest.raises(ValueError, match="'x'"):
+        lp.to_nanoseconds(b"a f=1 1\n", "x")
+
+
+@pytest.mark.parametrize(
+    ("precision", "fits", "overflows"),
+    [
+        ("u", 9223372036854775, 9223372036854776),
+        ("ms", 9223372036854, 9223372036855),
+        ("s", 9223372036, 9223372037),
+        ("m", 153722867, 153722868),
+        ("h", 2562047, 2562048),
+    ],
+)
+def test_to_nanoseconds_overflow(
+    impl: ModuleType, precision: str, fits: int, overflows: int
+) -> None:
+    factor = lp.PRECISIONS[precision]
+    for ts in (fits, -fits):
+        assert impl.to_nanoseconds(b"a f=1 %d\n" % ts, precision) == b"a f=1 %d\n" % (ts * factor)
+    for ts in (overflows, -overflows, overflows * 1000):
+        batch = b"a f=1 1\nb f=1 %d\nc f=1 2\n" % ts
+        with pytest.raises(impl.TimestampOverflowError) as caught:
+            impl.to_nanoseconds(batch, precision)
+        assert caught.value.lines == [b"b f=1 %d" % ts]
+        assert isinstance(caught.value, ValueError)
+        assert precision in str(caught.value)
+
+
+def test_now_ns() -> None:
+    import time
+
+    assert abs(lp.now_ns() - time.time_ns()) < 10**9
+
+
+# --- properties -------------------------------------------------------------------------------
+
+# Text from an alphabet heavy in the bytes the protocol treats specially, plus any other
+# character. A newline cannot appear anywhere: it always ends a line.
+_SPECIAL = list(' ,="\\#\t\r=x0é')
+_text = st.text(
+    alphabet=st.sampled_from(_SPECIAL) | st.characters(blacklist_characters="\n"),
+    max_size=12,
+).map(lambda s: s.encode("utf-8", "surrogatepass"))
+# Where the real protocol is ambiguous, generation stays clear of it: a name ending with a
+# backslash would escape the separator after it, in InfluxDB too; a measurement starting
+# with "#" is a comment; names are never empty.
+_name = _text.filter(lambda b: b != b"" and not b.endswith(b"\\"))
+_measurement = _name.filter(lambda b: not b.startswith(b"#"))
+_int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+_field_value = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    _int64,
+    st.integers(min_value=0, max_value=2**64 - 1).map(lambda i: ("u", i)),
+    st.booleans(),
+    _text.map(lambda b: b.decode("utf-8", "surrogatepass")),
+)
+
+
+def _encode_value(value: object) -> bytes:
+    if isinstance(value, bool):
+        return b"true" if value else b"F"
+    if isinstance(value, tuple):
+        return b"%du" % value[1]
+    if isinstance(value, int):
+        return b"%di" % value
+    if isinstance(value, float):
+        return repr(value).encode()
+    assert isinstance(value, str)
+    return b'"' + lp.escape_string_field(value.encode("utf-8", "surrogatepass")) + b'"'
+
+
+def _expected_value(value: object) -> object:
+    if isinstance(value, tuple):
+        return value[1]
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "surrogateescape")
+    return value
+
+
+@st.composite
+def _points(draw: st.DrawFn) -> tuple[bytes, bytes, list, list, int | None]:
+    measurement = draw(_measurement)
+    tags = draw(st.lists(st.tuples(_name, _name), max_size=4))
+    fields = draw(st.lists(st.tuples(_name, _field_value), min_size=1, max_size=4))
+    ts = draw(st.none() | _int64)
+    line = lp.escape_measurement(measurement)
+    line += b"".join(b"," + lp.escape_tag(k) + b"=" + lp.escape_tag(v) for k, v in tags)
+    line += b" " + b",".join(lp.escape_tag(k) + b"=" + _encode_value(v) for k, v in fields)
+    if ts is not None:
+        line += b" %d" % ts
+    return line, measurement, tags, fields, ts
+
+
+def _typed(pairs: list) -> list:
+    return [(k, type(v), v) for k, v in pairs]
+
+
+@given(_points())
+@example((b"m\\\\,x f=1", b"m\\,x", [], [(b"f", 1.0)], None))
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_round_trip(point: tuple[bytes, bytes, list, list, int | None]) -> None:
+    line, measurement, tags, fields, ts = point
+    assert lp.is_valid(line), line
+    assert _run_accepts(line)
+    parsed = lp.parse(line)
+    assert parsed is not None
+    assert parsed.measurement == measurement
+    assert lp.parse_tags(parsed.tags) == tags
+    expected_fields = [(k, _expected_value(v)) for k, v in fields]
+    assert _typed(lp.parse_fields(parsed.fields)) == _typed(expected_fields)
+    assert parsed.timestamp == ts
+    assert lp.timestamp(line) == ts
+
+
+@given(
+    st.lists(
+        _points().map(lambda p: p[0])
+        | st.binary(max_size=30).map(lambda b: b.replace(b"\n", b""))
+        | st.sampled_from(INVALID).map(lambda b: b.replace(b"\n", b"")),
+        max_size=20,
+    )
+)
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_split_valid_mixed_with_garbage(impl: ModuleType, lines: list[bytes]) -> None:
+    batch = b"\n".join(lines)
+    data = lp.split_lines(batch)
+    expected_good = [line for line in data if lp.is_valid(line)]
+    expected_bad = [line for line in data if not lp.is_valid(line)]
+    good, bad = impl.split_valid(batch)
+    assert good == b"".join(line + b"\n" for line in expected_good)
+    assert bad == expected_bad
+
+
+@st.composite
+def _mutants(draw: st.DrawFn) -> bytes:
+    """A valid line with a few bytes inserted, deleted or replaced: near-misses."""
+    line = bytearray(draw(_points())[0])
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(line)))
+        byte = draw(st.sampled_from(b' ,="\\#\t-.0123456789eEiutTfF'))
+        match draw(st.sampled_from(["insert", "delete", "replace"])):
+            case "insert":
+                line.insert(at, byte)
+            case "delete" if at < len(line):
+                del line[at]
+            case "replace" if at < len(line):
+                line[at] = byte
+    return bytes(line).replace(b"\n", b"")
+
+
+@given(_mutants())
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+def test_whole_batch_grammar_agrees_with_per_line_grammar(line: bytes) -> None:
+    # The grammar is spelled twice (for RE2 and for re): both must accept the same lines.
+    valid = lp.is_valid(line)
+    assert _run_accepts(line) == valid
+    assert (lp.parse(line) is not None) == valid
