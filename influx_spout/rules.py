@@ -1,0 +1,257 @@
+"""The rules engine: which lines of a batch go where (the filter's routing, the writer's keep list).
+
+Rules are tried in order and the first that matches a line takes it:
+
+- ``basic``: the measurement, unescaped, equals ``match``;
+- ``tags``: every listed (key, value) pair is among the line's tags, compared unescaped;
+- ``regex``: ``match`` is found somewhere in the raw line;
+- ``negregex``: ``match`` is not found in the raw line.
+
+Lines no rule takes are the junk. Before routing, invalid lines (lineproto) are set aside,
+and so are lines whose timestamp is further than ``max_delta_ns`` from now.
+
+Speed: a batch is checked by lineproto's whole-batch validator, split once, and each line
+costs a few C-level slices and one dict lookup; regular expressions only run on the lines
+no earlier rule took. Per-line Python objects exist only for tags rules and escaped names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import not_
+
+import regex
+
+from influx_spout import lineproto
+from influx_spout.config import RULE_TYPES, Rule
+
+
+@dataclass(slots=True)
+class Routed:
+    """What route() made of one batch; picklable, so it can come back from a worker process."""
+
+    outputs: dict[int, bytes]  # rule index -> its lines, each ending in b"\n"; no empty entries
+    junk: bytes  # lines no rule took, each ending in b"\n"
+    processed: int = 0  # lines seen (not empty lines or comments)
+    invalid: int = 0  # lines that are not line protocol
+    invalid_time: int = 0  # lines with a timestamp outside the window
+    rejected: int = 0  # lines in junk
+    triggered: dict[int, int] = field(default_factory=dict)  # rule index -> lines taken
+    invalid_lines: list[bytes] = field(default_factory=list)
+    invalid_time_lines: list[bytes] = field(default_factory=list)
+
+    @property
+    def passed(self) -> int:
+        """Lines some rule took."""
+        return sum(self.triggered.values())
+
+
+class _Regex:
+    """One regex/negregex rule, searched in the raw line.
+
+    Bytes lines are searched with a bytes pattern when both are ASCII; a line holding
+    other bytes is decoded (UTF-8) and searched with the str pattern, so that ``.`` and
+    character classes see characters, not bytes.
+    """
+
+    __slots__ = ("text", "raw", "negate")
+
+    def __init__(self, pattern: str, negate: bool) -> None:
+        self.text = regex.compile(pattern)
+        self.raw = regex.compile(pattern.encode()) if pattern.isascii() else None
+        self.negate = negate
+
+    def search_one(self, line: bytes) -> bool:
+        if self.raw is not None and line.isascii():
+            return self.raw.search(line) is not None
+        return self.text.search(line.decode("utf-8", "surrogateescape")) is not None
+
+    def found(self, lines: list[bytes], ascii_only: bool) -> Iterable[object]:
+        """For each line, something true when the pattern is found in it (whatever negate says)."""
+        if ascii_only and self.raw is not None:
+            return map(self.raw.search, lines)
+        return map(self.search_one, lines)
+
+
+class _Tags:
+    """One tags rule: all of its pairs must be among the line's tags (unescaped)."""
+
+    __slots__ = ("pairs", "needles")
+
+    def __init__(self, tags: Sequence[tuple[str, str]]) -> None:
+        self.pairs = {(k.encode(), v.encode()) for k, v in tags}
+        # In a line without backslashes the tag section, between commas, holds each pair
+        # exactly as ",k=v,"; a pair that needs escaping cannot appear in such a line.
+        self.needles = [
+            b"," + lineproto.escape_tag(k) + b"=" + lineproto.escape_tag(v) + b","
+            for k, v in self.pairs
+        ]
+
+    def match(self, line: bytes) -> bool:
+        if b"\\" not in line:
+            head = line[: line.find(b" ")]
+            comma = head.find(b",")
+            if comma < 0:
+                return not self.needles
+            section = head[comma:] + b","
+            return all(n in section for n in self.needles)
+        parsed = lineproto.parse(line)
+        if parsed is None:
+            return False
+        have = set(lineproto.parse_tags(parsed.tags))
+        return self.pairs <= have
+
+
+def _measurement(line: bytes) -> bytes:
+    """The unescaped measurement of a valid line."""
+    if b"\\" not in line:
+        return line.partition(b" ")[0].partition(b",")[0]
+    parsed = lineproto.parse(line)
+    return parsed.measurement if parsed is not None else b""
+
+
+class RuleSet:
+    """Rules compiled once; route() splits batches by them."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = list(rules)
+        self._junk = len(self.rules)  # the "rule index" of lines no rule takes
+        self._basic: dict[bytes, int] = {}  # measurement -> first basic rule naming it
+        others: list[tuple[int, _Tags | _Regex]] = []
+        for i, rule in enumerate(self.rules):
+            if rule.type == "basic":
+                self._basic.setdefault(rule.match.encode(), i)
+            elif rule.type == "tags":
+                others.append((i, _Tags(rule.tags)))
+            elif rule.type in ("regex", "negregex"):
+                try:
+                    test = _Regex(rule.match, negate=rule.type == "negregex")
+                except regex.error as exc:
+                    raise ValueError(
+                        f"rule {i + 1} ({rule.type}): invalid regular expression "
+                        f"{rule.match!r}: {exc}; fix the pattern"
+                    ) from None
+                others.append((i, test))
+            else:
+                raise ValueError(
+                    f"rule {i + 1}: unknown rule type {rule.type!r}; use one of "
+                    + ", ".join(RULE_TYPES)
+                )
+        # Rules after the last basic rule only see what the basic rules left: they filter
+        # that list. Rules before it are tried, by position, on the lines that no rule
+        # before them took.
+        last_basic = max(self._basic.values(), default=-1)
+        self._head = [(i, t) for i, t in others if i < last_basic]
+        self._tail = [(i, t) for i, t in others if i > last_basic]
+
+    def route(self, batch: bytes, now_ns: int = 0, max_delta_ns: int | None = None) -> Routed:
+        """Split a batch: invalid lines, out-of-window lines, each rule's lines, the junk.
+
+        max_delta_ns None skips the time check (now_ns is then unused). Lines keep their
+        order within each output.
+        """
+        valid, invalid = lineproto.split_valid(batch)
+        lines = valid.split(b"\n")
+        lines.pop()  # after the final b"\n" (or the only, empty, item)
+        routed = Routed({}, b"", processed=len(lines) + len(invalid), invalid=len(invalid))
+        routed.invalid_lines = invalid
+        whole: bytes | None = valid  # all the lines joined, while no line was removed
+        if max_delta_ns is not None and lines:
+            lines, late = _in_window(lines, now_ns, max_delta_ns)
+            if late:
+                routed.invalid_time = len(late)
+                routed.invalid_time_lines = late
+                whole = None
+        if not lines:
+            return routed
+        ascii_only = valid.isascii()
+        buckets = self._by_rule(lines, ascii_only, b"\\" in valid)
+        leftover = buckets.pop(self._junk, [])
+        for index, test in self._tail:
+            if not leftover:
+                break
+            found = _found(test, leftover, ascii_only)
+            taken = list(compress(leftover, found))
+            if taken:
+                buckets[index] = taken
+                leftover = list(compress(leftover, map(not_, found)))
+        if leftover:
+            buckets[self._junk] = leftover
+        if whole is not None and len(buckets) == 1:
+            # every line went the same way: the batch is the output, nothing to join
+            joined = dict.fromkeys(buckets, whole)
+        else:
+            joined = {i: b"\n".join(b) + b"\n" for i, b in buckets.items()}
+        routed.junk = joined.pop(self._junk, b"")
+        routed.outputs = joined
+        routed.triggered = {i: len(b) for i, b in buckets.items()}
+        routed.rejected = routed.triggered.pop(self._junk, 0)
+        return routed
+
+    def _by_rule(
+        self, lines: list[bytes], ascii_only: bool, escapes: bool
+    ) -> dict[int, list[bytes]]:
+        """The lines taken by basic rules and the rules before the last of them, by rule
+        index (len(rules) for the lines left)."""
+        junk = self._junk
+        if not self._basic:
+            return {junk: lines}
+        if escapes:
+            keys = list(map(_measurement, lines))
+        else:
+            keys = [ln.partition(b",")[0].partition(b" ")[0] for ln in lines]
+        assigned = list(map(self._basic.get, keys, repeat(junk)))
+        for index, test in self._head:
+            todo = [p for p, a in enumerate(assigned) if a > index]  # not taken by earlier rules
+            if todo:
+                found = _found(test, [lines[p] for p in todo], ascii_only)
+                for p in compress(todo, found):
+                    assigned[p] = index
+        first = assigned[0]
+        if assigned.count(first) == len(assigned):
+            return {first: lines}
+        buckets: list[list[bytes]] = [[] for _ in range(junk + 1)]
+        for a, line in zip(assigned, lines, strict=True):
+            buckets[a].append(line)
+        return {i: b for i, b in enumerate(buckets) if b}
+
+
+def _found(test: _Tags | _Regex, lines: list[bytes], ascii_only: bool) -> list[bool]:
+    """Whether test takes each line."""
+    if isinstance(test, _Tags):
+        return list(map(test.match, lines))
+    found = test.found(lines, ascii_only)
+    return list(map(not_, found)) if test.negate else list(map(bool, found))
+
+
+def _in_window(
+    lines: list[bytes], now_ns: int, max_delta_ns: int
+) -> tuple[list[bytes], list[bytes]]:
+    """(lines without a timestamp or with one within max_delta_ns of now, the others)."""
+    lo = now_ns - max_delta_ns
+    hi = now_ns + max_delta_ns
+    tokens = [line.rpartition(b" ")[2] for line in lines]
+    lo_b = b"%d" % lo
+    hi_b = b"%d" % hi
+    # Fast path: decimal strings of one length compare as their numbers do, so when every
+    # last token has that length and sits between the bounds, every timestamp is in the
+    # window (a token that is not all digits is the end of the fields: no timestamp).
+    if (
+        lo >= 0
+        and len(lo_b) == len(hi_b)
+        and lo_b <= min(tokens)
+        and max(tokens) <= hi_b
+        and set(map(len, tokens)) == {len(lo_b)}
+    ):
+        return lines, []
+    keep: list[bytes] = []
+    late: list[bytes] = []
+    for line in lines:
+        ts = lineproto.timestamp(line)
+        if ts is None or lo <= ts <= hi:
+            keep.append(line)
+        else:
+            late.append(line)
+    return keep, late
