@@ -37,7 +37,7 @@ def test_points_from_every_client_land_exactly(pipeline: Pipeline) -> None:
     p.send_udp(
         [
             b"cpu,host=udp1,region=eu usage_user=1.5,usage_idle=98.5 %d" % (now + 1),
-            b"cpu,host=udp2 usage_user=2i %d" % (now + 2),
+            b"cpu,host=udp2 usage_user=2.0,cores=4i %d" % (now + 2),
         ],
         per_datagram=1,
     )
@@ -99,7 +99,7 @@ def test_points_from_every_client_land_exactly(pipeline: Pipeline) -> None:
     assert cpu["udp1"]["time"] == now + 1
     assert cpu["udp1"]["usage_user"] == 1.5 and cpu["udp1"]["usage_idle"] == 98.5
     assert cpu["udp1"]["region"] == "eu"
-    assert cpu["udp2"]["usage_user"] == 2
+    assert cpu["udp2"]["usage_user"] == 2.0 and cpu["udp2"]["cores"] == 4
     assert cpu["v1client"]["time"] == ms * 10**6
     assert cpu["v1client"]["usage_user"] == 7.25
     assert cpu["v2client"]["time"] == now + 7
