@@ -25,8 +25,9 @@ DATABASES = ("system", "web")
 
 
 class Pipeline:
-    def __init__(self, workdir: str | Path) -> None:
+    def __init__(self, workdir: str | Path, quiet: bool = False) -> None:
         self.dir = Path(workdir)
+        self.quiet = quiet
         self.nats = NatsServer(workdir=self.dir / "nats")
         self.influx = InfluxServer(workdir=self.dir / "influxd")
         self.components: dict[str, Component] = {}
@@ -42,6 +43,7 @@ class Pipeline:
             probe = free_port()
             text = self._localise(path.read_text(), path.stem, probe)
             comp = Component(text, self.dir / "components", name=path.stem)
+            comp.quiet = self.quiet
             self.components[path.stem] = comp
             comp.wait_ready(probe, timeout=20)
         return self
@@ -109,7 +111,7 @@ SAMPLE = [
 def main() -> int:
     """The quickstart: run the pipeline, send sample data three ways, show what landed."""
     with tempfile.TemporaryDirectory(prefix="influx-spout-quickstart-") as tmp:
-        p = Pipeline(tmp)
+        p = Pipeline(tmp, quiet=True)
         try:
             print("starting nats-server, influxd and the components of configs/pipeline/ ...")
             p.start()

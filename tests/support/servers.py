@@ -421,6 +421,7 @@ class Component:
         self.config_path.write_text(config_text)
         self.log_path = self.dir / f"{self.name}.log"
         self._stopped_code: int | None = None
+        self.quiet = False  # True: do not print the log on stop (the quickstart)
         # the repo root first, so the code under test runs even when it is not pip-installed
         pythonpath = os.pathsep.join(
             p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
@@ -507,6 +508,8 @@ class Component:
         # once per process; pytest captures it and shows it only for a failed test
         if self._stopped_code is None:
             self._stopped_code = code
+            if self.quiet:
+                return
             print(f"----- {self.name} (pid {self.pid}) exited {code}; log:\n{self.log()}-----")
 
     def __enter__(self) -> Self:
