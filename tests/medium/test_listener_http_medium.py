@@ -710,3 +710,37 @@ def test_as_a_process_sigterm_flushes_and_exits_0(
 
     asyncio.run(main())
     assert comp.returncode == 0, comp.log()
+
+
+# -- Telegraf ----------------------------------------------------------------------------
+
+
+def test_telegraf_outputs_influxdb_request_sequence(nats_server: NatsServer) -> None:
+    """The requests Telegraf's outputs.influxdb sends with default settings, as its HTTP
+    client builds them: a form-encoded CREATE DATABASE on /query (success = 200 with a
+    JSON body holding no error), then gzip writes to /write?db= that must answer 204."""
+
+    async def body(h: Harness) -> None:
+        headers = {"User-Agent": "Telegraf/1.30.0 Go/1.22.1"}
+        resp = await h.http.post(
+            "/query",
+            content=b"q=CREATE+DATABASE+%22telegraf%22",
+            headers={**headers, "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert resp.status_code == 200, resp.text
+        results = resp.json()["results"]
+        assert not any("error" in r for r in results)
+        data = b"\n".join(telegraf_lines(100)) + b"\n"
+        resp = await h.http.post(
+            "/write?db=telegraf",
+            content=gzip.compress(data),
+            headers={
+                **headers,
+                "Content-Type": "text/plain; charset=utf-8",
+                "Content-Encoding": "gzip",
+            },
+        )
+        assert resp.status_code == 204, resp.text
+        await h.col.wait_published(data)
+
+    run_test(nats_server.url, body)
