@@ -51,6 +51,15 @@ class Runtime:
         self.sync_dropped()
         await self.bus.publish_raw(self.cfg.nats_subject_monitor, data)
 
+    async def until_stopped(self, work: asyncio.Task) -> None:
+        """Wait for the stop signal, or for work to end first (it failed); then not ready."""
+        stopping = asyncio.create_task(self.stop.wait())
+        try:
+            await asyncio.wait({stopping, work}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            self.ready = False
+
     def sync_dropped(self) -> None:
         """Copy what NATS dropped (slow consumer) into the nats_dropped counters."""
         for subject, n in self.bus.dropped.items():

@@ -198,10 +198,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
             listener.subject,
             cfg.nats_address,
         )
-        stopping = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait({stopping, pump}, return_when=asyncio.FIRST_COMPLETED)
+            await rt.until_stopped(pump)
         finally:
-            stopping.cancel()
-            rt.ready = False
             await listener.close(pump)  # raises what made the pump fail, if it did
