@@ -124,17 +124,17 @@ Router = InlineRouter | PoolRouter
 
 
 def make_router(cfg: Config) -> Router:
-    if cfg.workers > 1:
-        cpus = os.cpu_count() or 1
-        if cfg.workers > cpus:
-            log.warning(
-                "workers = %d but this machine has %d CPUs: the extra processes cost memory "
-                "and add no speed; set workers to at most %d",
-                cfg.workers,
-                cpus,
-                cpus,
-            )
-        return PoolRouter(cfg.rule, cfg.workers)
+    # routing is CPU work: processes beyond the CPU count add memory, not speed
+    processes = min(cfg.workers, os.cpu_count() or 1)
+    if processes < cfg.workers:
+        log.info(
+            "workers = %d but this machine has %d CPUs: routing in %d processes",
+            cfg.workers,
+            processes,
+            processes,
+        )
+    if processes > 1:
+        return PoolRouter(cfg.rule, processes)
     return InlineRouter(cfg.rule)
 
 

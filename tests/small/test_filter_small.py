@@ -267,11 +267,15 @@ def test_no_debug_no_line_logs(caplog: pytest.LogCaptureFixture) -> None:
     assert caplog.records == []
 
 
-def test_make_router_picks_threads_or_processes() -> None:
+def test_make_router_picks_threads_or_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(filter_mode.os, "cpu_count", lambda: 4)
     assert isinstance(make_router(make_cfg(workers=1)), InlineRouter)
-    pool = make_router(make_cfg(workers=2))
+    pool = make_router(make_cfg(workers=8))
     assert isinstance(pool, PoolRouter)
+    assert pool.workers == 4  # no more processes than CPUs
     run(pool.close())  # no process was started yet
+    monkeypatch.setattr(filter_mode.os, "cpu_count", lambda: 1)
+    assert isinstance(make_router(make_cfg(workers=8)), InlineRouter)
 
 
 def test_a_bad_rule_fails_before_any_process_starts() -> None:
