@@ -1,0 +1,789 @@
+"""The benchmark scenarios: real servers, components as processes, load from other processes.
+
+Each scenario function runs once and returns a RunResult. Every run starts its own
+nats-server and components (influxd is shared by the runs of a scenario, with a fresh
+database per run), so the CPU and RSS figures of one run never include another's.
+
+    lines_in    lines offered: published to NATS, answered 204 over HTTP, or sent by UDP
+    lines_out   lines that came out: on the output subjects, at the null endpoint, or
+                as points in InfluxDB
+    seconds     from the first line offered to the last line out (or the end of the
+                offer, whichever is later)
+    lines_per_s the steady rate: lines out between the moments 10% and 90% of them were
+                out, over the time between (bench.load.Timeline); lines_out / seconds
+                (overall_lines_per_s) when the run was too short to tell
+    lost        lines_in - lines_out (negative: duplicates came out)
+and for each component: CPU seconds over the run, CPU-s per million lines out, peak RSS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from support.servers import Component, InfluxServer, NatsServer, free_port
+
+from bench import REPO_ROOT
+from bench.load import Child, Templates
+from bench.procstat import ProcTree
+
+MB = 1024 * 1024
+
+STATS_INTERVAL = "50ms"  # fast progress for the loads' flow control
+SUBJECT_IN = "bench.in"
+LINES_PER_MESSAGE = 1000  # lines per NATS message and per HTTP body, as the loads send them
+OUT_PREFIX = "bench.out."
+JUNKYARD = OUT_PREFIX + "junk"
+
+# The filter's rules: 10 basic rules, 1 regex rule; the 5 other measurements of the
+# sample (a quarter of the lines) match none and go to the junkyard.
+BASIC_RULES = (
+    "cpu",
+    "mem",
+    "disk",
+    "diskio",
+    "net",
+    "netstat",
+    "system",
+    "processes",
+    "swap",
+    "kernel",
+)
+REGEX_RULE = r"^(?:nginx|redis|postgresql|docker|haproxy),"
+OUT_SUBJECTS = [OUT_PREFIX + m for m in BASIC_RULES] + [OUT_PREFIX + "apps", JUNKYARD]
+
+# failure counters worth showing when lines went missing
+FAILURE_COUNTERS = (
+    "nats_dropped",
+    "failed_nats_publish",
+    "read_errors",
+    "invalid",
+    "invalid_time",
+    "failed_writes",
+    "lines_given_up",
+    "pushed_back",
+)
+
+
+@dataclass
+class Figures:
+    """One component's use of the machine during a run."""
+
+    cpu_s: float
+    cpu_s_per_1m: float
+    rss_mb: float  # peak RSS of its largest process
+    rss_tree_mb: float  # sum of the peaks of all its processes (pool workers too)
+    pss_tree_mb: float  # peak of the tree's proportional set size (shared pages split)
+    processes: int
+    exit_code: int | None
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    lines_in: int
+    lines_out: int
+    seconds: float
+    components: dict[str, Figures]
+    main: str  # the component the scenario measures
+    steady: dict[str, float] | None = None  # {"lines", "seconds"} of the 10%-90% window
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lost(self) -> int:
+        return self.lines_in - self.lines_out
+
+    @property
+    def lost_pct(self) -> float:
+        return 100.0 * self.lost / self.lines_in if self.lines_in else 0.0
+
+    @property
+    def overall_lines_per_s(self) -> float:
+        return self.lines_out / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def lines_per_s(self) -> float:
+        if self.steady and self.steady["seconds"] > 0:
+            return self.steady["lines"] / self.steady["seconds"]
+        return self.overall_lines_per_s
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(
+            lost=self.lost,
+            lost_pct=self.lost_pct,
+            lines_per_s=self.lines_per_s,
+            overall_lines_per_s=self.overall_lines_per_s,
+        )
+        return out
+
+
+@dataclass
+class Options:
+    lines: int | None = None
+    seconds: float | None = None
+    rate: float | None = None
+    workdir: Path = Path(".")
+
+
+def mode_available(mode: str) -> bool:
+    return (REPO_ROOT / "influx_spout" / "modes" / f"{mode}.py").exists()
+
+
+# --- configs ----------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def config_text(mode: str, name: str, nats_url: str, probe_port: int, **options: Any) -> str:
+    """A component's TOML: common settings, then options; rule=[dict, ...] as [[rule]]."""
+    rules = options.pop("rule", [])
+    settings = {
+        "mode": mode,
+        "name": name,
+        "nats_address": nats_url,
+        "stats_interval": STATS_INTERVAL,
+        "probe_port": probe_port,
+        **options,
+    }
+    text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items())
+    for rule in rules:
+        text += "\n[[rule]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in rule.items())
+    return text
+
+
+def filter_rules() -> list[dict[str, str]]:
+    rules = [{"type": "basic", "match": m, "subject": OUT_PREFIX + m} for m in BASIC_RULES]
+    rules.append({"type": "regex", "match": REGEX_RULE, "subject": OUT_PREFIX + "apps"})
+    return rules
+
+
+# --- process bookkeeping ----------------------------------------------------------
+
+
+class Procs:
+    """Everything one run starts, stopped in reverse order whatever happens."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._stack = contextlib.ExitStack()
+        self.components: dict[str, Component] = {}
+        self.trees: dict[str, ProcTree] = {}
+        self.exit_codes: dict[str, int | None] = {}
+
+    def __enter__(self) -> Procs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def nats(self) -> NatsServer:
+        server = NatsServer(workdir=self.dir / "nats")
+        self._stack.callback(server.close)
+        return server.start()
+
+    def component(self, mode: str, name: str, nats_url: str, **options: Any) -> Component:
+        """Start a component and wait until its /readyz answers; watch its process tree."""
+        probe = free_port()
+        text = config_text(mode, name, nats_url, probe, **options)
+        comp = Component(text, self.dir / "components", name=name)
+        self._stack.callback(self._stop, name)
+        self.components[name] = comp
+        try:
+            comp.wait_ready(probe, timeout=30)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name} ({mode}) did not become ready: {exc}") from None
+        tree = ProcTree(comp.pid)
+        tree.__enter__()
+        self.trees[name] = tree
+        return comp
+
+    def _stop(self, name: str) -> None:
+        comp = self.components[name]
+        if name not in self.exit_codes:
+            self.exit_codes[name] = _quiet_stop(comp)
+        if name in self.trees:
+            self.trees[name].close()
+
+    def stop(self, *names: str) -> None:
+        """SIGTERM components in this order (inputs first, so batched lines flow on)."""
+        for name in names:
+            comp = self.components[name]
+            self.trees[name].sample()
+            self.exit_codes[name] = _quiet_stop(comp)
+
+    def child(self, kind: str, args: list[str], name: str | None = None) -> Child:
+        proc = Child(kind, args, self.dir, name)
+        self._stack.callback(proc.close)
+        proc.wait_ready()
+        return proc
+
+    def null_influx(self) -> tuple[subprocess.Popen[str], int]:
+        log = open(self.dir / "null_influx.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.null_influx"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            text=True,
+        )
+        self._stack.callback(log.close)
+        self._stack.callback(_terminate, proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != "ready":
+            raise RuntimeError(f"bench.null_influx did not start; see {self.dir}/null_influx.log")
+        return proc, int(line[1])
+
+    def figures(self, cpu_before: dict[str, float], lines: int) -> dict[str, Figures]:
+        out = {}
+        for name, tree in self.trees.items():
+            usage = tree.usage()
+            cpu = usage.cpu_s - cpu_before[name]
+            out[name] = Figures(
+                cpu_s=round(cpu, 3),
+                cpu_s_per_1m=round(cpu / lines * 1e6, 3) if lines else 0.0,
+                rss_mb=round(usage.rss_peak / MB, 1),
+                rss_tree_mb=round(usage.rss_peak_tree / MB, 1),
+                pss_tree_mb=round(usage.pss_peak_tree / MB, 1),
+                processes=usage.processes,
+                exit_code=None,
+            )
+        return out
+
+    def cpu_now(self) -> dict[str, float]:
+        return {name: tree.cpu() for name, tree in self.trees.items()}
+
+
+def _quiet_stop(comp: Component) -> int:
+    # Component.stop prints the whole log (for pytest); the harness keeps it in the file
+    with contextlib.redirect_stdout(None):
+        return comp.stop()
+
+
+def _terminate(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _budget(opts: Options, default_lines: int) -> list[str]:
+    if opts.seconds is not None:
+        return ["--seconds", str(opts.seconds)]
+    return ["--lines", str(opts.lines or default_lines)]
+
+
+def _failures(stats: dict[str, dict[str, int]]) -> dict[str, int]:
+    """The non-zero failure counters of every component, as 'name: counter' -> value."""
+    out = {}
+    for comp, counters in stats.items():
+        for key, value in counters.items():
+            if value and key.split("{")[0] in FAILURE_COUNTERS:
+                out[f"{comp}: {key}"] = value
+    return out
+
+
+def _finish(
+    procs: Procs,
+    scenario: str,
+    main: str,
+    lines_in: int,
+    lines_out: int,
+    start: float,
+    end: float,
+    cpu_before: dict[str, float],
+    stop_order: tuple[str, ...],
+    steady: dict[str, float] | None,
+    details: dict[str, Any],
+) -> RunResult:
+    figures = procs.figures(cpu_before, lines_out)
+    procs.stop(*stop_order)
+    for name, code in procs.exit_codes.items():
+        figures[name].exit_code = code
+    return RunResult(
+        scenario=scenario,
+        lines_in=lines_in,
+        lines_out=lines_out,
+        seconds=round(max(end - start, 1e-9), 4),
+        components=figures,
+        main=main,
+        steady=steady,
+        details=details,
+    )
+
+
+# --- scenarios --------------------------------------------------------------------
+
+
+def run_filter(opts: Options) -> RunResult:
+    """NATS -> filter (10 basic + 1 regex rule, junkyard, 2 workers) -> counted subjects."""
+    with Procs(opts.workdir) as procs:
+        nats = procs.nats()
+        procs.component(
+            "filter",
+            "bench-filter",
+            nats.url,
+            nats_subject=[SUBJECT_IN],
+            nats_subject_junkyard=JUNKYARD,
+            workers=2,
+            rule=filter_rules(),
+        )
+        counter = procs.child("count", ["--nats", nats.url, "--subject", OUT_PREFIX + ">"])
+        load = procs.child(
+            "nats",
+            ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, 1_000_000)]
+            + ["--progress-stat", "processed", "--progress-name", "bench-filter"],
+        )
+        cpu0 = procs.cpu_now()
+        load.send("go")
+        sent = load.result()
+        counter.send(f"expect {sent['lines']}")
+        got = counter.result()
+        return _finish(
+            procs,
+            "filter",
+            "bench-filter",
+            sent["lines"],
+            got["lines"],
+            sent["start"],
+            max(sent["end"], got["last"]),
+            cpu0,
+            ("bench-filter",),
+            got["steady"],
+            {"load": sent, "out": got, "failures": _failures(got.get("stats", {}))},
+        )
+
+
+def run_listener_http(opts: Options) -> RunResult:
+    """4 keep-alive connections POST 1,000-line bodies -> listener_http -> counted subject.
+
+    lines_in is what was answered 204: a line answered 204 must reach NATS.
+    """
+    with Procs(opts.workdir) as procs:
+        nats = procs.nats()
+        port = free_port()
+        procs.component(
+            "listener_http",
+            "bench-listener-http",
+            nats.url,
+            port=port,
+            nats_subject=[SUBJECT_IN],
+            batch_max_age="200ms",
+        )
+        counter = procs.child("count", ["--nats", nats.url, "--subject", SUBJECT_IN])
+        args = ["--port", str(port), "--connections", "4", *_budget(opts, 1_000_000)]
+        if opts.rate:
+            args += ["--rate", str(opts.rate)]
+        load = procs.child("http", args)
+        cpu0 = procs.cpu_now()
+        load.send("go")
+        sent = load.result()
+        counter.send(f"expect {sent['lines_ok']}")
+        got = counter.result()
+        return _finish(
+            procs,
+            "listener_http",
+            "bench-listener-http",
+            sent["lines_ok"],
+            got["lines"],
+            sent["start"],
+            max(sent["end"], got["last"]),
+            cpu0,
+            ("bench-listener-http",),
+            got["steady"],
+            {"load": sent, "out": got, "failures": _failures(got.get("stats", {}))},
+        )
+
+
+def udp_rcvbuf_errors() -> int:
+    """The kernel's count of UDP datagrams dropped for a full receive buffer."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    header, values = rows[0], rows[1]
+    return int(values[header.index("RcvbufErrors")])
+
+
+def run_listener(opts: Options) -> RunResult:
+    """UDP datagrams of whole lines (~1,400 bytes) at a set rate -> listener -> counted."""
+    with Procs(opts.workdir) as procs:
+        nats = procs.nats()
+        port = free_port(udp=True)
+        procs.component(
+            "listener",
+            "bench-listener",
+            nats.url,
+            port=port,
+            nats_subject=[SUBJECT_IN],
+            batch_max_age="200ms",
+        )
+        counter = procs.child("count", ["--nats", nats.url, "--subject", SUBJECT_IN])
+        rate = opts.rate or 500_000
+        budget = ["--seconds", str(opts.seconds or 2.0)] if opts.lines is None else []
+        if opts.lines is not None:
+            budget = ["--lines", str(opts.lines)]
+        load = procs.child("udp", ["--port", str(port), "--rate", str(rate), *budget])
+        cpu0 = procs.cpu_now()
+        kernel_drops = udp_rcvbuf_errors()
+        load.send("go")
+        sent = load.result()
+        counter.send(f"expect {sent['lines']}")
+        got = counter.result()
+        kernel_drops = udp_rcvbuf_errors() - kernel_drops
+        offered = sent["lines"] / max(sent["end"] - sent["start"], 1e-9)
+        return _finish(
+            procs,
+            "listener",
+            "bench-listener",
+            sent["lines"],
+            got["lines"],
+            sent["start"],
+            max(sent["end"], got["last"]),
+            cpu0,
+            ("bench-listener",),
+            got["steady"],
+            {
+                "offered_lines_per_s": round(offered),
+                "kernel_rcvbuf_drops": kernel_drops,
+                "load": sent,
+                "out": got,
+                "failures": _failures(got.get("stats", {})),
+            },
+        )
+
+
+def _null_stats(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as resp:
+        out: dict[str, Any] = json.loads(resp.read())
+        return out
+
+
+def _wait_null(port: int, expected: int, idle: float = 3.0) -> dict[str, Any]:
+    """Poll the null endpoint until it has every line or nothing arrives for idle seconds."""
+    stats = _null_stats(port)
+    since = time.monotonic()
+    while stats["lines"] < expected:
+        time.sleep(0.02)
+        now = _null_stats(port)
+        if now["lines"] != stats["lines"]:
+            since = time.monotonic()
+        elif time.monotonic() - since > idle:
+            return now
+        stats = now
+    return stats
+
+
+def run_writer_null(opts: Options) -> RunResult:
+    """NATS messages of 1,000 lines -> writer -> a null HTTP endpoint (its own process)."""
+    with Procs(opts.workdir) as procs:
+        nats = procs.nats()
+        _, null_port = procs.null_influx()
+        procs.component(
+            "writer",
+            "bench-writer",
+            nats.url,
+            nats_subject=[SUBJECT_IN],
+            influxdb_address="127.0.0.1",
+            influxdb_port=null_port,
+            influxdb_dbname="bench",
+            batch_max_age="200ms",
+        )
+        monitor = procs.child(
+            "count", ["--nats", nats.url, "--stat", "lines_written", "--stat-name", "bench-writer"]
+        )
+        load = procs.child(
+            "nats",
+            ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, 1_000_000)]
+            + ["--progress-stat", "received", "--progress-name", "bench-writer"],
+        )
+        cpu0 = procs.cpu_now()
+        load.send("go")
+        sent = load.result()
+        null = _wait_null(null_port, sent["lines"])
+        monitor.send("expect 0")
+        stats = monitor.result()
+        return _finish(
+            procs,
+            "writer-null",
+            "bench-writer",
+            sent["lines"],
+            null["lines"],
+            sent["start"],
+            max(sent["end"], null["last"]),
+            cpu0,
+            ("bench-writer",),
+            null["steady"],
+            {"load": sent, "null": null, "failures": _failures(stats.get("stats", {}))},
+        )
+
+
+def influx_points(influx: InfluxServer, db: str) -> int:
+    """Points in every measurement of db (each sample line has the same 4 fields)."""
+    total = 0
+    for row in influx.query(db, "SHOW MEASUREMENTS"):
+        total += influx.count(db, str(row["name"]))
+    return total
+
+
+def warm_up(influx: InfluxServer, db: str) -> int:
+    """Write every series the load will use once, so the run does not time series creation.
+
+    Runs of a real fleet write to series that exist; a fresh database would charge the
+    first seconds of a short run to InfluxDB's index. Returns the points written.
+    """
+    tpl = Templates(LINES_PER_MESSAGE)
+    tpl.base_head -= 10**6  # a millisecond before the load's timestamps: distinct points
+    body = b"".join(tpl.message(k) for k in range(len(tpl.parts)))
+    influx.write(db, body)
+    return influx_points(influx, db)
+
+
+def _wait_written(monitor: Child, expected: int) -> dict[str, Any]:
+    monitor.send(f"expect {expected}")
+    return monitor.result(timeout=600)
+
+
+def run_writer_influx(opts: Options, influx: InfluxServer, run: int) -> RunResult:
+    """NATS messages of 1,000 lines -> writer -> real InfluxDB 1.6 (points counted there)."""
+    db = f"bench_writer_{run}"
+    influx.create_database(db)
+    warm = warm_up(influx, db)
+    try:
+        with Procs(opts.workdir) as procs:
+            nats = procs.nats()
+            procs.component(
+                "writer",
+                "bench-writer",
+                nats.url,
+                nats_subject=[SUBJECT_IN],
+                influxdb_address="127.0.0.1",
+                influxdb_port=influx.port,
+                influxdb_dbname=db,
+                batch_max_age="200ms",
+            )
+            monitor = procs.child(
+                "count",
+                ["--nats", nats.url, "--stat", "lines_written", "--stat-name", "bench-writer"],
+            )
+            load = procs.child(
+                "nats",
+                ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, 500_000)]
+                + ["--progress-stat", "received", "--progress-name", "bench-writer"],
+            )
+            cpu0 = procs.cpu_now()
+            load.send("go")
+            sent = load.result()
+            written = _wait_written(monitor, sent["lines"])
+            result = _finish(
+                procs,
+                "writer-influx",
+                "bench-writer",
+                sent["lines"],
+                0,
+                sent["start"],
+                max(sent["end"], written["last"]),
+                cpu0,
+                ("bench-writer",),
+                written["steady"],
+                {"load": sent, "written": written},
+            )
+        result.lines_out = influx_points(influx, db) - warm
+        result.details["failures"] = _failures(written.get("stats", {}))
+        _per_1m(result)
+        return result
+    finally:
+        with contextlib.suppress(Exception):
+            influx.drop_database(db)
+
+
+def run_pipeline(opts: Options, influx: InfluxServer, run: int) -> RunResult:
+    """HTTP -> listener_http -> filter -> writer -> real InfluxDB; points counted there.
+
+    The writer reads every output subject of the filter, junkyard included, so every
+    line answered 204 must end up as a point.
+    """
+    db = f"bench_pipeline_{run}"
+    influx.create_database(db)
+    warm = warm_up(influx, db)
+    try:
+        with Procs(opts.workdir) as procs:
+            nats = procs.nats()
+            procs.component(
+                "writer",
+                "bench-writer",
+                nats.url,
+                nats_subject=OUT_SUBJECTS,
+                influxdb_address="127.0.0.1",
+                influxdb_port=influx.port,
+                influxdb_dbname=db,
+                # the filter splits each 10,000-line input batch into 12 small messages,
+                # one per output subject: take 100 of them per write (up to 10 MB)
+                batch_max_count=100,
+                batch_max_age="200ms",
+            )
+            procs.component(
+                "filter",
+                "bench-filter",
+                nats.url,
+                nats_subject=[SUBJECT_IN],
+                nats_subject_junkyard=JUNKYARD,
+                workers=2,
+                rule=filter_rules(),
+            )
+            port = free_port()
+            procs.component(
+                "listener_http",
+                "bench-listener-http",
+                nats.url,
+                port=port,
+                nats_subject=[SUBJECT_IN],
+                batch_max_age="200ms",
+            )
+            monitor = procs.child(
+                "count",
+                ["--nats", nats.url, "--stat", "lines_written", "--stat-name", "bench-writer"],
+            )
+            args = ["--port", str(port), "--connections", "4", *_budget(opts, 500_000)]
+            if opts.rate:
+                args += ["--rate", str(opts.rate)]
+            load = procs.child("http", args)
+            cpu0 = procs.cpu_now()
+            load.send("go")
+            sent = load.result()
+            written = _wait_written(monitor, sent["lines_ok"])
+            result = _finish(
+                procs,
+                "pipeline",
+                "bench-writer",
+                sent["lines_ok"],
+                0,
+                sent["start"],
+                max(sent["end"], written["last"]),
+                cpu0,
+                ("bench-listener-http", "bench-filter", "bench-writer"),
+                written["steady"],
+                {"load": sent, "written": written},
+            )
+        result.lines_out = influx_points(influx, db) - warm
+        result.details["failures"] = _failures(written.get("stats", {}))
+        _per_1m(result)
+        return result
+    finally:
+        with contextlib.suppress(Exception):
+            influx.drop_database(db)
+
+
+def _per_1m(result: RunResult) -> None:
+    """CPU per million lines once lines_out is known (it is counted after the run)."""
+    for fig in result.components.values():
+        fig.cpu_s_per_1m = round(fig.cpu_s / result.lines_out * 1e6, 3) if result.lines_out else 0.0
+
+
+# --- the table of scenarios -------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    name: str
+    modes: tuple[str, ...]
+    needs_influxd: bool
+    run: Callable[..., RunResult]
+    about: str
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "filter",
+            ("filter",),
+            False,
+            run_filter,
+            "1,000-line NATS messages -> filter (10 basic + 1 regex + junkyard, 2 workers)",
+        ),
+        Scenario(
+            "listener_http",
+            ("listener_http",),
+            False,
+            run_listener_http,
+            "1,000-line bodies over 4 keep-alive connections -> listener_http -> NATS",
+        ),
+        Scenario(
+            "listener",
+            ("listener",),
+            False,
+            run_listener,
+            "~1,400-byte UDP datagrams at a set rate (--rate, 500k lines/s) -> listener -> NATS",
+        ),
+        Scenario(
+            "writer-null",
+            ("writer",),
+            False,
+            run_writer_null,
+            "1,000-line NATS messages -> writer -> null HTTP endpoint (own process)",
+        ),
+        Scenario(
+            "writer-influx",
+            ("writer",),
+            True,
+            run_writer_influx,
+            "1,000-line NATS messages -> writer -> InfluxDB 1.6",
+        ),
+        Scenario(
+            "pipeline",
+            ("listener_http", "filter", "writer"),
+            True,
+            run_pipeline,
+            "HTTP -> listener_http -> filter -> writer -> InfluxDB 1.6",
+        ),
+    )
+}
+
+
+@contextlib.contextmanager
+def shared_influxd(needed: bool, workdir: Path) -> Iterator[InfluxServer | None]:
+    if not needed:
+        yield None
+        return
+    server = InfluxServer(workdir=workdir / "influxd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="influx-spout-bench-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"logs and configs kept in {path}", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
