@@ -7,6 +7,7 @@ fixed ports of those files replaced by free loopback ports. Used by ./quickstart
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Self
 
 import httpx
+import nats
+from nats.aio.msg import Msg
 
 from support.servers import REPO_ROOT, Component, InfluxServer, NatsServer, free_port
 
@@ -82,6 +85,10 @@ class Pipeline:
             time.sleep(0.2)
         return n
 
+    def counters(self, seconds: float = 1.5) -> dict[str, dict[str, int]]:
+        """The latest counters each component published on the monitor subject."""
+        return asyncio.run(_read_counters(self.nats.url, seconds))
+
     def stop(self) -> dict[str, int]:
         """SIGTERM every component, inputs first, so what is batched flows on; exit codes."""
         codes = {}
@@ -96,6 +103,27 @@ class Pipeline:
                 comp.stop()
         self.influx.close()
         self.nats.close()
+
+
+async def _read_counters(url: str, seconds: float) -> dict[str, dict[str, int]]:
+    nc = await nats.connect(url)
+    seen: dict[str, dict[str, int]] = {}
+
+    async def on_stats(msg: Msg) -> None:
+        for line in msg.data.decode().splitlines():
+            name_labels, value, _ = line.rsplit(" ", 2)
+            counter, _, labels = name_labels.partition("{")
+            instance = re.search(r'(?:^|,)name="([^"]*)"', labels)
+            key = instance.group(1) if instance else "?"
+            extra = re.search(r'(?:rule|subject)="([^"]*)"', labels)
+            if extra:
+                counter += f"[{extra.group(1)}]"
+            seen.setdefault(key, {})[counter] = int(value)
+
+    await nc.subscribe("influx-spout-monitor", cb=on_stats)
+    await asyncio.sleep(seconds)
+    await nc.close()
+    return seen
 
 
 SAMPLE = [
@@ -141,9 +169,7 @@ def main() -> int:
                 capture_output=True,
                 check=False,
             )
-            print(
-                f"  curl answered HTTP {out.stdout.decode()} (400: partial write, a line is bad)"
-            )
+            print(f"  curl answered HTTP {out.stdout.decode()} (400: partial write, a line is bad)")
             print("sending with the influxdb Python client (precision s) ...")
             from influxdb import InfluxDBClient
 
@@ -161,6 +187,11 @@ def main() -> int:
             )
             p.wait_for_count("system", "cpu", 3)
             p.wait_for_count("web", "http_requests", 1)
+            counters = p.counters()
+            print("counters the components published on influx-spout-monitor:")
+            for name in ("listener", "listener_http", "filter", "writer_system", "writer_web"):
+                shown = ", ".join(f"{k}={v}" for k, v in sorted(counters.get(name, {}).items()))
+                print(f"  {name}: {shown}")
             codes = p.stop()
             print(f"components stopped, exit codes {codes}")
             for db in DATABASES:
