@@ -78,3 +78,19 @@ def test_readyz_is_503_while_nats_is_down(
     assert httpx.get(f"http://127.0.0.1:{probe}/healthz").status_code == 200
     nats_server.start()
     comp.wait_ready(probe, timeout=15)
+
+
+@pytest.mark.parametrize("mode", ["monitor", "downsampler"])
+def test_mode_not_available_yet_exits_2(component: Callable[..., Component], mode: str) -> None:
+    comp = component(f'mode = "{mode}"\n', name=f"later-{mode}")
+    assert comp.wait() == 2
+    assert "not available in this version yet" in comp.log()
+
+
+def test_every_available_mode_has_a_module() -> None:
+    import importlib
+
+    from influx_spout.cli import AVAILABLE_MODES
+
+    for mode in AVAILABLE_MODES:
+        assert hasattr(importlib.import_module(f"influx_spout.modes.{mode}"), "run")
