@@ -5,9 +5,14 @@ influx_spout.rules (invalid and out-of-window lines are counted and dropped), th
 rule's lines go out as one message on the rule's subject, and the lines no rule took as
 one message on `nats_subject_junkyard`.
 
-With workers > 1, batches are routed in a pool of processes (real parallelism); at most
-2 * workers batches are in flight, so under overload the messages wait in the NATS
-subscription, whose `nats_max_pending_size` bound drops and counts them (nats_dropped).
+With workers > 1 (capped at the CPU count), the whole job runs in that many worker
+processes (influx_spout.workers): each has its own NATS connection, subscribes to the input
+in a queue group (cfg.queue_group, or one private to this instance), routes and publishes
+its outputs itself; the parent publishes the sum of their counters and serves the probes.
+With workers == 1 it all runs in one process. Each process routes one message at a time
+(a worker in its event loop, a lone process in a thread so that its loop keeps serving);
+under overload messages wait in the NATS subscription, whose `nats_max_pending_size`
+bound drops and counts them (nats_dropped). A worker that dies stops the filter (exit 1).
 
 Metrics (counters; lines unless said otherwise):
   processed            lines seen
@@ -24,18 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
-import os
-import signal
-from concurrent.futures import ProcessPoolExecutor
 
 from nats.aio.msg import Msg
 
-from influx_spout import lineproto
+from influx_spout import lineproto, workers
 from influx_spout.batching import split_under
-from influx_spout.config import Config, Rule
+from influx_spout.config import Config
 from influx_spout.rules import Routed, RuleSet
-from influx_spout.runtime import Runtime
+from influx_spout.workers import Host
 
 log = logging.getLogger("influx_spout.filter")
 
@@ -52,135 +53,40 @@ COUNTERS = (
 LOG_LINE_BYTES = 200
 
 
-class InlineRouter:
-    """Routes in the event loop's default thread: workers == 1, no process to feed."""
-
-    def __init__(self, rules: list[Rule]) -> None:
-        self.ruleset = RuleSet(rules)
-
-    async def start(self) -> None:
-        pass
-
-    async def route(self, batch: bytes, now_ns: int, max_delta_ns: int) -> Routed:
-        return await asyncio.to_thread(self.ruleset.route, batch, now_ns, max_delta_ns)
-
-    async def close(self) -> None:
-        pass
-
-
-# The RuleSet of a pool process, compiled once by _init_process.
-_process_ruleset: RuleSet | None = None
-
-
-def _init_process(rules: list[tuple[str, str, list[tuple[str, str]], str]]) -> None:
-    global _process_ruleset
-    # The parent decides when workers stop: a Ctrl-C sent to the whole process group must
-    # not kill them mid-batch, nor reach the parent's event loop through the inherited fd.
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _process_ruleset = RuleSet([Rule(t, m, list(tags), s) for t, m, tags, s in rules])
-
-
-def _route_in_process(batch: bytes, now_ns: int, max_delta_ns: int | None) -> Routed:
-    assert _process_ruleset is not None, "pool process started without its rules"
-    return _process_ruleset.route(batch, now_ns, max_delta_ns)
-
-
-class PoolRouter:
-    """Routes in `workers` processes, each compiling the rules once."""
-
-    def __init__(self, rules: list[Rule], workers: int) -> None:
-        RuleSet(rules)  # a bad rule fails here, in the parent, with its message
-        self.workers = workers
-        plain = [(r.type, r.match, list(r.tags), r.subject) for r in rules]
-        # fork starts a worker in milliseconds (forkserver: ~0.3 s each); it is safe because
-        # start() runs before the process holds any thread, socket or connection.
-        ctx = multiprocessing.get_context("fork")
-        self.pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init_process, initargs=(plain,)
-        )
-
-    async def start(self) -> None:
-        """Start every process now, before connecting anywhere (each submit starts one
-        while none is idle)."""
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(
-                loop.run_in_executor(self.pool, _route_in_process, b"", 0, None)
-                for _ in range(self.workers)
-            )
-        )
-
-    async def route(self, batch: bytes, now_ns: int, max_delta_ns: int) -> Routed:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, _route_in_process, batch, now_ns, max_delta_ns)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self.pool.shutdown, True, cancel_futures=True)
-
-
-Router = InlineRouter | PoolRouter
-
-
-def make_router(cfg: Config) -> Router:
-    # routing is CPU work: processes beyond the CPU count add memory, not speed
-    processes = min(cfg.workers, os.cpu_count() or 1)
-    if processes < cfg.workers:
-        log.info(
-            "workers = %d but this machine has %d CPUs: routing in %d processes",
-            cfg.workers,
-            processes,
-            processes,
-        )
-    if processes > 1:
-        return PoolRouter(cfg.rule, processes)
-    return InlineRouter(cfg.rule)
-
-
 class Filter:
     """Takes input messages, routes them, publishes the results and counts everything."""
 
-    def __init__(self, cfg: Config, rt: Runtime, router: Router) -> None:
+    def __init__(self, cfg: Config, rt: Host, inline: bool = False) -> None:
         self.cfg = cfg
+        # a worker process routes in its event loop (it has nothing else to do); a lone
+        # process routes in a thread, so that its loop keeps serving probes and stats
+        self.inline = inline
         self.rt = rt
         self.stats = rt.stats
-        self.router = router
+        self.ruleset = RuleSet(cfg.rule)
         self.subjects = [rule.subject for rule in cfg.rule]
         self.max_delta_ns = int(cfg.max_time_delta * 1e9)
-        self._slots = asyncio.Semaphore(2 * max(1, cfg.workers))
-        self._tasks: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None  # what broke the routing, fatal
         for subject in self.subjects:
             self.stats.inc("triggered", 0, rule=subject)
 
     async def handle(self, msg: Msg) -> None:
-        """The subscription callback: waits for a free slot, so overload stays in NATS."""
-        await self._slots.acquire()
-        task = asyncio.create_task(self._process(msg.data))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("routing a batch failed: %r", task.exception())
-
-    async def drain(self) -> None:
-        """Wait for the batches in flight to be routed and published."""
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
-
-    async def _process(self, batch: bytes) -> None:
+        """The subscription callback (one message at a time): route, count, publish."""
+        if self.failure is not None:
+            return
+        batch = msg.data
         try:
-            routed = await self.router.route(batch, lineproto.now_ns(), self.max_delta_ns)
+            if self.inline:
+                routed = self.ruleset.route(batch, lineproto.now_ns(), self.max_delta_ns)
+            else:
+                routed = await asyncio.to_thread(
+                    self.ruleset.route, batch, lineproto.now_ns(), self.max_delta_ns
+                )
         except Exception as exc:
-            # route() takes any bytes; failing here means the worker pool is broken
+            # route() takes any bytes: failing here is a bug, and the filter stops
             log.error("routing failed, %d lines lost: %r", batch.count(b"\n"), exc)
-            if self.failure is None:
-                self.failure = exc
-                self.rt.stop.set()
+            self.failure = exc
+            self.rt.stop.set()
             return
         self._count(routed)
         for index, data in routed.outputs.items():
@@ -233,34 +139,34 @@ def _shown(line: bytes) -> str:
     return f"{line[:LOG_LINE_BYTES]!r}... ({len(line)} bytes)"
 
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    """Route cfg.nats_subject[0] until stop is set, then finish what is in flight."""
-    router = make_router(cfg)
-    filt: Filter | None = None
-    try:
-        await router.start()
-        async with Runtime(cfg, stop, COUNTERS) as rt:
-            source = cfg.nats_subject[0]
-            rt.stats.inc("nats_dropped", 0, subject=source)
-            filt = Filter(cfg, rt, router)
-            await rt.bus.subscribe([source], filt.handle, cfg.nats_max_pending_size)
-            rt.ready = True
-            log.info(
-                "filtering %s at %s with %d rules and %d workers",
-                source,
-                cfg.nats_address,
-                len(cfg.rule),
-                cfg.workers,
-            )
-            await stop.wait()
-            rt.ready = False
-            await rt.bus.unsubscribe()
-            await filt.drain()
-            rt.sync_dropped()
-    finally:
-        await router.close()
-    if filt is not None and filt.failure is not None:
+async def serve(rt: Host) -> None:
+    """Route cfg.nats_subject[0] until stop is set, then finish what was received."""
+    cfg = rt.cfg
+    source = cfg.nats_subject[0]
+    rt.stats.inc("nats_dropped", 0, subject=source)
+    filt = Filter(cfg, rt, inline=isinstance(rt, workers.WorkerHost))
+    await rt.bus.subscribe([source], filt.handle, cfg.nats_max_pending_size)
+    rt.ready = True
+    await rt.stop.wait()
+    rt.ready = False
+    await rt.bus.unsubscribe()
+    rt.sync_dropped()
+    if filt.failure is not None:
         raise RuntimeError(
             f"routing failed ({filt.failure!r}), so the filter stopped; "
             "see the log above, then restart it"
         )
+
+
+async def run(cfg: Config, stop: asyncio.Event) -> None:
+    """Route cfg.nats_subject[0] in workers.process_count(cfg) processes until stop."""
+    RuleSet(cfg.rule)  # a bad rule fails here, before any process starts, with its message
+    processes = workers.process_count(cfg)
+    log.info(
+        "filtering %s at %s with %d rules in %d process(es)",
+        cfg.nats_subject[0],
+        cfg.nats_address,
+        len(cfg.rule),
+        processes,
+    )
+    await workers.run(cfg, stop, COUNTERS, serve, processes)

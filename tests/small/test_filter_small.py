@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,8 +16,8 @@ import pytest
 
 from influx_spout.config import Config, Rule
 from influx_spout.modes import filter as filter_mode
-from influx_spout.modes.filter import COUNTERS, Filter, InlineRouter, PoolRouter, make_router
-from influx_spout.rules import Routed
+from influx_spout.modes.filter import COUNTERS, Filter
+from influx_spout.rules import RuleSet
 from influx_spout.stats import Stats
 
 NOW = time.time_ns()
@@ -57,11 +56,11 @@ def make_cfg(**kw: Any) -> Config:
     return Config(mode="filter", name="f", rule=rules, **kw)
 
 
-def make_filter(cfg: Config, bus: FakeBus, router: Any = None) -> Filter:
+def make_filter(cfg: Config, bus: FakeBus, inline: bool = False) -> Filter:
     rt = SimpleNamespace(
         stats=Stats("filter", "f", COUNTERS, host="h"), bus=bus, stop=asyncio.Event()
     )
-    return Filter(cfg, rt, router or InlineRouter(cfg.rule))  # type: ignore[arg-type]
+    return Filter(cfg, rt, inline=inline)  # type: ignore[arg-type]
 
 
 def msg(data: bytes) -> Any:
@@ -92,7 +91,6 @@ def test_routes_each_rule_to_its_subject_and_counts() -> None:
             ]
         )
         await f.handle(msg(data))
-        await f.drain()
         return f, bus
 
     f, bus = run(main())
@@ -124,7 +122,6 @@ def test_one_publish_per_subject_per_batch() -> None:
         bus = FakeBus()
         f = make_filter(make_cfg(), bus)
         await f.handle(msg(b"cpu v=1\ncpu v=2\nx v=1\ncpu v=3\ny v=1\n"))
-        await f.drain()
         return bus
 
     bus = run(main())
@@ -147,7 +144,6 @@ def test_failed_publishes_are_counted_in_lines() -> None:
         bus = FakeBus(refuse=("cpu", "influx-spout-junk"))
         f = make_filter(make_cfg(), bus)
         await f.handle(msg(b"cpu v=1\ncpu v=2\nmem v=1\nx v=1\n"))
-        await f.drain()
         return f, bus
 
     f, bus = run(main())
@@ -161,7 +157,6 @@ def test_outputs_over_the_max_payload_go_in_pieces() -> None:
         bus = FakeBus(max_payload=40)
         f = make_filter(make_cfg(), bus)
         await f.handle(msg(b"".join(b"cpu,n=%d v=1\n" % i for i in range(10))))
-        await f.drain()
         return bus
 
     bus = run(main())
@@ -182,7 +177,6 @@ def test_a_line_over_the_max_payload_is_a_failed_publish() -> None:
         bus = LimitedBus(max_payload=30)
         f = make_filter(make_cfg(), bus)
         await f.handle(msg(b"cpu v=1\ncpu,host=" + b"x" * 50 + b" v=1\ncpu v=2\n"))
-        await f.drain()
         return f, bus
 
     f, bus = run(main())
@@ -190,51 +184,73 @@ def test_a_line_over_the_max_payload_is_a_failed_publish() -> None:
     assert b"".join(d for _, d in bus.published) == b"cpu v=1\ncpu v=2\n"
 
 
-def test_in_flight_batches_are_bounded() -> None:
-    class StalledRouter:
-        def __init__(self) -> None:
-            self.started = 0
-            self.release = asyncio.Event()
+@pytest.mark.parametrize("inline", [False, True])
+def test_inline_and_threaded_routing_agree(inline: bool) -> None:
+    # a worker process routes in its event loop, a lone process in a thread
+    async def main() -> FakeBus:
+        bus = FakeBus()
+        f = make_filter(make_cfg(), bus, inline=inline)
+        await f.handle(msg(b"cpu v=1\nmem v=1\nx,host=db v=1\ny v=1\n"))
+        return bus
 
-        async def route(self, batch: bytes, now_ns: int, max_delta_ns: int) -> Routed:
-            self.started += 1
-            await self.release.wait()
-            return Routed({}, batch, processed=1, rejected=1)
-
-    async def main() -> tuple[Filter, StalledRouter, int, bool]:
-        router = StalledRouter()
-        f = make_filter(make_cfg(workers=3), FakeBus(), router)
-        for _ in range(6):  # 2 * workers slots
-            await f.handle(msg(b"x v=1\n"))
-        seventh = asyncio.create_task(f.handle(msg(b"x v=1\n")))
-        await asyncio.sleep(0.05)
-        blocked = not seventh.done()
-        started = router.started
-        router.release.set()
-        await seventh
-        await f.drain()
-        return f, router, started, blocked
-
-    f, router, started, blocked = run(main())
-    assert blocked and started == 6
-    assert router.started == 7
-    assert f.stats.get("rejected") == 7
+    assert sorted(run(main()).published) == [
+        ("cpu", b"cpu v=1\n"),
+        ("db", b"x,host=db v=1\n"),
+        ("influx-spout-junk", b"y v=1\n"),
+        ("system", b"mem v=1\n"),
+    ]
 
 
-def test_a_routing_failure_stops_the_filter() -> None:
-    class BrokenRouter:
-        async def route(self, batch: bytes, now_ns: int, max_delta_ns: int) -> Routed:
-            raise RuntimeError("a process in the pool died")
+def test_a_routing_failure_stops_the_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug in the rules engine")
 
-    async def main() -> Filter:
-        f = make_filter(make_cfg(), FakeBus(), BrokenRouter())
+    monkeypatch.setattr(RuleSet, "route", broken)
+
+    async def main() -> tuple[Filter, FakeBus]:
+        bus = FakeBus()
+        f = make_filter(make_cfg(), bus)
         await f.handle(msg(b"cpu v=1\n"))
-        await f.drain()
-        return f
+        await f.handle(msg(b"cpu v=2\n"))  # after a failure, nothing more is taken
+        return f, bus
 
-    f = run(main())
+    f, bus = run(main())
     assert isinstance(f.failure, RuntimeError)
     assert f.rt.stop.is_set()
+    assert bus.published == []
+
+
+def test_serve_raises_after_a_routing_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug in the rules engine")
+
+    monkeypatch.setattr(RuleSet, "route", broken)
+
+    class SubscribingBus(FakeBus):
+        async def subscribe(self, subjects: list[str], handler: Any, pending: int) -> None:
+            self.handler = handler
+
+        async def unsubscribe(self) -> None:
+            pass
+
+    async def main() -> None:
+        bus = SubscribingBus()
+        rt = SimpleNamespace(
+            cfg=make_cfg(),
+            stats=Stats("filter", "f", COUNTERS, host="h"),
+            bus=bus,
+            stop=asyncio.Event(),
+            ready=False,
+            sync_dropped=lambda: None,
+        )
+        task = asyncio.create_task(filter_mode.serve(rt))  # type: ignore[arg-type]
+        while not rt.ready:
+            await asyncio.sleep(0)
+        await bus.handler(msg(b"cpu v=1\n"))
+        await task
+
+    with pytest.raises(RuntimeError, match="routing failed .* restart it"):
+        run(main())
 
 
 def test_debug_logs_each_rejected_line_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -243,7 +259,6 @@ def test_debug_logs_each_rejected_line_once(caplog: pytest.LogCaptureFixture) ->
         long_bad = b"bad" + b"\xff" * 1000
         data = b"cpu v=1\nnot valid\n" + long_bad + b"\nx v=1 1\nswap v=1\nswap v=2\n"
         await f.handle(msg(data))
-        await f.drain()
 
     with caplog.at_level(logging.INFO, logger="influx_spout.filter"):
         run(main())
@@ -260,33 +275,13 @@ def test_no_debug_no_line_logs(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         f = make_filter(make_cfg(), FakeBus())
         await f.handle(msg(b"bad\nx v=1 1\nswap v=1\n"))
-        await f.drain()
 
     with caplog.at_level(logging.INFO, logger="influx_spout.filter"):
         run(main())
     assert caplog.records == []
 
 
-def test_make_router_picks_threads_or_processes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(filter_mode.os, "cpu_count", lambda: 4)
-    assert isinstance(make_router(make_cfg(workers=1)), InlineRouter)
-    pool = make_router(make_cfg(workers=8))
-    assert isinstance(pool, PoolRouter)
-    assert pool.workers == 4  # no more processes than CPUs
-    run(pool.close())  # no process was started yet
-    monkeypatch.setattr(filter_mode.os, "cpu_count", lambda: 1)
-    assert isinstance(make_router(make_cfg(workers=8)), InlineRouter)
-
-
 def test_a_bad_rule_fails_before_any_process_starts() -> None:
+    cfg = make_cfg(workers=2, rule=[Rule("regex", "(", subject="s")])
     with pytest.raises(ValueError, match="invalid regular expression"):
-        PoolRouter([Rule("regex", "(", subject="s")], 2)
-
-
-def test_the_pool_process_routes_with_its_own_rules() -> None:
-    # what a pool process runs, called here in-process
-    filter_mode._init_process([("basic", "cpu", [], "a"), ("tags", "", [("h", "x")], "b")])
-    routed: Callable[..., Routed] = filter_mode._route_in_process
-    r = routed(b"cpu v=1\nm,h=x v=1\nz v=1\n", NOW, None)
-    assert r.outputs == {0: b"cpu v=1\n", 1: b"m,h=x v=1\n"}
-    assert r.junk == b"z v=1\n"
+        run(filter_mode.run(cfg, asyncio.Event()))

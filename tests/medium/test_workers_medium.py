@@ -1,0 +1,174 @@
+"""workers on a real nats-server: each worker its own connection in a queue group, one
+set of summed counters from the parent, private groups per instance, stop, a dying worker.
+
+A toy serve() counts the messages it takes and republishes them on OUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections import Counter
+from typing import Any
+
+import nats
+import pytest
+from support.servers import NatsServer
+
+from influx_spout import workers
+from influx_spout.config import Config
+
+INPUT = "workers-in"
+OUT = "workers-out"
+MONITOR = "workers-monitor"
+_PROCESSED = re.compile(rb'^processed\{[^}]*name="([^"]+)"[^}]*\} (\d+) ', re.M)
+
+
+async def echo(host: Any) -> None:
+    """A mode's job: take INPUT, count it, republish it with the worker's pid."""
+
+    async def handle(msg: Any) -> None:
+        host.stats.inc("processed")
+        host.stats.inc("by_pid", pid=str(os.getpid()))
+        await host.bus.publish(OUT, msg.data)
+        if msg.data == b"die\n":
+            os._exit(3)
+
+    await host.bus.subscribe([INPUT], handle, 1 << 20)
+    host.ready = True
+    await host.stop.wait()
+    await host.bus.unsubscribe()
+
+
+def make_config(url: str, name: str, **kw: Any) -> Config:
+    return Config(
+        mode="filter",
+        name=name,
+        nats_address=url,
+        nats_subject=[INPUT],
+        nats_subject_monitor=MONITOR,
+        stats_interval=0.05,
+        **kw,
+    )
+
+
+class Watch:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.processed: dict[str, int] = {}
+        self.pids: Counter[bytes] = Counter()
+
+    async def start(self, url: str) -> None:
+        self.nc = await nats.connect(url)
+        await self.nc.subscribe(OUT, cb=self._out)
+        await self.nc.subscribe(MONITOR, cb=self._stats)
+        await self.nc.flush()
+
+    async def _out(self, msg: Any) -> None:
+        self.out.append(msg.data)
+
+    async def _stats(self, msg: Any) -> None:
+        for name, value in _PROCESSED.findall(msg.data):
+            self.processed[name.decode()] = int(value)
+        for pid, value in re.findall(rb'by_pid\{[^}]*pid="(\d+)"[^}]*\} (\d+) ', msg.data):
+            self.pids[pid] = int(value)
+
+    async def wait_for(self, what: Any, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < deadline, f"timed out: {self.processed} {len(self.out)}"
+            await asyncio.sleep(0.01)
+
+
+def test_workers_share_the_input_and_the_parent_sums_their_counters(
+    nats_server: NatsServer,
+) -> None:
+    async def main() -> Watch:
+        watch = Watch()
+        await watch.start(nats_server.url)
+        stops = {name: asyncio.Event() for name in ("a", "b")}
+        tasks = [
+            asyncio.create_task(
+                workers.run(
+                    make_config(nats_server.url, name), stop, ("processed",), echo, processes=2
+                )
+            )
+            for name, stop in stops.items()
+        ]
+        await watch.wait_for(lambda: len(watch.processed) == 2)
+        await asyncio.sleep(0.2)  # every worker subscribed (readiness comes with the stats)
+        for i in range(200):
+            await watch.nc.publish(INPUT, b"m v=%d\n" % i)
+        await watch.nc.flush()
+        # no queue group: each instance sees every message, its two workers share them
+        await watch.wait_for(lambda: watch.processed == {"a": 200, "b": 200})
+        for stop in stops.values():
+            stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        await watch.nc.close()
+        return watch
+
+    watch = run(main())
+    assert len(watch.out) == 400
+    assert len(watch.pids) == 4  # four worker processes took messages
+    assert os.getpid() not in {int(p) for p in watch.pids}
+
+
+def test_a_queue_group_spans_instances(nats_server: NatsServer) -> None:
+    async def main() -> Watch:
+        watch = Watch()
+        await watch.start(nats_server.url)
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(
+                workers.run(
+                    make_config(nats_server.url, name, queue_group="shared"),
+                    stop,
+                    ("processed",),
+                    echo,
+                    processes=2,
+                )
+            )
+            for name in ("a", "b")
+        ]
+        await watch.wait_for(lambda: len(watch.processed) == 2)
+        await asyncio.sleep(0.2)
+        for i in range(100):
+            await watch.nc.publish(INPUT, b"m v=%d\n" % i)
+        await watch.nc.flush()
+        await watch.wait_for(lambda: sum(watch.processed.values()) == 100)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        await watch.nc.close()
+        return watch
+
+    watch = run(main())
+    assert len(watch.out) == 100  # each message once, across both instances
+
+
+def test_a_worker_that_dies_stops_the_component(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        watch = Watch()
+        await watch.start(nats_server.url)
+        stop = asyncio.Event()
+        cfg = make_config(nats_server.url, "a")
+        task = asyncio.create_task(workers.run(cfg, stop, ("processed",), echo, processes=2))
+        await watch.wait_for(lambda: "a" in watch.processed)
+        await asyncio.sleep(0.2)
+        await watch.nc.publish(INPUT, b"die\n")
+        await watch.nc.flush()
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:
+            await watch.nc.close()
+
+    with pytest.raises(
+        RuntimeError, match=r"worker \d \(pid \d+\) of the filter exited with status 3"
+    ):
+        run(main())
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
