@@ -482,3 +482,20 @@ def test_route_agrees_with_the_oracle(lines: list[bytes], rules: list[Rule], tim
 def test_route_takes_any_bytes(data: bytes) -> None:
     r = RuleSet(_RULES).route(data, NOW, DELTA)
     check_counts(r)
+
+
+def test_the_time_window_fast_path_is_not_fooled_by_lookalike_tails() -> None:
+    from influx_spout.rules import _in_window
+
+    now = 1_700_000_000_000_000_000
+    delta = 600 * 10**9
+    fresh = b"m v=1 %d" % now
+    assert _in_window([fresh, fresh], now, delta) == ([fresh, fresh], [])
+    odd = [
+        b"m v=1 %d" % (now + 2 * delta),  # out of the window
+        b"m v=1 %d" % (now // 10),  # fewer digits: long ago
+        b"m v=17000000000000000000",  # a field, no timestamp
+    ]
+    keep, late = _in_window([fresh, *odd], now, delta)
+    assert keep == [fresh, b"m v=17000000000000000000"]
+    assert late == [odd[0], odd[1]]
