@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 
 def ensure_newline(chunk: bytes) -> bytes:
@@ -41,8 +42,21 @@ def split_under(data: bytes, limit: int) -> list[bytes]:
     return pieces
 
 
+class Parts(NamedTuple):
+    """A batch kept as the chunks it was made of, so publishing it needs no copy."""
+
+    parts: list[bytes]
+    size: int  # bytes, len(b"".join(parts))
+    lines: int  # lines, as the caller of add_parts counted them
+
+
 class Batcher:
-    """Collects chunks until max_count chunks, max_size bytes, or max_age seconds."""
+    """Collects chunks until max_count chunks, max_size bytes, or max_age seconds.
+
+    add/take give each batch joined into one bytes; add_parts/take_parts give it as its
+    chunks with their line count (for a publisher that writes the chunks as they are).
+    A batcher is used through one pair or the other.
+    """
 
     def __init__(
         self,
@@ -57,6 +71,7 @@ class Batcher:
         self._clock = clock
         self._chunks: list[bytes] = []
         self.size = 0
+        self.lines = 0  # lines of the open batch (add_parts only)
         self.started = 0.0  # clock() when the first chunk of this batch arrived
 
     @property
@@ -82,6 +97,35 @@ class Batcher:
             ready.append(self.take())
         return ready
 
+    def add_parts(self, chunk: bytes, lines: int) -> list[Parts]:
+        """add() for a chunk of `lines` lines; the ready batches are returned unjoined."""
+        if not chunk:
+            return []
+        ready: list[Parts] = []
+        if self._chunks and self.size + len(chunk) > self.max_size:
+            ready.append(self.take_parts())
+        if len(chunk) > self.max_size:  # rare: a chunk larger than a whole batch
+            pieces = split_under(chunk, self.max_size)
+            ready.extend(Parts([p], len(p), p.count(b"\n")) for p in pieces[:-1])
+            chunk = pieces[-1]
+            lines = chunk.count(b"\n")
+        if not self._chunks:
+            self.started = self._clock()
+        self._chunks.append(chunk)
+        self.size += len(chunk)
+        self.lines += lines
+        if len(self._chunks) >= self.max_count or self.size >= self.max_size:
+            ready.append(self.take_parts())
+        return ready
+
+    def take_parts(self) -> Parts:
+        """take() as Parts (no parts when empty)."""
+        batch = Parts(self._chunks, self.size, self.lines)
+        self._chunks = []
+        self.size = 0
+        self.lines = 0
+        return batch
+
     def due(self) -> bool:
         """True when the batch holds data older than max_age."""
         return bool(self._chunks) and self._clock() - self.started >= self.max_age
@@ -91,6 +135,7 @@ class Batcher:
         chunks = self._chunks
         self._chunks = []
         self.size = 0
+        self.lines = 0
         if len(chunks) == 1:
             return chunks[0]
         return b"".join(chunks)

@@ -7,8 +7,11 @@ datagrams, reaches batch_max_size (never above the NATS server's max payload), o
 batch_max_age old. Lines are never split across batches.
 
 UDP has no back-pressure: when NATS cannot take batches as fast as datagrams arrive,
-at most MAX_QUEUED_BATCHES ready batches wait; the datagrams beyond that are dropped
-and counted (failed_nats_publish), so memory stays bounded.
+ready batches of up to max(MAX_QUEUED_BYTES, QUEUED_BATCHES * batch size) bytes wait;
+the datagrams beyond that are dropped and counted (failed_nats_publish), so memory
+stays bounded. The bound is in bytes, not batches, so that small batches (the default
+batch_max_count of 10 datagrams makes ~14 KB batches) still ride out a scheduling
+hiccup of tens of milliseconds, as the kernel's receive buffer does.
 
 The socket listens on every interface (IPv6 and IPv4 when the host has IPv6, as the Go
 influx-spout did), with a receive buffer of read_buffer_size bytes.
@@ -29,7 +32,7 @@ import contextlib
 import logging
 import socket
 
-from influx_spout.batching import Batcher, ensure_newline
+from influx_spout.batching import Batcher, Parts
 from influx_spout.config import Config
 from influx_spout.runtime import Runtime
 from influx_spout.stats import Stats
@@ -38,8 +41,10 @@ log = logging.getLogger("influx_spout.listener")
 
 COUNTERS = ("received", "sent", "read_errors", "failed_nats_publish")
 
-# ready batches allowed to wait for NATS before datagrams are dropped
-MAX_QUEUED_BATCHES = 8
+# bytes of ready batches allowed to wait for NATS before datagrams are dropped: at
+# least MAX_QUEUED_BYTES, and room for QUEUED_BATCHES full batches
+MAX_QUEUED_BYTES = 4 * 1024 * 1024
+QUEUED_BATCHES = 4
 
 # how often, at most, the age of the open batch is checked
 MAX_AGE_CHECK_INTERVAL = 1.0
@@ -104,7 +109,13 @@ class UdpListener(asyncio.DatagramProtocol):
         self.batcher = Batcher(
             cfg.batch_max_count, min(cfg.batch_max_size, rt.bus.max_payload), cfg.batch_max_age
         )
-        self.ready: collections.deque[bytes] = collections.deque()
+        self.ready: collections.deque[Parts] = collections.deque()
+        self.queued = 0  # bytes in ready
+        self.max_queued = max(MAX_QUEUED_BYTES, QUEUED_BATCHES * self.batcher.max_size)
+        # the counters of the per-datagram path, updated without Stats.inc's label handling
+        self._values = self.stats.values
+        self._received = ("received", ())
+        self._failed = ("failed_nats_publish", ())
         self.wake = asyncio.Event()
         self.transport: asyncio.DatagramTransport | None = None
         self.closing = False
@@ -117,16 +128,20 @@ class UdpListener(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         if not data:
             return
-        data = ensure_newline(data)
+        if data[-1] != 10:  # 10 == ord("\n"): never glue this datagram to the next
+            data += b"\n"
         lines = data.count(b"\n")
-        self.stats.inc("received", lines)
-        if len(self.ready) >= MAX_QUEUED_BATCHES:
-            self.stats.inc("failed_nats_publish", lines)
+        values = self._values
+        values[self._received] += lines
+        if self.queued >= self.max_queued:
+            values[self._failed] += lines
             if self.cfg.debug:
                 log.warning("dropped a datagram of %d lines from %s: NATS is lagging", lines, addr)
             return
-        batches = self.batcher.add(data)
+        batches = self.batcher.add_parts(data, lines)
         if batches:
+            for batch in batches:
+                self.queued += batch.size
             self.ready.extend(batches)
             self.wake.set()
 
@@ -148,9 +163,9 @@ class UdpListener(asyncio.DatagramProtocol):
                 await asyncio.wait_for(self.wake.wait(), tick)
             self.wake.clear()
             if self.batcher.due():
-                self.ready.append(self.batcher.take())
-            while self.ready:
-                await publish_counted(self.rt, self.subject, self.ready.popleft())
+                self.ready.append(self.batcher.take_parts())
+                self.queued += self.ready[-1].size
+            await self.publish_ready()
 
     async def close(self, pump: asyncio.Task) -> None:
         """Stop receiving, let the pump finish, then publish everything batched."""
@@ -159,28 +174,40 @@ class UdpListener(asyncio.DatagramProtocol):
         self.closing = True
         self.wake.set()
         await pump
-        self.ready.append(self.batcher.take())
-        while self.ready:
-            await publish_counted(self.rt, self.subject, self.ready.popleft())
+        batch = self.batcher.take_parts()
+        self.ready.append(batch)
+        self.queued += batch.size
+        await self.publish_ready()
+
+    async def publish_ready(self) -> None:
+        """Publish the ready batches, oldest first.
+
+        Handing a batch to the NATS client does not wait for the socket, so every ready
+        batch goes out in one pass and the client's flusher writes them in one go.
+        """
+        ready = self.ready
+        while ready:
+            batch = ready.popleft()
+            self.queued -= batch.size
+            await publish_parts_counted(self.rt, self.subject, batch)
 
 
-async def publish_counted(rt: Runtime, subject: str, batch: bytes) -> int:
+async def publish_parts_counted(rt: Runtime, subject: str, batch: Parts) -> int:
     """Publish a batch of whole lines, count them in sent or failed_nats_publish.
 
     Returns the number of lines that could not be published.
     """
-    if not batch:
+    if not batch.size:
         return 0
-    lines = batch.count(b"\n")
-    failed = await rt.bus.publish(subject, batch)
+    failed = await rt.bus.publish_parts(subject, batch.parts, batch.size)
     lost = 0
     if failed:
-        # bus.publish reports bytes; the lost lines are whole pieces of the batch
-        lost = lines if failed >= len(batch) else max(1, lines * failed // len(batch))
+        # bus.publish_parts reports bytes; the lost lines are whole pieces of the batch
+        lost = batch.lines if failed >= batch.size else max(1, batch.lines * failed // batch.size)
         rt.stats.inc("failed_nats_publish", lost)
         if rt.cfg.debug:
-            log.warning("could not publish %d of %d lines to %s", lost, lines, subject)
-    rt.stats.inc("sent", lines - lost)
+            log.warning("could not publish %d of %d lines to %s", lost, batch.lines, subject)
+    rt.stats.inc("sent", batch.lines - lost)
     return lost
 
 

@@ -55,7 +55,7 @@ from aiohttp import web
 from influx_spout import lineproto
 from influx_spout.batching import Batcher, split_under
 from influx_spout.config import Config
-from influx_spout.modes.listener import MAX_AGE_CHECK_INTERVAL, publish_counted
+from influx_spout.modes.listener import MAX_AGE_CHECK_INTERVAL, publish_parts_counted
 from influx_spout.runtime import Runtime
 
 log = logging.getLogger("influx_spout.listener_http")
@@ -335,7 +335,7 @@ class HttpListener:
         self.closing = True
         self.wake.set()
         await pump
-        await publish_counted(self.rt, self.subject, self.batcher.take())
+        await publish_parts_counted(self.rt, self.subject, self.batcher.take_parts())
 
     async def pump(self) -> None:
         """Publish the open batch once it is batch_max_age old."""
@@ -345,7 +345,7 @@ class HttpListener:
                 await asyncio.wait_for(self.wake.wait(), tick)
             self.wake.clear()
             if self.batcher.due():
-                await publish_counted(self.rt, self.subject, self.batcher.take())
+                await publish_parts_counted(self.rt, self.subject, self.batcher.take_parts())
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -405,8 +405,8 @@ class HttpListener:
                     headers={"Retry-After": RETRY_AFTER},
                 )
             lost = 0
-            for batch in self.batcher.add(decoded.valid):
-                lost += await publish_counted(self.rt, self.subject, batch)
+            for batch in self.batcher.add_parts(decoded.valid, decoded.valid_lines):
+                lost += await publish_parts_counted(self.rt, self.subject, batch)
             if lost:
                 return error_response(
                     503,

@@ -282,11 +282,22 @@ def test_datagrams_are_dropped_and_counted_while_nats_lags(nats_server: NatsServ
         cfg = make_config(nats_server.url, probe_port=0)
         async with listener.Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
             udp = listener.UdpListener(cfg, rt)
-            udp.ready.extend([b"queued x=1\n"] * listener.MAX_QUEUED_BATCHES)
+            # the bound is in bytes: at least MAX_QUEUED_BYTES, room for 4 full batches
+            assert udp.max_queued == max(listener.MAX_QUEUED_BYTES, 4 * cfg.batch_max_size)
+            queued = listener.Parts([b"queued x=1\n" * 1000], 11000, 1000)
+            while udp.queued < udp.max_queued:
+                udp.ready.append(queued)
+                udp.queued += queued.size
             udp.datagram_received(b"a x=1\nb x=2\n", ("127.0.0.1", 1))
             assert rt.stats.get("received") == 2
             assert rt.stats.get("failed_nats_publish") == 2
             assert udp.batcher.count == 0
+            # once the queue is published, datagrams are taken again
+            await udp.publish_ready()
+            assert udp.queued == 0
+            udp.datagram_received(b"c x=3\n", ("127.0.0.1", 1))
+            assert rt.stats.get("received") == 3
+            assert udp.batcher.count == 1
 
     asyncio.run(main())
 
@@ -323,3 +334,40 @@ def test_port_in_use_is_a_clear_error() -> None:
             assert f"UDP port {port}" in str(exc)
         else:
             raise AssertionError("binding a used port should fail")
+
+
+def test_publish_parts_sends_the_joined_parts_and_falls_back_when_it_must(tmp_path: Path) -> None:
+    # Bus.publish_parts (the listeners' copy-free publish) on a server with a small max payload
+    server = NatsServer(max_payload=1024, workdir=tmp_path / "nats").start()
+    try:
+
+        async def main() -> None:
+            cfg = make_config(server.url, probe_port=0)
+            collector = Collector()
+            await collector.start(server.url)
+            async with listener.Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
+                bus = rt.bus
+                parts = [b"a x=1\n", b"b x=2\nc x=3\n"]
+                # fast path: one message, the parts as they are
+                assert await bus.publish_parts(SUBJECT, parts, 18) == 0
+                # over the max payload: split on lines by publish()
+                big = [b"".join(lines(20)), b"".join(lines(20, start=20))]
+                assert await bus.publish_parts(SUBJECT, big, sum(map(len, big))) == 0
+                # a subject NATS refuses: the bytes are reported as not published
+                assert await bus.publish_parts("bad subject", parts, 18) == 18
+                await bus.nc.flush()
+                await collector.wait_for(lambda: len(collector.messages) >= 3)
+                assert collector.messages[0] == b"a x=1\nb x=2\nc x=3\n"
+                assert b"".join(collector.messages[1:]) == b"".join(big)
+                assert all(len(m) <= 1024 for m in collector.messages)
+                # the counted variant the listeners use
+                batch = listener.Parts(parts, 18, 3)
+                assert await listener.publish_parts_counted(rt, "bad subject", batch) == 3
+                assert rt.stats.get("failed_nats_publish") == 3
+                assert await listener.publish_parts_counted(rt, SUBJECT, batch) == 0
+                assert rt.stats.get("sent") == 3
+            await collector.close()
+
+        asyncio.run(main())
+    finally:
+        server.close()

@@ -1,4 +1,4 @@
-from influx_spout.batching import Batcher, ensure_newline, split_under
+from influx_spout.batching import Batcher, Parts, ensure_newline, split_under
 
 
 class Clock:
@@ -31,7 +31,7 @@ def test_split_under_small_data_is_one_piece() -> None:
 
 
 def test_split_under_oversize_line_is_its_own_piece() -> None:
-    big = b"big f=\"" + b"x" * 100 + b"\"\n"
+    big = b'big f="' + b"x" * 100 + b'"\n'
     data = b"a f=1\n" + big + b"b f=2\n"
     pieces = split_under(data, 20)
     assert pieces == [b"a f=1\n", big, b"b f=2\n"]
@@ -99,3 +99,39 @@ def test_empty_chunk_ignored() -> None:
     b = Batcher(max_count=1, max_size=10, max_age=1)
     assert b.add(b"") == []
     assert b.take() == b""
+
+
+# -- add_parts / take_parts: the same batches, unjoined, with their line counts ------------
+
+
+def test_parts_by_count_keep_the_chunks_and_their_lines() -> None:
+    b = Batcher(max_count=3, max_size=1000, max_age=60)
+    assert b.add_parts(b"a\nb\n", 2) == []
+    assert b.add_parts(b"c\n", 1) == []
+    assert b.add_parts(b"d\n", 1) == [Parts([b"a\nb\n", b"c\n", b"d\n"], 8, 4)]
+    assert b.count == 0 and b.size == 0 and b.lines == 0
+
+
+def test_parts_by_size_never_exceed_limit() -> None:
+    b = Batcher(max_count=100, max_size=10, max_age=60)
+    assert b.add_parts(b"aaaa\n", 1) == []
+    assert b.add_parts(b"bbbbb\n", 1) == [Parts([b"aaaa\n"], 5, 1)]
+    assert b.add_parts(b"cccc\n", 1) == [Parts([b"bbbbb\n"], 6, 1)]
+    assert b.take_parts() == Parts([b"cccc\n"], 5, 1)
+
+
+def test_parts_of_a_chunk_larger_than_max_size_are_split_on_lines_and_counted() -> None:
+    b = Batcher(max_count=100, max_size=12, max_age=60)
+    chunk = b"".join(b"line%02d\n" % i for i in range(5))  # 7 bytes a line
+    ready = b.add_parts(chunk, 5)
+    rest = b.take_parts()
+    batches = ready + [rest]
+    assert b"".join(b"".join(p.parts) for p in batches) == chunk
+    assert all(p.size == len(b"".join(p.parts)) <= 12 for p in batches)
+    assert sum(p.lines for p in batches) == 5
+
+
+def test_take_parts_of_an_empty_batch_is_empty() -> None:
+    b = Batcher(max_count=1, max_size=10, max_age=1)
+    assert b.add_parts(b"", 0) == []
+    assert b.take_parts() == Parts([], 0, 0)
