@@ -114,10 +114,17 @@ class Reject(Exception):
 class Decoded:
     """A write body once checked: what can be published and what cannot."""
 
-    valid: bytes = b""  # valid lines, timestamps in ns, each ending with "\n"
+    # the valid lines (timestamps in ns, each ending with "\n") in pieces of at most the
+    # batch size, each with its line count: ready for Batcher.add_parts as they are
+    pieces: list[tuple[bytes, int]] = field(default_factory=list)
     valid_lines: int = 0
     rejected: list[tuple[bytes, str]] = field(default_factory=list)  # (line, reason)
     problem: str = ""  # InfluxDB-style description of the rejected lines
+
+    @property
+    def valid(self) -> bytes:
+        """Every valid line, joined."""
+        return b"".join(piece for piece, _ in self.pieces)
 
 
 # -- checking a body (pure functions, run in a worker thread for large bodies) -------------
@@ -153,8 +160,20 @@ def gunzip(data: bytes, limit: int) -> bytes:
             return b"".join(out)
 
 
-def decode(body: bytes, gzipped: bool, precision: str, limit: int, max_payload: int) -> Decoded:
-    """Check a write body: valid lines (in ns) to publish, invalid ones to report."""
+def decode(
+    body: bytes,
+    gzipped: bool,
+    precision: str,
+    limit: int,
+    max_payload: int,
+    piece_size: int = 0,
+) -> Decoded:
+    """Check a write body: valid lines (in ns) to publish, invalid ones to report.
+
+    Every pass over the bytes happens here (in a worker thread for large bodies): the
+    valid lines come cut in pieces of at most piece_size (default max_payload) bytes with
+    their line counts, so the event loop only hands them to the batcher.
+    """
     if gzipped and body:
         body = gunzip(body, limit)
     valid, bad = lineproto.split_valid(body)
@@ -183,10 +202,23 @@ def decode(body: bytes, gzipped: bool, precision: str, limit: int, max_payload: 
                 )
                 for p in too_long
             ]
-    decoded = Decoded(valid, valid.count(b"\n"), rejected)
+    piece_size = piece_size or max_payload
+    cut: list[tuple[bytes, int]] = []
+    if len(valid) > piece_size:
+        cut = [(p, p.count(b"\n")) for p in split_under(valid, piece_size)]
+    elif valid:
+        cut = [(valid, valid.count(b"\n"))]
+    decoded = Decoded(cut, sum(n for _, n in cut), rejected)
     if rejected:
         decoded.problem = describe(body, rejected)
     return decoded
+
+
+def decode_chunks(chunks: list[bytes], *args: Any) -> Decoded:
+    """decode() of a body read in chunks (joined here, in the worker thread)."""
+    body = b"".join(chunks)
+    chunks.clear()
+    return decode(body, *args)
 
 
 def describe(body: bytes, rejected: list[tuple[bytes, str]]) -> str:
@@ -405,8 +437,9 @@ class HttpListener:
                     headers={"Retry-After": RETRY_AFTER},
                 )
             lost = 0
-            for batch in self.batcher.add_parts(decoded.valid, decoded.valid_lines):
-                lost += await publish_parts_counted(self.rt, self.subject, batch)
+            for piece, lines in decoded.pieces:
+                for batch in self.batcher.add_parts(piece, lines):
+                    lost += await publish_parts_counted(self.rt, self.subject, batch)
             if lost:
                 return error_response(
                     503,
@@ -445,12 +478,13 @@ class HttpListener:
                 if self.waiting > hard_limit:
                     raise busy(self.waiting, hard_limit)
                 chunks.append(chunk)
+            args = (gzipped, precision, limit, self.rt.bus.max_payload, self.batch_size)
+            if gzipped or size > THREAD_THRESHOLD:
+                # joining the chunks is per-byte work too: done in the thread
+                return await asyncio.to_thread(decode_chunks, chunks, *args)
             body = b"".join(chunks)
             chunks.clear()
-            args = (body, gzipped, precision, limit, self.rt.bus.max_payload)
-            if gzipped or len(body) > THREAD_THRESHOLD:
-                return await asyncio.to_thread(decode, *args)
-            return decode(*args)
+            return decode(body, *args)
         finally:
             self.waiting -= size
 

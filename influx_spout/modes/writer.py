@@ -16,6 +16,11 @@ partial write and the rejected ones are given up. Nothing is given up silently.
 Without [[rule]] tables the writer never looks inside a batch; with them only lines some
 rule matches are written.
 
+Memory: a batch is held once, as the NATS messages it was made of, and POSTed as those
+parts with an explicit Content-Length (never joined into one copy; a retry sends the same
+parts again). What else the writer holds is the NATS input backlog, at most
+nats_max_pending_size bytes, plus what the HTTP transport has not sent yet.
+
 Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
   received               lines received from NATS
   write_requests         HTTP writes attempted, retries included
@@ -37,14 +42,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from nats.aio.msg import Msg
 
-from influx_spout.batching import Batcher, ensure_newline
+from influx_spout.batching import Batcher, Parts, ensure_newline
 from influx_spout.config import Config
 from influx_spout.runtime import Runtime
 from influx_spout.stats import Stats
@@ -151,11 +156,29 @@ def error_text(body: bytes) -> str:
     return text or "(no message)"
 
 
+class PartsBody:
+    """A request body sent as the parts of a batch, in order, without joining them.
+
+    Re-iterable (each send, redirect or retry starts again from the first part); only
+    asynchronously iterable, so httpx's AsyncClient takes it as a streamed body, and the
+    caller sets Content-Length so it goes out as one plain (not chunked) body.
+    """
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            yield part
+
+
 @dataclass
 class Kept:
     """A batch whose write failed and that waits for its next try."""
 
-    body: bytes
+    batch: Parts
     lines: int
     first_failure: float  # clock() of the first failed write
     next_try: float
@@ -225,17 +248,18 @@ class Writer:
         if not data:
             return
         data = ensure_newline(data)
-        self.stats.inc("received", data.count(b"\n"))
+        lines = data.count(b"\n")  # the only pass over the bytes without [[rule]] tables
+        self.stats.inc("received", lines)
         if self._closing:  # late input while stopping is written at once
-            await self._submit(data)
+            await self._submit(Parts([data], len(data), lines))
             return
-        for batch in self._batcher.add(data):
+        for batch in self._batcher.add_parts(data, lines):
             await self._submit(batch)
 
     async def flush(self) -> None:
         """Start writing what is batched now."""
-        batch = self._batcher.take()
-        if batch:
+        batch = self._batcher.take_parts()
+        if batch.size:
             await self._submit(batch)
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
@@ -275,7 +299,7 @@ class Writer:
             await asyncio.wait(list(self._tasks))
         while self._kept:  # the last try: whatever fails now is given up
             k = self._kept.pop(0)
-            await self._submit(k.body, k)
+            await self._submit(k.batch, k)
         while self._tasks:
             await asyncio.wait(list(self._tasks))
 
@@ -302,20 +326,20 @@ class Writer:
                 )
             elif now >= k.next_try:
                 self._kept.remove(k)
-                await self._submit(k.body, k)
+                await self._submit(k.batch, k)
 
-    async def _submit(self, body: bytes, kept: Kept | None = None) -> None:
+    async def _submit(self, batch: Parts, kept: Kept | None = None) -> None:
         """Start one write once a worker is free."""
         try:
             await self._slots.acquire()
         except asyncio.CancelledError:
-            self._give_up(kept.lines if kept else body.count(b"\n"), "stopped while waiting")
+            self._give_up(kept.lines if kept else batch.lines, "stopped while waiting")
             raise
         if self._closed:  # waited for a worker past the stop deadline
             self._slots.release()
-            self._give_up(kept.lines if kept else body.count(b"\n"), "arrived after the stop")
+            self._give_up(kept.lines if kept else batch.lines, "arrived after the stop")
             return
-        task = asyncio.create_task(self._write(body, kept))
+        task = asyncio.create_task(self._write(batch, kept))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -325,47 +349,57 @@ class Writer:
         if not task.cancelled() and task.exception() is not None:
             log.error("write task failed: %s", task.exception())
 
-    async def _write(self, body: bytes, kept: Kept | None) -> None:
-        lines = kept.lines if kept else 0
+    async def _write(self, batch: Parts, kept: Kept | None) -> None:
+        lines = kept.lines if kept else batch.lines
         try:
             if kept is None and self._rules is not None:
-                body = await self._apply_rules(body)
-            if not body:
+                batch = await self._apply_rules(batch)
+                lines = batch.lines
+            if not batch.size:
                 return
-            if kept is None:
-                lines = body.count(b"\n")
-            await self._post(body, lines, kept)
+            await self._post(batch, lines, kept)
         except asyncio.CancelledError:
-            self._give_up(lines or body.count(b"\n"), "stopped before the write finished")
+            self._give_up(lines, "stopped before the write finished")
             raise
         except Exception as exc:  # a bug must not lose lines silently
-            self._give_up(lines or body.count(b"\n"), f"unexpected {type(exc).__name__}: {exc}")
+            self._give_up(lines, f"unexpected {type(exc).__name__}: {exc}")
 
-    async def _apply_rules(self, batch: bytes) -> bytes:
+    async def _apply_rules(self, batch: Parts) -> Parts:
         # CPU work on the whole batch, off the event loop
-        routed = await asyncio.to_thread(self._rules.route, batch, time.time_ns())
+        data = batch.parts[0] if len(batch.parts) == 1 else b"".join(batch.parts)
+        routed = await asyncio.to_thread(self._rules.route, data, time.time_ns())
+        del data
         outputs = routed.outputs
         if len(outputs) == 1:
             kept = next(iter(outputs.values()))
         else:
             kept = b"".join(outputs[i] for i in sorted(outputs))
+        lines = kept.count(b"\n")
         # unmatched lines, and invalid ones the rules engine sets apart, are all dropped
-        dropped = batch.count(b"\n") - kept.count(b"\n")
+        dropped = batch.lines - lines
         if dropped:
             self.stats.inc("dropped_by_rules", dropped)
-        return kept
+        return Parts([kept], len(kept), lines)
 
-    async def _post(self, body: bytes, lines: int, kept: Kept | None) -> None:
+    async def _post(self, batch: Parts, lines: int, kept: Kept | None) -> None:
         self.stats.inc("write_requests")
         if kept is not None:
             self.stats.inc("retries")
+        parts = batch.parts
         try:
-            resp = await self._client.post(self.url, content=body)
+            if len(parts) == 1:
+                resp = await self._client.post(self.url, content=parts[0])
+            else:  # the parts as they are: no joined copy of the batch
+                resp = await self._client.post(
+                    self.url,
+                    content=PartsBody(parts),
+                    headers={"Content-Length": str(batch.size)},
+                )
             status = resp.status_code
         except (httpx.HTTPError, OSError) as exc:
             self.stats.inc("failed_writes")
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self._keep(body, lines, kept, reason)
+            self._keep(batch, lines, kept, reason)
             return
         if 200 <= status < 300:
             self.stats.inc("lines_written", lines)
@@ -373,7 +407,7 @@ class Writer:
         self.stats.inc("failed_writes")
         text = error_text(resp.content)
         if status == 429 or status >= 500:
-            self._keep(body, lines, kept, f"HTTP {status}: {text}")
+            self._keep(batch, lines, kept, f"HTTP {status}: {text}")
             return
         refused = rejected_lines(resp.content, lines) if status == 400 else lines
         if refused < lines:
@@ -381,7 +415,7 @@ class Writer:
         hint = _HINTS.get(status, "")
         self._give_up(refused, f"InfluxDB refused them (HTTP {status}: {text}); not retried{hint}")
 
-    def _keep(self, body: bytes, lines: int, kept: Kept | None, reason: str) -> None:
+    def _keep(self, batch: Parts, lines: int, kept: Kept | None, reason: str) -> None:
         """Keep a failed batch for retry, or give it up when retries are off or stopping."""
         now = self._clock()
         log.warning("write of %d lines to %s failed: %s", lines, self.url, reason)
@@ -404,7 +438,7 @@ class Writer:
                 oldest.lines,
                 f"retry list full (writer_retry_batches = {self.cfg.writer_retry_batches})",
             )
-        self._kept.append(Kept(body, lines, first, now + self.cfg.writer_retry_interval))
+        self._kept.append(Kept(batch, lines, first, now + self.cfg.writer_retry_interval))
 
     def _give_up(self, lines: int, why: str) -> None:
         if lines <= 0:

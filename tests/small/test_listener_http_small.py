@@ -108,6 +108,17 @@ def test_line_above_the_nats_max_payload_is_rejected() -> None:
     assert "above the NATS max payload (100 bytes)" in d.rejected[0][1]
 
 
+def test_body_above_the_batch_size_comes_in_counted_pieces() -> None:
+    body = b"".join(b"cpu,host=h%d v=%d %d\n" % (i % 7, i, i) for i in range(50))
+    d = decode(body, False, "ns", MB, MB, 100)
+    assert d.valid == body
+    assert d.valid_lines == 50
+    assert len(d.pieces) > 1
+    for piece, lines in d.pieces:
+        assert len(piece) <= 100 and piece.endswith(b"\n")
+        assert lines == piece.count(b"\n")
+
+
 def test_gzip_body() -> None:
     body = b"cpu v=1 1\n" * 100
     assert decode(gzip.compress(body), True, "ns", MB, MB).valid == body

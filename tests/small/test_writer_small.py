@@ -194,6 +194,9 @@ def test_body_and_query_string_are_exactly_what_was_received() -> None:
             b'cpu,host=a usage=1 1\ncpu,host=b usage=2 2\ndisk,path=/ free=3i,note="x y" 3\n'
         )
         assert "Authorization" not in req.headers
+        # the batch's two messages go out as one plain body, not chunked
+        assert req.headers["Content-Length"] == str(len(req.body))
+        assert "Transfer-Encoding" not in req.headers
         assert stats.get("received") == 3
         assert stats.get("write_requests") == 1
         assert stats.get("lines_written") == 3
@@ -245,6 +248,25 @@ def test_v2_target_with_token() -> None:
         assert req.body == lines(3)
         assert stats.get("lines_written") == 3
         assert stats.base_labels["influxdb_dbname"] == "telemetry"
+
+    run(scenario())
+
+
+def test_batch_of_many_messages_is_resent_whole_on_retry() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(answers(503, body=b'{"error":"busy"}')).start()
+        writer, stats = new_writer(writer_config(influx.port, batch_max_count=5))
+        async with writer:
+            for i in range(5):
+                await writer.add(lines(3, start=3 * i))
+            await until(lambda: stats.get("lines_written") == 15)
+        await influx.stop()
+        assert influx.bodies == [lines(15), lines(15)]
+        for req in influx.requests:
+            assert req.headers["Content-Length"] == str(len(lines(15)))
+            assert "Transfer-Encoding" not in req.headers
+        assert stats.get("retries") == 1
+        assert stats.get("lines_given_up") == 0
 
     run(scenario())
 
