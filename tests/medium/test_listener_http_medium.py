@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import nats
 from influxdb import InfluxDBClient
 from influxdb_client import InfluxDBClient as InfluxDB2Client
 from influxdb_client import WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
+from support.collect import Collector
 from support.sample import telegraf_lines
 from support.servers import Component, NatsServer, free_port
 
@@ -52,52 +52,6 @@ def make_config(nats_url: str, **overrides: object) -> Config:
     return cfg
 
 
-class Collector:
-    """Every message on SUBJECT and the latest counters on MONITOR, as nats-py sees them."""
-
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-        self.counters: dict[str, int] = {}
-
-    async def start(self, url: str) -> None:
-        self.nc = await nats.connect(url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
-        await self.nc.subscribe(SUBJECT, cb=self._on_message)
-        await self.nc.subscribe(MONITOR, cb=self._on_stats)
-        await self.nc.flush()
-
-    async def _on_message(self, msg) -> None:
-        self.messages.append(msg.data)
-
-    async def _on_stats(self, msg) -> None:
-        for line in msg.data.decode().splitlines():
-            name, _, rest = line.partition("{")
-            self.counters[name] = int(rest.rsplit("} ", 1)[1].split()[0])
-
-    async def wait_for(self, what: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not what():
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out; messages={self.messages!r} counters={self.counters!r}"
-                )
-            await asyncio.sleep(0.01)
-
-    async def wait_counters(self, timeout: float = 5.0, **expected: int) -> None:
-        await self.wait_for(
-            lambda: all(self.counters.get(k) == v for k, v in expected.items()), timeout
-        )
-
-    async def wait_published(self, data: bytes, timeout: float = 5.0) -> None:
-        await self.wait_for(lambda: self.published == data, timeout)
-
-    @property
-    def published(self) -> bytes:
-        return b"".join(self.messages)
-
-    async def close(self) -> None:
-        await self.nc.close()
-
-
 @dataclass
 class Harness:
     cfg: Config
@@ -117,7 +71,7 @@ class Harness:
 
 @asynccontextmanager
 async def running(cfg: Config) -> AsyncIterator[Harness]:
-    col = Collector()
+    col = Collector(SUBJECT, MONITOR)
     await col.start(cfg.nats_address)
     stop = asyncio.Event()
     task = asyncio.create_task(listener_http.run(cfg, stop))
@@ -688,7 +642,7 @@ def test_as_a_process_sigterm_flushes_and_exits_0(
     )
 
     async def main() -> None:
-        col = Collector()
+        col = Collector(SUBJECT, MONITOR)
         await col.start(nats_server.url)
         async with httpx.AsyncClient(trust_env=False) as http:
             deadline = time.monotonic() + 10

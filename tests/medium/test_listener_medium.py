@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-import nats
 import pytest
+from support.collect import Collector
 from support.servers import NatsServer, free_port
 
 from influx_spout.config import Config
@@ -44,55 +44,10 @@ def make_config(nats_url: str, **overrides: object) -> Config:
     return cfg
 
 
-class Collector:
-    """Every message on SUBJECT and the latest counters on MONITOR, as nats-py sees them."""
-
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-        self.counters: dict[str, int] = {}
-
-    async def start(self, url: str) -> None:
-        self.nc = await nats.connect(url)
-        await self.nc.subscribe(SUBJECT, cb=self._on_message)
-        await self.nc.subscribe(MONITOR, cb=self._on_stats)
-        await self.nc.flush()
-
-    async def _on_message(self, msg) -> None:
-        self.messages.append(msg.data)
-
-    async def _on_stats(self, msg) -> None:
-        for line in msg.data.decode().splitlines():
-            name, _, rest = line.partition("{")
-            value = rest.rsplit("} ", 1)[1].split()[0]
-            self.counters[name] = int(value)
-
-    async def wait_for(self, what: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not what():
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out; messages={self.messages!r} counters={self.counters!r}"
-                )
-            await asyncio.sleep(0.01)
-
-    async def wait_counters(self, timeout: float = 5.0, **expected: int) -> None:
-        def reached() -> bool:
-            return all(self.counters.get(k) == v for k, v in expected.items())
-
-        await self.wait_for(reached, timeout)
-
-    @property
-    def published(self) -> bytes:
-        return b"".join(self.messages)
-
-    async def close(self) -> None:
-        await self.nc.close()
-
-
 @asynccontextmanager
 async def running(cfg: Config) -> AsyncIterator[tuple[Collector, Callable[[], Awaitable[None]]]]:
     """Start the listener and a collector; yield (collector, stop). Stops at exit anyway."""
-    collector = Collector()
+    collector = Collector(SUBJECT, MONITOR)
     await collector.start(cfg.nats_address)
     stop = asyncio.Event()
     task = asyncio.create_task(listener.run(cfg, stop))
@@ -343,7 +298,7 @@ def test_publish_parts_sends_the_joined_parts_and_falls_back_when_it_must(tmp_pa
 
         async def main() -> None:
             cfg = make_config(server.url, probe_port=0)
-            collector = Collector()
+            collector = Collector(SUBJECT, MONITOR)
             await collector.start(server.url)
             async with listener.Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
                 bus = rt.bus
