@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -108,36 +108,41 @@ class Bus:
             if len(piece) > limit:
                 log.warning("a line of %d bytes exceeds the NATS max payload %d", len(piece), limit)
                 failed += len(piece)
-                continue
-            try:
-                await self.nc.publish(subject, piece)
-            except Exception as exc:
-                log.warning("publish to %s failed: %s", subject, exc)
-                failed += len(piece)
+            else:
+                failed += await self._send(subject, (piece,), len(piece))
         return failed
 
     async def publish_parts(self, subject: str, parts: list[bytes], size: int) -> int:
-        """publish() of b"".join(parts) (size bytes, whole lines), without joining them.
-
-        Under the max payload and while connected, the NATS PUB command is queued as
-        header + the parts as they are + CRLF for the client's flusher to write in one
-        writev: no copy of the data in Python (nats-py's publish() copies a payload twice
-        to build the command). Otherwise, and with a nats-py whose internals differ, it
-        is publish() of the joined parts. Returns the bytes NOT published.
-        """
-        nc = self.nc
+        """publish() of b"".join(parts) (size bytes, whole lines), without joining them
+        when they fit in one message. Returns the bytes NOT published."""
         if not parts:
             return 0
+        if size > self.nc.max_payload:
+            return await self.publish(subject, b"".join(parts))
+        return await self._send(subject, parts, size)
+
+    async def _send(self, subject: str, parts: Sequence[bytes], size: int) -> int:
+        """One NATS message made of parts (size bytes, under the max payload).
+
+        While connected, the PUB command is queued as header + the parts as they are +
+        CRLF for the client's flusher to write in one writev: no copy of the data in
+        Python (nats-py's publish() copies a payload twice to build the command).
+        Otherwise, and with a nats-py whose internals differ, nats-py's publish() of the
+        joined parts. Returns the bytes NOT published.
+        """
+        nc = self.nc
         if (
-            size > nc.max_payload
-            or not nc.is_connected
+            not nc.is_connected
             or nc.is_draining_pubs
             or not _FAST_PUBLISH
             or not (encoded := self._subject_bytes(subject))
         ):
-            if len(parts) == 1:
-                return await self.publish(subject, parts[0])
-            return await self.publish(subject, b"".join(parts))
+            try:
+                await nc.publish(subject, parts[0] if len(parts) == 1 else b"".join(parts))
+            except Exception as exc:
+                log.warning("publish to %s failed: %s", subject, exc)
+                return size
+            return 0
         header = b"PUB %b %d\r\n" % (encoded, size)
         pending = nc._pending
         pending.append(header)
