@@ -4,7 +4,6 @@ filter and two writers started from configs/pipeline/*.toml, fed by real clients
 from __future__ import annotations
 
 import gzip
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from influxdb import InfluxDBClient
 from influxdb_client import InfluxDBClient as InfluxDB2Client
 from influxdb_client.client.write_api import SYNCHRONOUS
 from support.pipeline import Pipeline
+from support.servers import curl_status
 
 
 @pytest.fixture
@@ -51,25 +51,15 @@ def test_points_from_every_client_land_exactly(pipeline: Pipeline) -> None:
             b"http_requests,host=web01,path=/a\\ b count=42i,ok=true %d" % (now + 6),
         ]
     )
-    out = subprocess.run(
-        [
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            "Content-Encoding: gzip",
-            "--data-binary",
-            "@-",
-            f"http://127.0.0.1:{p.http_port}/write?db=x",
-        ],
-        input=gzip.compress(body),
-        capture_output=True,
-        check=True,
+    status = curl_status(
+        "-H",
+        "Content-Encoding: gzip",
+        "--data-binary",
+        "@-",
+        f"http://127.0.0.1:{p.http_port}/write?db=x",
+        body=gzip.compress(body),
     )
-    assert out.stdout == b"400"  # a partial write: the invalid line is reported
+    assert status == "400"  # a partial write: the invalid line is reported
     # the influxdb (1.x) client library, precision ms
     c1 = InfluxDBClient("127.0.0.1", p.http_port, database="x")
     c1.create_database("x")

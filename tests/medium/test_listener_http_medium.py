@@ -24,7 +24,7 @@ from influxdb_client import WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 from support.collect import Collector
 from support.sample import telegraf_lines
-from support.servers import Component, NatsServer, free_port
+from support.servers import CURL_STATUS, Component, NatsServer, free_port
 
 from influx_spout.config import Config
 from influx_spout.modes import listener_http
@@ -110,6 +110,13 @@ def run_test(nats_url: str, body: Callable[[Harness], object], **overrides: obje
             await body(h)  # type: ignore[misc]
 
     asyncio.run(main())
+
+
+async def curl(*args: str) -> bytes:
+    """curl's HTTP status, without blocking the in-process server's event loop."""
+    proc = await asyncio.create_subprocess_exec(*CURL_STATUS, *args, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return out
 
 
 def assert_json_error(resp: httpx.Response, status: int, *parts: str, v2: bool = False) -> str:
@@ -290,21 +297,9 @@ def test_expect_100_continue_gets_413_before_the_body(
     async def body(h: Harness) -> None:
         big = tmp_path / "big.txt"
         big.write_bytes(b"cpu v=1 1\n" * 10_000)
-        proc = await asyncio.create_subprocess_exec(
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            "Expect: 100-continue",
-            "--data-binary",
-            f"@{big}",
-            f"{h.url}/write?db=x",
-            stdout=asyncio.subprocess.PIPE,
+        out = await curl(
+            "-H", "Expect: 100-continue", "--data-binary", f"@{big}", f"{h.url}/write?db=x"
         )
-        out, _ = await proc.communicate()
         assert out == b"413"
         await h.col.wait_counters(read_errors=1)
 
@@ -603,20 +598,6 @@ def test_curl(nats_server: NatsServer, tmp_path: Path) -> None:
     data = b"\n".join(telegraf_lines(20)) + b"\n"
     (tmp_path / "body.txt").write_bytes(data)
     (tmp_path / "body.gz").write_bytes(gzip.compress(data))
-
-    async def curl(*args: str) -> bytes:
-        proc = await asyncio.create_subprocess_exec(
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        out, _ = await proc.communicate()
-        return out
 
     async def body(h: Harness) -> None:
         url = f"{h.url}/write?db=telegraf"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,14 @@ import httpx
 import nats
 from nats.aio.msg import Msg
 
-from support.servers import REPO_ROOT, Component, InfluxServer, NatsServer, free_port
+from support.servers import (
+    REPO_ROOT,
+    Component,
+    InfluxServer,
+    NatsServer,
+    curl_status,
+    free_port,
+)
 
 PIPELINE_DIR = REPO_ROOT / "configs" / "pipeline"
 DATABASES = ("system", "web")
@@ -153,23 +159,13 @@ def main() -> int:
             p.send_udp(lines[:2], per_datagram=1)
             print("sending sample data by HTTP (curl) ...")
             body = b"\n".join(lines[2:]) + b"\n"
-            out = subprocess.run(
-                [
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--data-binary",
-                    "@-",
-                    f"http://127.0.0.1:{p.http_port}/write?db=telegraf",
-                ],
-                input=body,
-                capture_output=True,
-                check=False,
+            status = curl_status(
+                "--data-binary",
+                "@-",
+                f"http://127.0.0.1:{p.http_port}/write?db=telegraf",
+                body=body,
             )
-            print(f"  curl answered HTTP {out.stdout.decode()} (400: partial write, a line is bad)")
+            print(f"  curl answered HTTP {status} (400: partial write, a line is bad)")
             print("sending with the influxdb Python client (precision s) ...")
             from influxdb import InfluxDBClient
 

