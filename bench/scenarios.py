@@ -497,29 +497,37 @@ def _wait_null(port: int, expected: int, idle: float = 3.0) -> dict[str, Any]:
     return stats
 
 
+def _writer_run(
+    procs: Procs, nats: NatsServer, opts: Options, port: int, db: str, default_lines: int
+) -> tuple[Child, Child]:
+    """Start a writer to 127.0.0.1:port/db, its lines_written counter, and the NATS load."""
+    procs.component(
+        "writer",
+        "bench-writer",
+        nats.url,
+        nats_subject=[SUBJECT_IN],
+        influxdb_address="127.0.0.1",
+        influxdb_port=port,
+        influxdb_dbname=db,
+        batch_max_age="200ms",
+    )
+    monitor = procs.child(
+        "count", ["--nats", nats.url, "--stat", "lines_written", "--stat-name", "bench-writer"]
+    )
+    load = procs.child(
+        "nats",
+        ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, default_lines)]
+        + ["--progress-stat", "received", "--progress-name", "bench-writer"],
+    )
+    return monitor, load
+
+
 def run_writer_null(opts: Options) -> RunResult:
     """NATS messages of 1,000 lines -> writer -> a null HTTP endpoint (its own process)."""
     with Procs(opts.workdir) as procs:
         nats = procs.nats()
         _, null_port = procs.null_influx()
-        procs.component(
-            "writer",
-            "bench-writer",
-            nats.url,
-            nats_subject=[SUBJECT_IN],
-            influxdb_address="127.0.0.1",
-            influxdb_port=null_port,
-            influxdb_dbname="bench",
-            batch_max_age="200ms",
-        )
-        monitor = procs.child(
-            "count", ["--nats", nats.url, "--stat", "lines_written", "--stat-name", "bench-writer"]
-        )
-        load = procs.child(
-            "nats",
-            ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, 1_000_000)]
-            + ["--progress-stat", "received", "--progress-name", "bench-writer"],
-        )
+        monitor, load = _writer_run(procs, nats, opts, null_port, "bench", 1_000_000)
         cpu0 = procs.cpu_now()
         load.send("go")
         sent = load.result()
@@ -575,25 +583,7 @@ def run_writer_influx(opts: Options, influx: InfluxServer, run: int) -> RunResul
     try:
         with Procs(opts.workdir) as procs:
             nats = procs.nats()
-            procs.component(
-                "writer",
-                "bench-writer",
-                nats.url,
-                nats_subject=[SUBJECT_IN],
-                influxdb_address="127.0.0.1",
-                influxdb_port=influx.port,
-                influxdb_dbname=db,
-                batch_max_age="200ms",
-            )
-            monitor = procs.child(
-                "count",
-                ["--nats", nats.url, "--stat", "lines_written", "--stat-name", "bench-writer"],
-            )
-            load = procs.child(
-                "nats",
-                ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, 500_000)]
-                + ["--progress-stat", "received", "--progress-name", "bench-writer"],
-            )
+            monitor, load = _writer_run(procs, nats, opts, influx.port, db, 500_000)
             cpu0 = procs.cpu_now()
             load.send("go")
             sent = load.result()
