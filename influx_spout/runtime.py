@@ -62,9 +62,7 @@ class Runtime:
 
     def sync_dropped(self) -> None:
         """Copy what NATS dropped (slow consumer) into the nats_dropped counters."""
-        for subject, n in self.bus.dropped.items():
-            key = ("nats_dropped", (("subject", subject),))
-            self.stats.values[key] = n
+        self.stats.set_dropped(self.bus.dropped)
 
     async def __aexit__(
         self,

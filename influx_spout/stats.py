@@ -10,7 +10,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 log = logging.getLogger("influx_spout.stats")
 
@@ -41,6 +41,12 @@ class Stats:
     def inc(self, counter: str, n: int = 1, **labels: str) -> None:
         key = (counter, tuple(sorted(labels.items())))
         self.values[key] = self.values.get(key, 0) + n
+
+    def set_dropped(self, dropped: Mapping[str, int]) -> None:
+        """nats_dropped{subject}: what NATS dropped per subject (slow consumer), as counted
+        by the bus."""
+        for subject, n in dropped.items():
+            self.values[("nats_dropped", (("subject", subject),))] = n
 
     def get(self, counter: str, **labels: str) -> int:
         return self.values.get((counter, tuple(sorted(labels.items()))), 0)

@@ -146,8 +146,7 @@ class WorkerHost:
         return self
 
     def sync_dropped(self) -> None:
-        for subject, n in self.bus.dropped.items():
-            self.stats.values[("nats_dropped", (("subject", subject),))] = n
+        self.stats.set_dropped(self.bus.dropped)
 
     def report(self) -> None:
         """Send the counters and readiness to the parent (a small dict)."""
