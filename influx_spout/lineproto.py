@@ -109,8 +109,30 @@ def _digits_at_most(bound: int) -> str:
     return "(?:" + "|".join(alts) + ")"
 
 
-def _line_grammar(re2: bool, capture: bool) -> str:
+def _digits_between(lo: str, hi: str) -> str:
+    """Regex source for the decimal strings of len(lo) == len(hi) digits from lo to hi."""
+    n = len(lo)
+    if lo == hi:
+        return lo
+    if lo == "0" * n and hi == "9" * n:
+        return f"\\d{{{n}}}"
+    if lo[0] == hi[0]:
+        return lo[0] + _digits_between(lo[1:], hi[1:])
+    rest = n - 1
+    low, high = int(lo[0]), int(hi[0])
+    alts = [lo[0] + _digits_between(lo[1:], "9" * rest)]
+    if high - low > 1:
+        middle = str(low + 1) if high - low == 2 else f"[{low + 1}-{high - 1}]"
+        alts.append(f"{middle}\\d{{{rest}}}" if rest else middle)
+    alts.append(hi[0] + _digits_between("0" * rest, hi[1:]))
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _line_grammar(re2: bool, capture: bool, timestamp: str = "") -> str:
     """The grammar of one line; with capture, groups 1-4 are the sections of Parsed.
+
+    timestamp, when given, is the regex source the timestamp must match instead of any
+    int64.
 
     For re, ``p`` makes every repetition possessive and the lookahead ``end`` stops a
     float or a boolean that is only the start of a longer value (``1`` of ``1i``), since
@@ -152,7 +174,7 @@ def _line_grammar(re2: bool, capture: bool) -> str:
         f"{g}{measurement})"
         f"(?:,{g}{tag}(?:,{tag})*{p}))?{p}"
         f" {g}{field}(?:,{field})*{p})"
-        f"(?: {g}{int64}))?{p}"
+        f"(?: {g}{timestamp or int64}))?{p}"
     )
 
 
@@ -257,6 +279,40 @@ def split_valid(batch: bytes) -> tuple[bytes, list[bytes]]:
             bad.append(batch[end:nl])
         start = nl + 1
         end = _VALID_RUN.match(batch, start).end()
+
+
+# valid_in_window's pattern holds for one step of the clock and is compiled once a step
+WINDOW_STEP_NS = 1_000_000_000
+
+
+@functools.lru_cache(maxsize=2)
+def _valid_run_in_window(lo: int, hi: int) -> Any:
+    """_VALID_RUN with the timestamp, when there is one, written plainly in [lo, hi]."""
+    timestamp = _digits_between(str(lo), str(hi))
+    return _compile_batch(f"(?:{_line_grammar(re2=True, capture=False, timestamp=timestamp)}\\n)*")
+
+
+def valid_in_window(batch: bytes, now_ns: int, max_delta_ns: int) -> bytes | None:
+    """The batch when every line is valid and every timestamp within max_delta_ns of now_ns.
+
+    None means "look closer" (split_valid and a check of each timestamp say which lines
+    fail); it is also the answer when a line is empty or a comment, or when a timestamp
+    is within WINDOW_STEP_NS of the window's edges or written with a sign or leading
+    zeros. The common case costs the one RE2 pass that split_valid would make: the
+    grammar itself only admits timestamps in a window that holds for every now_ns of
+    the current step, so the pattern is compiled once a step.
+    """
+    if re2_engine is None:  # pragma: no cover - depends on the environment
+        return None
+    start = now_ns - now_ns % WINDOW_STEP_NS
+    lo = start + WINDOW_STEP_NS - max_delta_ns  # >= now_ns - max_delta_ns all step long
+    hi = start + max_delta_ns  # <= now_ns + max_delta_ns all step long
+    if lo < 0 or hi < lo or len(str(lo)) != len(str(hi)):
+        return None
+    batch = _normalise(batch)
+    if _valid_run_in_window(lo, hi).match(batch).end() == len(batch):
+        return batch
+    return None
 
 
 def is_valid(line: bytes) -> bool:

@@ -161,7 +161,14 @@ class RuleSet:
         max_delta_ns None skips the time check (now_ns is then unused). Lines keep their
         order within each output.
         """
-        valid, invalid = lineproto.split_valid(batch)
+        checked = None
+        if max_delta_ns is not None:
+            checked = lineproto.valid_in_window(batch, now_ns, max_delta_ns)
+        if checked is not None:
+            valid, invalid = checked, list[bytes]()
+            max_delta_ns = None  # every timestamp is in the window
+        else:
+            valid, invalid = lineproto.split_valid(batch)
         lines = valid.split(b"\n")
         lines.pop()  # after the final b"\n" (or the only, empty, item)
         routed = Routed({}, b"", processed=len(lines) + len(invalid), invalid=len(invalid))
@@ -175,7 +182,7 @@ class RuleSet:
                 whole = None
         if not lines:
             return routed
-        ascii_only = valid.isascii()
+        ascii_only = bool(self._head or self._tail) and valid.isascii()  # for regex rules
         buckets = self._by_rule(lines, ascii_only, b"\\" in valid)
         leftover = buckets.pop(self._junk, [])
         for index, test in self._tail:
@@ -188,14 +195,17 @@ class RuleSet:
                 leftover = list(compress(leftover, map(not_, found)))
         if leftover:
             buckets[self._junk] = leftover
+        routed.triggered = {i: len(b) for i, b in buckets.items()}
         if whole is not None and len(buckets) == 1:
             # every line went the same way: the batch is the output, nothing to join
             joined = dict.fromkeys(buckets, whole)
         else:
-            joined = {i: b"\n".join(b) + b"\n" for i, b in buckets.items()}
+            joined = {}
+            for i, b in buckets.items():
+                b.append(b"")  # so that the join ends with b"\n", without another copy
+                joined[i] = b"\n".join(b)
         routed.junk = joined.pop(self._junk, b"")
         routed.outputs = joined
-        routed.triggered = {i: len(b) for i, b in buckets.items()}
         routed.rejected = routed.triggered.pop(self._junk, 0)
         return routed
 
@@ -210,7 +220,11 @@ class RuleSet:
         if escapes:
             keys = list(map(_measurement, lines))
         else:
-            keys = [ln.partition(b",")[0].partition(b" ")[0] for ln in lines]
+            # the measurement ends at the first comma when the line has tags; when one
+            # has none, its "key" runs into the fields and holds the space after it
+            keys = [ln.partition(b",")[0] for ln in lines]
+            if b" " in b"\n".join(keys):
+                keys = [k.partition(b" ")[0] for k in keys]
         assigned = list(map(self._basic.get, keys, repeat(junk)))
         for index, test in self._head:
             todo = [p for p, a in enumerate(assigned) if a > index]  # not taken by earlier rules

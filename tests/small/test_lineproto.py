@@ -530,3 +530,60 @@ def test_whole_batch_grammar_agrees_with_per_line_grammar(line: bytes) -> None:
     valid = lp.is_valid(line)
     assert _run_accepts(line) == valid
     assert (lp.parse(line) is not None) == valid
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 99_999), st.integers(0, 99_999))
+def test_digits_between_is_the_range(a: int, b: int) -> None:
+    import re
+
+    lo, hi = min(a, b), max(a, b)
+    pattern = re.compile(lp._digits_between(f"{lo:05d}", f"{hi:05d}"))
+    for x in {lo - 1, lo, lo + 1, (lo + hi) // 2, hi - 1, hi, hi + 1, a ^ b}:
+        if 0 <= x <= 99_999:
+            assert (pattern.fullmatch(f"{x:05d}") is not None) == (lo <= x <= hi), x
+
+
+NOW = 1_763_900_000_123_456_789
+DELTA = 600 * 10**9
+
+
+def test_valid_in_window_takes_fresh_batches_as_they_are() -> None:
+    batch = b"".join(line + b"\n" for line in telegraf_lines(200, ts=NOW))
+    assert lp.valid_in_window(batch, NOW, DELTA) is batch
+    no_stamp = b"m f=1\nm,t=v f=2\n"
+    assert lp.valid_in_window(no_stamp, NOW, DELTA) is no_stamp
+    assert lp.valid_in_window(b"m f=1 %d" % NOW, NOW, DELTA) == b"m f=1 %d\n" % NOW
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"m f=1 %d" % (NOW - DELTA - 1),  # just outside, both sides
+        b"m f=1 %d" % (NOW + DELTA + 1),
+        b"m f=1 %d" % (NOW - 2 * DELTA),
+        b"m f=1 %d" % (NOW // 10),  # fewer digits
+        b"m f=1 0%d" % NOW,  # in the window, but with a leading zero: looked at closer
+        b"m f=1 -%d" % NOW,
+        b"m f=",  # invalid
+        b"",  # empty line
+        b"# comment",
+    ],
+)
+def test_valid_in_window_leaves_every_doubt_to_the_close_look(line: bytes) -> None:
+    batch = b"m f=1 %d\n%s\nm f=2 %d\n" % (NOW, line, NOW)
+    assert lp.valid_in_window(batch, NOW, DELTA) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-3 * DELTA, 3 * DELTA), st.integers(0, 10**10), st.integers(1, 10**12))
+def test_valid_in_window_never_passes_a_stale_timestamp(
+    offset: int, now_jitter: int, delta: int
+) -> None:
+    now = NOW + now_jitter
+    ts = now + offset
+    accepted = lp.valid_in_window(b"m f=1 %d\n" % ts, now, delta) is not None
+    if accepted:
+        assert now - delta <= ts <= now + delta
+    if abs(offset) + lp.WINDOW_STEP_NS < delta:  # well inside: the fast path takes it
+        assert accepted
