@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import importlib
 import importlib.util
 import logging
@@ -24,6 +26,11 @@ AVAILABLE_MODES = ("listener", "listener_http", "filter", "writer")
 # how long a stopping component may take to flush before it is cut short
 STOP_GRACE = 4.0
 
+# glibc malloc: blocks up to MMAP_THRESHOLD come from the heap and up to TRIM_THRESHOLD
+# of free heap is kept (see tune_malloc)
+MMAP_THRESHOLD = 8 << 20
+TRIM_THRESHOLD = 16 << 20
+
 
 def _setup_logging(component: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -35,6 +42,27 @@ def _setup_logging(component: str) -> None:
     root.setLevel(logging.INFO)
     # one line a request is noise in a component's log
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def tune_malloc() -> bool:
+    """Keep batch-sized buffers in the heap instead of mapping and unmapping each one.
+
+    Every message is a few hundred KB: by default glibc maps such a block from the kernel
+    and unmaps it on free (or trims the heap back), and the page faults of the next one
+    cost about 5% of the filter's CPU. Fixed thresholds keep up to TRIM_THRESHOLD of free
+    heap for reuse; blocks above MMAP_THRESHOLD (large writer batches) are still given
+    back at once. Returns False where the C library is not glibc (nothing changes).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, TRIM_THRESHOLD)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    tune_malloc()
     try:
         import uvloop
 
