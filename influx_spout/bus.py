@@ -21,6 +21,15 @@ log = logging.getLogger("influx_spout.bus")
 
 STARTUP_CONNECT_ATTEMPTS = 3
 
+# Bytes nats-py's socket reader may hold before it stops reading the socket (nats-py
+# sets 64 KB). A component busy in its event loop reads the socket only between
+# two messages; with a small limit that is less than one 1,000-line message, so under
+# load the backlog piles up in nats-server, which disconnects a client holding more
+# than its max_pending (64 MB) and loses those messages uncounted. With this limit the
+# backlog moves into the subscription's own buffer, bounded by nats_max_pending_size,
+# where overflow is counted (nats_dropped).
+SOCKET_READ_LIMIT = 8 * 1024 * 1024
+
 Handler = Callable[[Msg], Awaitable[None]]
 
 # publish_parts writes the PUB command into nats-py's pending buffer itself; the client
@@ -53,7 +62,14 @@ class Bus:
                 "(is nats-server running there? check nats_address)"
             ) from exc
         bus.nc.options["max_reconnect_attempts"] = -1
+        bus._read_eagerly()
         return bus
+
+    def _read_eagerly(self) -> None:
+        """Raise the socket reader's limit to SOCKET_READ_LIMIT (after each (re)connect)."""
+        reader = getattr(getattr(self.nc, "_transport", None), "_io_reader", None)
+        if isinstance(reader, asyncio.StreamReader) and hasattr(reader, "_limit"):
+            reader._limit = SOCKET_READ_LIMIT // 2  # it pauses the socket past twice this
 
     async def _connect(self) -> None:
         cfg = self.cfg
@@ -84,6 +100,7 @@ class Bus:
             log.warning("disconnected from NATS, reconnecting")
 
     async def _on_reconnect(self) -> None:
+        self._read_eagerly()
         log.info("reconnected to NATS at %s", self.nc.connected_url)
 
     @property
