@@ -29,6 +29,7 @@ STARTUP_CONNECT_ATTEMPTS = 3
 # backlog moves into the subscription's own buffer, bounded by nats_max_pending_size,
 # where overflow is counted (nats_dropped).
 SOCKET_READ_LIMIT = 8 * 1024 * 1024
+CATCH_UP_TURNS = 64  # of the event loop, at most, in one catch_up()
 
 Handler = Callable[[Msg], Awaitable[None]]
 
@@ -181,6 +182,22 @@ class Bus:
             ok = subject.isascii() and subject.isprintable() and " " not in subject
             encoded = self._subjects[subject] = subject.encode() if ok else b""
         return encoded
+
+    async def catch_up(self) -> None:
+        """Let the event loop read what waits in the socket; for handlers that keep it busy.
+
+        nats-py hands queued messages to a handler one after another without yielding, and
+        each turn of the loop reads at most one buffer (256 KB) from the socket, so a
+        handler that works in the event loop must call this now and then: it yields until
+        a turn brings no new message (at most CATCH_UP_TURNS turns).
+        """
+        stats = self.nc.stats
+        for _ in range(CATCH_UP_TURNS):
+            before = stats["in_bytes"]
+            await asyncio.sleep(0)  # the loop reads the socket...
+            await asyncio.sleep(0)  # ...and nats-py's read task parses what came
+            if stats["in_bytes"] == before:
+                return
 
     async def publish_raw(self, subject: str, data: bytes) -> None:
         """Publish one message as is (stats)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from nats.aio.msg import Msg
 
@@ -52,6 +53,10 @@ COUNTERS = (
 # how much of a rejected line a debug log shows
 LOG_LINE_BYTES = 200
 
+# a worker lets its event loop read the socket at least this often (seconds) while
+# messages wait (Bus.catch_up)
+YIELD_INTERVAL = 0.005
+
 
 class Filter:
     """Takes input messages, routes them, publishes the results and counts everything."""
@@ -67,6 +72,7 @@ class Filter:
         self.subjects = [rule.subject for rule in cfg.rule]
         self.max_delta_ns = int(cfg.max_time_delta * 1e9)
         self.failure: BaseException | None = None  # what broke the routing, fatal
+        self.yielded = 0.0  # when handle() last let the event loop run
         for subject in self.subjects:
             self.stats.inc("triggered", 0, rule=subject)
 
@@ -93,6 +99,12 @@ class Filter:
             await self._publish(self.subjects[index], data)
         if routed.junk:
             await self._publish(self.cfg.nats_subject_junkyard, routed.junk)
+        if self.inline and time.monotonic() - self.yielded >= YIELD_INTERVAL:
+            # routing keeps the event loop busy: let it read the socket now and then, or
+            # under overload the backlog would pile up in nats-server (which cuts a slow
+            # client off, losing messages uncounted) instead of in our counted buffer
+            await self.rt.bus.catch_up()
+            self.yielded = time.monotonic()
 
     def _count(self, routed: Routed) -> None:
         inc = self.stats.inc

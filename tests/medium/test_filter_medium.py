@@ -11,9 +11,10 @@ import asyncio
 import re
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -21,6 +22,7 @@ import pytest
 from support.sample import telegraf_lines
 from support.servers import Component, NatsServer
 
+from bench.natscount import LineCounter
 from influx_spout.config import Config, Rule
 from influx_spout.modes import filter as filter_mode
 from influx_spout.rules import RuleSet
@@ -70,9 +72,11 @@ class Bus:
             dict
         )
 
-    async def start(self, url: str) -> None:
+    async def start(self, url: str, everything: bool = True) -> None:
+        """Connect; record every subject unless everything is False (counters only)."""
         self.nc = await nats.connect(url)
-        await self.nc.subscribe(">", cb=self._on_message)
+        if everything:
+            await self.nc.subscribe(">", cb=self._on_message)
         await self.nc.subscribe(MONITOR, cb=self._on_stats)
         await self.nc.flush()
 
@@ -305,6 +309,53 @@ def test_a_full_input_buffer_drops_and_counts(
     # what was not dropped was routed and published, all of it
     assert bus.counter("processed") == (sent - dropped) * per_message
     assert len(bus.lines("out-cpu")) == (sent - dropped) * per_message
+
+
+def test_a_backlog_waits_in_the_filter_not_in_nats_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers route in their event loop; under sustained overload they must still read
+    their socket, or the backlog waits in nats-server, which cuts a client holding more
+    than max_pending off as a slow consumer: its messages are lost, uncounted. The
+    backlog belongs in the worker's own buffer (nats_max_pending_size, counted drops)."""
+    original = RuleSet.route
+
+    def slow(ruleset: RuleSet, *args: Any) -> Any:
+        time.sleep(0.005)  # a worker that takes 200 messages/s at most
+        return original(ruleset, *args)
+
+    monkeypatch.setattr(RuleSet, "route", slow)  # the forked workers inherit it
+    server = NatsServer(max_pending=8 * 1024 * 1024, workdir=tmp_path / "nats").start()
+    lines = telegraf_lines(1000, ts=time.time_ns())
+    payload = b"\n".join(lines) + b"\n"
+    sent = 400  # 70 MB at 1,000 messages/s: twice what two such workers take
+    out: Counter[str] = Counter()
+
+    async def main() -> Bus:
+        bus = Bus()
+        await bus.start(server.url, everything=False)
+        # the outputs are counted by the benchmarks' lean subscriber, which keeps up
+        host, port = server.url.removeprefix("nats://").split(":")
+        counter = await LineCounter.connect(
+            host, int(port), ["out-cpu", JUNK], lambda subject, n: out.update({subject: n})
+        )
+        cfg = make_config(server.url, workers=2, rule=[Rule("basic", "cpu", subject="out-cpu")])
+        async with running(bus, cfg):
+            for _ in range(sent):
+                await bus.nc.publish(INPUT, payload)
+                await asyncio.sleep(0.001)
+            await bus.nc.flush()
+            await bus.wait_for(lambda: out.total() == sent * len(lines), 60)
+        counter.close()
+        await bus.close()
+        return bus
+
+    try:
+        bus = run(main())
+    finally:
+        server.stop()
+    assert "Slow Consumer" not in server.log()
+    assert bus.counter("processed") == sent * len(lines)
 
 
 def test_the_filter_process_routes_and_stops_on_sigterm(

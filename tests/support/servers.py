@@ -146,9 +146,11 @@ class NatsServer:
         self,
         max_payload: int | None = None,
         jetstream: bool = False,
+        max_pending: int | None = None,
         workdir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.max_payload = max_payload
+        self.max_pending = max_pending  # bytes held for a slow client before cutting it off
         self.jetstream = jetstream
         self._workdir = _Workdir(workdir, "nats-")
         self.dir = self._workdir.dir
@@ -167,10 +169,12 @@ class NatsServer:
         monitor_port = str(self.monitor_port) if self.monitor_port else "-1"
         cmd = [exe, "-a", "127.0.0.1", "-p", client_port, "-m", monitor_port]
         cmd += ["--ports_file_dir", str(self.dir)]
-        if self.max_payload is not None:
-            # no command-line flag for it; command-line flags override the file's other settings
+        settings = {"max_payload": self.max_payload, "max_pending": self.max_pending}
+        settings = {k: v for k, v in settings.items() if v is not None}
+        if settings:
+            # no command-line flags for these; command-line flags override the file's others
             conf = self.dir / "nats.conf"
-            conf.write_text(f"max_payload: {int(self.max_payload)}\n")
+            conf.write_text("".join(f"{k}: {int(v)}\n" for k, v in settings.items()))
             cmd += ["-c", str(conf)]
         if self.jetstream:
             cmd += ["-js", "-sd", str(self.dir / "js")]
