@@ -41,6 +41,9 @@ class FakeBus:
         self.published.append((subject, data))
         return 0
 
+    async def catch_up(self) -> None:
+        self.caught_up = getattr(self, "caught_up", 0) + 1
+
 
 def make_cfg(**kw: Any) -> Config:
     rules = kw.pop(
