@@ -13,6 +13,10 @@ point at it unchanged:
 Routing is done by the filter's rules, not here: db, rp, bucket and org are accepted and
 ignored (db may be missing, as with the Go influx-spout), and so are credentials.
 
+HTTP itself (keep-alive, chunked bodies, "Expect: 100-continue", body limits, graceful
+stop) is influx_spout.httpserver: a write is refused before its body is read when its
+Content-Length is over max_body_size, its encoding unknown or the listener busy.
+
 A write body (gzip or plain, at most max_body_size bytes once decompressed) is checked
 line by line (lineproto.split_valid, one regex pass for a good body), its timestamps are
 converted to nanoseconds, and the valid lines go into one Batcher (batch_max_count
@@ -46,15 +50,22 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-from aiohttp import web
+from urllib.parse import parse_qsl
 
 from influx_spout import lineproto
-from influx_spout.batching import Batcher, split_under
+from influx_spout.batching import Batcher, count_lines, split_under
 from influx_spout.config import Config
+from influx_spout.httpserver import (
+    BodyError,
+    BodyTooLarge,
+    Handler,
+    Request,
+    Response,
+    Server,
+    ServerBusy,
+)
 from influx_spout.modes.listener import MAX_AGE_CHECK_INTERVAL, publish_parts_counted
 from influx_spout.runtime import Runtime
 
@@ -71,7 +82,7 @@ V2_PRECISIONS = ("ns", "us", "ms", "s")
 # event loop keeps serving; smaller ones cost less than the hop to the thread.
 THREAD_THRESHOLD = 64 * 1024
 
-# Write bodies being read or checked, plus what the NATS client has not sent yet, may
+# Request bodies being read or checked, plus what the NATS client has not sent yet, may
 # reach BUSY_FACTOR * batch size (at least max_body_size) before writes get 503.
 BUSY_FACTOR = 4
 RETRY_AFTER = "1"  # seconds, in 503 answers
@@ -205,9 +216,9 @@ def decode(
     piece_size = piece_size or max_payload
     cut: list[tuple[bytes, int]] = []
     if len(valid) > piece_size:
-        cut = [(p, p.count(b"\n")) for p in split_under(valid, piece_size)]
+        cut = [(p, count_lines(p)) for p in split_under(valid, piece_size)]
     elif valid:
-        cut = [(valid, valid.count(b"\n"))]
+        cut = [(valid, count_lines(valid))]
     decoded = Decoded(cut, sum(n for _, n in cut), rejected)
     if rejected:
         decoded.problem = describe(body, rejected)
@@ -264,7 +275,7 @@ def error_response(
     v2: bool = False,
     code: str = "invalid",
     headers: dict[str, str] | None = None,
-) -> web.Response:
+) -> Response:
     """A JSON error like InfluxDB's, with the message also in X-Influxdb-Error."""
     payload: dict[str, str] = {"code": code, "message": message} if v2 else {"error": message}
     header = printable(" ".join(message.split()))
@@ -272,46 +283,32 @@ def error_response(
     all_headers = {"X-Influxdb-Error": header, **(headers or {})}
     if v2:
         all_headers["X-Platform-Error-Code"] = code
-    return web.Response(
-        status=status,
-        body=json.dumps(payload).encode() + b"\n",
-        content_type="application/json",
-        headers=all_headers,
-    )
+    return Response(status, json.dumps(payload).encode() + b"\n", "application/json", all_headers)
 
 
-def json_response(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status, body=json.dumps(payload).encode() + b"\n", content_type="application/json"
-    )
+def json_response(payload: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(payload).encode() + b"\n", "application/json")
 
 
-async def _add_version_headers(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["X-Influxdb-Version"] = VERSION
-    response.headers["X-Influxdb-Build"] = "OSS"
+# sent with every answer
+VERSION_HEADERS = {"X-Influxdb-Version": VERSION, "X-Influxdb-Build": "OSS"}
+
+_ERROR_CODES = {500: "internal error", 503: "unavailable"}  # InfluxDB 2.x codes; else invalid
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+def error_page(status: int, message: str, path: str) -> Response:
+    """The answer to a request the handler never saw (not HTTP) or failed on (500)."""
+    v2 = path.startswith("/api/v2/")
+    return error_response(status, message, v2, _ERROR_CODES.get(status, "invalid"))
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Unknown paths, wrong methods and unexpected failures also answer JSON errors."""
-    v2 = request.path.startswith("/api/v2/")
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = f"{exc.status} {exc.reason}: {request.method} {request.path}"
-        if exc.status == 404:
-            message += " (this is influx-spout: use /write, /api/v2/write, /ping, /query)"
-        code = "not found" if exc.status == 404 else "method not allowed"
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, message, v2, code, headers=allow)
-    except Exception as exc:
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(500, f"internal error: {exc}", v2, "internal error")
+def body_reject(exc: BodyError) -> Reject:
+    """Why a request body could not be had, as the write's answer."""
+    if isinstance(exc, BodyTooLarge):
+        return too_large(exc.limit)
+    if isinstance(exc, ServerBusy):
+        return busy(exc.held, exc.limit)
+    return Reject(400, f"could not read the request body: {exc} (send the whole body)")
 
 
 # -- the server --------------------------------------------------------------------------
@@ -325,36 +322,30 @@ class HttpListener:
         self.batch_size = min(cfg.batch_max_size, rt.bus.max_payload)
         self.batcher = Batcher(cfg.batch_max_count, self.batch_size, cfg.batch_max_age)
         self.busy_limit = max(BUSY_FACTOR * self.batch_size, cfg.max_body_size)
-        self.waiting = 0  # bytes of write bodies being read or checked
         self.databases: set[str] = set()
         self.closing = False
-        self.runner: web.AppRunner | None = None
         self.wake = asyncio.Event()
-
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[json_errors])
-        app.on_response_prepare.append(_add_version_headers)
-        router = app.router
-        router.add_post("/write", self.write_v1, expect_handler=self.expect)
-        router.add_post("/api/v2/write", self.write_v2, expect_handler=self.expect)
-        router.add_get("/ping", self.ping)
-        router.add_get("/health", self.health)
-        router.add_get("/query", self.query)
-        router.add_post("/query", self.query)
-        return app
+        # bodies being read or checked count in server.held until they are answered;
+        # reading stops with a 503 past busy_limit + max_body_size
+        self.server = Server(
+            self.handle,
+            error_page,
+            VERSION_HEADERS,
+            max_body_size=cfg.max_body_size,
+            max_held=self.busy_limit + cfg.max_body_size,
+        )
+        self.routes: dict[str, dict[str, Handler]] = {
+            "/write": {"POST": self.write_v1},
+            "/api/v2/write": {"POST": self.write_v2},
+            "/ping": {"GET": self.ping, "HEAD": self.ping},
+            "/health": {"GET": self.health, "HEAD": self.health},
+            "/query": {"GET": self.query, "HEAD": self.query, "POST": self.query},
+        }
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(
-            self.app(),
-            access_log=None,
-            auto_decompress=False,  # gzip is decompressed here, within max_body_size
-            shutdown_timeout=SHUTDOWN_TIMEOUT,
-        )
-        await self.runner.setup()
         try:
-            await web.TCPSite(self.runner, port=self.cfg.port).start()
+            await self.server.start(self.cfg.port)
         except OSError as exc:
-            await self.runner.cleanup()
             raise RuntimeError(
                 f"cannot listen on TCP port {self.cfg.port}: {exc.strerror or exc} "
                 "(is another process using it? check port)"
@@ -362,8 +353,7 @@ class HttpListener:
 
     async def stop(self, pump: asyncio.Task) -> None:
         """Stop taking requests (those in progress may finish), then publish the rest."""
-        if self.runner is not None:
-            await self.runner.cleanup()
+        await self.server.close(SHUTDOWN_TIMEOUT)
         self.closing = True
         self.wake.set()
         await pump
@@ -379,9 +369,32 @@ class HttpListener:
             if self.batcher.due():
                 await publish_parts_counted(self.rt, self.subject, self.batcher.take_parts())
 
+    async def handle(self, request: Request) -> Response:
+        """Route a request; unknown paths and wrong methods get JSON errors too."""
+        methods = self.routes.get(request.path)
+        v2 = request.path.startswith("/api/v2/")
+        if methods is None:
+            return error_response(
+                404,
+                f"404 Not Found: {request.method} {request.path} "
+                "(this is influx-spout: use /write, /api/v2/write, /ping, /query)",
+                v2,
+                "not found",
+            )
+        handler = methods.get(request.method)
+        if handler is None:
+            return error_response(
+                405,
+                f"405 Method Not Allowed: {request.method} {request.path}",
+                v2,
+                "method not allowed",
+                headers={"Allow": ",".join(sorted(methods))},
+            )
+        return await handler(request)
+
     # -- writes ------------------------------------------------------------------------------
 
-    async def write_v1(self, request: web.Request) -> web.Response:
+    async def write_v1(self, request: Request) -> Response:
         precision = request.query.get("precision") or "ns"
         if precision not in V1_PRECISIONS:
             return self.refuse(
@@ -394,7 +407,7 @@ class HttpListener:
             self.databases.add(db)
         return await self.write(request, precision, v2=False)
 
-    async def write_v2(self, request: web.Request) -> web.Response:
+    async def write_v2(self, request: Request) -> Response:
         precision = request.query.get("precision") or "ns"
         if precision not in V2_PRECISIONS:
             reject = Reject(400, f'invalid precision "{precision}" (use ns, us, ms or s)')
@@ -404,13 +417,16 @@ class HttpListener:
             return self.refuse(request, reject, v2=True)
         return await self.write(request, precision, v2=True)
 
-    async def write(self, request: web.Request, precision: str, v2: bool) -> web.Response:
+    async def write(self, request: Request, precision: str, v2: bool) -> Response:
         try:
             encoding = content_encoding(request)
             limit = self.cfg.max_body_size
-            if request.content_length is not None and request.content_length > limit:
+            length = request.content_length
+            if length is not None and length > limit:
                 raise too_large(limit)
-            waiting = self.waiting + self.rt.bus.nc.pending_data_size
+            # what other requests' bodies and the NATS client hold
+            held = self.server.held - request.size
+            waiting = held + self.rt.bus.nc.pending_data_size
             if waiting > self.busy_limit:
                 raise busy(waiting, self.busy_limit)
             decoded = await self.read_and_decode(request, encoding == "gzip", precision)
@@ -455,65 +471,38 @@ class HttpListener:
             else:
                 message = decoded.problem
             return error_response(400, message, v2)
-        return web.Response(status=204)
+        return NO_CONTENT
 
-    async def read_and_decode(self, request: web.Request, gzipped: bool, precision: str) -> Decoded:
-        """Read the body within max_body_size (and the busy limit), then check it."""
-        limit = self.cfg.max_body_size
-        hard_limit = self.busy_limit + limit
-        chunks = []
-        size = 0
+    async def read_and_decode(self, request: Request, gzipped: bool, precision: str) -> Decoded:
+        """Read the body (the server keeps it within max_body_size and the busy limit),
+        then check it."""
         try:
-            while True:
-                try:
-                    chunk = await request.content.readany()
-                except Exception as exc:  # the client went away, bad chunked encoding...
-                    raise Reject(400, f"could not read the request body: {exc}") from None
-                if not chunk:
-                    break
-                size += len(chunk)
-                self.waiting += len(chunk)
-                if size > limit:
-                    raise too_large(limit)
-                if self.waiting > hard_limit:
-                    raise busy(self.waiting, hard_limit)
-                chunks.append(chunk)
-            args = (gzipped, precision, limit, self.rt.bus.max_payload, self.batch_size)
-            if gzipped or size > THREAD_THRESHOLD:
-                # joining the chunks is per-byte work too: done in the thread
-                return await asyncio.to_thread(decode_chunks, chunks, *args)
-            body = b"".join(chunks)
-            chunks.clear()
-            return decode(body, *args)
-        finally:
-            self.waiting -= size
+            chunks = await request.body()
+        except BodyError as exc:
+            raise body_reject(exc) from None
+        args = (gzipped, precision, self.cfg.max_body_size, self.rt.bus.max_payload)
+        if gzipped or request.size > THREAD_THRESHOLD:
+            # joining the chunks is per-byte work too: done in the thread
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, decode_chunks, chunks, *args, self.batch_size)
+        return decode_chunks(chunks, *args, self.batch_size)
 
-    def refuse(self, request: web.Request, exc: Reject, v2: bool) -> web.Response:
+    def refuse(self, request: Request, exc: Reject, v2: bool) -> Response:
         """Answer a write refused as a whole, and count it."""
         self.rt.stats.inc(exc.counter)
         if self.cfg.debug:
             log.warning("refused a write from %s: %s", request.remote, exc.message)
         return error_response(exc.status, exc.message, v2, exc.code, exc.headers)
 
-    async def expect(self, request: web.Request) -> web.StreamResponse | None:
-        """Answer "Expect: 100-continue" with 413 at once when the body is too large."""
-        limit = self.cfg.max_body_size
-        if request.content_length is not None and request.content_length > limit:
-            return self.refuse(request, too_large(limit), v2=request.path.startswith("/api/v2/"))
-        expect = request.headers.get("Expect", "").lower()
-        if expect == "100-continue" and request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return None
-
     # -- the rest of the API ----------------------------------------------------------------
 
-    async def ping(self, request: web.Request) -> web.Response:
+    async def ping(self, request: Request) -> Response:
         verbose = request.query.get("verbose", "")
         if verbose not in ("", "0", "false"):
             return json_response({"version": VERSION})
-        return web.Response(status=204)
+        return NO_CONTENT
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Response:
         ok = self.rt.bus.connected
         return json_response(
             {
@@ -526,12 +515,18 @@ class HttpListener:
             200 if ok else 503,
         )
 
-    async def query(self, request: web.Request) -> web.Response:
+    async def query(self, request: Request) -> Response:
         q = request.query.get("q")
-        if q is None and request.method == "POST":
-            form = await request.post()
-            value = form.get("q")
-            q = value if isinstance(value, str) else None
+        if q is None and request.method == "POST" and is_form(request):
+            try:
+                body = b"".join(await request.body())
+            except BodyError as exc:
+                reject = body_reject(exc)
+                return error_response(
+                    reject.status, reject.message, False, reject.code, reject.headers
+                )
+            form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+            q = next((value for key, value in form if key == "q"), None)
         if not q:
             return error_response(400, 'missing required parameter "q"')
         results: list[dict[str, Any]] = []
@@ -561,9 +556,18 @@ class HttpListener:
         return json_response({"results": results})
 
 
-def content_encoding(request: web.Request) -> str:
+NO_CONTENT = Response(204)
+
+
+def is_form(request: Request) -> bool:
+    """A form-encoded body (Telegraf sends /query's q so)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0]
+    return media_type.strip().lower() == "application/x-www-form-urlencoded"
+
+
+def content_encoding(request: Request) -> str:
     """ "gzip" or "" (plain); any other Content-Encoding is refused."""
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    encoding = request.headers.get("content-encoding", "").strip().lower()
     if encoding in ("gzip", "x-gzip"):
         return "gzip"
     if encoding in ("", "identity"):

@@ -306,6 +306,22 @@ def test_expect_100_continue_gets_413_before_the_body(
     run_test(nats_server.url, body, max_body_size=1000)
 
 
+def test_expect_100_continue_and_http_1_0_writes_are_accepted(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    data = b"\n".join(telegraf_lines(20)) + b"\n"
+    (tmp_path / "body.txt").write_bytes(data)
+
+    async def body(h: Harness) -> None:
+        url = f"{h.url}/write?db=x"
+        expect = ["-H", "Expect: 100-continue", "--data-binary", f"@{tmp_path / 'body.txt'}"]
+        assert await curl(*expect, url) == b"204"
+        assert await curl("--http1.0", "--data-binary", f"@{tmp_path / 'body.txt'}", url) == b"204"
+        await h.col.wait_published(data + data)
+
+    run_test(nats_server.url, body)
+
+
 def test_empty_body_is_204(nats_server: NatsServer) -> None:
     async def body(h: Harness) -> None:
         assert (await h.http.post("/write?db=x", content=b"")).status_code == 204
@@ -375,6 +391,28 @@ def test_stop_flushes_the_partial_batch(nats_server: NatsServer) -> None:
             pass
         else:
             raise AssertionError("the server still answers after stop")
+
+    run_test(nats_server.url, body, batch_max_count=100)
+
+
+def test_stop_finishes_a_write_in_progress(nats_server: NatsServer) -> None:
+    async def body(h: Harness) -> None:
+        gate = asyncio.Event()
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            yield b"a v=1 1\n"
+            await gate.wait()
+            yield b"a v=2 2\n"
+
+        write = asyncio.create_task(h.http.post("/write", content=slow_body()))
+        await asyncio.sleep(0.1)  # the head and the first chunk are in
+        h.stop_event.set()
+        await asyncio.sleep(0.1)
+        assert not h.task.done()  # waiting for the write in progress
+        gate.set()
+        assert (await write).status_code == 204
+        await asyncio.wait_for(h.task, 5)
+        await h.col.wait_published(b"a v=1 1\na v=2 2\n")
 
     run_test(nats_server.url, body, batch_max_count=100)
 
