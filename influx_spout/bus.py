@@ -21,13 +21,14 @@ log = logging.getLogger("influx_spout.bus")
 
 STARTUP_CONNECT_ATTEMPTS = 3
 
-# Bytes nats-py's socket reader may hold before it stops reading the socket (nats-py
-# sets 64 KB). A component busy in its event loop reads the socket only between
-# two messages; with a small limit that is less than one 1,000-line message, so under
-# load the backlog piles up in nats-server, which disconnects a client holding more
-# than its max_pending (64 MB) and loses those messages uncounted. With this limit the
-# backlog moves into the subscription's own buffer, bounded by nats_max_pending_size,
-# where overflow is counted (nats_dropped).
+# Bytes nats-py's socket reader may hold before it stops reading the socket, for a mode
+# that calls read_ahead() (nats-py sets 64 KB). A component busy in its event loop reads
+# the socket only now and then (see catch_up); with a small limit, under load, the backlog
+# piles up in nats-server, which disconnects a client holding more than its max_pending
+# (64 MB) and loses those messages uncounted. With this limit the backlog moves into the
+# subscription's own buffer, bounded by nats_max_pending_size, where overflow is counted
+# (nats_dropped). Modes whose loop stays free (the writer) keep nats-py's limit: more
+# read-ahead would only hold more of a backlog in memory (~40 MB in bench writer-null).
 SOCKET_READ_LIMIT = 8 * 1024 * 1024
 CATCH_UP_TURNS = 64  # of the event loop, at most, in one catch_up()
 
@@ -51,6 +52,7 @@ class Bus:
         self._subs: list = []
         self._closing = False
         self._subjects: dict[str, bytes] = {}  # subjects publish_parts may write, encoded
+        self._read_ahead = False  # see read_ahead()
 
     @classmethod
     async def connect(cls, cfg: Config) -> Bus:
@@ -63,11 +65,14 @@ class Bus:
                 "(is nats-server running there? check nats_address)"
             ) from exc
         bus.nc.options["max_reconnect_attempts"] = -1
-        bus._read_eagerly()
         return bus
 
-    def _read_eagerly(self) -> None:
-        """Raise the socket reader's limit to SOCKET_READ_LIMIT (after each (re)connect)."""
+    def read_ahead(self) -> None:
+        """Let the socket reader hold up to SOCKET_READ_LIMIT, now and after a reconnect.
+
+        For modes that keep their event loop busy (and call catch_up); see above.
+        """
+        self._read_ahead = True
         reader = getattr(getattr(self.nc, "_transport", None), "_io_reader", None)
         if isinstance(reader, asyncio.StreamReader) and hasattr(reader, "_limit"):
             reader._limit = SOCKET_READ_LIMIT // 2  # it pauses the socket past twice this
@@ -101,7 +106,8 @@ class Bus:
             log.warning("disconnected from NATS, reconnecting")
 
     async def _on_reconnect(self) -> None:
-        self._read_eagerly()
+        if self._read_ahead:
+            self.read_ahead()
         log.info("reconnected to NATS at %s", self.nc.connected_url)
 
     @property

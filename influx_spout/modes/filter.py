@@ -157,6 +157,8 @@ async def serve(rt: Host) -> None:
     source = cfg.nats_subject[0]
     rt.stats.inc("nats_dropped", 0, subject=source)
     filt = Filter(cfg, rt, inline=isinstance(rt, workers.WorkerHost))
+    if filt.inline:
+        rt.bus.read_ahead()  # it routes in its event loop: see Bus.catch_up
     await rt.bus.subscribe([source], filt.handle, cfg.nats_max_pending_size)
     rt.ready = True
     await rt.stop.wait()
