@@ -238,6 +238,15 @@ def test_a_later_regex_only_sees_lines_left_over() -> None:
     assert r.outputs == {0: batch(b"cpu v=1"), 1: batch(b"mem v=1")}
 
 
+@pytest.mark.parametrize("rules_before", [[], [regex("zzz", "z")]])
+def test_a_regex_never_sees_the_line_end(rules_before: list[Rule]) -> None:
+    # \Z and (?s). would see a b"\n" left on the line; before and after basic rules
+    rules = [*rules_before, basic("cpu", "a"), regex(r"=1\Z", "b"), negregex(r"(?s)\s\Z", "c")]
+    r = route(rules, b"cpu v=1", b"mem v=1", b"disk v=2")
+    n = len(rules_before)
+    assert r.outputs == {n: batch(b"cpu v=1"), n + 1: batch(b"mem v=1"), n + 2: batch(b"disk v=2")}
+
+
 def test_order_within_outputs_is_kept() -> None:
     lines = [b"m%d,t=%d v=%d" % (i % 3, i, i) for i in range(30)]
     r = route([basic("m0", "a"), basic("m1", "b")], *lines)
