@@ -19,6 +19,7 @@ from typing import Any
 
 import nats
 import pytest
+from support.collect import wait_until
 from support.sample import telegraf_lines
 from support.servers import Component, NatsServer
 
@@ -105,14 +106,11 @@ class Bus:
         await self.nc.flush()
 
     async def wait_for(self, what: Callable[[], bool], timeout: float = 10.0) -> None:
-        """A liveness wait, never a speed assertion."""
-        deadline = time.monotonic() + timeout
-        while not what():
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out; stats={dict(self.stats)!r} subjects={list(self.messages)!r}"
-                )
-            await asyncio.sleep(0.01)
+        await wait_until(
+            what,
+            timeout,
+            lambda: f"stats={dict(self.stats)!r} subjects={list(self.messages)!r}",
+        )
 
     async def close(self) -> None:
         await self.nc.close()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import time
 from collections import Counter
 from typing import Any
 
 import nats
 import pytest
+from support.collect import wait_until
 from support.servers import NatsServer
 
 from influx_spout import workers
@@ -76,10 +76,7 @@ class Watch:
             self.pids[pid] = int(value)
 
     async def wait_for(self, what: Any, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not what():
-            assert time.monotonic() < deadline, f"timed out: {self.processed} {len(self.out)}"
-            await asyncio.sleep(0.01)
+        await wait_until(what, timeout, lambda: f"{self.processed} {len(self.out)}")
 
 
 def test_workers_share_the_input_and_the_parent_sums_their_counters(

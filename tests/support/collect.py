@@ -10,6 +10,16 @@ import nats
 from nats.aio.msg import Msg
 
 
+async def wait_until(what: Callable[[], bool], timeout: float, state: Callable[[], str]) -> None:
+    """Poll what() until true; past timeout seconds fail, showing state(). A liveness wait,
+    never a speed assertion."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; {state()}")
+        await asyncio.sleep(0.01)
+
+
 class Collector:
     """Every message on `subject` and the latest counter values on `monitor`."""
 
@@ -34,13 +44,9 @@ class Collector:
             self.counters[name] = int(rest.rsplit("} ", 1)[1].split()[0])
 
     async def wait_for(self, what: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not what():
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out; messages={self.messages!r} counters={self.counters!r}"
-                )
-            await asyncio.sleep(0.01)
+        await wait_until(
+            what, timeout, lambda: f"messages={self.messages!r} counters={self.counters!r}"
+        )
 
     async def wait_counters(self, timeout: float = 5.0, **expected: int) -> None:
         await self.wait_for(
