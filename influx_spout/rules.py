@@ -293,11 +293,7 @@ class RuleSet:
                 if b" " in key:
                     break
         for line in rest:
-            measurement = line.partition(b" ")[0].partition(b",")[0]
-            index = rule_of_key.get(measurement)
-            if index is None:
-                index = self._rule_of(measurement)
-            buckets[index].append(line)
+            buckets[self._rule_of(line.partition(b",")[0])].append(line)
 
 
 def _found(test: _Tags | _Regex, lines: list[bytes], ascii_only: bool) -> list[object]:
