@@ -34,7 +34,7 @@ import time
 from nats.aio.msg import Msg
 
 from influx_spout import lineproto, workers
-from influx_spout.batching import split_under
+from influx_spout.batching import count_lines, split_under
 from influx_spout.config import Config
 from influx_spout.rules import Routed, RuleSet
 from influx_spout.workers import Host
@@ -138,7 +138,7 @@ class Filter:
         pieces = split_under(data, limit) if len(data) > limit else [data]
         for piece in pieces:
             if await self.rt.bus.publish(subject, piece):
-                lines = piece.count(b"\n")
+                lines = count_lines(piece)
                 self.stats.inc("failed_nats_publish", lines)
                 if self.cfg.debug:
                     log.info("could not publish %d lines to %s", lines, subject)

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import socket
 
-from influx_spout.batching import Batcher, Parts
+from influx_spout.batching import Batcher, Parts, count_lines
 from influx_spout.config import Config
 from influx_spout.runtime import Runtime
 from influx_spout.stats import Stats
@@ -130,7 +130,7 @@ class UdpListener(asyncio.DatagramProtocol):
             return
         if data[-1] != 10:  # 10 == ord("\n"): never glue this datagram to the next
             data += b"\n"
-        lines = data.count(b"\n")
+        lines = count_lines(data)
         values = self._values
         values[self._received] += lines
         if self.queued >= self.max_queued:

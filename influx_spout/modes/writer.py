@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 from nats.aio.msg import Msg
 
-from influx_spout.batching import Batcher, Parts, ensure_newline
+from influx_spout.batching import Batcher, Parts, count_lines, ensure_newline
 from influx_spout.config import Config
 from influx_spout.runtime import Runtime
 from influx_spout.stats import Stats
@@ -248,7 +248,7 @@ class Writer:
         if not data:
             return
         data = ensure_newline(data)
-        lines = data.count(b"\n")  # the only pass over the bytes without [[rule]] tables
+        lines = count_lines(data)  # the only pass over the bytes without [[rule]] tables
         self.stats.inc("received", lines)
         if self._closing:  # late input while stopping is written at once
             await self._submit(Parts([data], len(data), lines))
@@ -374,7 +374,7 @@ class Writer:
             kept = next(iter(outputs.values()))
         else:
             kept = b"".join(outputs[i] for i in sorted(outputs))
-        lines = kept.count(b"\n")
+        lines = count_lines(kept)
         # unmatched lines, and invalid ones the rules engine sets apart, are all dropped
         dropped = batch.lines - lines
         if dropped:
