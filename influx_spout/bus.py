@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+import re
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
+from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE, Parser
 
 from influx_spout.batching import split_under
 from influx_spout.config import Config, nats_servers
@@ -48,6 +51,7 @@ class Bus:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.nc = Client()
+        self.nc._ps = _LeanParser(self.nc)
         self.dropped: Counter[str] = Counter()  # messages NATS dropped per subject (slow consumer)
         self._subs: list = []
         self._closing = False
@@ -65,6 +69,7 @@ class Bus:
                 "(is nats-server running there? check nats_address)"
             ) from exc
         bus.nc.options["max_reconnect_attempts"] = -1
+        bus._adopt_reader()
         return bus
 
     def read_ahead(self) -> None:
@@ -73,9 +78,15 @@ class Bus:
         For modes that keep their event loop busy (and call catch_up); see above.
         """
         self._read_ahead = True
+        self._adopt_reader()
+
+    def _adopt_reader(self) -> None:
+        """Make the connection's socket reader a _ChunkReader (with read_ahead's limit)."""
         reader = getattr(getattr(self.nc, "_transport", None), "_io_reader", None)
-        if isinstance(reader, asyncio.StreamReader) and hasattr(reader, "_limit"):
-            reader._limit = SOCKET_READ_LIMIT // 2  # it pauses the socket past twice this
+        if _CHUNK_READER and type(reader) is asyncio.StreamReader:
+            _ChunkReader.adopt(reader)
+        if isinstance(reader, asyncio.StreamReader) and self._read_ahead:
+            reader._limit = SOCKET_READ_LIMIT // 2  # type: ignore[attr-defined]  # it pauses past twice this
 
     async def _connect(self) -> None:
         cfg = self.cfg
@@ -106,8 +117,7 @@ class Bus:
             log.warning("disconnected from NATS, reconnecting")
 
     async def _on_reconnect(self) -> None:
-        if self._read_ahead:
-            self.read_ahead()
+        self._adopt_reader()
         log.info("reconnected to NATS at %s", self.nc.connected_url)
 
     @property
@@ -242,3 +252,166 @@ class Bus:
             await self.nc.close()
         except Exception as exc:
             log.debug("close: %s", exc)
+
+
+class _ChunkReader(asyncio.StreamReader):
+    """A connected StreamReader turned (adopt) into one that hands over the chunks the
+    event loop received, whole: asyncio's copies every chunk into one buffer and out again
+    (3 copies of each message, plus the buffer's reallocations).
+
+    nats-py calls only read() and at_eof() on it; readline() is for the connect
+    handshake, done on a fresh reader before adopt().
+    """
+
+    # StreamReader's own state (asyncio internals, checked in _CHUNK_READER)
+    _buffer: bytearray
+    _limit: int
+    _paused: bool
+    _eof: bool
+    _exception: BaseException | None
+    _transport: Any
+    # ours
+    _chunks: deque[bytes]
+    _size: int  # bytes in _chunks
+
+    @classmethod
+    def adopt(cls, reader: asyncio.StreamReader) -> None:
+        waiting = bytes(reader._buffer)  # type: ignore[attr-defined]
+        reader._buffer.clear()  # type: ignore[attr-defined]
+        reader.__class__ = cls
+        assert isinstance(reader, cls)
+        reader._chunks = deque([waiting] if waiting else [])
+        reader._size = len(waiting)
+
+    def feed_data(self, data: Any) -> None:
+        if not data:
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wakeup_waiter()  # type: ignore[attr-defined]
+        if self._transport is not None and not self._paused and self._size > 2 * self._limit:
+            try:
+                self._transport.pause_reading()
+            except NotImplementedError:
+                self._transport = None
+            else:
+                self._paused = True
+
+    async def read(self, n: int = -1) -> bytes:
+        """The next chunk received, whatever n says."""
+        if self._exception is not None:
+            raise self._exception
+        if not self._chunks and not self._eof:
+            await self._wait_for_data("read")  # type: ignore[attr-defined]
+        if not self._chunks:
+            return b""
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        self._maybe_resume_transport()
+        return data
+
+    def _maybe_resume_transport(self) -> None:
+        if self._paused and self._size <= self._limit:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        raise RuntimeError("a chunk reader only reads chunks")
+
+
+# _ChunkReader relies on these internals of asyncio's StreamReader (CPython 3.11-3.13)
+_CHUNK_READER = all(
+    hasattr(asyncio.StreamReader, attr)
+    for attr in ("_wakeup_waiter", "_wait_for_data", "_maybe_resume_transport")
+) and all(
+    hasattr(asyncio.StreamReader(), attr)
+    for attr in ("_buffer", "_limit", "_paused", "_transport", "_eof", "_exception")
+)
+
+
+# a MSG control line (no headers): subject, sid, reply (optional), payload size
+_MSG_LINE = re.compile(rb"MSG[ \t]+(\S+)[ \t]+(\S+)[ \t]+(?:(\S+)[ \t]+)?(\d+)\r\n")
+
+
+class _LeanParser(Parser):
+    """nats-py's protocol parser, taking each MSG payload with one copy.
+
+    nats-py's extends one bytearray with every chunk read and slices each payload out
+    of it (3 copies, plus reallocations). This one finds MSG lines in the chunk as
+    received and joins the pieces of a payload once, when its last piece is in. Any
+    other command (PING, INFO, -ERR, HMSG...) goes to nats-py's parse(), which then
+    holds the stream until it has consumed all it was given.
+    """
+
+    def reset(self) -> None:
+        super().reset()
+        self._pieces: list[bytes | memoryview] = []  # of the payload being received
+        self._have = 0  # bytes in _pieces
+        self._msg: tuple[bytes, int, bytes] = (b"", 0, b"")  # its subject, sid, reply
+        self._head = b""  # a control line cut by the end of the last chunk
+
+    async def parse(self, data: bytes = b"") -> None:
+        pos = 0
+        if self._pieces:
+            self._pieces.append(data)
+            self._have += len(data)
+            if self._have < self.needed + 2:
+                return
+            data, pos = await self._payload_done()
+        elif self.buf or self.state != AWAITING_CONTROL_LINE:
+            await self._nats_py_parse(data)
+            return
+        elif self._head:
+            data = self._head + data
+            self._head = b""
+        end = len(data)
+        while pos < end:
+            line = _MSG_LINE.match(data, pos)
+            if line is None:
+                eol = data.find(b"\r\n", pos)
+                if eol < 0 and end - pos < MAX_CONTROL_LINE_SIZE:
+                    self._head = data[pos:]
+                elif eol < 0 or data.startswith(b"HMSG", pos):
+                    await self._nats_py_parse(data[pos:])
+                else:  # one command line (PING, INFO...): nats-py's to handle
+                    await self._nats_py_parse(data[pos : eol + 2])
+                    pos = eol + 2
+                    continue
+                return
+            subject, sid, reply, size = line.groups()
+            start = line.end()
+            stop = start + int(size)
+            if stop + 2 > end:  # the payload goes on in the next chunks
+                self._msg = (subject, int(sid), reply or b"")
+                self.needed = int(size)
+                self._pieces = [memoryview(data)[start:]]
+                self._have = end - start
+                return
+            pos = stop + 2
+            await self.nc._process_msg(int(sid), subject, reply or b"", data[start:stop], None)
+
+    async def _payload_done(self) -> tuple[bytes, int]:
+        """Deliver the payload that _pieces now hold; (bytes, position) of what follows."""
+        pieces, excess = self._pieces, self._have - self.needed  # excess >= 2: CRLF
+        self._pieces, self._have = [], 0
+        last = pieces[-1]  # the chunk just read
+        cut = len(last) - excess  # where the payload ends in it
+        if cut >= 0:
+            pieces[-1] = memoryview(last)[:cut]
+            payload = b"".join(pieces)
+            rest, pos = bytes(last), cut + 2
+        else:  # it ended in an earlier piece, its CRLF did not
+            rest = b"".join(pieces)
+            payload, pos = rest[: self.needed], self.needed + 2
+        subject, sid, reply = self._msg
+        await self.nc._process_msg(sid, subject, reply, payload, None)
+        return rest, pos
+
+    async def _nats_py_parse(self, data: bytes) -> None:
+        await super().parse(data)
+        if self.state == AWAITING_CONTROL_LINE and self.buf and b"\r\n" not in self.buf:
+            self._head = bytes(self.buf)  # a cut control line: back to parse()
+            self.buf.clear()
