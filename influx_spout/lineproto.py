@@ -365,6 +365,14 @@ def parse_fields(raw_fields: bytes) -> list[tuple[bytes, object]]:
     return [(unescape(k), _field_value(v)) for k, v in _FIELD_PAIR.findall(raw_fields)]
 
 
+def parse_fields_raw(raw_fields: bytes) -> list[tuple[bytes, bytes]]:
+    """parse_fields with each value as written (``1.5``, ``2i``, ``3u``, ``t``, ``"a b"``).
+
+    For callers that must keep a value's exact type (``i`` or ``u``) or re-emit it as is.
+    """
+    return [(unescape(k), v) for k, v in _FIELD_PAIR.findall(raw_fields)]
+
+
 def timestamp(line: bytes) -> int | None:
     """The timestamp of a valid line, or None when it has none, without parsing the line.
 

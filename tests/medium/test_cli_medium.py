@@ -80,13 +80,6 @@ def test_readyz_is_503_while_nats_is_down(
     comp.wait_ready(probe, timeout=15)
 
 
-@pytest.mark.parametrize("mode", ["monitor", "downsampler"])
-def test_mode_not_available_yet_exits_2(component: Callable[..., Component], mode: str) -> None:
-    comp = component(f'mode = "{mode}"\n', name=f"later-{mode}")
-    assert comp.wait() == 2
-    assert "not available in this version yet" in comp.log()
-
-
 def test_every_available_mode_has_a_module() -> None:
     import importlib
 

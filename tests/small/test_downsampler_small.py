@@ -1,0 +1,405 @@
+"""downsampler's Aggregator: the means, kinds, escaping, invalid lines, periods (on a fake
+clock), the series cap; and the counting of the mode around it, on a fake bus.
+
+What a real nats-server shows (subjects, drops, stop) is in
+tests/medium/test_downsampler_medium.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from influx_spout import lineproto as lp
+from influx_spout.config import Config
+from influx_spout.modes.downsampler import COUNTERS, Aggregator, Downsampler
+from influx_spout.stats import Stats
+
+S = 10**9  # one second in ns
+PERIOD = 10 * S
+T0 = 1_700_000_000 * S  # a period boundary
+SUBJECT = "system"
+
+
+class Clock:
+    def __init__(self, now: int = T0 + S) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def make(now: int = T0 + S, max_series: int = 1000) -> tuple[Aggregator, Clock]:
+    clock = Clock(now)
+    return Aggregator(PERIOD, max_series=max_series, clock=clock), clock
+
+
+def feed(agg: Aggregator, *lines: bytes, subject: str = SUBJECT):  # type: ignore[no-untyped-def]
+    return agg.add(subject, b"\n".join(lines) + b"\n")
+
+
+def emitted(agg: Aggregator) -> list[bytes]:
+    """Every open period's lines of SUBJECT (as at stop), each checked valid."""
+    lines = [line.rstrip(b"\n") for line in agg.take_all().get(SUBJECT, [])]
+    assert all(lp.is_valid(line) for line in lines), lines
+    return lines
+
+
+def fields_of(line: bytes) -> dict[bytes, bytes]:
+    parsed = lp.parse(line)
+    assert parsed is not None
+    return dict(lp.parse_fields_raw(parsed.fields))
+
+
+def at(offset_s: float) -> int:
+    return T0 + int(offset_s * S)
+
+
+# --- the maths -------------------------------------------------------------------------------
+
+
+def test_means_of_each_kind_and_last_values() -> None:
+    agg, _ = make()
+    added = feed(
+        agg,
+        b'cpu,host=a i=1i,u=10u,f=1.5,s="first",b=t %d' % at(1),
+        b'cpu,host=a i=2i,u=11u,f=2.5,s="second",b=false %d' % at(2),
+        b"cpu,host=a i=4i,u=13u,f=-1 %d" % at(3),
+    )
+    assert (added.lines, added.invalid_lines, added.invalid_timestamps) == (3, 0, 0)
+    [line] = emitted(agg)
+    # (1+2+4)/3 = 2.33 -> 2i; (10+11+13)/3 = 11.33 -> 11u; floats exactly
+    assert line == b'cpu,host=a b=false,f=1.0,i=2i,s="second",u=11u %d' % (T0 + PERIOD)
+
+
+def test_integer_means_are_exact_and_truncated_toward_zero() -> None:
+    agg, _ = make()
+    # Go's running average gives 1i for 1,2,3,4 (it drifts); the exact mean 2.5 -> 2i
+    feed(agg, *(b"m,s=up v=%di %d" % (v, at(1)) for v in (1, 2, 3, 4)))
+    feed(agg, *(b"m,s=down v=%di %d" % (v, at(1)) for v in (-1, -2, -3, -4)))
+    feed(agg, *(b"m,s=big v=%di %d" % (v, at(1)) for v in (2**63 - 1, 2**63 - 1)))
+    feed(agg, *(b"m,s=ubig v=%du %d" % (v, at(1)) for v in (2**64 - 1, 2**64 - 2)))
+    values = {lp.parse_tags(lp.parse(x).tags)[0][1]: fields_of(x)[b"v"] for x in emitted(agg)}  # type: ignore[union-attr]
+    assert values == {
+        b"up": b"2i",
+        b"down": b"-2i",
+        b"big": b"%di" % (2**63 - 1),
+        b"ubig": b"%du" % (2**64 - 2),
+    }
+
+
+def test_numbers_of_mixed_kinds_average_as_a_float() -> None:
+    agg, _ = make()
+    feed(agg, b"m a=1i,b=1.5,c=1i %d" % at(1), b"m a=2.5,b=2i,c=4u %d" % at(2))
+    assert fields_of(emitted(agg)[0]) == {b"a": b"1.75", b"b": b"1.75", b"c": b"2.5"}
+
+
+def test_float_means_of_extreme_values_stay_finite() -> None:
+    agg, _ = make()
+    feed(agg, b"m f=1.7e308 %d" % at(1), b"m f=1.7e308 %d" % at(2), b"m g=1.7e308,h=1e-300")
+    feed(agg, b"m g=-1.7e308")
+    got = fields_of(emitted(agg)[0])
+    assert got == {b"f": b"1.7e+308", b"g": b"0.0", b"h": b"1e-300"}
+
+
+def test_a_field_changing_kind_rejects_the_line_and_keeps_the_series() -> None:
+    agg, _ = make()
+    added = feed(
+        agg,
+        b'm v=1,s="a",b=t %d' % at(1),
+        b'm v="text",other=5 %d' % at(2),  # number -> string: the whole line goes
+        b"m s=1i %d" % at(3),  # string -> number
+        b'm b="true" %d' % at(4),  # boolean -> string
+        b"m s=F %d" % at(4),  # string -> boolean
+        b'm v=3,s="b" %d' % at(5),
+    )
+    assert (added.lines, added.invalid_lines) == (6, 4)
+    assert [reason for reason, _ in added.rejected] == [
+        "field b'v' was a number earlier in the period",
+        "field b's' was a string earlier in the period",
+        "field b'b' was a boolean earlier in the period",
+        "field b's' was a string earlier in the period",
+    ]
+    assert fields_of(emitted(agg)[0]) == {b"b": b"true", b"s": b'"b"', b"v": b"2.0"}
+
+
+def test_a_kind_may_change_from_one_period_to_the_next() -> None:
+    agg, clock = make()
+    feed(agg, b"m v=1 %d" % at(1), b'm v="x" %d' % at(11))
+    assert [fields_of(x) for x in emitted(agg)] == [{b"v": b"1.0"}, {b"v": b'"x"'}]
+
+
+def test_a_field_key_twice_in_a_line_keeps_its_last_value() -> None:
+    agg, _ = make()
+    added = feed(agg, b"m v=1,v=3 %d" % at(1), b"m v=5 %d" % at(2))
+    assert added.invalid_lines == 0
+    assert fields_of(emitted(agg)[0]) == {b"v": b"4.0"}
+
+
+# --- series identity and escaping --------------------------------------------------------------
+
+
+def test_tag_order_does_not_split_a_series() -> None:
+    agg, _ = make()
+    feed(agg, b"cpu,b=2,a=1 v=1 %d" % at(1), b"cpu,a=1,b=2 v=3 %d" % at(2))
+    assert emitted(agg) == [b"cpu,a=1,b=2 v=2.0 %d" % (T0 + PERIOD)]
+
+
+def test_escaped_names_are_one_series_and_written_back_escaped() -> None:
+    agg, _ = make()
+    feed(
+        agg,
+        b'we\\ ird\\,m,z\\=k=v\\ 1\\,x,a=1 f\\ k\\=\\,=1,s="q\\"uo\\\\te" %d' % at(1),
+        b"we\\ ird\\,m,a=1,z\\=k=v\\ 1\\,x f\\ k\\=\\,=3 %d" % at(2),
+    )
+    assert emitted(agg) == [
+        b'we\\ ird\\,m,a=1,z\\=k=v\\ 1\\,x f\\ k\\=\\,=2.0,s="q\\"uo\\\\te" %d' % (T0 + PERIOD)
+    ]
+
+
+_SPECIAL = list(' ,="\\#\t=xé')
+_name = (
+    st.text(alphabet=st.sampled_from(_SPECIAL) | st.characters(blacklist_characters="\n\r"))
+    .map(lambda s: s.encode("utf-8", "surrogatepass"))
+    .filter(lambda b: b != b"" and not b.endswith(b"\\"))
+)
+
+
+@given(
+    measurement=_name.filter(lambda b: not b.startswith(b"#")),
+    tags=st.dictionaries(_name, _name, max_size=4),
+    fields=st.dictionaries(_name, st.integers(-(2**40), 2**40), min_size=1, max_size=4),
+)
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=200)
+def test_escaping_round_trips(
+    measurement: bytes, tags: dict[bytes, bytes], fields: dict[bytes, int]
+) -> None:
+    def line(pairs: list[tuple[bytes, bytes]], value_offset: int) -> bytes:
+        head = lp.escape_measurement(measurement) + b"".join(
+            b"," + lp.escape_tag(k) + b"=" + lp.escape_tag(v) for k, v in pairs
+        )
+        body = b",".join(lp.escape_tag(k) + b"=%di" % (v + value_offset) for k, v in fields.items())
+        return head + b" " + body + b" %d" % at(1)
+
+    agg, _ = make()
+    pairs = list(tags.items())
+    added = feed(agg, line(pairs, 0), line(pairs[::-1], 2))
+    assert (added.invalid_lines, added.invalid_timestamps) == (0, 0)
+    [out] = emitted(agg)
+    parsed = lp.parse(out)
+    assert parsed is not None
+    assert parsed.measurement == measurement
+    assert lp.parse_tags(parsed.tags) == sorted(tags.items())
+    assert dict(lp.parse_fields(parsed.fields)) == {k: v + 1 for k, v in fields.items()}
+    assert parsed.timestamp == T0 + PERIOD
+
+
+def test_subjects_are_kept_apart() -> None:
+    agg, _ = make()
+    feed(agg, b"m v=1 %d" % at(1), subject="a")
+    feed(agg, b"m v=3 %d" % at(1), subject="b")
+    out = agg.take_all()
+    assert out == {"a": [b"m v=1.0 %d\n" % (T0 + PERIOD)], "b": [b"m v=3.0 %d\n" % (T0 + PERIOD)]}
+
+
+# --- invalid lines -----------------------------------------------------------------------------
+
+
+def test_invalid_lines_are_counted_and_never_poison_a_series() -> None:
+    agg, _ = make()
+    added = feed(
+        agg,
+        b"m,h=a v=1 %d" % at(1),
+        b"not line protocol",
+        b"m,h=a v= %d" % at(1),
+        b"m,h=a,h=b v=100 %d" % at(1),  # a tag key twice
+        b"m,h=a v=1e999 %d" % at(1),  # beyond float64
+        b"",
+        b"# a comment",
+        b"m,h=a v=3 %d" % at(2),
+    )
+    assert (added.lines, added.invalid_lines, added.invalid_timestamps) == (6, 4, 0)
+    reasons = [reason for reason, _ in added.rejected]
+    assert reasons == [
+        "not line protocol",
+        "not line protocol",
+        "a tag key given twice",
+        "a float out of range",
+    ]
+    assert emitted(agg) == [b"m,h=a v=2.0 %d" % (T0 + PERIOD)]
+
+
+# --- periods and timestamps --------------------------------------------------------------------
+
+
+def test_lines_go_to_the_period_of_their_timestamp() -> None:
+    agg, clock = make(now=at(1))  # the current period is [T0, T0 + 10s)
+    assert [p.end for p in agg.periods] == [T0, T0 + PERIOD, T0 + 2 * PERIOD]
+    added = feed(
+        agg,
+        b"m v=1 %d" % (T0 - PERIOD - 1),  # before the previous period: too old
+        b"m v=2 %d" % (T0 - PERIOD),  # the previous period's first instant
+        b"m v=3 %d" % (T0 - 1),  # its last
+        b"m v=4 %d" % T0,  # the current period
+        b"m v=5 %d" % (T0 + PERIOD - 1),
+        b"m v=6 %d" % (T0 + PERIOD),  # the next period
+        b"m v=7 %d" % (T0 + 2 * PERIOD - 1),
+        b"m v=8 %d" % (T0 + 2 * PERIOD),  # after it: too new
+        b"m v=9",  # no timestamp: counts now
+    )
+    assert (added.lines, added.invalid_timestamps, added.invalid_lines) == (9, 2, 0)
+    assert [line for _, line in added.rejected] == [
+        b"m v=1 %d" % (T0 - PERIOD - 1),
+        b"m v=8 %d" % (T0 + 2 * PERIOD),
+    ]
+    assert emitted(agg) == [
+        b"m v=2.5 %d" % T0,
+        b"m v=6.0 %d" % (T0 + PERIOD),  # 4, 5 and 9
+        b"m v=6.5 %d" % (T0 + 2 * PERIOD),
+    ]
+
+
+def test_a_period_is_emitted_once_the_next_one_has_ended() -> None:
+    agg, clock = make(now=at(1))
+    feed(agg, b"m v=1", b"m v=3 %d" % (T0 - 1))
+    # the previous period [T0 - 10s, T0) is due at T0 + 10s, the current one at T0 + 20s
+    assert agg.until_next() == pytest.approx(9.0)
+    clock.now = T0 + PERIOD - 1
+    assert agg.take_due() == {}
+    clock.now = T0 + PERIOD
+    assert agg.until_next() == 0
+    assert agg.take_due() == {SUBJECT: [b"m v=3.0 %d\n" % T0]}
+    # a late line for the period just emitted is now too old; one for [T0, T0+10s) is not
+    added = feed(agg, b"m v=100 %d" % (T0 - 1), b"m v=5 %d" % (T0 + 5 * S))
+    assert added.invalid_timestamps == 1
+    clock.now = T0 + 2 * PERIOD
+    assert agg.take_due() == {SUBJECT: [b"m v=3.0 %d\n" % (T0 + PERIOD)]}
+    assert agg.take_due() == {}
+    assert agg.until_next() == pytest.approx(10.0)
+
+
+def test_after_a_long_pause_everything_held_is_emitted_and_periods_restart_at_now() -> None:
+    agg, clock = make(now=at(1))
+    feed(agg, b"m v=1", b"m v=2 %d" % (T0 + PERIOD))
+    clock.now = T0 + 100 * PERIOD + 5 * S
+    assert agg.take_due() == {
+        SUBJECT: [b"m v=1.0 %d\n" % (T0 + PERIOD), b"m v=2.0 %d\n" % (T0 + 2 * PERIOD)]
+    }
+    assert [p.end for p in agg.periods] == [T0 + k * PERIOD for k in (100, 101, 102)]
+    assert agg.take_due() == {}
+
+
+def test_take_all_emits_the_incomplete_periods_once() -> None:
+    agg, _ = make(now=at(1))
+    feed(agg, b"m v=1")
+    assert agg.take_all() == {SUBJECT: [b"m v=1.0 %d\n" % (T0 + PERIOD)]}
+    assert agg.take_all() == {}
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+
+def test_series_beyond_the_cap_are_dropped_and_counted() -> None:
+    agg, _ = make(max_series=2)
+    added = feed(
+        agg,
+        b"m,h=a v=1 %d" % at(1),
+        b"m,h=b v=1 %d" % at(1),
+        b"m,h=c v=1 %d" % at(1),  # a third series in the period: dropped
+        b"m,h=a v=3 %d" % at(2),  # a series already held still counts
+        b"m,h=c v=1 %d" % at(11),  # another period has room
+    )
+    assert (added.series_overflow, added.invalid_lines) == (1, 0)
+    assert added.rejected == [
+        ("its period already holds the maximum number of series", b"m,h=c v=1 %d" % at(1))
+    ]
+    assert emitted(agg) == [
+        b"m,h=a v=2.0 %d" % (T0 + PERIOD),
+        b"m,h=b v=1.0 %d" % (T0 + PERIOD),
+        b"m,h=c v=1.0 %d" % (T0 + 2 * PERIOD),
+    ]
+
+
+def test_the_tag_cache_is_bounded() -> None:
+    agg, _ = make(max_series=2)
+    for i in range(10):
+        feed(agg, b"m,h=%d v=1" % i)
+    assert len(agg._series_of) <= 4
+
+
+# --- the mode around it, on a fake bus ---------------------------------------------------
+
+
+class FakeBus:
+    """Records publishes; refuses those to the subjects in `refuse` (as a closed connection)."""
+
+    max_payload = 1024 * 1024
+
+    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
+        self.refuse = refuse
+        self.published: list[tuple[str, bytes]] = []
+
+    async def publish_parts(self, subject: str, parts: list[bytes], size: int) -> int:
+        if subject in self.refuse:
+            return size
+        self.published.append((subject, b"".join(parts)))
+        return 0
+
+
+def make_mode(debug: bool = False, refuse: tuple[str, ...] = ()) -> tuple[Downsampler, Clock]:
+    cfg = Config(mode="downsampler", name="d", debug=debug)
+    rt = SimpleNamespace(cfg=cfg, stats=Stats("downsampler", "d", COUNTERS), bus=FakeBus(refuse))
+    agg, clock = make(now=at(1))
+    return Downsampler(cfg, rt, agg), clock  # type: ignore[arg-type]
+
+
+def test_the_mode_counts_lines_and_publishes_on_the_suffixed_subject() -> None:
+    ds, clock = make_mode(refuse=("b-archive",))
+    for subject, data in (("a", b"m v=1\nm,h=x v=1\nbad\n"), ("b", b"m v=1 5\nm v=1\n")):
+        asyncio.run(ds.handle(SimpleNamespace(subject=subject, data=data)))  # type: ignore[arg-type]
+    clock.now = T0 + 2 * PERIOD
+    asyncio.run(ds.publish(ds.agg.take_due()))
+    stats = ds.rt.stats
+    assert {c: stats.get(c) for c in COUNTERS} == {
+        "received": 5,
+        "sent": 2,
+        "invalid_lines": 1,
+        "invalid_timestamps": 1,
+        "series_overflow": 0,
+        "failed_nats_publish": 1,
+    }
+    assert ds.rt.bus.published == [  # type: ignore[attr-defined]
+        ("a-archive", b"m v=1.0 %d\nm,h=x v=1.0 %d\n" % (T0 + PERIOD, T0 + PERIOD))
+    ]
+
+
+def test_debug_logs_each_rejected_line_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
+    ds, _ = make_mode(debug=True)
+    with caplog.at_level(logging.INFO, logger="influx_spout.downsampler"):
+        asyncio.run(ds.handle(SimpleNamespace(subject="a", data=b"bad\nm v=1 5\n")))  # type: ignore[arg-type]
+    assert "rejected a line (not line protocol): b'bad'" in caplog.text
+    assert "rejected a line (timestamp outside the open periods): b'm v=1 5'" in caplog.text
+
+
+def test_after_the_final_emission_input_is_logged_as_lost(caplog: pytest.LogCaptureFixture) -> None:
+    ds, _ = make_mode()
+    ds.closed = True
+    asyncio.run(ds.handle(SimpleNamespace(subject="a", data=b"m v=1\nm v=2\n")))  # type: ignore[arg-type]
+    assert "2 lines arrived after the final emission" in caplog.text
+    assert ds.agg.take_all() == {}
+
+
+def test_parse_fields_raw_keeps_each_value_as_written() -> None:
+    raw = b'a\\ b=1.5,c=2i,d=3u,e=T,f="x,\\"y"'
+    assert lp.parse_fields_raw(raw) == [
+        (b"a b", b"1.5"),
+        (b"c", b"2i"),
+        (b"d", b"3u"),
+        (b"e", b"T"),
+        (b"f", b'"x,\\"y"'),
+    ]
