@@ -1,0 +1,325 @@
+"""monitor mode: every component's counters from nats_subject_monitor -> Prometheus /metrics.
+
+Components publish their counters every stats_interval as Prometheus text lines
+(`name{labels} value timestamp_ms`, influx_spout.stats). The monitor keeps the latest value
+of each series (metric name + label set) and serves them all on `port` at GET /metrics
+(text/plain; version=0.0.4, gzip when the scraper asks), sorted by name then labels, with
+one `# TYPE name counter` line per name: every metric a component publishes is a counter.
+A component that restarts starts its counters again from zero: the new value simply
+replaces the old one, and Prometheus' rate() sees a counter reset, as it should.
+
+The samples are served without their timestamps: Prometheus stamps them at scrape time, so
+a component's clock skew cannot get samples refused, and a series that disappears gets
+Prometheus' usual staleness handling.
+
+Each line is parsed on its own: a line that is not Prometheus text (or longer than
+MAX_LINE_BYTES) is counted and skipped (logged with debug), and the other lines of its
+message are still taken. `#` comments and blank lines are skipped.
+
+Memory stays bounded:
+- at most MAX_SERIES series are kept; a new series past the cap is dropped and counted
+  (series_dropped), with one warning each time the cap is reached;
+- a series expires when it has not been updated for EXPIRY_INTERVALS (10) times its own
+  publishing interval (the time between its last two updates), at least MIN_EXPIRY (1m) and
+  at most MAX_EXPIRY (1h); a series seen only once expires after MAX_EXPIRY, so that
+  components with a long stats_interval are learned, not flapped. With the default
+  stats_interval of 3s, a stopped component's series disappear after one minute.
+  Expired series are counted (series_expired).
+
+Every monitor must see every component, so queue_group is ignored here. /healthz and
+/readyz are served on probe_port, as in every mode (ready: connected, subscribed, serving).
+The monitor's own counters go out on nats_subject_monitor like any component's, and so
+show up at its /metrics too.
+
+Counters:
+  received_messages      stats messages received
+  received_lines         metric lines in them (comments and blank lines not included)
+  invalid_lines          lines that are not Prometheus text, skipped
+  series_dropped         updates of new series refused because MAX_SERIES series are kept
+  series_expired         series removed because they were not updated in time
+  nats_dropped{subject}  messages NATS dropped because the input buffer was full
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from influx_spout.config import Config
+from influx_spout.modes.filter import _shown
+from influx_spout.runtime import Runtime
+
+log = logging.getLogger("influx_spout.monitor")
+
+COUNTERS = (
+    "received_messages",
+    "received_lines",
+    "invalid_lines",
+    "series_dropped",
+    "series_expired",
+)
+
+MAX_SERIES = 100_000
+MAX_LINE_BYTES = 4096  # ours are ~150-300 bytes; bounds what one series may hold
+EXPIRY_INTERVALS = 10
+MIN_EXPIRY = 60.0  # seconds
+MAX_EXPIRY = 3600.0  # seconds
+SWEEP_INTERVAL = 5.0  # seconds between looks for expired series
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# time allowed, after a stop, to stop taking input and to close HTTP connections;
+# together they stay under cli.STOP_GRACE
+UNSUBSCRIBE_TIMEOUT = 0.5
+HTTP_SHUTDOWN_TIMEOUT = 1.0
+
+FORMAT_HINT = 'expected name{label="value",...} value [timestamp_ms]'
+
+# The Prometheus text format (0.0.4): label values escape only \\, \" and \n.
+_LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
+_LABEL_VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'
+_LABEL = rf"[ \t]*{_LABEL_NAME}[ \t]*=[ \t]*{_LABEL_VALUE}[ \t]*"
+_VALUE = (
+    r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+    r"|[+-]?(?i:infinity|inf)|(?i:nan)"
+)
+_SAMPLE = re.compile(
+    r"([a-zA-Z_:][a-zA-Z0-9_:]*)[ \t]*"
+    rf"(?:\{{({_LABEL}(?:,{_LABEL})*(?:,[ \t]*)?|[ \t]*)\}})?"
+    rf"[ \t]+({_VALUE})(?:[ \t]+-?[0-9]+)?[ \t]*"
+)
+# once _SAMPLE has matched, this takes the pairs one after the other (a value is taken
+# whole, so nothing inside one is mistaken for a label)
+_LABEL_PAIR = re.compile(rf"({_LABEL_NAME})[ \t]*=[ \t]*({_LABEL_VALUE})")
+
+SeriesKey = tuple[str, str]  # (metric name, label set as served: {a="x",b="y"} or "")
+
+
+def parse_line(line: str) -> tuple[SeriesKey, str] | None:
+    """(series key, value) of one sample line, or None when it is not Prometheus text.
+
+    The label set is put in one canonical form, sorted by label name, so the same series
+    is one key however its labels were ordered or spaced. Values keep their escaping (it
+    is already the one the output needs). A label named twice makes the line invalid.
+    """
+    m = _SAMPLE.fullmatch(line)
+    if m is None:
+        return None
+    name, raw_labels, value = m.groups()
+    if not raw_labels or raw_labels.isspace():
+        return (name, ""), value
+    pairs = _LABEL_PAIR.findall(raw_labels)
+    pairs.sort()
+    for i in range(1, len(pairs)):
+        if pairs[i][0] == pairs[i - 1][0]:
+            return None
+    return (name, "{" + ",".join(f"{k}={v}" for k, v in pairs) + "}"), value
+
+
+@dataclass(slots=True)
+class _Series:
+    value: str
+    updated: float  # monotonic seconds
+    expires: float  # monotonic seconds
+
+
+@dataclass
+class Update:
+    """What one stats message brought."""
+
+    lines: int = 0
+    invalid: list[bytes] = field(default_factory=list)  # the lines, for debug logs
+    dropped: int = 0  # new series refused at the cap
+
+
+class SeriesStore:
+    """The latest value of each series, bounded in count and expired when not updated."""
+
+    def __init__(self, max_series: int = MAX_SERIES) -> None:
+        self.max_series = max_series
+        self._series: dict[SeriesKey, _Series] = {}
+        self._order: list[SeriesKey] | None = []  # sorted keys; None once the set changed
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+    def value(self, name: str, labels: str = "") -> str | None:
+        """The value kept for a series (labels in canonical form), or None."""
+        series = self._series.get((name, labels))
+        return None if series is None else series.value
+
+    def update(self, data: bytes, now: float) -> Update:
+        """Take every valid sample line of a message; now is time.monotonic()."""
+        result = Update()
+        store = self._series
+        for raw in data.split(b"\n"):
+            raw = raw.strip(b" \t\r")
+            if not raw or raw[0] == 35:  # 35 == ord("#"): a comment (HELP, TYPE)
+                continue
+            result.lines += 1
+            parsed = None
+            if len(raw) <= MAX_LINE_BYTES:
+                with contextlib.suppress(UnicodeDecodeError):
+                    parsed = parse_line(raw.decode())
+            if parsed is None:
+                result.invalid.append(raw)
+                continue
+            key, value = parsed
+            series = store.get(key)
+            if series is None:
+                if len(store) >= self.max_series:
+                    result.dropped += 1
+                    continue
+                store[key] = _Series(value, now, now + MAX_EXPIRY)
+                self._order = None
+            else:
+                interval = now - series.updated
+                series.value = value
+                series.updated = now
+                series.expires = now + min(MAX_EXPIRY, max(MIN_EXPIRY, EXPIRY_INTERVALS * interval))
+        return result
+
+    def expire(self, now: float) -> int:
+        """Remove the series whose time is up; returns how many."""
+        dead = [key for key, series in self._series.items() if series.expires <= now]
+        for key in dead:
+            del self._series[key]
+        if dead:
+            self._order = None
+        return len(dead)
+
+    def render(self) -> bytes:
+        """Every series in the Prometheus text format, sorted by name then labels."""
+        if self._order is None:
+            self._order = sorted(self._series)
+        store = self._series
+        out = []
+        last_name = None
+        for key in self._order:
+            name, labels = key
+            if name != last_name:
+                out.append(f"# TYPE {name} counter\n")
+                last_name = name
+            out.append(f"{name}{labels} {store[key].value}\n")
+        return "".join(out).encode()
+
+
+class Monitor:
+    """Feeds the SeriesStore from NATS, serves it over HTTP, counts everything."""
+
+    def __init__(self, cfg: Config, rt: Runtime, store: SeriesStore | None = None) -> None:
+        self.cfg = cfg
+        self.rt = rt
+        self.stats = rt.stats
+        self.store = store if store is not None else SeriesStore()
+        self.at_cap = False  # the cap warning was logged; reset once below the cap
+        self._runner: web.AppRunner | None = None
+
+    async def start_http(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, port=self.cfg.port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise RuntimeError(
+                f"cannot serve HTTP on port {self.cfg.port}: {exc.strerror or exc} "
+                "(is another process using it? check port)"
+            ) from exc
+
+    async def stop_http(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        resp = web.Response(body=self.store.render(), headers={"Content-Type": CONTENT_TYPE})
+        resp.enable_compression()  # only when the request accepts it
+        return resp
+
+    async def on_message(self, msg: Msg) -> None:
+        self.take(msg.data, msg.subject, time.monotonic())
+
+    def take(self, data: bytes, subject: str, now: float) -> None:
+        """One stats message into the store, counted."""
+        update = self.store.update(data, now)
+        inc = self.stats.inc
+        inc("received_messages")
+        inc("received_lines", update.lines)
+        if update.invalid:
+            inc("invalid_lines", len(update.invalid))
+            if self.cfg.debug:
+                for line in update.invalid:
+                    log.info(
+                        "skipped a line on %s that is not Prometheus text (%s): %s",
+                        subject,
+                        FORMAT_HINT,
+                        _shown(line),
+                    )
+        if update.dropped:
+            inc("series_dropped", update.dropped)
+            if not self.at_cap:
+                self.at_cap = True
+                log.warning(
+                    "%d series kept, the most allowed: new series are dropped (series_dropped) "
+                    "until old ones expire",
+                    self.store.max_series,
+                )
+
+    def sweep(self, now: float) -> None:
+        expired = self.store.expire(now)
+        if expired:
+            self.stats.inc("series_expired", expired)
+            log.info("expired %d series that were no longer updated", expired)
+        if self.at_cap and len(self.store) < self.store.max_series:
+            self.at_cap = False
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.sweep(time.monotonic())
+
+
+async def run(cfg: Config, stop: asyncio.Event) -> None:
+    """Collect nats_subject_monitor and serve /metrics on port until stop is set."""
+    if cfg.queue_group:
+        log.warning(
+            "queue_group %r ignored: every monitor must see every component's counters",
+            cfg.queue_group,
+        )
+        cfg = dataclasses.replace(cfg, queue_group="")
+    async with Runtime(cfg, stop, COUNTERS) as rt:
+        monitor = Monitor(cfg, rt)
+        await monitor.start_http()
+        sweeper = asyncio.create_task(monitor.sweep_forever())
+        try:
+            await rt.bus.subscribe(
+                [cfg.nats_subject_monitor], monitor.on_message, cfg.nats_max_pending_size
+            )
+            rt.ready = True
+            log.info(
+                "serving /metrics on HTTP port %d from %s at %s",
+                cfg.port,
+                cfg.nats_subject_monitor,
+                cfg.nats_address,
+            )
+            await rt.until_stopped(sweeper)
+            if sweeper.done():
+                sweeper.result()  # raise what made it fail
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.bus.unsubscribe(), UNSUBSCRIBE_TIMEOUT)
+            await monitor.stop_http()
+            rt.sync_dropped()
