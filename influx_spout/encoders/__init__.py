@@ -1,0 +1,92 @@
+"""Kafka payload decoders: one module per input format, each a pure function
+bytes -> Decoded (line protocol + what was rejected), no I/O, so every format can be
+tested exhaustively without a broker.
+
+Every decoder's output goes through lineproto's batch validator before it leaves
+(`checked`), so what reaches NATS is valid line protocol whatever the input held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from influx_spout.batching import count_lines
+from influx_spout.lineproto import split_valid
+
+
+class Rejected(NamedTuple):
+    """A piece of a message that could not be decoded: a line, a record, or the whole."""
+
+    data: bytes
+    reason: str
+
+
+class Decoded(NamedTuple):
+    data: bytes  # valid line protocol, every line ending with b"\n" (b"" when none)
+    lines: int  # lines in data
+    rejected: list[Rejected]
+
+
+Decoder = Callable[[bytes], Decoded]
+
+# the kafka_encoder names (config.py validates against this)
+ENCODERS = ("line_protocol", "collectd_graphite", "collectd_json", "json")
+
+
+def checked(lines: list[bytes], rejected: list[Rejected]) -> Decoded:
+    """Decoded of lines built by a decoder, each checked by lineproto's validator.
+
+    A line the decoder built but the grammar refuses (e.g. a name ending in a
+    backslash) is rejected rather than passed on.
+    """
+    if any(b"\n" in line or b"\r" in line for line in lines):
+        rejected.extend(Rejected(line, "holds a line break") for line in lines if _broken(line))
+        lines = [line for line in lines if not _broken(line)]
+    if not lines:
+        return Decoded(b"", 0, rejected)
+    good, bad = split_valid(b"\n".join(lines))
+    rejected.extend(Rejected(line, "not valid line protocol once converted") for line in bad)
+    return Decoded(good, count_lines(good), rejected)
+
+
+def _broken(line: bytes) -> bool:
+    return b"\n" in line or b"\r" in line
+
+
+def name_bytes(text: str, escape: Callable[[bytes], bytes]) -> bytes:
+    """A measurement, key or tag value escaped for a line; ValueError when it cannot be
+    written unambiguously (a trailing backslash would escape the separator after it)."""
+    if not text or text.endswith("\\"):
+        raise ValueError(f"{text!r} cannot be a name in line protocol (empty or ends with \\)")
+    return escape(text.encode())
+
+
+def number_token(value: object) -> bytes | None:
+    """A JSON number as a line-protocol field value: int -> 12i, float -> 1.5; None for
+    anything else (bool is not a number here) and for NaN/inf, which line protocol has no
+    way to write."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return b"%di" % value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+        return repr(value).encode()
+    return None
+
+
+def seconds_to_ns(text: str) -> int:
+    """Nanoseconds in a decimal number of seconds ("1436357630", "1444745144.824"),
+    computed exactly on the digits (a float would round the nanoseconds).
+
+    Raises ValueError on anything else.
+    """
+    whole, dot, fraction = text.partition(".")
+    negative = whole.startswith("-")
+    digits = whole.lstrip("+-")
+    if not digits.isdigit() or (dot and not fraction.isdigit()) or len(whole) - len(digits) > 1:
+        raise ValueError(f"{text!r} is not a number of seconds")
+    ns = int(digits) * 1_000_000_000 + int((fraction + "000000000")[:9] if dot else 0)
+    return -ns if negative else ns

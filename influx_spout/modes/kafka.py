@@ -1,0 +1,398 @@
+"""kafka mode: Kafka topics (a consumer group) -> decoded line protocol -> one NATS subject.
+
+Each message is decoded by the kafka_encoder (influx_spout/encoders/) and its lines are
+batched as the listeners batch (count / size / age, never above the NATS max payload).
+What could not be decoded goes to nats_subject_dead_letter with the message's topic,
+partition and offset in NATS headers.
+
+At-least-once: offsets are committed by hand (enable.auto.commit and
+enable.auto.offset.store are off), only for messages whose lines (and dead letters)
+NATS has confirmed: after a batch is published, a NATS flush (PING/PONG) must succeed
+before the offsets it covers are committed. A crash or a NATS outage therefore means the
+uncommitted messages are read again (duplicates, never loss). A rebalance may also
+redeliver what the old owner had batched but not committed.
+
+kafka_error_policy, when NATS refuses a batch or a message cannot be decoded:
+  retry  the batch is published again every kafka_retry_interval until NATS takes it
+         (consuming waits meanwhile; nothing is committed); undecodable messages are
+         dead-lettered and skipped, since decoding them again cannot succeed
+  skip   the batch is dropped and counted, its offsets committed with the next ones;
+         undecodable messages are dead-lettered and skipped
+  stop   the component stops (exit 1) without committing the failed batch or message,
+         so a restart starts with it; what came before is published and committed
+
+Counters:
+  received             Kafka messages consumed
+  lines                valid lines decoded from them
+  sent                 lines published to NATS
+  decode_errors        lines, records or messages that could not be decoded
+  dead_lettered        messages published to the dead-letter subject
+  failed_nats_publish  lines (and dead letters) NATS did not take, per attempt
+  commits              offset commits that succeeded
+  commit_failures      offset commits Kafka refused (retried with the next commit)
+  kafka_errors         errors the Kafka client reported (broker down, auth failure...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from influx_spout.batching import Batcher, Parts, count_lines
+from influx_spout.config import Config
+from influx_spout.encoders import (
+    Decoded,
+    Decoder,
+    Rejected,
+    collectd_graphite,
+    collectd_json,
+    json_mapping,
+    line_protocol,
+)
+from influx_spout.modes.listener import publish_parts_counted
+from influx_spout.runtime import Runtime
+
+log = logging.getLogger("influx_spout.kafka")
+
+COUNTERS = (
+    "received",
+    "lines",
+    "sent",
+    "decode_errors",
+    "dead_lettered",
+    "failed_nats_publish",
+    "commits",
+    "commit_failures",
+    "kafka_errors",
+)
+
+CONSUME_MAX = 1000  # messages taken from the client at once
+POLL_TIMEOUT = 0.2  # seconds a consume call may wait: how soon a stop is noticed
+FLUSH_TIMEOUT = 2  # seconds NATS has to confirm what was published before a commit
+DEAD_LETTER_ROOM = 4096  # bytes of a dead letter kept for its headers when it is cut
+
+T = TypeVar("T")
+Position = tuple[str, int]  # topic, partition
+
+
+class PolicyStop(RuntimeError):
+    """kafka_error_policy "stop" was triggered: the component exits 1."""
+
+
+class _Stopping(Exception):
+    """Asked to stop while retrying a batch: it stays uncommitted in Kafka."""
+
+
+def make_decoder(cfg: Config) -> Decoder:
+    """The decoder kafka_encoder names."""
+    if cfg.kafka_encoder == "collectd_graphite":
+        return collectd_graphite.make_decoder(cfg.kafka_graphite_tags)
+    if cfg.kafka_encoder == "collectd_json":
+        return collectd_json.decode
+    if cfg.kafka_encoder == "json":
+        return json_mapping.make_decoder(cfg.kafka_json or json_mapping.JsonMapping())
+    return line_protocol.decode
+
+
+def consumer_config(cfg: Config, on_error: Callable[[KafkaError], None]) -> dict[str, Any]:
+    """librdkafka properties: ours, then [kafka_client], then the secrets of the environment."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": cfg.kafka_brokers,
+        "group.id": cfg.kafka_group,
+        "auto.offset.reset": cfg.kafka_offset_reset,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "client.id": f"influx-spout-kafka-{cfg.name}",
+        "error_cb": on_error,
+    }
+    conf.update(cfg.kafka_client)
+    secrets = {
+        "sasl.username": cfg.kafka_sasl_username,
+        "sasl.password": cfg.kafka_sasl_password,
+        "ssl.key.password": cfg.kafka_ssl_key_password,
+    }
+    conf.update({k: v for k, v in secrets.items() if v})
+    return conf
+
+
+class KafkaSource:
+    """Consumes, decodes, batches, publishes and commits; every consumer call runs in one
+    worker thread (librdkafka blocks), one at a time."""
+
+    def __init__(self, cfg: Config, rt: Runtime, consumer: Any, decoder: Decoder) -> None:
+        self.cfg = cfg
+        self.rt = rt
+        self.stats = rt.stats
+        self.consumer = consumer
+        self.decode = decoder
+        self.subject = cfg.nats_subject[0]
+        self.batcher = Batcher(
+            cfg.batch_max_count, min(cfg.batch_max_size, rt.bus.max_payload), cfg.batch_max_age
+        )
+        self.marks: dict[Position, int] = {}  # next offsets of the messages in the open batch
+        self.published: dict[Position, int] = {}  # next offsets published, not yet committed
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="kafka")
+        self._unconfirmed = False  # NATS did not confirm the last flush
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until stop; then publish what is batched, commit it and return."""
+        while not self.rt.stop.is_set():
+            messages = await self.call(self.consumer.consume, CONSUME_MAX, POLL_TIMEOUT)
+            for msg in messages:
+                await self.handle(msg)
+            if self.batcher.due():
+                await self.flush()
+            await self.commit()
+        await self.flush()
+        await self.commit()
+
+    async def handle(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                self.on_error(err)
+            return
+        self.stats.inc("received")
+        position = (msg.topic() or "", msg.partition() or 0)
+        decoded = self._fit(self.decode(msg.value() or b""))
+        if decoded.rejected:
+            await self.dead_letter(msg, decoded.rejected)
+            if self.cfg.kafka_error_policy == "stop":
+                await self.flush()
+                await self.commit()
+                raise PolicyStop(
+                    f"{msg.topic()}[{msg.partition()}] offset {msg.offset()}: "
+                    f"{decoded.rejected[0].reason} (kafka_error_policy is stop; the message "
+                    f"is not committed: fix or skip it, e.g. with kafka_error_policy = skip)"
+                )
+        if decoded.lines:
+            self.stats.inc("lines", decoded.lines)
+            if self.batcher.count and self.batcher.size + len(decoded.data) > self.batcher.max_size:
+                await self.flush()  # the open batch ends before this message
+            ready = self.batcher.add_parts(decoded.data, decoded.lines)
+        else:
+            ready = []
+        self.marks[position] = (msg.offset() or 0) + 1
+        for batch in ready:
+            await self.publish(batch)
+        if not self.batcher.count:  # everything read so far is published
+            self._settle()
+
+    def _fit(self, decoded: Decoded) -> Decoded:
+        """Reject lines NATS could never carry (longer than its max payload)."""
+        limit = self.rt.bus.max_payload
+        if len(decoded.data) <= limit:
+            return decoded
+        keep = []
+        rejected = list(decoded.rejected)
+        for line in decoded.data.splitlines(keepends=True):
+            if len(line) > limit:
+                reason = f"a line of {len(line)} bytes is over the NATS max payload ({limit})"
+                rejected.append(Rejected(line[:200], reason))
+            else:
+                keep.append(line)
+        data = b"".join(keep)
+        return Decoded(data, count_lines(data), rejected)
+
+    def _settle(self) -> None:
+        self.published.update(self.marks)
+        self.marks.clear()
+
+    async def flush(self) -> None:
+        """Publish the open batch; its messages' offsets become committable."""
+        await self.publish(self.batcher.take_parts())
+        self._settle()
+
+    # -- NATS ------------------------------------------------------------------------------
+
+    async def publish(self, batch: Parts) -> None:
+        """Publish a batch, applying kafka_error_policy when NATS does not take it."""
+        while await publish_parts_counted(self.rt, self.subject, batch):
+            policy = self.cfg.kafka_error_policy
+            if policy == "skip":
+                return
+            if policy == "stop":
+                raise PolicyStop(
+                    f"NATS at {self.cfg.nats_address} did not take a batch of {batch.lines} "
+                    "lines (kafka_error_policy is stop; its messages are not committed)"
+                )
+            log.warning(
+                "NATS did not take a batch of %d lines; retrying in %gs",
+                batch.lines,
+                self.cfg.kafka_retry_interval,
+            )
+            if await self._stopped_within(self.cfg.kafka_retry_interval):
+                raise _Stopping
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self.rt.stop.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def dead_letter(self, msg: Message, rejected: list[Rejected]) -> None:
+        """Publish what msg held that could not be decoded, with where it came from."""
+        self.stats.inc("decode_errors", len(rejected))
+        first = rejected[0].reason
+        reason = first if len(rejected) == 1 else f"{first} (and {len(rejected) - 1} more)"
+        if self.cfg.debug:
+            for r in rejected:
+                log.warning("%s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), r.reason)
+        payload = b"\n".join(r.data for r in rejected)
+        headers = {
+            "Kafka-Topic": msg.topic() or "",
+            "Kafka-Partition": str(msg.partition()),
+            "Kafka-Offset": str(msg.offset()),
+            "Error": " ".join(reason.split()),
+        }
+        room = max(self.rt.bus.max_payload - DEAD_LETTER_ROOM, self.rt.bus.max_payload // 2)
+        if len(payload) > room:
+            headers["Truncated-From"] = str(len(payload))
+            payload = payload[:room]
+        try:
+            await self.rt.bus.nc.publish(
+                self.cfg.nats_subject_dead_letter, payload, headers=headers
+            )
+        except Exception as exc:
+            self.stats.inc("failed_nats_publish")
+            log.warning(
+                "could not publish a dead letter to %s: %s",
+                self.cfg.nats_subject_dead_letter,
+                exc,
+            )
+            if self.cfg.kafka_error_policy != "skip":
+                raise PolicyStop(
+                    f"a message that could not be decoded could not be dead-lettered either "
+                    f"({exc}); it is not committed"
+                ) from exc
+            return
+        self.stats.inc("dead_lettered")
+
+    # -- Kafka -----------------------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """Commit the published offsets once NATS confirms it has everything sent so far."""
+        if not self.published:
+            return
+        try:
+            await self.nats_confirmed()
+        except Exception as exc:
+            if not self._unconfirmed:  # once per outage, not every poll
+                log.warning("NATS did not confirm the published lines (%s): not committing", exc)
+            self._unconfirmed = True
+            return
+        if self._unconfirmed:
+            log.info("NATS confirmed the published lines: committing again")
+            self._unconfirmed = False
+        offsets = dict(self.published)
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            answer = await self.call(self.consumer.commit, offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            self.stats.inc("commit_failures")
+            log.warning("offset commit failed: %s (retried with the next commit)", exc)
+            return
+        failed = [tp for tp in answer or () if tp.error is not None]
+        for tp in failed:
+            log.warning("offset commit of %s[%d] failed: %s", tp.topic, tp.partition, tp.error)
+        self.stats.inc("commit_failures" if failed else "commits")
+        for position, offset in offsets.items():
+            bad = any((tp.topic, tp.partition) == position for tp in failed)
+            if not bad and self.published.get(position) == offset:
+                del self.published[position]
+
+    async def nats_confirmed(self) -> None:
+        """Return once nats-server has answered a PING sent after everything published.
+
+        nats-py's flush() returns at once, without a PONG, while it is reconnecting, so
+        the connection must be up before and after it, with no reconnect in between.
+        """
+        nc = self.rt.bus.nc
+        reconnects = nc.stats["reconnects"]
+        if not nc.is_connected:
+            raise ConnectionError("not connected")
+        await nc.flush(timeout=FLUSH_TIMEOUT)
+        if not nc.is_connected or nc.stats["reconnects"] != reconnects:
+            raise ConnectionError("the connection was lost during the flush")
+
+    def on_error(self, err: KafkaError) -> None:
+        """The client's error_cb (worker thread) and message errors."""
+        self.stats.inc("kafka_errors")
+        log.warning("Kafka: %s", err.str())
+
+    def on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Partitions given to another member: their new owner reads from the last commit,
+        so offsets not committed yet are dropped (what was batched may be delivered twice)."""
+        for tp in partitions:
+            self.marks.pop((tp.topic, tp.partition), None)
+            self.published.pop((tp.topic, tp.partition), None)
+        if partitions:
+            log.info("partitions revoked: %s", _names(partitions))
+
+    def on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            log.info("partitions assigned: %s", _names(partitions))
+
+    async def close(self) -> None:
+        try:
+            await self.call(self.consumer.close)
+        finally:
+            self._thread.shutdown(wait=False)
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+
+
+async def run(cfg: Config, stop: asyncio.Event) -> None:
+    async with Runtime(cfg, stop, COUNTERS) as rt:
+        holder: list[KafkaSource] = []
+
+        def on_error(err: KafkaError) -> None:
+            if holder:
+                holder[0].on_error(err)
+
+        try:
+            consumer = Consumer(consumer_config(cfg, on_error), logger=log)
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise RuntimeError(
+                f"cannot create the Kafka consumer: {exc} (check [kafka_client])"
+            ) from exc
+        source = KafkaSource(cfg, rt, consumer, make_decoder(cfg))
+        holder.append(source)
+        try:
+            await source.call(
+                consumer.subscribe,
+                cfg.kafka_topics,
+                on_assign=source.on_assign,
+                on_revoke=source.on_revoke,
+            )
+            rt.ready = True
+            log.info(
+                "consuming %s from %s as group %s (%s), publishing to %s at %s",
+                ", ".join(cfg.kafka_topics),
+                cfg.kafka_brokers,
+                cfg.kafka_group,
+                cfg.kafka_encoder,
+                source.subject,
+                cfg.nats_address,
+            )
+            try:
+                await source.run()
+            except _Stopping:
+                log.warning("stopped while NATS refused a batch: its messages stay uncommitted")
+        finally:
+            rt.ready = False
+            await source.close()
