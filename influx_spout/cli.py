@@ -21,8 +21,6 @@ from influx_spout.config import Config, ConfigError, load_config
 
 log = logging.getLogger("influx_spout")
 
-AVAILABLE_MODES = ("listener", "listener_http", "filter", "writer")
-
 # how long a stopping component may take to flush before it is cut short
 STOP_GRACE = 4.0
 
@@ -81,14 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"influx-spout: configuration error: {exc}", file=sys.stderr)
         return 2
     _setup_logging(f"{cfg.mode}[{cfg.name}]")
-    if importlib.util.find_spec(f"influx_spout.modes.{cfg.mode}") is None:
-        print(
-            f"influx-spout: configuration error: {cfg.source}: mode: {cfg.mode!r} is specified "
-            f"but not available in this version yet (use one of {', '.join(AVAILABLE_MODES)})",
-            file=sys.stderr,
-        )
-        return 2
-
     tune_malloc()
     try:
         import uvloop

@@ -13,7 +13,10 @@ LABELLED = {
     "listener": set(),
     "listener_http": set(),
     "filter": {"triggered", "nats_dropped"},
+    "downsampler": {"nats_dropped"},
     "writer": {"dropped_by_rules", "nats_dropped"},
+    "monitor": {"nats_dropped"},
+    "kafka": set(),
 }
 
 
