@@ -373,6 +373,17 @@ def parse_fields_raw(raw_fields: bytes) -> list[tuple[bytes, bytes]]:
     return [(unescape(k), v) for k, v in _FIELD_PAIR.findall(raw_fields)]
 
 
+# how much of a line a log shows
+LOG_LINE_BYTES = 200
+
+
+def shown(line: bytes) -> str:
+    """A line for a log message: on one line (repr), at most LOG_LINE_BYTES of it."""
+    if len(line) <= LOG_LINE_BYTES:
+        return repr(line)
+    return f"{line[:LOG_LINE_BYTES]!r}... ({len(line)} bytes)"
+
+
 def timestamp(line: bytes) -> int | None:
     """The timestamp of a valid line, or None when it has none, without parsing the line.
 

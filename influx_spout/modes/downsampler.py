@@ -97,8 +97,6 @@ MAX_SERIES = 100_000
 # time allowed, after a stop, to aggregate what was already received (under cli.STOP_GRACE)
 UNSUBSCRIBE_TIMEOUT = 2.0
 
-# how much of a rejected line a debug log shows
-LOG_LINE_BYTES = 200
 
 # field kinds: float, integer, unsigned, string, boolean
 FLOAT, INT, UINT, STRING, BOOL = "f", "i", "u", "s", "b"
@@ -332,13 +330,6 @@ def _render(period: _Period, out: dict[str, list[bytes]]) -> None:
             lines.append(head + b" " + body + stamp)
 
 
-def _shown(line: bytes) -> str:
-    """A line for a log: one line, at most LOG_LINE_BYTES of it."""
-    if len(line) <= LOG_LINE_BYTES:
-        return repr(line)
-    return f"{line[:LOG_LINE_BYTES]!r}... ({len(line)} bytes)"
-
-
 class Downsampler:
     """Feeds the Aggregator from NATS, publishes what it emits, counts everything."""
 
@@ -364,7 +355,7 @@ class Downsampler:
         inc("series_overflow", added.series_overflow)
         if self.cfg.debug:
             for reason, line in added.rejected:
-                log.info("rejected a line (%s): %s", reason, _shown(line))
+                log.info("rejected a line (%s): %s", reason, lineproto.shown(line))
 
     async def emit_until(self, stop: asyncio.Event) -> None:
         """Publish each period when it is due, until stop (never cut off mid-publish)."""

@@ -50,8 +50,6 @@ COUNTERS = (
     "failed_nats_publish",
 )
 
-# how much of a rejected line a debug log shows
-LOG_LINE_BYTES = 200
 
 # a worker lets its event loop read the socket at least this often (seconds) while
 # messages wait (Bus.catch_up)
@@ -117,19 +115,19 @@ class Filter:
             inc("triggered", n, rule=self.subjects[index])
         if self.cfg.debug:
             for line in routed.invalid_lines:
-                log.info("rejected a line that is not line protocol: %s", _shown(line))
+                log.info("rejected a line that is not line protocol: %s", lineproto.shown(line))
             for line in routed.invalid_time_lines:
                 log.info(
                     "rejected a line whose timestamp is more than %gs from now: %s",
                     self.cfg.max_time_delta,
-                    _shown(line),
+                    lineproto.shown(line),
                 )
             if routed.junk:
                 for line in routed.junk.split(b"\n")[:-1]:
                     log.info(
                         "no rule matched, sent to %s: %s",
                         self.cfg.nats_subject_junkyard,
-                        _shown(line),
+                        lineproto.shown(line),
                     )
 
     async def _publish(self, subject: str, data: bytes) -> None:
@@ -142,13 +140,6 @@ class Filter:
                 self.stats.inc("failed_nats_publish", lines)
                 if self.cfg.debug:
                     log.info("could not publish %d lines to %s", lines, subject)
-
-
-def _shown(line: bytes) -> str:
-    """A line for a log: one line, at most LOG_LINE_BYTES of it."""
-    if len(line) <= LOG_LINE_BYTES:
-        return repr(line)
-    return f"{line[:LOG_LINE_BYTES]!r}... ({len(line)} bytes)"
 
 
 async def serve(rt: Host) -> None:

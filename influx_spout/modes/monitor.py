@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from nats.aio.msg import Msg
 
+from influx_spout import lineproto
 from influx_spout.config import Config
-from influx_spout.modes.filter import _shown
 from influx_spout.runtime import Runtime
 
 log = logging.getLogger("influx_spout.monitor")
@@ -265,7 +265,7 @@ class Monitor:
                         "skipped a line on %s that is not Prometheus text (%s): %s",
                         subject,
                         FORMAT_HINT,
-                        _shown(line),
+                        lineproto.shown(line),
                     )
         if update.dropped:
             inc("series_dropped", update.dropped)
