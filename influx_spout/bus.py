@@ -215,9 +215,12 @@ class Bus:
             if stats["in_bytes"] == before:
                 return
 
-    async def publish_raw(self, subject: str, data: bytes) -> None:
-        """Publish one message as is (stats)."""
-        await self.nc.publish(subject, data)
+    async def publish_raw(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        """Publish one message as is, with NATS headers if given (stats, dead letters);
+        raises when it cannot."""
+        await self.nc.publish(subject, data, headers=headers)
 
     async def subscribe(self, subjects: list[str], handler: Handler, pending_bytes: int) -> None:
         """Subscribe handler to each subject, honouring queue_group and the pending limit."""

@@ -262,9 +262,7 @@ class KafkaSource:
             headers["Truncated-From"] = str(len(payload))
             payload = payload[:room]
         try:
-            await self.rt.bus.nc.publish(
-                self.cfg.nats_subject_dead_letter, payload, headers=headers
-            )
+            await self.rt.bus.publish_raw(self.cfg.nats_subject_dead_letter, payload, headers)
         except Exception as exc:
             self.stats.inc("failed_nats_publish")
             log.warning(

@@ -215,6 +215,9 @@ class FakeBus:
         self.published.append(b"".join(parts))
         return 0
 
+    async def publish_raw(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        await self.nc.publish(subject, data, headers)
+
 
 def source(policy: str = "retry", refuse: int = 0, fail_commits: int = 0, count: int = 2) -> Any:
     cfg = Config(
