@@ -19,6 +19,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from typing import Any, NamedTuple
 
 import regex
@@ -26,11 +27,17 @@ import regex
 from influx_spout.encoders import ENCODERS
 from influx_spout.encoders.json_mapping import MAPPING_KEYS, PRECISIONS, JsonMapping
 
-MODES = ("listener", "listener_http", "filter", "downsampler", "writer", "monitor", "kafka")
+MODES = (
+    "listener",
+    "listener_http",
+    "filter",
+    "downsampler",
+    "writer",
+    "monitor",
+    "kafka",
+    "archive",
+)
 RULE_TYPES = ("basic", "tags", "regex", "negregex")
-
-# Modes this project plans; naming one gets a clearer message than "unknown".
-PLANNED_MODES = ("archive",)
 
 KB = 1024
 MB = 1024 * KB
@@ -122,6 +129,18 @@ class Config:
     kafka_sasl_password: str = ""
     kafka_ssl_key_password: str = ""
 
+    # archive
+    archive_directory: str = "/var/lib/influx-spout/archive"
+    archive_max_size: int = 64 * 1024 * 1024  # compressed bytes in one file
+    archive_max_age: float = 3600.0  # seconds a file stays open
+    archive_compression_level: int = 6  # gzip, 1 (fastest) to 9 (smallest)
+    archive_replay: bool = False  # replay archive files onto NATS, then exit
+    archive_replay_path: str = ""  # a file or directory; "" = archive_directory
+    archive_replay_subject: str = ""  # "" = each message's own subject
+    archive_replay_from: datetime | None = None  # messages received at or after
+    archive_replay_to: datetime | None = None  # messages received before
+    archive_replay_rate: int = 100_000  # lines per second
+
     # where the config came from, for messages
     source: str = ""
 
@@ -173,6 +192,16 @@ OPTIONS: dict[str, str] = {
     "kafka_json": "json_mapping",
     "kafka_client": "client",
     "nats_subject_dead_letter": "str",
+    "archive_directory": "str",
+    "archive_max_size": "size",
+    "archive_max_age": "duration",
+    "archive_compression_level": "int",
+    "archive_replay": "bool",
+    "archive_replay_path": "str",
+    "archive_replay_subject": "str",
+    "archive_replay_from": "time",
+    "archive_replay_to": "time",
+    "archive_replay_rate": "int",
 }
 
 KAFKA_ERROR_POLICIES = ("retry", "skip", "stop")
@@ -478,6 +507,8 @@ def _convert(kind: str, raw: Any, file: str, key: str) -> Any:
         return _convert_client(raw, file, key)
     if kind == "json_mapping":
         return _convert_json_mapping(raw, file, key)
+    if kind == "time":
+        return _convert_time(raw, file, key)
     expected, todo = _EXPECTED[kind]
     raise _fail(file, key, f"expected {expected}, got {_describe(raw)}", todo)
 
@@ -513,6 +544,24 @@ def _convert_duration(raw: Any, file: str, key: str) -> float:
         f"expected a duration string with a unit, got {_describe(raw)}",
         f"write e.g. {example}; units are ns, us, ms, s, m, h",
     )
+
+
+def _convert_time(raw: Any, file: str, key: str) -> datetime:
+    """A point in time with its UTC offset: a TOML date-time or an RFC 3339 string."""
+    todo = "write e.g. 2024-05-01T00:00:00Z (an RFC 3339 time with Z or an offset)"
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = datetime.fromisoformat(raw.strip())
+        except ValueError:
+            raise _fail(file, key, f"{_quote(raw)} is not a date and time", todo) from None
+    if isinstance(value, date) and not isinstance(value, datetime):
+        raise _fail(file, key, f"{_show(raw)} has no time of day nor time zone", todo)
+    if not isinstance(value, datetime):
+        raise _fail(file, key, f"expected a date and time, got {_describe(raw)}", todo)
+    if value.tzinfo is None:
+        raise _fail(file, key, f"{_show(raw)} has no time zone", todo)
+    return value
 
 
 def _convert_alias(raw: Any, file: str, key: str, new: str, unit: str, factor: int) -> Any:
@@ -712,13 +761,6 @@ def _build(settings: dict[str, _Setting], path: str) -> Config:
     mode = mode_setting.value
     if mode not in MODES:
         file = mode_setting.file
-        if mode in PLANNED_MODES:
-            raise _fail(
-                file,
-                "mode",
-                f"{_quote(mode)} is planned but not available yet",
-                f"use one of {modes}",
-            )
         close = difflib.get_close_matches(mode, MODES, n=1)
         hint = f'did you mean "{close[0]}"? ' if close else ""
         raise _fail(file, "mode", f"unknown mode {_quote(mode)}", f"{hint}use one of {modes}")
@@ -855,7 +897,7 @@ def _validate(cfg: Config, settings: dict[str, _Setting], path: str) -> None:
                 f"{mode} needs exactly one {role} subject, got {len(subjects)}",
                 'write e.g. nats_subject = ["influx-spout"]',
             )
-    elif mode in ("writer", "downsampler") and not subjects:
+    elif mode in ("writer", "downsampler", "archive") and not subjects:
         raise c.fail(
             "nats_subject",
             f"{mode} needs at least one input subject",
@@ -906,6 +948,9 @@ def _validate(cfg: Config, settings: dict[str, _Setting], path: str) -> None:
 
     if mode == "kafka":
         _check_kafka(c)
+
+    if mode == "archive":
+        _check_archive(c)
 
     if mode == "downsampler":
         suffix = cfg.downsample_suffix
@@ -1012,6 +1057,29 @@ def _check_client_properties(c: _Checker) -> None:
         raise c.fail(
             "kafka_client", f"librdkafka refuses it: {reason}", "see librdkafka's CONFIGURATION.md"
         ) from None
+
+
+def _check_archive(c: _Checker) -> None:
+    cfg = c.cfg
+    if not cfg.archive_directory:
+        raise c.fail("archive_directory", "empty", 'give a directory, e.g. "/var/lib/archive"')
+    level = cfg.archive_compression_level
+    if not 1 <= level <= 9:
+        raise c.fail(
+            "archive_compression_level",
+            f"{c.shown('archive_compression_level')} is not a gzip level",
+            "use 1 (fastest) to 9 (smallest)",
+        )
+    c.at_least("archive_replay_rate", 1)
+    if cfg.archive_replay_subject:
+        c.subject("archive_replay_subject", cfg.archive_replay_subject, publish=True)
+    start, end = cfg.archive_replay_from, cfg.archive_replay_to
+    if start is not None and end is not None and start >= end:
+        raise c.fail(
+            "archive_replay_to",
+            f"{c.shown('archive_replay_to')} is not after archive_replay_from",
+            "give a later end, or leave it out to replay to the end of the archive",
+        )
 
 
 def _check_writer(c: _Checker) -> None:

@@ -247,6 +247,60 @@ match = "^debug_"
     ]
 
 
+def test_archive_defaults(tmp_path: Path) -> None:
+    cfg = load(tmp_path, 'mode = "archive"')
+    assert cfg.nats_subject == ["influx-spout"]
+    assert cfg.archive_directory == "/var/lib/influx-spout/archive"
+    assert cfg.archive_max_size == 64 * MB
+    assert cfg.archive_max_age == 3600.0
+    assert cfg.archive_compression_level == 6
+    assert cfg.archive_replay is False
+    assert (cfg.archive_replay_path, cfg.archive_replay_subject) == ("", "")
+    assert (cfg.archive_replay_from, cfg.archive_replay_to) == (None, None)
+    assert cfg.archive_replay_rate == 100_000
+
+
+def test_archive_options(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        """
+mode = "archive"
+nats_subject = ["system", "apps.>"]
+archive_directory = "/data/archive"
+archive_max_size = "256MB"
+archive_max_age = "15m"
+archive_compression_level = 9
+archive_replay = true
+archive_replay_path = "/data/archive/one.lp.gz"
+archive_replay_subject = "replayed"
+archive_replay_from = 2024-05-01T00:00:00Z
+archive_replay_to = "2024-05-01T04:00:00+02:00"
+archive_replay_rate = 5000
+""",
+    )
+    assert cfg.nats_subject == ["system", "apps.>"]
+    assert cfg.archive_directory == "/data/archive"
+    assert cfg.archive_max_size == 256 * MB
+    assert cfg.archive_max_age == 900.0
+    assert cfg.archive_compression_level == 9
+    assert cfg.archive_replay is True
+    assert cfg.archive_replay_path == "/data/archive/one.lp.gz"
+    assert cfg.archive_replay_subject == "replayed"
+    assert cfg.archive_replay_from is not None and cfg.archive_replay_to is not None
+    assert cfg.archive_replay_from.timestamp() == 1714521600
+    assert cfg.archive_replay_to.timestamp() == 1714521600 + 7200  # 02:00Z
+    assert cfg.archive_replay_rate == 5000
+
+
+def test_archive_replay_range_must_not_be_empty(tmp_path: Path) -> None:
+    message = error_of(
+        tmp_path,
+        'mode = "archive"\narchive_replay_from = 2024-05-01T00:00:00Z\n'
+        'archive_replay_to = "2024-05-01T02:00:00+02:00"',
+    )
+    assert "archive_replay_to" in message and "not after" in message
+
+
 def test_nats_subject_may_be_a_bare_string(tmp_path: Path) -> None:
     assert load(tmp_path, 'mode = "listener"\nnats_subject = "in"').nats_subject == ["in"]
 
@@ -525,6 +579,7 @@ L = 'mode = "listener"\n'
 LH = 'mode = "listener_http"\n'
 F = 'mode = "filter"\n'
 M = 'mode = "monitor"\n'
+A = 'mode = "archive"\n'
 
 # (config text, key as named in the message, substrings the message must hold)
 ERRORS = [
@@ -532,7 +587,7 @@ ERRORS = [
     ("workers = 3", "mode", ["missing", "listener, listener_http, filter"]),
     ('mode = "writter"', "mode", ['unknown mode "writter"', 'did you mean "writer"']),
     ('mode = "bogus"', "mode", ['unknown mode "bogus"', "listener, listener_http"]),
-    ('mode = "archive"', "mode", ['"archive" is planned but not available yet']),
+    ('mode = "archiv"', "mode", ['unknown mode "archiv"', 'did you mean "archive"']),
     ("mode = 3", "mode", ["expected a string, got integer 3"]),
     # unknown keys, with the nearest known key
     (W + "batch_max_cont = 3", "batch_max_cont", ["unknown key", 'did you mean "batch_max_count"']),
@@ -686,6 +741,26 @@ ERRORS = [
     (W + 'influxdb_address = ""', "influxdb_address", ["empty"]),
     (W + 'influxdb_address = "http://db:8086"', "influxdb_address", ["not a host name"]),
     (W + 'influxdb_bucket = "b"', "influxdb_bucket", ["without influxdb_org"]),
+    # archive
+    (A + "nats_subject = []", "nats_subject", ["archive needs at least one input subject"]),
+    (A + 'archive_directory = ""', "archive_directory", ["empty", "give a directory"]),
+    (A + "archive_compression_level = 0", "archive_compression_level", ["0 is not a gzip level"]),
+    (A + "archive_compression_level = 10", "archive_compression_level", ["1 (fastest) to 9"]),
+    (A + 'archive_max_size = "0MB"', "archive_max_size", ["must be above zero"]),
+    (A + 'archive_max_age = "0s"', "archive_max_age", ["must be above zero"]),
+    (A + "archive_max_age = 60", "archive_max_age", ["got integer 60", '"60s"']),
+    (A + "archive_replay_rate = 0", "archive_replay_rate", ["0 is too small"]),
+    (A + 'archive_replay_subject = "a.*"', "archive_replay_subject", ["wildcard"]),
+    (A + "archive_replay = 1", "archive_replay", ["expected true or false"]),
+    (A + 'archive_replay_from = "yesterday"', "archive_replay_from", ["not a date and time"]),
+    (A + "archive_replay_from = 2024-05-01T00:00:00", "archive_replay_from", ["no time zone"]),
+    (A + "archive_replay_to = 2024-05-01", "archive_replay_to", ["no time of day", "RFC 3339"]),
+    (A + "archive_replay_to = 5", "archive_replay_to", ["expected a date and time, got integer"]),
+    (
+        A + "archive_replay_from = 2024-05-02T00:00:00Z\narchive_replay_to = 2024-05-01T00:00:00Z",
+        "archive_replay_to",
+        ["is not after archive_replay_from"],
+    ),
 ]
 
 

@@ -17,6 +17,7 @@ LABELLED = {
     "writer": {"dropped_by_rules", "nats_dropped"},
     "monitor": {"nats_dropped"},
     "kafka": set(),
+    "archive": {"nats_dropped"},
 }
 
 

@@ -1,0 +1,635 @@
+"""archive mode: the raw batches of chosen subjects -> gzip files, and replay back onto NATS.
+
+Archiving (the default): every message on `nats_subject` (wildcards allowed) is kept as it
+came, byte for byte, in gzip files under `archive_directory`, one stream of files per
+subject the messages arrived on. Each message is one record: a header line, then the
+payload as it was received:
+
+    #influx-spout-archive-1 <subject> <received, ns since the Unix epoch> <payload bytes>\\n
+    <payload>[\\n when the payload does not end with one]
+
+so `zcat FILE` shows line protocol with `#` comment lines (which InfluxDB skips), and the
+subject and arrival time of each batch are kept for replay. A file is named after the
+arrival time (UTC) of its first message, its subject and the instance name:
+`20240501T120000.123456Z_<subject>_<name>.lp.gz` (subject and name %-escaped where a
+file name could not hold them), so `ls` sorts them by time. A file is written as
+`<name>.lp.gz.part` and renamed when it is finished: once it holds `archive_max_size`
+compressed bytes (it may pass that by one message), once it is `archive_max_age` old, and
+at stop. Finishing flushes and fsyncs the file, renames it, and fsyncs the directory, so
+a file without `.part` is complete and durable.
+
+Writing (compression and file I/O) happens in one worker thread, in batches of whatever
+arrived meanwhile, so the event loop keeps reading NATS. At most BUFFER_LIMIT bytes wait
+for that thread; beyond it the NATS handler waits, the subscription's pending buffer
+(nats_max_pending_size) takes the rest, and what NATS drops there is counted
+(nats_dropped{subject}). At most MAX_OPEN_FILES files are open at once (subjects matched
+by a wildcard); the least recently written one is finished to open another.
+
+Write failures (disk full, permissions, a missing mount) never stop the component: the
+message is counted in write_errors, the file being written is left as `.part` (zcat reads
+what reached the disk), and one error is logged per outage, saying what to do; for
+RETRY_INTERVAL after a failure, messages are counted as lost without trying, then the
+next message opens a new file. Recovery is logged with the number of messages lost.
+
+Replay (`archive_replay = true`): reads the archive files at `archive_replay_path` (a
+file, or a directory: its finished files, oldest first; default archive_directory), keeps
+the messages whose subject matches `nats_subject` and whose arrival time is within
+[archive_replay_from, archive_replay_to), publishes each payload on its own subject (or
+`archive_replay_subject`), split under the NATS max payload on line boundaries, at most
+`archive_replay_rate` lines a second, then exits 0. A damaged file is counted
+(replay_errors) and logged; the messages before the damage are replayed.
+
+Counters (archiving):
+  received               messages received
+  lines                  lines in them
+  bytes_written          compressed bytes written to archive files
+  files_written          files finished (renamed from .part)
+  write_errors           messages that could not be written, and files that could not be
+                         finished (left as .part)
+  nats_dropped{subject}  messages NATS dropped because the input buffer was full
+Counters (replay):
+  replayed_messages      archived messages published
+  replayed_lines         lines in them
+  failed_nats_publish    lines that could not be published
+  replay_errors          archive files that could not be read to their end
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import gzip
+import logging
+import os
+import re
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO
+from urllib.parse import quote
+
+from nats.aio.msg import Msg
+
+from influx_spout.batching import count_lines
+from influx_spout.config import Config
+from influx_spout.runtime import Runtime
+from influx_spout.stats import Stats
+
+log = logging.getLogger("influx_spout.archive")
+
+ARCHIVE_COUNTERS = ("received", "lines", "bytes_written", "files_written", "write_errors")
+REPLAY_COUNTERS = ("replayed_messages", "replayed_lines", "failed_nats_publish", "replay_errors")
+COUNTERS = ARCHIVE_COUNTERS + REPLAY_COUNTERS  # the mode publishes one set or the other
+
+MAGIC = b"#influx-spout-archive-1 "
+SUFFIX = ".lp.gz"
+PART = ".part"
+MAX_HEADER = 1024  # bytes of a record header line; NATS subjects are far shorter
+
+BUFFER_LIMIT = 8 * 1024 * 1024  # bytes waiting for the writer thread
+MAX_OPEN_FILES = 256
+RETRY_INTERVAL = 1.0  # seconds after a write failure before a file is opened again
+REPLAY_CHUNK = 4 * 1024 * 1024  # bytes of records read from a file at a time
+
+# time allowed, after a stop, to stop taking input; the rest of cli.STOP_GRACE finishes files
+UNSUBSCRIBE_TIMEOUT = 0.5
+
+_FILE_NAME = re.compile(r"(\d{8}T\d{6})\.(\d{6})Z_(.+)" + re.escape(SUFFIX))
+
+
+@dataclass(slots=True)
+class Record:
+    """One archived NATS message."""
+
+    subject: str
+    received_ns: int  # arrival time, ns since the Unix epoch
+    payload: bytes
+
+
+class ArchiveError(Exception):
+    """An archive file that is not in the archive format."""
+
+
+# -- the file format -----------------------------------------------------------------
+
+
+def encode_record(record: Record) -> list[bytes]:
+    """The parts of one record as written (the payload not copied)."""
+    payload = record.payload
+    head = b"%b%b %d %d\n" % (MAGIC, record.subject.encode(), record.received_ns, len(payload))
+    if payload.endswith(b"\n"):
+        return [head, payload]
+    return [head, payload, b"\n"]
+
+
+def read_records(path: str) -> Generator[Record, None, None]:
+    """The records of one archive file, in order.
+
+    Raises ArchiveError for what is not a record, EOFError / gzip.BadGzipFile /
+    zlib.error / OSError for a damaged or unreadable file (after the records before it).
+    """
+    with gzip.open(path, "rb") as f:
+        n = 0
+        while True:
+            head = f.readline(MAX_HEADER)
+            if not head:
+                return
+            n += 1
+            fields = head[len(MAGIC) : -1].split(b" ")
+            if not head.startswith(MAGIC) or not head.endswith(b"\n") or len(fields) != 3:
+                raise ArchiveError(f"record {n} has no archive header: {head[:80]!r}")
+            subject, received, size = fields
+            try:
+                received_ns, length = int(received), int(size)
+            except ValueError:
+                raise ArchiveError(f"record {n} has a bad header: {head[:80]!r}") from None
+            payload = f.read(length)
+            if len(payload) < length:
+                raise ArchiveError(f"record {n} is cut short ({len(payload)} of {length} bytes)")
+            if not payload.endswith(b"\n") and f.read(1) != b"\n":
+                raise ArchiveError(f"record {n} is not followed by a newline")
+            yield Record(subject.decode(errors="replace"), received_ns, payload)
+
+
+def lines_in(payload: bytes) -> int:
+    """Lines in a payload, its last one counted even without a final newline."""
+    return count_lines(payload) + (not payload.endswith(b"\n") and bool(payload))
+
+
+def file_name(start_ns: int, subject: str, name: str) -> str:
+    """A finished file's name: UTC start time (sorts by time), subject, instance name."""
+    seconds, micros = divmod(start_ns // 1000, 1_000_000)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds))
+    return f"{stamp}.{micros:06d}Z_{quote(subject, safe='')}_{quote(name, safe='')}{SUFFIX}"
+
+
+def parse_file_name(name: str) -> tuple[int, str] | None:
+    """(start, ns since the epoch; stream: the subject and name part) of a finished file."""
+    m = _FILE_NAME.fullmatch(name)
+    if m is None:
+        return None
+    try:
+        seconds = calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%S"))
+    except ValueError:
+        return None
+    return (seconds * 1_000_000 + int(m.group(2))) * 1000, m.group(3)
+
+
+# -- writing -------------------------------------------------------------------------
+
+
+@dataclass
+class _OpenFile:
+    subject: str
+    part: str  # path while written
+    final: str  # path once finished
+    raw: BinaryIO
+    gz: gzip.GzipFile
+    opened: float  # clock()
+    size: int = 0  # compressed bytes counted in bytes_written so far
+
+
+class Archiver:
+    """Writes records to rotated gzip files; blocking, for one thread at a time.
+
+    Counts go to self.counts (the caller moves them into the mode's Stats in its own
+    thread). clock() gives seconds for file ages (injected by tests).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        name: str,
+        max_size: int,
+        max_age: float,
+        level: int = 6,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = directory
+        self.name = name
+        self.max_size = max_size
+        self.max_age = max_age
+        self.level = level
+        self.clock = clock
+        self.counts: Counter[str] = Counter()
+        self._files: dict[str, _OpenFile] = {}  # by subject, least recently written first
+        self._failing = False  # in an outage: one log line at its start, one at its end
+        self._lost = 0  # messages lost in the current outage
+        self._retry_at = 0.0
+
+    @property
+    def open_files(self) -> list[str]:
+        return [f.part for f in self._files.values()]
+
+    def write(self, records: list[Record]) -> None:
+        """Write records, rotating files that grew too large or too old."""
+        for record in records:
+            self._write_one(record)
+        self.rotate_aged()
+
+    def rotate_aged(self) -> None:
+        now = self.clock()
+        for f in list(self._files.values()):
+            if now - f.opened >= self.max_age:
+                self._finish(f)
+
+    def close(self) -> None:
+        """Finish every open file."""
+        for f in list(self._files.values()):
+            self._finish(f)
+
+    def leftovers(self) -> list[str]:
+        """Unfinished files of this instance from an earlier run (killed, or disk errors)."""
+        tail = f"_{quote(self.name, safe='')}{SUFFIX}{PART}"
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(os.path.join(self.directory, n) for n in names if n.endswith(tail))
+
+    def _write_one(self, record: Record) -> None:
+        if self._failing and self.clock() < self._retry_at:
+            self._lose(1)
+            return
+        f = self._files.pop(record.subject, None)
+        try:
+            if f is None:
+                f = self._open(record)
+            for part in encode_record(record):
+                f.gz.write(part)
+            size = f.raw.tell()
+        except OSError as exc:
+            self._fail(f"cannot write to {f.part if f else self.directory}", exc)
+            self._lose(1)
+            if f is not None:
+                self._abandon(f)
+            return
+        self._files[record.subject] = f  # now the most recently written
+        self._recovered()
+        self.counts["bytes_written"] += size - f.size
+        f.size = size
+        if size >= self.max_size:
+            self._finish(f)
+
+    def _open(self, record: Record) -> _OpenFile:
+        if len(self._files) >= MAX_OPEN_FILES:
+            self._finish(next(iter(self._files.values())))
+        os.makedirs(self.directory, exist_ok=True)
+        start = record.received_ns
+        while True:  # another file started in the same microsecond: the next one
+            final = os.path.join(self.directory, file_name(start, record.subject, self.name))
+            if not os.path.exists(final):
+                try:
+                    raw = open(final + PART, "xb")  # noqa: SIM115 - closed by _finish
+                    break
+                except FileExistsError:
+                    pass
+            start += 1000
+        gz = gzip.GzipFile(
+            filename="", mode="wb", compresslevel=self.level, fileobj=raw, mtime=start // 10**9
+        )
+        return _OpenFile(record.subject, final + PART, final, raw, gz, self.clock())
+
+    def _finish(self, f: _OpenFile) -> None:
+        """Flush, fsync, rename without .part, fsync the directory."""
+        self._files.pop(f.subject, None)
+        try:
+            f.gz.close()  # the gzip trailer; leaves raw open
+            f.raw.flush()
+            os.fsync(f.raw.fileno())
+            size = f.raw.tell()
+            f.raw.close()
+            os.rename(f.part, f.final)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            self._fail(f"cannot finish {f.part} (left unfinished)", exc)
+            self.counts["write_errors"] += 1
+            self._abandon(f)
+            return
+        self.counts["bytes_written"] += size - f.size
+        self.counts["files_written"] += 1
+
+    def _abandon(self, f: _OpenFile) -> None:
+        self._files.pop(f.subject, None)
+        with contextlib.suppress(OSError, ValueError):
+            f.raw.close()  # what it still buffers may not fit on the disk either
+
+    def _lose(self, n: int) -> None:
+        self.counts["write_errors"] += n
+        self._lost += n
+
+    def _fail(self, what: str, exc: OSError) -> None:
+        self._retry_at = self.clock() + RETRY_INTERVAL
+        if self._failing:
+            return
+        self._failing = True
+        log.error(
+            "%s: %s; messages are counted in write_errors and dropped until writing works "
+            "again (free disk space, or fix the permissions of %s)",
+            what,
+            exc.strerror or exc,
+            self.directory,
+        )
+
+    def _recovered(self) -> None:
+        if self._failing:
+            log.warning("archive writing works again; %d messages were lost", self._lost)
+            self._failing = False
+            self._lost = 0
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Archive:
+    """The event-loop side: takes NATS messages, hands them in batches to the writer thread."""
+
+    def __init__(self, cfg: Config, stats: Stats, archiver: Archiver | None = None) -> None:
+        self.cfg = cfg
+        self.stats = stats
+        self.archiver = archiver or Archiver(
+            cfg.archive_directory,
+            cfg.name,
+            cfg.archive_max_size,
+            cfg.archive_max_age,
+            cfg.archive_compression_level,
+        )
+        self._pending: list[Record] = []
+        self._pending_bytes = 0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._stopping = False
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="archive")
+        self._tick = min(1.0, cfg.archive_max_age / 4)
+
+    async def handle(self, msg: Msg) -> None:
+        data = msg.data
+        self.stats.inc("received")
+        self.stats.inc("lines", lines_in(data))
+        self._pending.append(Record(msg.subject, time.time_ns(), data))
+        self._pending_bytes += len(data)
+        self._wake.set()
+        while self._pending_bytes >= BUFFER_LIMIT and not self._stopping:
+            self._room.clear()
+            await self._room.wait()
+
+    async def in_thread(self, fn: Callable[..., object], *args: object) -> None:
+        """Run fn in the writer thread, then count what it did."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        finally:
+            for counter, n in self.archiver.counts.items():
+                self.stats.inc(counter, n)
+            self.archiver.counts.clear()
+
+    async def write_forever(self) -> None:
+        """Hand what arrived to the writer thread, and rotate aged files, until close()."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._tick)
+            self._wake.clear()
+            batch, self._pending, self._pending_bytes = self._pending, [], 0
+            self._room.set()
+            if batch:
+                await self.in_thread(self.archiver.write, batch)
+            else:
+                await self.in_thread(self.archiver.rotate_aged)
+            if self._stopping and not self._pending:
+                return
+
+    async def close(self, writer: asyncio.Task[None]) -> None:
+        """Write what is pending, finish every file, stop the thread."""
+        self._stopping = True
+        self._wake.set()
+        self._room.set()
+        try:
+            await writer
+        finally:
+            late, self._pending = self._pending, []  # came after the writer's last turn
+            if late:
+                await self.in_thread(self.archiver.write, late)
+            await self.in_thread(self.archiver.close)
+            self._thread.shutdown(wait=False)
+
+
+async def run_archive(cfg: Config, stop: asyncio.Event) -> None:
+    async with Runtime(cfg, stop, ARCHIVE_COUNTERS) as rt:
+        for subject in cfg.nats_subject:
+            rt.stats.inc("nats_dropped", 0, subject=subject)
+        archive = Archive(cfg, rt.stats)
+        leftovers = await asyncio.to_thread(archive.archiver.leftovers)
+        if leftovers:
+            log.warning(
+                "%d unfinished archive files from an earlier run, e.g. %s: zcat reads what "
+                "they hold; check them and remove .part from their names to replay them",
+                len(leftovers),
+                leftovers[0],
+            )
+        writer = asyncio.create_task(archive.write_forever())
+        try:
+            await rt.bus.subscribe(cfg.nats_subject, archive.handle, cfg.nats_max_pending_size)
+            rt.ready = True
+            log.info(
+                "archiving %s to %s (files of up to %d bytes or %gs)",
+                ", ".join(cfg.nats_subject),
+                cfg.archive_directory,
+                cfg.archive_max_size,
+                cfg.archive_max_age,
+            )
+            await rt.until_stopped(writer)
+            if not writer.done():
+                try:
+                    await asyncio.wait_for(rt.bus.unsubscribe(), UNSUBSCRIBE_TIMEOUT)
+                except TimeoutError:
+                    log.warning("input still busy %.1fs after stop", UNSUBSCRIBE_TIMEOUT)
+        finally:
+            await archive.close(writer)
+            rt.sync_dropped()
+            log.info(
+                "all files finished: %d written, %d write errors in all",
+                rt.stats.get("files_written"),
+                rt.stats.get("write_errors"),
+            )
+
+
+# -- replay --------------------------------------------------------------------------
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: * is one token, > one or more trailing tokens."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def list_files(path: str, start_ns: int | None = None, end_ns: int | None = None) -> list[str]:
+    """The archive files to replay at path (a file, or a directory's finished files), oldest
+    first, leaving out those that cannot hold a message received in [start_ns, end_ns).
+
+    A file holds messages received from its start time until the start of the next file
+    of its stream (same subject and instance). Raises OSError when path cannot be read.
+    """
+    if not os.path.isdir(path):
+        os.stat(path)  # a missing file raises here
+        return [path]
+    streams: dict[str, list[tuple[int, str]]] = {}
+    for name in os.listdir(path):
+        parsed = parse_file_name(name)
+        if parsed is not None:
+            streams.setdefault(parsed[1], []).append((parsed[0], name))
+    chosen: list[tuple[int, str]] = []
+    for files in streams.values():
+        files.sort()
+        for i, (start, name) in enumerate(files):
+            if end_ns is not None and start >= end_ns:
+                break
+            following = files[i + 1][0] if i + 1 < len(files) else None
+            if start_ns is not None and following is not None and following <= start_ns:
+                continue
+            chosen.append((start, name))
+    chosen.sort()
+    return [os.path.join(path, name) for _, name in chosen]
+
+
+_READ_ERRORS = (ArchiveError, EOFError, OSError, zlib.error)
+
+
+def _take(records: Iterator[Record], budget: int) -> tuple[list[Record], Exception | None]:
+    """The next records of a file, up to about budget payload bytes (in a thread), and the
+    error that ended the file early, if one did (the records before it are returned)."""
+    out: list[Record] = []
+    size = 0
+    try:
+        for record in records:
+            out.append(record)
+            size += len(record.payload)
+            if size >= budget:
+                break
+    except _READ_ERRORS as exc:
+        return out, exc
+    return out, None
+
+
+def _ns(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp() * 1e6) * 1000
+
+
+class Replay:
+    """Publishes archived messages onto NATS at a bounded rate."""
+
+    def __init__(self, cfg: Config, rt: Runtime, clock: Callable[[], float] = time.monotonic):
+        self.cfg = cfg
+        self.rt = rt
+        self.clock = clock
+        self.start_ns = _ns(cfg.archive_replay_from)
+        self.end_ns = _ns(cfg.archive_replay_to)
+        self._started = clock()
+        self._lines = 0  # published, for the rate
+
+    def wanted(self, record: Record) -> bool:
+        if self.start_ns is not None and record.received_ns < self.start_ns:
+            return False
+        if self.end_ns is not None and record.received_ns >= self.end_ns:
+            return False
+        return any(subject_matches(p, record.subject) for p in self.cfg.nats_subject)
+
+    async def replay_file(self, path: str, stop: asyncio.Event) -> None:
+        records = read_records(path)
+        try:
+            while not stop.is_set():
+                chunk, error = await asyncio.to_thread(_take, records, REPLAY_CHUNK)
+                for record in chunk:
+                    if stop.is_set():
+                        return
+                    if self.wanted(record):
+                        await self.publish(record, stop)
+                if error is not None:
+                    self.rt.stats.inc("replay_errors")
+                    log.error(
+                        "%s: %s: the rest of this file is skipped (check it with gzip -t)",
+                        path,
+                        error,
+                    )
+                    return
+                if not chunk:
+                    return
+        finally:
+            with contextlib.suppress(ValueError):  # still running in a cancelled thread
+                records.close()
+
+    async def publish(self, record: Record, stop: asyncio.Event) -> None:
+        """Publish one archived message (split under the max payload), at the rate."""
+        stats = self.rt.stats
+        subject = self.cfg.archive_replay_subject or record.subject
+        payload = record.payload
+        lines = lines_in(payload)
+        delay = self._started + self._lines / self.cfg.archive_replay_rate - self.clock()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+        failed = await self.rt.bus.publish(subject, payload)
+        lost = 0
+        if failed:
+            lost = lines if failed >= len(payload) else max(1, lines * failed // len(payload))
+            stats.inc("failed_nats_publish", lost)
+            if self.cfg.debug:
+                log.warning("could not publish %d of %d lines to %s", lost, lines, subject)
+        self._lines += lines
+        stats.inc("replayed_messages")
+        stats.inc("replayed_lines", lines - lost)
+
+
+async def run_replay(cfg: Config, stop: asyncio.Event) -> None:
+    path = cfg.archive_replay_path or cfg.archive_directory
+    async with Runtime(cfg, stop, REPLAY_COUNTERS) as rt:
+        replay = Replay(cfg, rt)
+        try:
+            files = await asyncio.to_thread(list_files, path, replay.start_ns, replay.end_ns)
+        except OSError as exc:
+            raise RuntimeError(
+                f"archive_replay_path {path}: {exc.strerror or exc} (give an archive file "
+                "or a directory of them)"
+            ) from None
+        rt.ready = True
+        target = cfg.archive_replay_subject or "their own subjects"
+        log.info("replaying %d archive files from %s onto %s", len(files), path, target)
+        for file in files:
+            if stop.is_set():
+                break
+            await replay.replay_file(file, stop)
+        try:
+            await rt.bus.nc.flush(timeout=5)
+        except Exception as exc:
+            log.warning("could not confirm the last publishes with NATS: %s", exc)
+        log.info(
+            "replayed %d messages (%d lines) from %d files%s",
+            rt.stats.get("replayed_messages"),
+            rt.stats.get("replayed_lines"),
+            len(files),
+            " (stopped early)" if stop.is_set() else "",
+        )
+
+
+async def run(cfg: Config, stop: asyncio.Event) -> None:
+    """Archive cfg.nats_subject until stop is set; or, with archive_replay, replay and return."""
+    if cfg.archive_replay:
+        await run_replay(cfg, stop)
+    else:
+        await run_archive(cfg, stop)
