@@ -1135,3 +1135,16 @@ def test_go_later_values(tmp_path: Path) -> None:
     assert filt.max_time_delta == 600.0
     down = load(tmp_path, GO_LATER["downsampler"])
     assert (down.downsample_period, down.downsample_suffix) == (60.0, "-archive")
+
+
+@pytest.mark.parametrize(
+    "example",
+    sorted((Path(__file__).parents[2] / "configs").rglob("*.toml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_every_example_config_loads(example: Path) -> None:
+    """configs/ holds one runnable example per mode (and the local pipeline's files)."""
+    cfg = load_config(str(example), etc_path="/nonexistent", environ={})
+    assert cfg.mode in MODES
+    if example.parent.name == "configs":
+        assert example.stem == cfg.mode
