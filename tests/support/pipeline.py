@@ -42,6 +42,7 @@ class Pipeline:
         self.components: dict[str, Component] = {}
         self.udp_port = free_port(udp=True)
         self.http_port = free_port()
+        self.monitor_port = free_port()
 
     def start(self) -> Self:
         self.nats.start()
@@ -60,7 +61,8 @@ class Pipeline:
     def _localise(self, text: str, stem: str, probe_port: int) -> str:
         text = text.replace("nats://127.0.0.1:14222", self.nats.url)
         text = re.sub(r"(?m)^influxdb_port = \d+", f"influxdb_port = {self.influx.port}", text)
-        port = {"listener": self.udp_port, "listener_http": self.http_port}.get(stem)
+        ports = {"listener": self.udp_port, "listener_http": self.http_port}
+        port = {**ports, "monitor": self.monitor_port}.get(stem)
         if port is not None:
             text = re.sub(r"(?m)^port = \d+", f"port = {port}", text)
         # at the top: after the first [[rule]] table a key would belong to the rule
@@ -188,6 +190,13 @@ def main() -> int:
             for name in ("listener", "listener_http", "filter", "writer_system", "writer_web"):
                 shown = ", ".join(f"{k}={v}" for k, v in sorted(counters.get(name, {}).items()))
                 print(f"  {name}: {shown}")
+            metrics = httpx.get(f"http://127.0.0.1:{p.monitor_port}/metrics", timeout=10).text
+            written = [ln for ln in metrics.splitlines() if ln.startswith("lines_written{")]
+            print(
+                f"the monitor serves them to Prometheus at http://127.0.0.1:{p.monitor_port}/metrics:"
+            )
+            for line in written:
+                print(f"  {line}")
             codes = p.stop()
             print(f"components stopped, exit codes {codes}")
             for db in DATABASES:
