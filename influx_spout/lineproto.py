@@ -178,10 +178,11 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "") -> str:
     )
 
 
-def _compile_batch(pattern: str) -> Any:
+def compile_batch(pattern: str) -> Any:
     """A pattern for a scan of a whole batch, compiled by RE2 when it is installed.
 
     The pattern must be in the syntax both engines share (no lookaround, no possessives).
+    Public for modes that scan batches for patterns of their own (the downsampler).
     """
     if re2_engine is None:  # pragma: no cover - depends on the environment
         return re.compile(pattern.encode())
@@ -200,7 +201,7 @@ _VALID_RUN_RE = re.compile(f"(?:{_line_grammar(re2=False, capture=False)}\\n)*+"
 _VALID_RUN: Any = (
     _VALID_RUN_RE
     if re2_engine is None
-    else _compile_batch(f"(?:{_line_grammar(re2=True, capture=False)}\\n)*")
+    else compile_batch(f"(?:{_line_grammar(re2=True, capture=False)}\\n)*")
 )
 _KEY = r"(?:[^\\ ,=]++|\\++[^\\])++"
 _TAG_PAIR = re.compile(f"({_KEY})=({_KEY})".encode())
@@ -211,7 +212,7 @@ _TIMESTAMP_AT_EOL = re.compile(rb"(?m) -?\d++$")
 
 # In a valid line the token after the last space is the timestamp, or holds "=" (a field)
 # or '"' (a string field with a space). An empty line would take zeros too.
-_LINE_WITHOUT_TIMESTAMP = _compile_batch(r'(?m)[="][^ \n]*$|\n\n|\A\n')
+_LINE_WITHOUT_TIMESTAMP = compile_batch(r'(?m)[="][^ \n]*$|\n\n|\A\n')
 
 _BOOLS: dict[bytes, bool] = {
     b"t": True,
@@ -289,7 +290,7 @@ WINDOW_STEP_NS = 1_000_000_000
 def _valid_run_in_window(lo: int, hi: int) -> Any:
     """_VALID_RUN with the timestamp, when there is one, written plainly in [lo, hi]."""
     timestamp = _digits_between(str(lo), str(hi))
-    return _compile_batch(f"(?:{_line_grammar(re2=True, capture=False, timestamp=timestamp)}\\n)*")
+    return compile_batch(f"(?:{_line_grammar(re2=True, capture=False, timestamp=timestamp)}\\n)*")
 
 
 def valid_in_window(batch: bytes, now_ns: int, max_delta_ns: int) -> bytes | None:
@@ -370,7 +371,10 @@ def parse_fields_raw(raw_fields: bytes) -> list[tuple[bytes, bytes]]:
 
     For callers that must keep a value's exact type (``i`` or ``u``) or re-emit it as is.
     """
-    return [(unescape(k), v) for k, v in _FIELD_PAIR.findall(raw_fields)]
+    pairs: list[tuple[bytes, bytes]] = _FIELD_PAIR.findall(raw_fields)
+    if b"\\" not in raw_fields:  # no key to unescape
+        return pairs
+    return [(unescape(k), v) for k, v in pairs]
 
 
 # how much of a line a log shows
@@ -477,7 +481,7 @@ def _overflow_finder(factor: int) -> Any:
     For every factor above 1, INT64_MAX // factor == 2**63 // factor, so one bound holds
     for both signs.
     """
-    return _compile_batch(f"(?m) -?0*{_digits_above(INT64_MAX // factor)}$")
+    return compile_batch(f"(?m) -?0*{_digits_above(INT64_MAX // factor)}$")
 
 
 def _line_around(batch: bytes, pos: int) -> bytes:
