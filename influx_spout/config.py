@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import regex
 
+from influx_spout import lineproto
 from influx_spout.encoders import ENCODERS
 from influx_spout.encoders.json_mapping import MAPPING_KEYS, PRECISIONS, JsonMapping
 
@@ -118,6 +119,7 @@ class Config:
     kafka_group: str = "influx-spout"  # group.id
     kafka_offset_reset: str = "earliest"  # where a group with no committed offset starts
     kafka_encoder: str = "line_protocol"  # one of encoders.ENCODERS
+    kafka_precision: str = "ns"  # of line_protocol messages' timestamps (lineproto.PRECISIONS)
     kafka_error_policy: str = "retry"  # skip, stop or retry (KAFKA_ERROR_POLICIES)
     kafka_retry_interval: float = 5.0  # seconds between publish attempts (retry policy)
     kafka_graphite_tags: list[str] = field(default_factory=lambda: ["datacenter", "host"])
@@ -186,6 +188,7 @@ OPTIONS: dict[str, str] = {
     "kafka_group": "str",
     "kafka_offset_reset": "str",
     "kafka_encoder": "str",
+    "kafka_precision": "str",
     "kafka_error_policy": "str",
     "kafka_retry_interval": "duration",
     "kafka_graphite_tags": "strings",
@@ -1009,6 +1012,7 @@ def _check_kafka(c: _Checker) -> None:
     for key, value, allowed in (
         ("kafka_offset_reset", cfg.kafka_offset_reset, ("earliest", "latest")),
         ("kafka_encoder", cfg.kafka_encoder, ENCODERS),
+        ("kafka_precision", cfg.kafka_precision, tuple(lineproto.PRECISIONS)),
         ("kafka_error_policy", cfg.kafka_error_policy, KAFKA_ERROR_POLICIES),
     ):
         if value not in allowed:
@@ -1025,6 +1029,12 @@ def _check_kafka(c: _Checker) -> None:
                 "needs at least one non-empty tag name",
                 'write e.g. ["datacenter", "host"] or ["host"]',
             )
+    if cfg.kafka_precision not in ("n", "ns") and cfg.kafka_encoder != "line_protocol":
+        raise c.fail(
+            "kafka_precision",
+            f"applies to the line_protocol encoder, not {_quote(cfg.kafka_encoder)}",
+            "remove it (the other encoders know their own timestamps' precision)",
+        )
     if cfg.kafka_encoder == "json" and cfg.kafka_json is None:
         raise c.fail(
             "kafka_json",

@@ -520,3 +520,19 @@ def to_nanoseconds(batch: bytes, precision: str) -> bytes:
     if _LINE_WITHOUT_TIMESTAMP.search(batch) is None:
         return batch.replace(b"\n", zeros + b"\n")
     return _TIMESTAMP_AT_EOL.sub(lambda m: m[0] + zeros, batch)
+
+
+def to_nanoseconds_or_set_aside(batch: bytes, precision: str) -> tuple[bytes, list[bytes]]:
+    """to_nanoseconds, with the lines whose timestamp would not fit int64 once converted
+    set aside rather than raised for: (the other lines converted, those lines).
+
+    For sources that keep the good lines of a request or message and report the others.
+    """
+    try:
+        return to_nanoseconds(batch, precision), []
+    except TimestampOverflowError as exc:
+        out_of_range = set(exc.lines)
+        kept = b"".join(
+            line + b"\n" for line in batch.split(b"\n")[:-1] if line not in out_of_range
+        )
+        return to_nanoseconds(kept, precision), exc.lines

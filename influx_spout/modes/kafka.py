@@ -96,7 +96,7 @@ def make_decoder(cfg: Config) -> Decoder:
         return collectd_json.decode
     if cfg.kafka_encoder == "json":
         return json_mapping.make_decoder(cfg.kafka_json or json_mapping.JsonMapping())
-    return line_protocol.decode
+    return line_protocol.make_decoder(cfg.kafka_precision)
 
 
 def consumer_config(cfg: Config, on_error: Callable[[KafkaError], None]) -> dict[str, Any]:

@@ -192,16 +192,9 @@ def decode(
     valid, bad = lineproto.split_valid(body)
     rejected = [(line, INVALID) for line in bad]
     if valid and lineproto.PRECISIONS[precision] != 1:
-        try:
-            valid = lineproto.to_nanoseconds(valid, precision)
-        except lineproto.TimestampOverflowError as exc:
-            # rare: drop those lines, keep the others
-            out_of_range = set(exc.lines)
-            kept = [line for line in valid.split(b"\n")[:-1] if line not in out_of_range]
-            valid = b"".join(line + b"\n" for line in kept)
-            valid = lineproto.to_nanoseconds(valid, precision)
-            reason = f"timestamp out of range once converted from precision {precision!r} to ns"
-            rejected += [(line, reason) for line in exc.lines]
+        valid, out_of_range = lineproto.to_nanoseconds_or_set_aside(valid, precision)
+        reason = f"timestamp out of range once converted from precision {precision!r} to ns"
+        rejected += [(line, reason) for line in out_of_range]
     if len(valid) > max_payload:
         pieces = split_under(valid, max_payload)
         too_long = [p for p in pieces if len(p) > max_payload]

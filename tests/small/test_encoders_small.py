@@ -352,3 +352,16 @@ def test_any_json_record_gives_valid_output_or_a_rejection(record: dict[str, obj
     out = decode_json(JsonMapping(measurement="m", tags=["a"]), record)
     assert split_valid(out.data) == (out.data, [])
     assert out.lines + len(out.rejected) == 1
+
+
+def test_line_protocol_in_another_precision_is_converted_to_nanoseconds() -> None:
+    decode = line_protocol.make_decoder("s")
+    out = decode(b"cpu v=1 1700000000\nmem v=2\nbad line\ndisk v=3 9300000000\n")
+    assert out.data == b"cpu v=1 1700000000000000000\nmem v=2\n"
+    assert out.lines == 2
+    assert [r.reason for r in out.rejected] == [
+        "not valid line protocol",
+        "timestamp out of range once converted from precision 's' to ns",
+    ]
+    assert line_protocol.make_decoder("ns") is line_protocol.decode
+    assert line_protocol.make_decoder("ms")(b"x v=1 5\n").data == b"x v=1 5000000\n"

@@ -113,6 +113,11 @@ timestamp_precision = "s"
         (K + 'kafka_retry_interval = "0s"', ["must be above zero"]),
         (K + 'kafka_encoder = "collectd_graphite"\nkafka_graphite_tags = []', ["at least one"]),
         (K + 'kafka_encoder = "json"', ["needs a [kafka_json] table"]),
+        (K + 'kafka_precision = "sec"', ['unknown value "sec"', "ns, u"]),
+        (
+            K + 'kafka_encoder = "collectd_json"\nkafka_precision = "s"',
+            ['applies to the line_protocol encoder, not "collectd_json"'],
+        ),
         (K + "[kafka_json]\nmeasurement = 1", ["kafka_json.measurement", "expected a string"]),
         (K + '[kafka_json]\nmesurement = "m"', ["kafka_json.mesurement", '"measurement"']),
         (K + "[kafka_json]\ntags = []", ["exactly one of measurement and measurement_field"]),
