@@ -53,6 +53,13 @@ def run_line(r: RunResult) -> str:
             parts.append(f"{name}: {fig.cpu_s_per_1m:.2f} CPU-s/1M, RSS {fig.rss_mb:.0f} MB")
     if "offered_lines_per_s" in r.details:
         parts.append(f"offered {_fmt(r.details['offered_lines_per_s'])} lines/s")
+    if "archive_lines" in r.details:
+        parts.append(
+            f"archive {_fmt(r.details['archive_lines'])} lines "
+            f"for {_fmt(r.details['archive_series'])} series"
+        )
+    if r.details.get("first_line_after_s") is not None:
+        parts.append(f"first line {r.details['first_line_after_s']:.1f} s after ready")
     bad_exits = {n: f.exit_code for n, f in r.components.items() if f.exit_code not in (0, None)}
     if bad_exits:
         parts.append(f"EXIT CODES {bad_exits}")

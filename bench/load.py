@@ -84,7 +84,9 @@ class Templates:
     message k is str(base_head + k).join(template).
     """
 
-    def __init__(self, lines: int, variants: int = 8, seed: int = 0) -> None:
+    VARIANTS = 8  # messages k and k + VARIANTS share their lines' series
+
+    def __init__(self, lines: int, variants: int = VARIANTS, seed: int = 0) -> None:
         self.lines = lines
         self.digits = len(str(lines - 1)) if lines > 1 else 1
         scale = 10**self.digits

@@ -14,6 +14,10 @@ database per run), so the CPU and RSS figures of one run never include another's
                 (overall_lines_per_s) when the run was too short to tell
     lost        lines_in - lines_out (negative: duplicates came out)
 and for each component: CPU seconds over the run, CPU-s per million lines out, peak RSS.
+
+Two scenarios count differently: the downsampler's output is one line per series and
+period, so what comes out of it is the lines it took into its averages (its counters);
+the kafka component consumes a backlog produced into the broker before it starts.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from support.servers import Component, InfluxServer, NatsServer, free_port
+from support.sample import telegraf_lines
+from support.servers import Component, InfluxServer, KafkaServer, NatsServer, free_port
 
 from bench import REPO_ROOT
 from bench.load import Child, Templates
@@ -63,6 +68,23 @@ BASIC_RULES = (
 REGEX_RULE = r"^(?:nginx|redis|postgresql|docker|haproxy),"
 OUT_SUBJECTS = [OUT_PREFIX + m for m in BASIC_RULES] + [OUT_PREFIX + "apps", JUNKYARD]
 
+# downsampler: periods so long that nothing is emitted during a run (and the load's
+# timestamps, fresh when it starts, stay in the open periods however long it runs)
+DOWNSAMPLE_PERIOD = "1h"
+ARCHIVE_SUFFIX = "-archive"
+# the downsampler's counters of lines received but not taken into an average
+DOWNSAMPLER_REJECTS = ("invalid_lines", "invalid_timestamps", "series_overflow")
+
+# kafka: lines per Kafka message in the backlog (Telegraf's kafka output sends one metric
+# per message unless use_batch_format is on; 10 keeps the per-message cost visible
+# without making it the whole story)
+KAFKA_LINES_PER_MESSAGE = 10
+KAFKA_TOPIC = "bench-metrics"
+KAFKA_SUBJECT = OUT_PREFIX + "kafka"
+# joining the consumer group takes a few seconds before the first line comes out: the
+# counter must not take that pause for the end
+KAFKA_COUNT_IDLE = 20.0
+
 # failure counters worth showing when lines went missing
 FAILURE_COUNTERS = (
     "nats_dropped",
@@ -73,6 +95,10 @@ FAILURE_COUNTERS = (
     "failed_writes",
     "lines_given_up",
     "pushed_back",
+    *DOWNSAMPLER_REJECTS,
+    "decode_errors",
+    "commit_failures",
+    "kafka_errors",
 )
 
 
@@ -151,6 +177,10 @@ def _toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
@@ -199,6 +229,12 @@ class Procs:
 
     def nats(self) -> NatsServer:
         server = NatsServer(workdir=self.dir / "nats")
+        self._stack.callback(server.close)
+        return server.start()
+
+    def kafka(self) -> KafkaServer:
+        """A fresh Tansu broker; a missing binary raises RuntimeError with the install hint."""
+        server = KafkaServer(workdir=self.dir / "tansu")
         self._stack.callback(server.close)
         return server.start()
 
@@ -693,6 +729,167 @@ def _per_1m(result: RunResult) -> None:
         fig.cpu_s_per_1m = round(fig.cpu_s / result.lines_out * 1e6, 3) if result.lines_out else 0.0
 
 
+def archive_series(messages: int) -> int:
+    """Series in the first `messages` messages of the NATS load (bench.load.Templates):
+    the lines the downsampler emits for one period."""
+    heads: set[bytes] = set()
+    for seed in range(min(messages, Templates.VARIANTS)):
+        heads.update(line.split(b" ", 1)[0] for line in telegraf_lines(LINES_PER_MESSAGE, 0, seed))
+    return len(heads)
+
+
+def run_downsampler(opts: Options) -> RunResult:
+    """NATS messages of 1,000 lines -> downsampler; lines taken counted by its counters.
+
+    lines_out is what the downsampler took into its averages: its received counter minus
+    the lines it rejected (DOWNSAMPLER_REJECTS). The period is an hour, so nothing is
+    emitted during the run; once the figures are taken the component is stopped, emits
+    every open period, and the archive lines are counted (one per series: a check, not
+    a figure of the run).
+    """
+    name = "bench-downsampler"
+    with Procs(opts.workdir) as procs:
+        nats = procs.nats()
+        procs.component(
+            "downsampler",
+            name,
+            nats.url,
+            nats_subject=[SUBJECT_IN],
+            downsample_period=DOWNSAMPLE_PERIOD,
+            downsample_suffix=ARCHIVE_SUFFIX,
+        )
+        monitor = procs.child(
+            "count", ["--nats", nats.url, "--stat", "received", "--stat-name", name]
+        )
+        archive = procs.child(
+            "count", ["--nats", nats.url, "--subject", SUBJECT_IN + ARCHIVE_SUFFIX], "archive"
+        )
+        load = procs.child(
+            "nats",
+            ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, 1_000_000)]
+            + ["--progress-stat", "received", "--progress-name", name],
+        )
+        cpu0 = procs.cpu_now()
+        load.send("go")
+        sent = load.result()
+        received = _wait_written(monitor, sent["lines"])
+        counters = received.get("stats", {}).get(name, {})
+        rejected = sum(counters.get(k, 0) for k in DOWNSAMPLER_REJECTS)
+        result = _finish(
+            procs,
+            "downsampler",
+            name,
+            sent["lines"],
+            received["lines"] - rejected,
+            sent["start"],
+            max(sent["end"], received["last"]),
+            cpu0,
+            (name,),  # the stop emits every open period
+            received["steady"],
+            {
+                "load": sent,
+                "received": received,
+                "rejected": rejected,
+                "failures": _failures(received.get("stats", {})),
+            },
+        )
+        series = archive_series(sent["messages"])
+        archive.send(f"expect {series}")
+        out = archive.result()
+        result.details.update(archive_lines=out["lines"], archive_series=series)
+        return result
+
+
+def produce_backlog(bootstrap: str, messages: int, per_msg: int) -> dict[str, Any]:
+    """Produce `messages` Kafka messages of per_msg fresh, unique lines; wait for the acks."""
+    from confluent_kafka import Producer
+
+    tpl = Templates(per_msg)
+    start = time.monotonic()
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "batch.num.messages": 10_000,
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
+    for k in range(messages):
+        while True:
+            try:
+                producer.produce(KAFKA_TOPIC, tpl.message(k))
+                break
+            except BufferError:  # the local queue is full: let it drain
+                producer.poll(0.05)
+    left = producer.flush(120)
+    del producer  # before the broker stops, or its destructor waits for it
+    if left:
+        raise RuntimeError(f"{left} of {messages} Kafka messages not acknowledged in 120 s")
+    return {
+        "messages": messages,
+        "lines": messages * per_msg,
+        "message_bytes": tpl.message_size,
+        "produce_s": round(time.monotonic() - start, 3),
+    }
+
+
+def run_kafka(opts: Options) -> RunResult:
+    """A backlog in a fresh Tansu broker -> kafka component -> counted NATS subject.
+
+    The backlog (--lines, as messages of KAFKA_LINES_PER_MESSAGE lines) is produced
+    before the component starts, so what is timed is consume -> decode -> batch ->
+    publish -> commit. --seconds and --rate do not apply. The run starts when the
+    component is ready (subscribed): the overall rate includes joining the consumer
+    group; the steady rate does not.
+    """
+    name = "bench-kafka"
+    lines = opts.lines or 1_000_000
+    messages = -(-lines // KAFKA_LINES_PER_MESSAGE)
+    with Procs(opts.workdir) as procs:
+        nats = procs.nats()
+        kafka = procs.kafka()
+        produced = produce_backlog(kafka.bootstrap, messages, KAFKA_LINES_PER_MESSAGE)
+        counter = procs.child(
+            "count",
+            ["--nats", nats.url, "--subject", KAFKA_SUBJECT, "--idle", str(KAFKA_COUNT_IDLE)],
+        )
+        procs.component(
+            "kafka",
+            name,
+            nats.url,
+            kafka_brokers=kafka.bootstrap,
+            kafka_topics=[KAFKA_TOPIC],
+            kafka_group="bench",
+            kafka_offset_reset="earliest",
+            kafka_encoder="line_protocol",
+            nats_subject=[KAFKA_SUBJECT],
+            batch_max_age="200ms",
+            kafka_client=dict(KafkaServer.CONSUMER_TIMEOUTS),
+        )
+        start = time.time()
+        cpu0 = procs.cpu_now()
+        counter.send(f"expect {produced['lines']}")
+        got = counter.result(timeout=600)
+        return _finish(
+            procs,
+            "kafka",
+            name,
+            produced["lines"],
+            got["lines"],
+            start,
+            max(start, got["last"]),
+            cpu0,
+            (name,),
+            got["steady"],
+            {
+                "produced": produced,
+                "first_line_after_s": round(got["first"] - start, 3) if got["first"] else None,
+                "out": got,
+                "failures": _failures(got.get("stats", {})),
+            },
+        )
+
+
 # --- the table of scenarios -------------------------------------------------------
 
 
@@ -749,6 +946,20 @@ SCENARIOS: dict[str, Scenario] = {
             True,
             run_pipeline,
             "HTTP -> listener_http -> filter -> writer -> InfluxDB 1.6",
+        ),
+        Scenario(
+            "downsampler",
+            ("downsampler",),
+            False,
+            run_downsampler,
+            "1,000-line NATS messages -> downsampler (1 h period: lines taken, counted by it)",
+        ),
+        Scenario(
+            "kafka",
+            ("kafka",),
+            False,
+            run_kafka,
+            f"a backlog of {KAFKA_LINES_PER_MESSAGE}-line messages in Tansu -> kafka -> NATS",
         ),
     )
 }

@@ -140,6 +140,22 @@ def test_component_configs_load(tmp_path: Path) -> None:
     assert cfg.workers == 2 and cfg.nats_subject == ["in"] and cfg.stats_interval == 0.05
     assert [(r.type, r.match, r.subject) for r in cfg.rule] == [("basic", "cpu", "out.cpu")]
 
+    client = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
+    text = config_text(
+        "kafka",
+        "k",
+        "nats://127.0.0.1:4222",
+        0,
+        kafka_brokers="127.0.0.1:9092",
+        kafka_topics=["t"],
+        nats_subject=["out"],
+        kafka_client=client,  # an inline table
+    )
+    path = tmp_path / "k.toml"
+    path.write_text(text)
+    cfg = load_config(str(path), etc_path=str(tmp_path / "none"))
+    assert cfg.kafka_client == client and cfg.kafka_topics == ["t"]
+
 
 def test_every_scenario_runs_and_counts_every_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "bench.json"
@@ -163,6 +179,11 @@ def test_every_scenario_runs_and_counts_every_line(tmp_path: Path, capsys) -> No
         for comp, fig in run["components"].items():
             assert fig["exit_code"] == 0, (name, comp)
             assert fig["cpu_s"] > 0 and fig["rss_mb"] > 10, (name, comp, fig)
+        if name == "downsampler":  # on stop it emitted one line per series of the load
+            details = run["details"]
+            assert details["archive_lines"] == details["archive_series"] > 7000, details
+        if name == "kafka":  # the backlog was produced whole, then consumed
+            assert run["details"]["produced"]["lines"] == run["lines_in"]
         assert f"{name:14} run 1/1: " in printed
 
 
