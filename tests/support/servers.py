@@ -137,7 +137,46 @@ class _Workdir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class NatsServer:
+class _ServerProcess:
+    """What the local servers share: a private directory, one process and its log file."""
+
+    def __init__(self, workdir: str | os.PathLike[str] | None, prefix: str, log_name: str) -> None:
+        self._workdir = _Workdir(workdir, prefix)
+        self.dir = self._workdir.dir
+        self.log_path = self.dir / log_name
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        _stop_process(self._proc)
+        self._proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def close(self) -> None:
+        """Stop for good and remove the private directory."""
+        self.stop()
+        self._workdir.cleanup()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NatsServer(_ServerProcess):
     """A nats-server on 127.0.0.1 with ports of its own choosing (kept across a restart).
 
     url "nats://127.0.0.1:P", port, monitor_url "http://127.0.0.1:M".
@@ -153,15 +192,11 @@ class NatsServer:
         self.max_payload = max_payload
         self.max_pending = max_pending  # bytes held for a slow client before cutting it off
         self.jetstream = jetstream
-        self._workdir = _Workdir(workdir, "nats-")
-        self.dir = self._workdir.dir
-        self.log_path = self.dir / "nats-server.log"
+        super().__init__(workdir, "nats-", "nats-server.log")
         self.port = 0
         self.monitor_port = 0
         self.url = ""
         self.monitor_url = ""
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
 
     def start(self) -> Self:
         """Start, or restart after stop() on the same ports; return once /healthz answers 200."""
@@ -214,32 +249,10 @@ class NatsServer:
 
     def stop(self, cleanup: bool = True) -> None:
         """Stop the server (its ports are kept, so start() can bring it back on them)."""
-        _stop_process(self._proc)
-        self._proc = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        super().stop()
         if cleanup:
             for ports_file in self.dir.glob("*.ports"):
                 ports_file.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        """Stop for good and remove the private directory."""
-        self.stop()
-        self._workdir.cleanup()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 INFLUXD_CONF = """\
@@ -282,20 +295,16 @@ bind-address = "127.0.0.1:0"
 """
 
 
-class InfluxServer:
+class InfluxServer(_ServerProcess):
     """An InfluxDB 1.x (Debian's influxd) with a private config, data and port.
 
     url "http://127.0.0.1:P", port.
     """
 
     def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
-        self._workdir = _Workdir(workdir, "influxd-")
-        self.dir = self._workdir.dir
-        self.log_path = self.dir / "influxd.log"
+        super().__init__(workdir, "influxd-", "influxd.log")
         self.port = 0
         self.url = ""
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
         self._http: httpx.Client | None = None
 
     def start(self) -> Self:
@@ -329,23 +338,7 @@ class InfluxServer:
         if self._http is not None:
             self._http.close()
             self._http = None
-        _stop_process(self._proc)
-        self._proc = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def close(self) -> None:
-        """Stop and remove the private directory (config, data, log)."""
-        self.stop()
-        self._workdir.cleanup()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        super().stop()
 
     def _client(self) -> httpx.Client:
         if self._http is None:
@@ -392,12 +385,6 @@ class InfluxServer:
             return 0
         return max(int(v) for k, v in rows[0].items() if k != "time")
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _quote_ident(name: str) -> str:
     return name.replace("\\", "\\\\").replace('"', '\\"')
@@ -430,7 +417,7 @@ def tansu_executable() -> str:
     )
 
 
-class KafkaServer:
+class KafkaServer(_ServerProcess):
     """A Kafka-compatible broker (Tansu, memory storage) on a free loopback port.
 
     bootstrap "127.0.0.1:P", port. Its high watermark is wrong (REAL-SERVERS.md): do not
@@ -442,13 +429,9 @@ class KafkaServer:
     CONSUMER_TIMEOUTS = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
 
     def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
-        self._workdir = _Workdir(workdir, "tansu-")
-        self.dir = self._workdir.dir
-        self.log_path = self.dir / "tansu.log"
+        super().__init__(workdir, "tansu-", "tansu.log")
         self.port = 0
         self.bootstrap = ""
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
 
     def start(self) -> Self:
         """Start; return once the port accepts connections (~10 ms)."""
@@ -504,26 +487,6 @@ class KafkaServer:
             return {tp.partition: tp.offset for tp in consumer.committed(tps, 10) if tp.offset >= 0}
         finally:
             consumer.close()
-
-    def stop(self) -> None:
-        _stop_process(self._proc)
-        self._proc = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def close(self) -> None:
-        self.stop()
-        self._workdir.cleanup()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Component:
