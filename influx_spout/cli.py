@@ -11,7 +11,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import importlib
-import importlib.util
 import logging
 import signal
 import sys
