@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, NamedTuple
@@ -592,13 +592,18 @@ def _convert_rules(raw: Any, file: str) -> list[Rule]:
     return [_convert_rule(item, file, f"rule[{n}]") for n, item in enumerate(raw, 1)]
 
 
+def _check_table(raw: Any, file: str, where: str, known: Sequence[str], todo: str) -> None:
+    """A table (raw) at `where` holding only known keys, or a ConfigError saying what is not."""
+    if not isinstance(raw, dict):
+        raise _fail(file, where, f"expected a table, got {_describe(raw)}", todo)
+    for key in raw:
+        if key not in known:
+            raise _fail(file, f"{where}.{key}", "unknown key", _suggest(key, list(known)))
+
+
 def _convert_rule(raw: Any, file: str, name: str) -> Rule:
     """One [[rule]] table; `name` is rule[N], N counting the file's rules from 1."""
-    if not isinstance(raw, dict):
-        raise _fail(file, name, f"expected a table, got {_describe(raw)}", "write [[rule]] tables")
-    for key in raw:
-        if key not in RULE_KEYS:
-            raise _fail(file, f"{name}.{key}", "unknown key", _suggest(key, list(RULE_KEYS)))
+    _check_table(raw, file, name, RULE_KEYS, "write [[rule]] tables")
     for key in ("type", "match", "subject"):
         if key in raw and not isinstance(raw[key], str):
             raise _fail(
@@ -688,11 +693,7 @@ def _convert_client(raw: Any, file: str, key: str) -> dict[str, str | int | floa
 
 def _convert_json_mapping(raw: Any, file: str, key: str) -> JsonMapping:
     """[kafka_json]: how the json encoder maps a record to a line."""
-    if not isinstance(raw, dict):
-        raise _fail(file, key, f"expected a table, got {_describe(raw)}", "write [kafka_json]")
-    for name in raw:
-        if name not in MAPPING_KEYS:
-            raise _fail(file, f"{key}.{name}", "unknown key", _suggest(name, list(MAPPING_KEYS)))
+    _check_table(raw, file, key, MAPPING_KEYS, "write [kafka_json]")
     mapping = JsonMapping()
     for name, value in raw.items():
         where = f"{key}.{name}"
