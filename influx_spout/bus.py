@@ -250,7 +250,7 @@ class Bus:
         try:
             await asyncio.wait_for(self.nc.flush(), 3)
         except Exception as exc:
-            log.debug("flush on close: %s", exc)
+            log.warning("could not confirm the last publishes with NATS: %s", exc)
         try:
             await self.nc.close()
         except Exception as exc:

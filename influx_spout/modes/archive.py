@@ -75,8 +75,9 @@ from urllib.parse import quote
 
 from nats.aio.msg import Msg
 
-from influx_spout.batching import count_lines
+from influx_spout.batching import Parts, count_lines
 from influx_spout.config import Config
+from influx_spout.modes.listener import publish_parts_counted
 from influx_spout.runtime import Runtime
 from influx_spout.stats import Stats
 
@@ -254,7 +255,7 @@ class Archiver:
 
     def _write_one(self, record: Record) -> None:
         if self._failing and self.clock() < self._retry_at:
-            self._lose(1)
+            self._lose()
             return
         f = self._files.pop(record.subject, None)
         try:
@@ -265,7 +266,7 @@ class Archiver:
             size = f.raw.tell()
         except OSError as exc:
             self._fail(f"cannot write to {f.part if f else self.directory}", exc)
-            self._lose(1)
+            self._lose()
             if f is not None:
                 self._abandon(f)
             return
@@ -315,13 +316,14 @@ class Archiver:
         self.counts["files_written"] += 1
 
     def _abandon(self, f: _OpenFile) -> None:
-        self._files.pop(f.subject, None)
+        """Close a file that failed (its callers have taken it out of _files)."""
         with contextlib.suppress(OSError, ValueError):
             f.raw.close()  # what it still buffers may not fit on the disk either
 
-    def _lose(self, n: int) -> None:
-        self.counts["write_errors"] += n
-        self._lost += n
+    def _lose(self) -> None:
+        """One message could not be written."""
+        self.counts["write_errors"] += 1
+        self._lost += 1
 
     def _fail(self, what: str, exc: OSError) -> None:
         self._retry_at = self.clock() + RETRY_INTERVAL
@@ -354,10 +356,10 @@ def _fsync_dir(directory: str) -> None:
 class Archive:
     """The event-loop side: takes NATS messages, hands them in batches to the writer thread."""
 
-    def __init__(self, cfg: Config, stats: Stats, archiver: Archiver | None = None) -> None:
+    def __init__(self, cfg: Config, stats: Stats) -> None:
         self.cfg = cfg
         self.stats = stats
-        self.archiver = archiver or Archiver(
+        self.archiver = Archiver(
             cfg.archive_directory,
             cfg.name,
             cfg.archive_max_size,
@@ -540,13 +542,19 @@ class Replay:
         self.end_ns = _ns(cfg.archive_replay_to)
         self._started = clock()
         self._lines = 0  # published, for the rate
+        self._subjects: dict[str, bool] = {}  # subject -> whether nats_subject takes it
 
     def wanted(self, record: Record) -> bool:
         if self.start_ns is not None and record.received_ns < self.start_ns:
             return False
         if self.end_ns is not None and record.received_ns >= self.end_ns:
             return False
-        return any(subject_matches(p, record.subject) for p in self.cfg.nats_subject)
+        wanted = self._subjects.get(record.subject)
+        if wanted is None:  # a file holds one subject: matched once, not per message
+            patterns = self.cfg.nats_subject
+            wanted = any(subject_matches(p, record.subject) for p in patterns)
+            self._subjects[record.subject] = wanted
+        return wanted
 
     async def replay_file(self, path: str, stop: asyncio.Event) -> None:
         records = read_records(path)
@@ -574,7 +582,6 @@ class Replay:
 
     async def publish(self, record: Record, stop: asyncio.Event) -> None:
         """Publish one archived message (split under the max payload), at the rate."""
-        stats = self.rt.stats
         subject = self.cfg.archive_replay_subject or record.subject
         payload = record.payload
         lines = lines_in(payload)
@@ -584,16 +591,10 @@ class Replay:
                 await asyncio.wait_for(stop.wait(), delay)
             if stop.is_set():
                 return
-        failed = await self.rt.bus.publish(subject, payload)
-        lost = 0
-        if failed:
-            lost = lines if failed >= len(payload) else max(1, lines * failed // len(payload))
-            stats.inc("failed_nats_publish", lost)
-            if self.cfg.debug:
-                log.warning("could not publish %d of %d lines to %s", lost, lines, subject)
+        batch = Parts([payload], len(payload), lines)
+        await publish_parts_counted(self.rt, subject, batch, "replayed_lines")
         self._lines += lines
-        stats.inc("replayed_messages")
-        stats.inc("replayed_lines", lines - lost)
+        self.rt.stats.inc("replayed_messages")
 
 
 async def run_replay(cfg: Config, stop: asyncio.Event) -> None:
@@ -614,10 +615,6 @@ async def run_replay(cfg: Config, stop: asyncio.Event) -> None:
             if stop.is_set():
                 break
             await replay.replay_file(file, stop)
-        try:
-            await rt.bus.nc.flush(timeout=5)
-        except Exception as exc:
-            log.warning("could not confirm the last publishes with NATS: %s", exc)
         log.info(
             "replayed %d messages (%d lines) from %d files%s",
             rt.stats.get("replayed_messages"),

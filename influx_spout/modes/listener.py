@@ -192,8 +192,10 @@ class UdpListener(asyncio.DatagramProtocol):
             await publish_parts_counted(self.rt, self.subject, batch)
 
 
-async def publish_parts_counted(rt: Runtime, subject: str, batch: Parts) -> int:
-    """Publish a batch of whole lines, count them in sent or failed_nats_publish.
+async def publish_parts_counted(
+    rt: Runtime, subject: str, batch: Parts, counter: str = "sent"
+) -> int:
+    """Publish a batch of whole lines, count them in counter or failed_nats_publish.
 
     Returns the number of lines that could not be published.
     """
@@ -207,7 +209,7 @@ async def publish_parts_counted(rt: Runtime, subject: str, batch: Parts) -> int:
         rt.stats.inc("failed_nats_publish", lost)
         if rt.cfg.debug:
             log.warning("could not publish %d of %d lines to %s", lost, batch.lines, subject)
-    rt.stats.inc("sent", batch.lines - lost)
+    rt.stats.inc(counter, batch.lines - lost)
     return lost
 
 

@@ -299,6 +299,9 @@ class FakeBus:
         self.published.append((subject, data, time.monotonic()))
         return 0
 
+    async def publish_parts(self, subject: str, parts: list[bytes], size: int) -> int:
+        return await self.publish(subject, b"".join(parts))
+
 
 class FakeRuntime:
     def __init__(self, cfg: Config, bus: FakeBus) -> None:
