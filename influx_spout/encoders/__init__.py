@@ -38,11 +38,16 @@ def checked(lines: list[bytes], rejected: list[Rejected]) -> Decoded:
     """Decoded of lines built by a decoder, each checked by lineproto's validator.
 
     A line the decoder built but the grammar refuses (e.g. a name ending in a
-    backslash) is rejected rather than passed on.
+    backslash) is rejected rather than passed on; so is one starting with "#", which
+    line protocol would read as a comment and drop unseen.
     """
-    if any(b"\n" in line or b"\r" in line for line in lines):
+    if any(map(_broken, lines)):
         rejected.extend(Rejected(line, "holds a line break") for line in lines if _broken(line))
         lines = [line for line in lines if not _broken(line)]
+    if any(line.startswith(b"#") for line in lines):
+        reason = 'starts with "#" (a comment in line protocol)'
+        rejected.extend(Rejected(line, reason) for line in lines if line.startswith(b"#"))
+        lines = [line for line in lines if not line.startswith(b"#")]
     if not lines:
         return Decoded(b"", 0, rejected)
     good, bad = split_valid(b"\n".join(lines))

@@ -56,9 +56,9 @@ def _line(entry: Any) -> bytes:
     if not isinstance(plugin, str) or not plugin:
         raise ValueError('missing or empty "plugin"')
     values, dsnames = entry.get("values"), entry.get("dsnames")
-    dstypes = entry.get("dstypes") or ["gauge"] * len(values or ())
     if not isinstance(values, list) or not values:
         raise ValueError('missing or empty "values"')
+    dstypes = entry.get("dstypes") or ["gauge"] * len(values)
     if not isinstance(dsnames, list) or not isinstance(dstypes, list):
         raise ValueError('"dsnames" and "dstypes" must be lists')
     if not len(values) == len(dsnames) == len(dstypes):

@@ -179,6 +179,7 @@ def test_collectd_json_without_time_has_no_timestamp() -> None:
         (entry(plugin=...), 'missing or empty "plugin"'),
         (entry(values=[]), 'missing or empty "values"'),
         (entry(values="1"), 'missing or empty "values"'),
+        (entry(values=5, dstypes=None), 'missing or empty "values"'),  # once a TypeError
         (entry(dsnames="value"), '"dsnames" and "dstypes" must be lists'),
         (entry(values=[1, 2]), "differ in length (2, 1, 1)"),
         (entry(values=[None]), "every value is null"),
@@ -365,3 +366,14 @@ def test_line_protocol_in_another_precision_is_converted_to_nanoseconds() -> Non
     ]
     assert line_protocol.make_decoder("ns") is line_protocol.decode
     assert line_protocol.make_decoder("ms")(b"x v=1 5\n").data == b"x v=1 5000000\n"
+
+
+def test_a_measurement_starting_with_a_hash_is_rejected_not_lost_as_a_comment() -> None:
+    """Line protocol reads a line starting with # as a comment: every decoder's line that
+    would start so is rejected (and so dead-lettered), never silently dropped."""
+    graphite = collectd_graphite.make_decoder(["host"])(b"h.#load 1 1\n")
+    collectd = collectd_json.decode(json.dumps([entry(plugin="#cpu")]).encode())
+    mapped = make_decoder(JsonMapping(measurement="#m", fields=["v"]))(b'{"v": 1}')
+    for out in (graphite, collectd, mapped):
+        assert (out.data, out.lines) == (b"", 0)
+        assert [r.reason for r in out.rejected] == ['starts with "#" (a comment in line protocol)']
