@@ -43,12 +43,13 @@ class Runtime:
             await self._probes.start()
         self.bus = await Bus.connect(self.cfg)
         self._stats_task = asyncio.create_task(
-            publish_forever(self.stats, self._publish_stats, self.cfg.stats_interval)
+            publish_forever(
+                self.stats, self._publish_stats, self.cfg.stats_interval, self.sync_dropped
+            )
         )
         return self
 
     async def _publish_stats(self, data: bytes) -> None:
-        self.sync_dropped()
         await self.bus.publish_raw(self.cfg.nats_subject_monitor, data)
 
     async def until_stopped(self, work: asyncio.Task) -> None:

@@ -68,19 +68,27 @@ async def publish_forever(
     stats: Stats,
     publish: Callable[[bytes], Awaitable[object]],
     interval: float,
+    before: Callable[[], object] | None = None,
 ) -> None:
-    """Publish the counters every interval until cancelled (then once more)."""
+    """Publish the counters every interval until cancelled (then once more); before, if
+    given, brings counters kept elsewhere up to date just before each rendering."""
     try:
         while True:
             await asyncio.sleep(interval)
-            await _publish_once(stats, publish)
+            await _publish_once(stats, publish, before)
     except asyncio.CancelledError:
-        await _publish_once(stats, publish)
+        await _publish_once(stats, publish, before)
         raise
 
 
-async def _publish_once(stats: Stats, publish: Callable[[bytes], Awaitable[object]]) -> None:
+async def _publish_once(
+    stats: Stats,
+    publish: Callable[[bytes], Awaitable[object]],
+    before: Callable[[], object] | None,
+) -> None:
     try:
+        if before is not None:
+            before()
         await publish(stats.render())
     except Exception as exc:  # stats must never take a component down
         log.warning("could not publish stats: %s", exc)

@@ -8,8 +8,8 @@ its outputs. No batch ever crosses a process boundary; only small counter dicts 
     await workers.run(cfg, stop, COUNTERS, serve, processes=workers.process_count(cfg))
 
 `serve(host)` is the mode's job, written once for both ways of running: it gets a host
-with `cfg`, `stop`, `bus`, `stats`, `ready` and `sync_dropped()` (a Runtime in-process,
-a WorkerHost in a worker), subscribes, sets `host.ready`, waits for `host.stop`, stops
+with `cfg`, `stop`, `bus`, `stats` and `ready` (a Runtime in-process, a WorkerHost in a
+worker), subscribes, sets `host.ready`, waits for `host.stop`, stops
 taking input, flushes and returns. With processes <= 1 it runs in this process under a
 Runtime: no extra process.
 
@@ -65,8 +65,6 @@ class Host(Protocol):
     bus: Bus
     stats: Stats
     ready: bool
-
-    def sync_dropped(self) -> None: ...
 
 
 Serve = Callable[[Any], Awaitable[None]]

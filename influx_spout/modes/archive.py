@@ -457,7 +457,6 @@ async def run_archive(cfg: Config, stop: asyncio.Event) -> None:
                     log.warning("input still busy %.1fs after stop", UNSUBSCRIBE_TIMEOUT)
         finally:
             await archive.close(writer)
-            rt.sync_dropped()
             log.info(
                 "all files finished: %d written, %d write errors in all",
                 rt.stats.get("files_written"),

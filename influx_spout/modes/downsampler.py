@@ -564,4 +564,3 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
             await emitter  # it returns at stop; raises what made it fail
         finally:
             await ds.close()
-            rt.sync_dropped()

@@ -155,7 +155,6 @@ async def serve(rt: Host) -> None:
     await rt.stop.wait()
     rt.ready = False
     await rt.bus.unsubscribe()
-    rt.sync_dropped()
     if filt.failure is not None:
         raise RuntimeError(
             f"routing failed ({filt.failure!r}), so the filter stopped; "

@@ -322,4 +322,3 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.bus.unsubscribe(), UNSUBSCRIBE_TIMEOUT)
             await monitor.stop_http()
-            rt.sync_dropped()

@@ -476,4 +476,3 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                 )
         finally:
             await writer.close()
-            rt.sync_dropped()

@@ -63,3 +63,29 @@ def test_publish_failure_does_not_stop_publishing() -> None:
 
     asyncio.run(main())
     assert calls >= 3
+
+
+def test_counters_kept_elsewhere_are_brought_up_to_date_before_each_rendering() -> None:
+    """nats_dropped lives in the bus: Runtime passes its sync as `before`, so each message
+    carries the drops as they are, not as they were one interval earlier."""
+    sent: list[bytes] = []
+    dropped = {"in": 0}
+
+    async def publish(data: bytes) -> None:
+        sent.append(data)
+
+    async def main() -> None:
+        s = Stats("filter", "f", [], host="h")
+        task = asyncio.create_task(
+            publish_forever(s, publish, 3600, before=lambda: s.set_dropped(dropped))
+        )
+        await asyncio.sleep(0)
+        dropped["in"] = 5
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    assert b'nats_dropped{component="filter",host="h",name="f",subject="in"} 5 ' in sent[-1]
