@@ -519,10 +519,8 @@ class Downsampler:
     async def publish(self, out: dict[str, list[bytes]]) -> None:
         suffix = self.cfg.downsample_suffix
         for subject, lines in out.items():
-            data = b"".join(lines)
-            await publish_parts_counted(
-                self.rt, subject + suffix, Parts([data], len(data), len(lines))
-            )
+            batch = Parts(lines, sum(map(len, lines)), len(lines))  # joined only if split
+            await publish_parts_counted(self.rt, subject + suffix, batch)
 
     async def close(self) -> None:
         """Aggregate what NATS already delivered, then emit every open period."""
