@@ -52,7 +52,8 @@ class Bus:
         self.cfg = cfg
         self.nc = Client()
         self.nc._ps = _LeanParser(self.nc)
-        self.dropped: Counter[str] = Counter()  # messages NATS dropped per subject (slow consumer)
+        # messages NATS dropped per subscribed subject (slow consumer)
+        self.dropped: Counter[str] = Counter()
         self._subs: list = []
         self._closing = False
         self._subjects: dict[str, bytes] = {}  # subjects publish_parts may write, encoded
@@ -106,7 +107,10 @@ class Bus:
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
-            self.dropped[exc.subject] += 1
+            # counted under the subscription's subject (which may hold wildcards), as the
+            # nats_dropped{subject} counters are named after the configured subjects
+            subject = exc.sub.subject if exc.sub is not None else exc.subject
+            self.dropped[subject] += 1
             if self.cfg.debug:
                 log.warning("dropped a message on %s: input buffer full", exc.subject)
         else:
@@ -225,6 +229,7 @@ class Bus:
     async def subscribe(self, subjects: list[str], handler: Handler, pending_bytes: int) -> None:
         """Subscribe handler to each subject, honouring queue_group and the pending limit."""
         for subject in subjects:
+            self.dropped[subject] += 0  # nats_dropped{subject} is published from the start
             sub = await self.nc.subscribe(
                 subject,
                 queue=self.cfg.queue_group,

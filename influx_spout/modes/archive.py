@@ -427,8 +427,6 @@ class Archive:
 
 async def run_archive(cfg: Config, stop: asyncio.Event) -> None:
     async with Runtime(cfg, stop, ARCHIVE_COUNTERS) as rt:
-        for subject in cfg.nats_subject:
-            rt.stats.inc("nats_dropped", 0, subject=subject)
         archive = Archive(cfg, rt.stats)
         leftovers = await asyncio.to_thread(archive.archiver.leftovers)
         if leftovers:

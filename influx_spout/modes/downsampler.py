@@ -538,8 +538,6 @@ class Downsampler:
 async def run(cfg: Config, stop: asyncio.Event) -> None:
     """Downsample cfg.nats_subject until stop is set, then emit every open period."""
     async with Runtime(cfg, stop, COUNTERS) as rt:
-        for subject in cfg.nats_subject:
-            rt.stats.inc("nats_dropped", 0, subject=subject)
         ds = Downsampler(cfg, rt, Aggregator(round(cfg.downsample_period * 1e9)))
         await rt.bus.subscribe(cfg.nats_subject, ds.handle, cfg.nats_max_pending_size)
         rt.ready = True

@@ -146,7 +146,6 @@ async def serve(rt: Host) -> None:
     """Route cfg.nats_subject[0] until stop is set, then finish what was received."""
     cfg = rt.cfg
     source = cfg.nats_subject[0]
-    rt.stats.inc("nats_dropped", 0, subject=source)
     filt = Filter(cfg, rt, inline=isinstance(rt, workers.WorkerHost))
     if filt.inline:
         rt.bus.read_ahead()  # it routes in its event loop: see Bus.catch_up

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from nats.errors import ProtocolError
+from nats.errors import ProtocolError, SlowConsumerError
 from nats.protocol.parser import Parser
 
-from influx_spout.bus import _ChunkReader, _LeanParser
+from influx_spout.bus import Bus, _ChunkReader, _LeanParser
+from influx_spout.config import Config
 
 
 class Recorder:
@@ -201,3 +203,12 @@ def test_the_chunk_reader_raises_what_the_connection_failed_with() -> None:
             await reader.read(5)
 
     asyncio.run(main())
+
+
+def test_drops_are_counted_under_the_subscribed_subject_even_with_wildcards() -> None:
+    """nats_dropped{subject} is named after the configured subjects: a message dropped
+    on "in.a" by the subscription to "in.*" counts under "in.*"."""
+    bus = Bus(Config(mode="downsampler"))
+    sub: Any = SimpleNamespace(subject="in.*")
+    asyncio.run(bus._on_error(SlowConsumerError("in.a", "", 1, sub)))
+    assert dict(bus.dropped) == {"in.*": 1}
