@@ -241,8 +241,18 @@ class Bus:
         # the server has the subscriptions once this returns: only then is the mode ready
         await self.nc.flush()
 
-    async def unsubscribe(self) -> None:
-        """Stop taking input (messages already received are still handled)."""
+    async def unsubscribe(self, timeout: float | None = None, then: str = "") -> None:
+        """Stop taking input (messages already received are still handled).
+
+        With a timeout, give up waiting for the handlers after that many seconds and log
+        it, with `then`: what the mode does next.
+        """
+        if timeout is not None:
+            try:
+                await asyncio.wait_for(self.unsubscribe(), timeout)
+            except TimeoutError:
+                log.warning("input still busy %.1fs after stop%s", timeout, then and f"; {then}")
+            return
         for sub in self._subs:
             try:
                 await sub.drain()

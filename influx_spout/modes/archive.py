@@ -449,10 +449,7 @@ async def run_archive(cfg: Config, stop: asyncio.Event) -> None:
             )
             await rt.until_stopped(writer)
             if not writer.done():
-                try:
-                    await asyncio.wait_for(rt.bus.unsubscribe(), UNSUBSCRIBE_TIMEOUT)
-                except TimeoutError:
-                    log.warning("input still busy %.1fs after stop", UNSUBSCRIBE_TIMEOUT)
+                await rt.bus.unsubscribe(UNSUBSCRIBE_TIMEOUT)
         finally:
             await archive.close(writer)
             log.info(

@@ -524,13 +524,7 @@ class Downsampler:
 
     async def close(self) -> None:
         """Aggregate what NATS already delivered, then emit every open period."""
-        try:
-            await asyncio.wait_for(self.rt.bus.unsubscribe(), UNSUBSCRIBE_TIMEOUT)
-        except TimeoutError:
-            log.warning(
-                "input still busy %.1fs after stop; emitting what is aggregated",
-                UNSUBSCRIBE_TIMEOUT,
-            )
+        await self.rt.bus.unsubscribe(UNSUBSCRIBE_TIMEOUT, "emitting what is aggregated")
         self.closed = True
         await self.publish(self.agg.take_all())
 

@@ -319,6 +319,5 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                 sweeper.result()  # raise what made it fail
         finally:
             sweeper.cancel()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rt.bus.unsubscribe(), UNSUBSCRIBE_TIMEOUT)
+            await rt.bus.unsubscribe(UNSUBSCRIBE_TIMEOUT)
             await monitor.stop_http()

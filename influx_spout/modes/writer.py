@@ -467,12 +467,6 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
             )
             await stop.wait()
             rt.ready = False
-            try:
-                await asyncio.wait_for(rt.bus.unsubscribe(), UNSUBSCRIBE_TIMEOUT)
-            except TimeoutError:
-                log.warning(
-                    "input still busy %.1fs after stop; writing out what is held",
-                    UNSUBSCRIBE_TIMEOUT,
-                )
+            await rt.bus.unsubscribe(UNSUBSCRIBE_TIMEOUT, "writing out what is held")
         finally:
             await writer.close()
