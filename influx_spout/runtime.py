@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterable
 from types import TracebackType
 
+from influx_spout.batching import Parts
 from influx_spout.bus import Bus
 from influx_spout.config import Config
 from influx_spout.probes import Probes
@@ -78,3 +79,24 @@ class Runtime:
         await self.bus.close()
         if self._probes is not None:
             await self._probes.stop()
+
+
+async def publish_parts_counted(
+    rt: Runtime, subject: str, batch: Parts, counter: str = "sent"
+) -> int:
+    """Publish a batch of whole lines, count them in counter or failed_nats_publish.
+
+    Returns the number of lines that could not be published.
+    """
+    if not batch.size:
+        return 0
+    failed = await rt.bus.publish_parts(subject, batch.parts, batch.size)
+    lost = 0
+    if failed:
+        # bus.publish_parts reports bytes; the lost lines are whole pieces of the batch
+        lost = batch.lines if failed >= batch.size else max(1, batch.lines * failed // batch.size)
+        rt.stats.inc("failed_nats_publish", lost)
+        if rt.cfg.debug:
+            log.warning("could not publish %d of %d lines to %s", lost, batch.lines, subject)
+    rt.stats.inc(counter, batch.lines - lost)
+    return lost

@@ -77,8 +77,7 @@ from nats.aio.msg import Msg
 
 from influx_spout.batching import Parts, count_lines
 from influx_spout.config import Config
-from influx_spout.modes.listener import publish_parts_counted
-from influx_spout.runtime import Runtime
+from influx_spout.runtime import Runtime, publish_parts_counted
 from influx_spout.stats import Stats
 
 log = logging.getLogger("influx_spout.archive")

@@ -54,8 +54,7 @@ from influx_spout.encoders import (
     json_mapping,
     line_protocol,
 )
-from influx_spout.modes.listener import publish_parts_counted
-from influx_spout.runtime import Runtime
+from influx_spout.runtime import Runtime, publish_parts_counted
 
 log = logging.getLogger("influx_spout.kafka")
 

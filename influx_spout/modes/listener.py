@@ -34,7 +34,7 @@ import socket
 
 from influx_spout.batching import Batcher, Parts, count_lines
 from influx_spout.config import Config
-from influx_spout.runtime import Runtime
+from influx_spout.runtime import Runtime, publish_parts_counted
 from influx_spout.stats import Stats
 
 log = logging.getLogger("influx_spout.listener")
@@ -190,27 +190,6 @@ class UdpListener(asyncio.DatagramProtocol):
             batch = ready.popleft()
             self.queued -= batch.size
             await publish_parts_counted(self.rt, self.subject, batch)
-
-
-async def publish_parts_counted(
-    rt: Runtime, subject: str, batch: Parts, counter: str = "sent"
-) -> int:
-    """Publish a batch of whole lines, count them in counter or failed_nats_publish.
-
-    Returns the number of lines that could not be published.
-    """
-    if not batch.size:
-        return 0
-    failed = await rt.bus.publish_parts(subject, batch.parts, batch.size)
-    lost = 0
-    if failed:
-        # bus.publish_parts reports bytes; the lost lines are whole pieces of the batch
-        lost = batch.lines if failed >= batch.size else max(1, batch.lines * failed // batch.size)
-        rt.stats.inc("failed_nats_publish", lost)
-        if rt.cfg.debug:
-            log.warning("could not publish %d of %d lines to %s", lost, batch.lines, subject)
-    rt.stats.inc(counter, batch.lines - lost)
-    return lost
 
 
 async def run(cfg: Config, stop: asyncio.Event) -> None:

@@ -66,8 +66,8 @@ from influx_spout.httpserver import (
     Server,
     ServerBusy,
 )
-from influx_spout.modes.listener import MAX_AGE_CHECK_INTERVAL, publish_parts_counted
-from influx_spout.runtime import Runtime
+from influx_spout.modes.listener import MAX_AGE_CHECK_INTERVAL
+from influx_spout.runtime import Runtime, publish_parts_counted
 
 log = logging.getLogger("influx_spout.listener_http")
 
