@@ -470,6 +470,13 @@ def _suggest(key: str, known: list[str]) -> str:
     return "remove it; no known option has a similar name"
 
 
+def _one_of(value: str, allowed: Sequence[str]) -> str:
+    """What to do about a value not in allowed: the nearest, if any, then the choices."""
+    close = difflib.get_close_matches(value, allowed, n=1)
+    hint = f'did you mean "{close[0]}"? ' if close else ""
+    return f"{hint}use one of {', '.join(allowed)}"
+
+
 _EXPECTED = {
     "str": ("a string", "put the value in double quotes"),
     "int": ("an integer", "write a whole number without quotes"),
@@ -617,10 +624,8 @@ def _convert_rule(raw: Any, file: str, name: str) -> Rule:
     if rtype is None:
         raise _fail(file, f"{name}.type", "missing", f"set type to one of {types}")
     if rtype not in RULE_TYPES:
-        close = difflib.get_close_matches(rtype, RULE_TYPES, n=1)
-        hint = f'did you mean "{close[0]}"? ' if close else ""
         raise _fail(
-            file, f"{name}.type", f"unknown rule type {_quote(rtype)}", f"{hint}use one of {types}"
+            file, f"{name}.type", f"unknown rule type {_quote(rtype)}", _one_of(rtype, RULE_TYPES)
         )
     match = raw.get("match", "")
     rule = Rule(type=rtype, match=match, subject=raw.get("subject", ""))
@@ -684,7 +689,7 @@ def _convert_client(raw: Any, file: str, key: str) -> dict[str, str | int | floa
             )
         if name in KAFKA_CLIENT_RESERVED:
             raise _fail(file, where, "not settable here", KAFKA_CLIENT_RESERVED[name])
-        if isinstance(value, dict | list) or not isinstance(value, str | int | float | bool):
+        if not isinstance(value, str | int | float | bool):
             raise _fail(
                 file, where, f"expected a string, number or boolean, got {_describe(value)}", todo
             )
@@ -764,10 +769,7 @@ def _build(settings: dict[str, _Setting], path: str) -> Config:
         raise _fail(path, "mode", "missing", f"set mode to one of {modes}")
     mode = mode_setting.value
     if mode not in MODES:
-        file = mode_setting.file
-        close = difflib.get_close_matches(mode, MODES, n=1)
-        hint = f'did you mean "{close[0]}"? ' if close else ""
-        raise _fail(file, "mode", f"unknown mode {_quote(mode)}", f"{hint}use one of {modes}")
+        raise _fail(mode_setting.file, "mode", f"unknown mode {_quote(mode)}", _one_of(mode, MODES))
 
     cfg = Config(mode=mode, source=path)
     for key, setting in settings.items():
@@ -1017,11 +1019,7 @@ def _check_kafka(c: _Checker) -> None:
         ("kafka_error_policy", cfg.kafka_error_policy, KAFKA_ERROR_POLICIES),
     ):
         if value not in allowed:
-            close = difflib.get_close_matches(value, allowed, n=1)
-            hint = f'did you mean "{close[0]}"? ' if close else ""
-            raise c.fail(
-                key, f"unknown value {_quote(value)}", f"{hint}use one of {', '.join(allowed)}"
-            )
+            raise c.fail(key, f"unknown value {_quote(value)}", _one_of(value, allowed))
     c.subject("nats_subject_dead_letter", cfg.nats_subject_dead_letter, publish=True)
     if cfg.kafka_encoder == "collectd_graphite":
         if not cfg.kafka_graphite_tags or not all(cfg.kafka_graphite_tags):
