@@ -33,10 +33,12 @@ from typing import Any
 
 import orjson
 
+from influx_spout import lineproto
 from influx_spout.encoders import Decoded, Decoder, Rejected, checked, name_bytes, number_token
 from influx_spout.lineproto import escape_measurement, escape_string_field, escape_tag
 
-PRECISIONS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+# the precisions a mapping's timestamp may be written in (their factors: lineproto's)
+PRECISIONS = ("s", "ms", "us", "ns")
 
 
 @dataclass
@@ -66,7 +68,7 @@ def make_decoder(mapping: JsonMapping) -> Decoder:
         for k, v in mapping.constant_tags.items()
     )  # config.py refuses names it cannot write
     fixed_measurement = escape_measurement(mapping.measurement.encode())
-    factor = PRECISIONS[mapping.timestamp_precision]
+    factor = lineproto.PRECISIONS[mapping.timestamp_precision]
 
     def key(name: str) -> bytes:
         return name_bytes(mapping.rename.get(name, name), escape_tag)
