@@ -53,6 +53,18 @@ def split_under(data: bytes, limit: int) -> list[bytes]:
     return pieces
 
 
+def without_overlong(data: bytes, limit: int) -> tuple[bytes, list[bytes]]:
+    """(data without its lines longer than limit, those lines): what NATS, whose messages
+    hold at most limit bytes, could never carry. Lines keep their b"\\n"."""
+    if len(data) <= limit:
+        return data, []
+    pieces = split_under(data, limit)  # a line over the limit is a piece of its own
+    too_long = [p for p in pieces if len(p) > limit]
+    if not too_long:
+        return data, []
+    return b"".join(p for p in pieces if len(p) <= limit), too_long
+
+
 class Parts(NamedTuple):
     """A batch kept as the chunks it was made of, so publishing it needs no copy."""
 

@@ -43,7 +43,8 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from influx_spout.batching import Batcher, Parts, count_lines
+from influx_spout import lineproto
+from influx_spout.batching import Batcher, Parts, count_lines, without_overlong
 from influx_spout.config import Config
 from influx_spout.encoders import (
     Decoded,
@@ -191,17 +192,13 @@ class KafkaSource:
     def _fit(self, decoded: Decoded) -> Decoded:
         """Reject lines NATS could never carry (longer than its max payload)."""
         limit = self.rt.bus.max_payload
-        if len(decoded.data) <= limit:
+        data, too_long = without_overlong(decoded.data, limit)
+        if not too_long:
             return decoded
-        keep = []
         rejected = list(decoded.rejected)
-        for line in decoded.data.splitlines(keepends=True):
-            if len(line) > limit:
-                reason = f"a line of {len(line)} bytes is over the NATS max payload ({limit})"
-                rejected.append(Rejected(line[:200], reason))
-            else:
-                keep.append(line)
-        data = b"".join(keep)
+        for line in too_long:
+            reason = f"a line of {len(line)} bytes is over the NATS max payload ({limit})"
+            rejected.append(Rejected(line[: lineproto.LOG_LINE_BYTES], reason))
         return Decoded(data, count_lines(data), rejected)
 
     def _settle(self) -> None:

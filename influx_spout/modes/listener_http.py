@@ -55,7 +55,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from influx_spout import lineproto
-from influx_spout.batching import Batcher, count_lines, split_under
+from influx_spout.batching import Batcher, count_lines, split_under, without_overlong
 from influx_spout.config import Config
 from influx_spout.httpserver import (
     BodyError,
@@ -195,19 +195,11 @@ def decode(
         valid, out_of_range = lineproto.to_nanoseconds_or_set_aside(valid, precision)
         reason = f"timestamp out of range once converted from precision {precision!r} to ns"
         rejected += [(line, reason) for line in out_of_range]
-    if len(valid) > max_payload:
-        pieces = split_under(valid, max_payload)
-        too_long = [p for p in pieces if len(p) > max_payload]
-        if too_long:
-            valid = b"".join(p for p in pieces if len(p) <= max_payload)
-            rejected += [
-                (
-                    p[:-1],
-                    f"line of {len(p) - 1} bytes is above the NATS max payload "
-                    f"({max_payload} bytes)",
-                )
-                for p in too_long
-            ]
+    valid, too_long = without_overlong(valid, max_payload)
+    rejected += [
+        (p[:-1], f"line of {len(p) - 1} bytes is above the NATS max payload ({max_payload} bytes)")
+        for p in too_long
+    ]
     piece_size = piece_size or max_payload
     cut: list[tuple[bytes, int]] = []
     if len(valid) > piece_size:

@@ -1,4 +1,4 @@
-from influx_spout.batching import Batcher, Parts, ensure_newline, split_under
+from influx_spout.batching import Batcher, Parts, ensure_newline, split_under, without_overlong
 
 
 class Clock:
@@ -135,3 +135,10 @@ def test_take_parts_of_an_empty_batch_is_empty() -> None:
     b = Batcher(max_count=1, max_size=10, max_age=1)
     assert b.add_parts(b"", 0) == []
     assert b.take_parts() == Parts([], 0, 0)
+
+
+def test_without_overlong_sets_aside_the_lines_over_the_limit() -> None:
+    data = b"a=1\n" + b"x" * 20 + b"\nb=2\n"
+    assert without_overlong(data, 10) == (b"a=1\nb=2\n", [b"x" * 20 + b"\n"])
+    assert without_overlong(b"a=1\nb=2\n", 5) == (b"a=1\nb=2\n", [])
+    assert without_overlong(b"a=1\n", 100) == (b"a=1\n", [])
