@@ -1044,6 +1044,16 @@ def _check_kafka(c: _Checker) -> None:
         _check_client_properties(c)
 
 
+def kafka_secret_properties(cfg: Config) -> dict[str, str]:
+    """The librdkafka secret properties (KAFKA_CLIENT_SECRETS) the environment gave."""
+    values = {
+        "sasl.username": cfg.kafka_sasl_username,
+        "sasl.password": cfg.kafka_sasl_password,
+        "ssl.key.password": cfg.kafka_ssl_key_password,
+    }
+    return {k: v for k, v in values.items() if v}
+
+
 def _check_client_properties(c: _Checker) -> None:
     """Let librdkafka itself judge [kafka_client]: it knows every property and value.
 
@@ -1053,12 +1063,7 @@ def _check_client_properties(c: _Checker) -> None:
 
     cfg = c.cfg
     props = {"group.id": "config-check", "log_level": 0, **cfg.kafka_client}
-    secrets = {
-        "sasl.username": cfg.kafka_sasl_username,
-        "sasl.password": cfg.kafka_sasl_password,
-        "ssl.key.password": cfg.kafka_ssl_key_password,
-    }
-    props.update({k: v for k, v in secrets.items() if v})
+    props.update(kafka_secret_properties(cfg))
     try:
         Consumer(props).close()
     except (KafkaException, ValueError, TypeError) as exc:

@@ -45,7 +45,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from influx_spout import lineproto
 from influx_spout.batching import Batcher, Parts, count_lines, without_overlong
-from influx_spout.config import Config
+from influx_spout.config import Config, kafka_secret_properties
 from influx_spout.encoders import (
     Decoded,
     Decoder,
@@ -111,12 +111,7 @@ def consumer_config(cfg: Config, on_error: Callable[[KafkaError], None]) -> dict
         "error_cb": on_error,
     }
     conf.update(cfg.kafka_client)
-    secrets = {
-        "sasl.username": cfg.kafka_sasl_username,
-        "sasl.password": cfg.kafka_sasl_password,
-        "ssl.key.password": cfg.kafka_ssl_key_password,
-    }
-    conf.update({k: v for k, v in secrets.items() if v})
+    conf.update(kafka_secret_properties(cfg))
     return conf
 
 
