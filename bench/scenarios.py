@@ -800,31 +800,11 @@ def run_downsampler(opts: Options) -> RunResult:
         return result
 
 
-def produce_backlog(bootstrap: str, messages: int, per_msg: int) -> dict[str, Any]:
+def produce_backlog(kafka: KafkaServer, messages: int, per_msg: int) -> dict[str, Any]:
     """Produce `messages` Kafka messages of per_msg fresh, unique lines; wait for the acks."""
-    from confluent_kafka import Producer
-
     tpl = Templates(per_msg)
     start = time.monotonic()
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "linger.ms": 20,
-            "batch.num.messages": 10_000,
-            "queue.buffering.max.messages": 1_000_000,
-        }
-    )
-    for k in range(messages):
-        while True:
-            try:
-                producer.produce(KAFKA_TOPIC, tpl.message(k))
-                break
-            except BufferError:  # the local queue is full: let it drain
-                producer.poll(0.05)
-    left = producer.flush(120)
-    del producer  # before the broker stops, or its destructor waits for it
-    if left:
-        raise RuntimeError(f"{left} of {messages} Kafka messages not acknowledged in 120 s")
+    kafka.produce(KAFKA_TOPIC, (tpl.message(k) for k in range(messages)), flush_timeout=120)
     return {
         "messages": messages,
         "lines": messages * per_msg,
@@ -848,7 +828,7 @@ def run_kafka(opts: Options) -> RunResult:
     with Procs(opts.workdir) as procs:
         nats = procs.nats()
         kafka = procs.kafka()
-        produced = produce_backlog(kafka.bootstrap, messages, KAFKA_LINES_PER_MESSAGE)
+        produced = produce_backlog(kafka, messages, KAFKA_LINES_PER_MESSAGE)
         counter = procs.child(
             "count",
             ["--nats", nats.url, "--subject", KAFKA_SUBJECT, "--idle", str(KAFKA_COUNT_IDLE)],

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.servers import KafkaServer
 
 from influx_spout import lineproto
 from influx_spout.config import load_config
@@ -140,7 +141,7 @@ def test_component_configs_load(tmp_path: Path) -> None:
     assert cfg.workers == 2 and cfg.nats_subject == ["in"] and cfg.stats_interval == 0.05
     assert [(r.type, r.match, r.subject) for r in cfg.rule] == [("basic", "cpu", "out.cpu")]
 
-    client = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
+    client = dict(KafkaServer.CONSUMER_TIMEOUTS)
     text = config_text(
         "kafka",
         "k",

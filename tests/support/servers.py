@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, Self
 
@@ -463,19 +464,36 @@ class KafkaServer(_ServerProcess):
                 raise RuntimeError(f"tansu did not listen within 10s{_log_tail(self.log_path)}")
             time.sleep(0.01)
 
-    def produce(self, topic: str, values: list[bytes], partition: int | None = None) -> None:
+    def produce(
+        self,
+        topic: str,
+        values: Iterable[bytes],
+        partition: int | None = None,
+        flush_timeout: float = 10.0,
+    ) -> None:
         """Produce values (in order when partition is given) and wait until all are acked."""
         from confluent_kafka import Producer
 
-        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        producer = Producer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "linger.ms": 5,
+                "batch.num.messages": 10_000,
+                "queue.buffering.max.messages": 1_000_000,
+            }
+        )
+        where = {} if partition is None else {"partition": partition}
         for value in values:
-            if partition is None:
-                producer.produce(topic, value)
-            else:
-                producer.produce(topic, value, partition=partition)
-        left = producer.flush(10)
+            while True:
+                try:
+                    producer.produce(topic, value, **where)
+                    break
+                except BufferError:  # the local queue is full: let it drain
+                    producer.poll(0.05)
+        left = producer.flush(flush_timeout)
+        del producer  # before the broker stops, or its destructor waits for it
         if left:
-            raise RuntimeError(f"{left} messages to {topic} not acknowledged in 10s")
+            raise RuntimeError(f"{left} messages to {topic} not acknowledged in {flush_timeout:g}s")
 
     def committed(self, group: str, topic: str, partitions: int = 4) -> dict[int, int]:
         """The offsets group has committed on topic's partitions: {partition: offset}."""
