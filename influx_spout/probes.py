@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def serve_http(
+    port: int, routes: Mapping[str, Handler], option: str, shutdown_timeout: float = 60.0
+) -> web.AppRunner:
+    """Serve GET routes on port (the value of option) until the runner is cleaned up; a
+    RuntimeError that says so when the port cannot be had."""
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, port=port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise RuntimeError(
+            f"cannot serve HTTP on port {port}: {exc.strerror or exc} "
+            f"(is another process using it? check {option})"
+        ) from exc
+    return runner
 
 
 class Probes:
@@ -14,12 +37,8 @@ class Probes:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, port=self.port).start()
+        routes = {"/healthz": self._healthz, "/readyz": self._readyz}
+        self._runner = await serve_http(self.port, routes, "probe_port")
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -55,6 +55,7 @@ from nats.aio.msg import Msg
 
 from influx_spout import lineproto
 from influx_spout.config import Config
+from influx_spout.probes import serve_http
 from influx_spout.runtime import Runtime
 
 log = logging.getLogger("influx_spout.monitor")
@@ -224,19 +225,8 @@ class Monitor:
         self._runner: web.AppRunner | None = None
 
     async def start_http(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
-        await self._runner.setup()
-        try:
-            await web.TCPSite(self._runner, port=self.cfg.port).start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            self._runner = None
-            raise RuntimeError(
-                f"cannot serve HTTP on port {self.cfg.port}: {exc.strerror or exc} "
-                "(is another process using it? check port)"
-            ) from exc
+        routes = {"/metrics": self._metrics}
+        self._runner = await serve_http(self.cfg.port, routes, "port", HTTP_SHUTDOWN_TIMEOUT)
 
     async def stop_http(self) -> None:
         if self._runner is not None:
