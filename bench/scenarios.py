@@ -390,11 +390,7 @@ def run_filter(opts: Options) -> RunResult:
             rule=filter_rules(),
         )
         counter = procs.child("count", ["--nats", nats.url, "--subject", OUT_PREFIX + ">"])
-        load = procs.child(
-            "nats",
-            ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, 1_000_000)]
-            + ["--progress-stat", "processed", "--progress-name", "bench-filter"],
-        )
+        load = _nats_load(procs, nats, opts, 1_000_000, "processed", "bench-filter")
         cpu0 = procs.cpu_now()
         load.send("go")
         sent = load.result()
@@ -533,6 +529,22 @@ def _wait_null(port: int, expected: int, idle: float = 3.0) -> dict[str, Any]:
     return stats
 
 
+def _nats_load(
+    procs: Procs, nats: NatsServer, opts: Options, default_lines: int, stat: str, name: str
+) -> Child:
+    """The NATS publisher of 1,000-line messages, paced by component name's stat counter."""
+    return procs.child(
+        "nats",
+        ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, default_lines)]
+        + ["--progress-stat", stat, "--progress-name", name],
+    )
+
+
+def _stat_counter(procs: Procs, nats: NatsServer, stat: str, name: str) -> Child:
+    """A counting process that follows component name's stat counter on the monitor subject."""
+    return procs.child("count", ["--nats", nats.url, "--stat", stat, "--stat-name", name])
+
+
 def _writer_run(
     procs: Procs, nats: NatsServer, opts: Options, port: int, db: str, default_lines: int
 ) -> tuple[Child, Child]:
@@ -547,14 +559,8 @@ def _writer_run(
         influxdb_dbname=db,
         batch_max_age="200ms",
     )
-    monitor = procs.child(
-        "count", ["--nats", nats.url, "--stat", "lines_written", "--stat-name", "bench-writer"]
-    )
-    load = procs.child(
-        "nats",
-        ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, default_lines)]
-        + ["--progress-stat", "received", "--progress-name", "bench-writer"],
-    )
+    monitor = _stat_counter(procs, nats, "lines_written", "bench-writer")
+    load = _nats_load(procs, nats, opts, default_lines, "received", "bench-writer")
     return monitor, load
 
 
@@ -689,10 +695,7 @@ def run_pipeline(opts: Options, influx: InfluxServer, run: int) -> RunResult:
                 nats_subject=[SUBJECT_IN],
                 batch_max_age="200ms",
             )
-            monitor = procs.child(
-                "count",
-                ["--nats", nats.url, "--stat", "lines_written", "--stat-name", "bench-writer"],
-            )
+            monitor = _stat_counter(procs, nats, "lines_written", "bench-writer")
             args = ["--port", str(port), "--connections", "4", *_budget(opts, 500_000)]
             if opts.rate:
                 args += ["--rate", str(opts.rate)]
@@ -758,17 +761,11 @@ def run_downsampler(opts: Options) -> RunResult:
             downsample_period=DOWNSAMPLE_PERIOD,
             downsample_suffix=ARCHIVE_SUFFIX,
         )
-        monitor = procs.child(
-            "count", ["--nats", nats.url, "--stat", "received", "--stat-name", name]
-        )
+        monitor = _stat_counter(procs, nats, "received", name)
         archive = procs.child(
             "count", ["--nats", nats.url, "--subject", SUBJECT_IN + ARCHIVE_SUFFIX], "archive"
         )
-        load = procs.child(
-            "nats",
-            ["--nats", nats.url, "--subject", SUBJECT_IN, *_budget(opts, 1_000_000)]
-            + ["--progress-stat", "received", "--progress-name", name],
-        )
+        load = _nats_load(procs, nats, opts, 1_000_000, "received", name)
         cpu0 = procs.cpu_now()
         load.send("go")
         sent = load.result()
