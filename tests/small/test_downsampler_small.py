@@ -392,14 +392,3 @@ def test_after_the_final_emission_input_is_logged_as_lost(caplog: pytest.LogCapt
     asyncio.run(ds.handle(SimpleNamespace(subject="a", data=b"m v=1\nm v=2\n")))  # type: ignore[arg-type]
     assert "2 lines arrived after the final emission" in caplog.text
     assert ds.agg.take_all() == {}
-
-
-def test_parse_fields_raw_keeps_each_value_as_written() -> None:
-    raw = b'a\\ b=1.5,c=2i,d=3u,e=T,f="x,\\"y"'
-    assert lp.parse_fields_raw(raw) == [
-        (b"a b", b"1.5"),
-        (b"c", b"2i"),
-        (b"d", b"3u"),
-        (b"e", b"T"),
-        (b"f", b'"x,\\"y"'),
-    ]

@@ -587,3 +587,14 @@ def test_valid_in_window_never_passes_a_stale_timestamp(
         assert now - delta <= ts <= now + delta
     if abs(offset) + lp.WINDOW_STEP_NS < delta:  # well inside: the fast path takes it
         assert accepted
+
+
+def test_parse_fields_raw_keeps_each_value_as_written() -> None:
+    raw = b'a\\ b=1.5,c=2i,d=3u,e=T,f="x,\\"y"'
+    assert lp.parse_fields_raw(raw) == [
+        (b"a b", b"1.5"),
+        (b"c", b"2i"),
+        (b"d", b"3u"),
+        (b"e", b"T"),
+        (b"f", b'"x,\\"y"'),
+    ]
