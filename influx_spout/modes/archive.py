@@ -8,15 +8,15 @@ payload as it was received:
     #influx-spout-archive-1 <subject> <received, ns since the Unix epoch> <payload bytes>\\n
     <payload>[\\n when the payload does not end with one]
 
-so `zcat FILE` shows line protocol with `#` comment lines (which InfluxDB skips), and the
-subject and arrival time of each batch are kept for replay. A file is named after the
-arrival time (UTC) of its first message, its subject and the instance name:
+so `zcat FILE` shows line protocol with `#` comment lines (which InfluxDB skips), and
+the subject and arrival time of each batch are kept for replay. A file is named after
+the arrival time (UTC) of its first message, its subject and the instance name:
 `20240501T120000.123456Z_<subject>_<name>.lp.gz` (subject and name %-escaped where a
-file name could not hold them), so `ls` sorts them by time. A file is written as
-`<name>.lp.gz.part` and renamed when it is finished: once it holds `archive_max_size`
-compressed bytes (it may pass that by one message), once it is `archive_max_age` old, and
-at stop. Finishing flushes and fsyncs the file, renames it, and fsyncs the directory, so
-a file without `.part` is complete and durable.
+file name could not hold them, and "_", the separator), so `ls` sorts them by time. A
+file is written as `<name>.lp.gz.part` and renamed when it is finished: once it holds
+`archive_max_size` compressed bytes (it may pass that by one message), once it is
+`archive_max_age` old, and at stop. Finishing flushes and fsyncs the file, renames it,
+and fsyncs the directory, so a file without `.part` is complete and durable.
 
 Writing (compression and file I/O) happens in one worker thread, in batches of whatever
 arrived meanwhile, so the event loop keeps reading NATS. At most BUFFER_LIMIT bytes wait
@@ -165,7 +165,13 @@ def file_name(start_ns: int, subject: str, name: str) -> str:
     """A finished file's name: UTC start time (sorts by time), subject, instance name."""
     seconds, micros = divmod(start_ns // 1000, 1_000_000)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds))
-    return f"{stamp}.{micros:06d}Z_{quote(subject, safe='')}_{quote(name, safe='')}{SUFFIX}"
+    return f"{stamp}.{micros:06d}Z_{_name_part(subject)}_{_name_part(name)}{SUFFIX}"
+
+
+def _name_part(text: str) -> str:
+    """text %-escaped for a file name, "_" too: the parts' separator stays unambiguous, so
+    subject "a_b" of instance "x" and subject "a" of instance "b_x" are two streams."""
+    return quote(text, safe="").replace("_", "%5F")
 
 
 def parse_file_name(name: str) -> tuple[int, str] | None:
@@ -245,7 +251,7 @@ class Archiver:
 
     def leftovers(self) -> list[str]:
         """Unfinished files of this instance from an earlier run (killed, or disk errors)."""
-        tail = f"_{quote(self.name, safe='')}{SUFFIX}{PART}"
+        tail = f"_{_name_part(self.name)}{SUFFIX}{PART}"
         try:
             names = os.listdir(self.directory)
         except OSError:

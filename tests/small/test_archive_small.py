@@ -366,3 +366,10 @@ def test_replay_of_a_damaged_file_counts_it_and_keeps_what_precedes(
     assert rt.stats.get("replay_errors") == 1
     assert 0 < rt.stats.get("replayed_messages") == len(bus.published) < 20
     assert str(path) in caplog.text and "gzip -t" in caplog.text
+
+
+def test_an_underscore_in_a_subject_or_name_does_not_mix_two_streams() -> None:
+    one = file_name(T0, "a_b", "x")
+    other = file_name(T0, "a", "b_x")
+    assert parse_file_name(one) != parse_file_name(other)
+    assert not one.endswith("_b%5Fx" + ".lp.gz") and other.endswith("_b%5Fx.lp.gz")
