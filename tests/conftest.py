@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from support.faultproxy import FaultProxy
+from support.natscluster import NatsCluster
 from support.servers import Component, InfluxServer, KafkaServer, NatsServer
+
+if TYPE_CHECKING:
+    from support.tls import Certs
 
 
 @pytest.fixture
@@ -40,6 +46,39 @@ def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def jetstream_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server with JetStream, its store in tmp_path: kill() and start() keep it."""
+    server = NatsServer(jetstream=True, workdir=tmp_path / "nats-js")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A 3-node JetStream cluster, formed (about a second)."""
+    with NatsCluster(workdir=tmp_path / "nats-cluster") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def tls_certs(tmp_path: Path) -> Certs:
+    """A CA, a server certificate for 127.0.0.1 and client certificates, in tmp_path/certs."""
+    from support.tls import make_certs  # cryptography: only the tests that use it need it
+
+    return make_certs(tmp_path / "certs")
+
+
+@pytest.fixture
+def influx_proxy(influxd: InfluxServer) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the module's influxd, passing through at first."""
+    with FaultProxy(influxd.url) as proxy:
+        yield proxy
 
 
 @pytest.fixture

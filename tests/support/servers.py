@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -70,11 +71,12 @@ def wait_for_http(
     timeout: float = 10.0,
     proc: subprocess.Popen[bytes] | None = None,
     log_path: Path | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Poll url until it answers status; fail early, with the log, if proc exits first."""
     deadline = time.monotonic() + timeout
     last = "no answer"
-    with httpx.Client(trust_env=False, timeout=1.0) as client:
+    with httpx.Client(trust_env=False, timeout=1.0, verify=verify) as client:
         while True:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(
@@ -158,6 +160,17 @@ class _ServerProcess:
             self._log_file.close()
             self._log_file = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no clean shutdown; the directory stays for start()."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.stop()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
     def close(self) -> None:
         """Stop for good and remove the private directory."""
         self.stop()
@@ -180,7 +193,9 @@ class _ServerProcess:
 class NatsServer(_ServerProcess):
     """A nats-server on 127.0.0.1 with ports of its own choosing (kept across a restart).
 
-    url "nats://127.0.0.1:P", port, monitor_url "http://127.0.0.1:M".
+    url "nats://127.0.0.1:P", port, monitor_url "http://127.0.0.1:M". With jetstream, its
+    store is DIR/js: it survives stop() or kill() and a start() on the same ports. config
+    is more config file text, e.g. authorization or TLS from tests/support/natsauth.py.
     """
 
     def __init__(
@@ -189,10 +204,12 @@ class NatsServer(_ServerProcess):
         jetstream: bool = False,
         max_pending: int | None = None,
         workdir: str | os.PathLike[str] | None = None,
+        config: str = "",
     ) -> None:
         self.max_payload = max_payload
         self.max_pending = max_pending  # bytes held for a slow client before cutting it off
         self.jetstream = jetstream
+        self.config = config
         super().__init__(workdir, "nats-", "nats-server.log")
         self.port = 0
         self.monitor_port = 0
@@ -208,10 +225,11 @@ class NatsServer(_ServerProcess):
         cmd += ["--ports_file_dir", str(self.dir)]
         settings = {"max_payload": self.max_payload, "max_pending": self.max_pending}
         settings = {k: v for k, v in settings.items() if v is not None}
-        if settings:
+        if settings or self.config:
             # no command-line flags for these; command-line flags override the file's others
             conf = self.dir / "nats.conf"
-            conf.write_text("".join(f"{k}: {int(v)}\n" for k, v in settings.items()))
+            lines = "".join(f"{k}: {int(v)}\n" for k, v in settings.items())
+            conf.write_text(lines + self.config)
             cmd += ["-c", str(conf)]
         if self.jetstream:
             cmd += ["-js", "-sd", str(self.dir / "js")]
@@ -275,7 +293,7 @@ bind-address = "127.0.0.1:0"
   enabled = true
   bind-address = "127.0.0.1:{port}"
   log-enabled = false
-
+{http_extra}
 [logging]
   level = "warn"
 
@@ -299,24 +317,55 @@ bind-address = "127.0.0.1:0"
 class InfluxServer(_ServerProcess):
     """An InfluxDB 1.x (Debian's influxd) with a private config, data and port.
 
-    url "http://127.0.0.1:P", port.
+    url "http://127.0.0.1:P" (https with https_certificate), port. auth (user, password):
+    auth-enabled, with that admin created first; https_certificate: one PEM holding the
+    certificate and its key, verified against ca_file; max_body_size: larger writes get 413.
     """
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str] | None = None,
+        auth: tuple[str, str] | None = None,
+        https_certificate: str | os.PathLike[str] | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        max_body_size: int | None = None,
+    ) -> None:
         super().__init__(workdir, "influxd-", "influxd.log")
         self.port = 0
         self.url = ""
+        self.auth = auth
+        self.https_certificate = https_certificate
+        self.max_body_size = max_body_size
+        self.verify: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            self.verify = ssl.create_default_context(cafile=str(ca_file))
+        self._admin_created = False
         self._http: httpx.Client | None = None
 
+    def _http_settings(self) -> str:
+        lines = []
+        if self.auth is not None:
+            lines.append("auth-enabled = true")
+        if self.https_certificate is not None:
+            lines += ["https-enabled = true", f'https-certificate = "{self.https_certificate}"']
+        if self.max_body_size is not None:
+            lines.append(f"max-body-size = {int(self.max_body_size)}")
+        return "".join(f"  {line}\n" for line in lines)
+
     def start(self) -> Self:
-        """Start; return once /ping answers 204."""
+        """Start (again after stop() or kill(), on the same port); return once /ping answers 204."""
         exe = find_executable("influxd", INFLUXD_INSTALL)
-        for attempt in range(3):
+        scheme = "http" if self.https_certificate is None else "https"
+        kept = self.port  # a restart must come back where the clients are
+        attempts = 1 if kept else 3
+        for attempt in range(attempts):
             # the port was free when picked; another process may take it before influxd binds
-            self.port = free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
+            self.port = kept or free_port()
+            self.url = f"{scheme}://127.0.0.1:{self.port}"
             conf = self.dir / "influxdb.conf"
-            conf.write_text(INFLUXD_CONF.format(dir=self.dir, port=self.port))
+            conf.write_text(
+                INFLUXD_CONF.format(dir=self.dir, port=self.port, http_extra=self._http_settings())
+            )
             self._log_file = open(self.log_path, "ab")
             self._proc = subprocess.Popen(
                 [exe, "run", "-config", str(conf)],
@@ -326,13 +375,24 @@ class InfluxServer(_ServerProcess):
                 env=_child_env(),
             )
             try:
-                wait_for_http(f"{self.url}/ping", 204, 20.0, self._proc, self.log_path)
+                ping = f"{self.url}/ping"
+                wait_for_http(ping, 204, 20.0, self._proc, self.log_path, self.verify)
                 break
             except BaseException:
                 self.stop()
-                if attempt == 2 or "address already in use" not in self.log():
+                if attempt == attempts - 1 or "address already in use" not in self.log():
                     raise
-        self._http = httpx.Client(base_url=self.url, trust_env=False, timeout=30.0)
+        self._http = httpx.Client(
+            base_url=self.url, trust_env=False, timeout=30.0, verify=self.verify, auth=self.auth
+        )
+        if self.auth is not None and not self._admin_created:
+            # the first user may be created without credentials, and must be an admin
+            user, password = self.auth
+            self._query_post(
+                f'CREATE USER "{_quote_ident(user)}" WITH PASSWORD '
+                f"'{_quote_string(password)}' WITH ALL PRIVILEGES"
+            )
+            self._admin_created = True
         return self
 
     def stop(self) -> None:
@@ -389,6 +449,10 @@ class InfluxServer(_ServerProcess):
 
 def _quote_ident(name: str) -> str:
     return name.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _quote_string(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _check_query_answer(resp: httpx.Response, q: str) -> list[dict[str, Any]]:
