@@ -22,7 +22,7 @@ import logging
 import os
 import re
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from nats.aio.client import Client
@@ -93,26 +93,43 @@ _checked: dict[str, bool] = {}  # "receive", "publish": whether it passed, once 
 def _receive_usable() -> bool:
     """The lean parser and chunk reader pass their self-check (run once a process)."""
     if "receive" not in _checked:
-        problem = "forced by " + STOCK_ENV if _stock_forced() else _receive_problem()
-        if problem:
-            log.warning("NATS: nats-py's own receive path is used (%s)", problem)
-        _checked["receive"] = not problem
+        _checked["receive"] = _usable("receive path", _receive_problem)
     return _checked["receive"]
 
 
 def _publish_usable() -> bool:
-    """The client attributes send() writes exist as it expects (checked once a process)."""
+    """The client attributes send() writes are as it expects (checked once a process)."""
     if "publish" not in _checked:
-        nc = Client()
-        _checked["publish"] = (
-            not _stock_forced()
-            and isinstance(getattr(nc, "_pending", None), list)
-            and isinstance(getattr(nc, "_pending_data_size", None), int)
-            and isinstance(getattr(nc, "_max_pending_size", None), int)
-            and hasattr(nc, "_flush_queue")
-            and inspect.iscoroutinefunction(getattr(Client, "_flush_pending", None))
-        )
+        _checked["publish"] = _usable("publish()", _publish_problem)
     return _checked["publish"]
+
+
+def _usable(what: str, problem_of: Callable[[], str]) -> bool:
+    """Whether the fast path's part `what` is to be used; logs why not."""
+    if _stock_forced():
+        log.info("NATS: nats-py's own %s is used (%s is set)", what, STOCK_ENV)
+        return False
+    problem = problem_of()
+    if problem:
+        log.warning("NATS: nats-py's own, slower %s is used: %s", what, problem)
+    return not problem
+
+
+def _publish_problem() -> str:
+    """What keeps send() from being used here, or "" if nothing."""
+    nc = Client()
+    for name, kind in (
+        ("_pending", list),
+        ("_pending_data_size", int),
+        ("_max_pending_size", int),
+    ):
+        if not isinstance(getattr(nc, name, None), kind):
+            return f"nats-py's Client has no {name} {kind.__name__}"
+    if not hasattr(nc, "_flush_queue"):
+        return "nats-py's Client has no _flush_queue"
+    if not inspect.iscoroutinefunction(getattr(Client, "_flush_pending", None)):
+        return "nats-py's Client has no async _flush_pending"
+    return ""
 
 
 def _receive_problem() -> str:

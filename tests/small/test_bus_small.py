@@ -225,7 +225,7 @@ def test_a_parser_that_differs_from_nats_py_is_not_used(
     FastPath(other)
     assert type(nc._ps) is Parser and type(other._ps) is Parser
     [record] = caplog.records  # once a process
-    assert "nats-py's own receive path is used" in record.getMessage()
+    assert "nats-py's own, slower receive path is used" in record.getMessage()
     assert "differs from nats-py's" in record.getMessage()
 
 
@@ -239,10 +239,19 @@ def test_a_changed_process_msg_is_not_used(
     assert "Client._process_msg takes" in natsfast._receive_problem()
 
 
+def test_changed_client_internals_keep_nats_py_publish(
+    fresh_checks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(Client, "_flush_pending")
+    assert not FastPath(Client()).publishing
+    assert "_flush_pending" in natsfast._publish_problem()
+
+
 def test_the_environment_forces_the_stock_path(
     fresh_checks: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv(natsfast.STOCK_ENV, "1")
+    caplog.set_level(logging.INFO, "influx_spout.bus")
     nc = Client()
     fast = FastPath(nc)
     assert type(nc._ps) is Parser
