@@ -1,24 +1,24 @@
 """NATS: connect, publish under the server's max payload, subscribe with pending limits.
 
-The one NATS wrapper every mode uses.
+The one NATS wrapper every mode uses, and the only place that enforces the max payload.
+It uses nats-py's public API; the fast path, built on its private names, is
+influx_spout.natsfast.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
-from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE, Parser
 
-from influx_spout.batching import split_under
+from influx_spout.batching import Parts, count_lines, split_under
 from influx_spout.config import Config, nats_servers
+from influx_spout.natsfast import FastPath
 
 log = logging.getLogger("influx_spout.bus")
 
@@ -35,14 +35,8 @@ STARTUP_CONNECT_ATTEMPTS = 3
 SOCKET_READ_LIMIT = 8 * 1024 * 1024
 CATCH_UP_TURNS = 64  # of the event loop, at most, in one catch_up()
 
-Handler = Callable[[Msg], Awaitable[None]]
-
-# publish_parts writes the PUB command into nats-py's pending buffer itself; the client
-# attributes it relies on (nats-py 2.x) are checked once, falling back to publish()
-_FAST_PUBLISH = all(
-    hasattr(Client(), attr)
-    for attr in ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue")
-) and hasattr(Client, "_flush_pending")
+# a mode's message handler: (subject, payload, NATS headers or None)
+Handler = Callable[[str, bytes, dict[str, str] | None], Awaitable[None]]
 
 
 class Bus:
@@ -51,12 +45,11 @@ class Bus:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.nc = Client()
-        self.nc._ps = _LeanParser(self.nc)
+        self.fast = FastPath(self.nc)
         # messages NATS dropped per subscribed subject (slow consumer)
         self.dropped: Counter[str] = Counter()
         self._subs: list = []
         self._closing = False
-        self._subjects: dict[str, bytes] = {}  # subjects publish_parts may write, encoded
         self._read_ahead = False  # see read_ahead()
 
     @classmethod
@@ -82,12 +75,8 @@ class Bus:
         self._adopt_reader()
 
     def _adopt_reader(self) -> None:
-        """Make the connection's socket reader a _ChunkReader (with read_ahead's limit)."""
-        reader = getattr(getattr(self.nc, "_transport", None), "_io_reader", None)
-        if _CHUNK_READER and type(reader) is asyncio.StreamReader:
-            _ChunkReader.adopt(reader)
-        if isinstance(reader, asyncio.StreamReader) and self._read_ahead:
-            reader._limit = SOCKET_READ_LIMIT // 2  # type: ignore[attr-defined]  # it pauses past twice this
+        """Set up the connection's socket reader for the fast path and read_ahead()."""
+        self.fast.adopt_reader(SOCKET_READ_LIMIT if self._read_ahead else None)
 
     async def _connect(self) -> None:
         cfg = self.cfg
@@ -132,76 +121,70 @@ class Bus:
     def max_payload(self) -> int:
         return self.nc.max_payload
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes published but not yet written to the socket (buffered while reconnecting)."""
+        return self.nc.pending_data_size
+
     async def publish(self, subject: str, data: bytes) -> int:
         """Publish whole lines, split under the server's max payload.
 
-        Returns the number of bytes that could NOT be published (0 on success):
-        a line longer than the max payload, or a closed connection.
+        Returns the number of lines NOT published (0 on success): a line longer than the
+        max payload is one, a message that could not be sent is all its lines.
         """
         if not data:
             return 0
-        failed = 0
-        limit = self.nc.max_payload
-        for piece in split_under(data, limit) if len(data) > limit else (data,):
-            if len(piece) > limit:
-                log.warning("a line of %d bytes exceeds the NATS max payload %d", len(piece), limit)
-                failed += len(piece)
-            else:
-                failed += await self._send(subject, (piece,), len(piece))
-        return failed
+        if len(data) > self.max_payload:
+            return await self._publish_split(subject, data)
+        return 0 if await self._send(subject, (data,), len(data)) else _lines(data)
 
-    async def publish_parts(self, subject: str, parts: list[bytes], size: int) -> int:
-        """publish() of b"".join(parts) (size bytes, whole lines), without joining them
-        when they fit in one message. Returns the bytes NOT published."""
-        if not parts:
+    async def publish_parts(self, subject: str, batch: Parts) -> int:
+        """publish() of a batch of whole lines, without joining its parts when they fit
+        in one message. Returns the number of lines NOT published."""
+        if not batch.size:
             return 0
-        if size > self.nc.max_payload:
-            return await self.publish(subject, b"".join(parts))
-        return await self._send(subject, parts, size)
+        if batch.size > self.max_payload:
+            return await self._publish_split(subject, b"".join(batch.parts))
+        return 0 if await self._send(subject, batch.parts, batch.size) else batch.lines
 
-    async def _send(self, subject: str, parts: Sequence[bytes], size: int) -> int:
-        """One NATS message made of parts (size bytes, under the max payload).
+    async def _publish_split(self, subject: str, data: bytes) -> int:
+        """publish() of data over the max payload: the lines NOT published."""
+        limit = self.max_payload
+        lost = 0
+        for piece in split_under(data, limit):
+            if len(piece) > limit:  # split_under leaves such a line a piece of its own
+                log.warning("a line of %d bytes exceeds the NATS max payload %d", len(piece), limit)
+                lost += 1
+            elif not await self._send(subject, (piece,), len(piece)):
+                lost += _lines(piece)
+        return lost
 
-        While connected, the PUB command is queued as header + the parts as they are +
-        CRLF for the client's flusher to write in one writev: no copy of the data in
-        Python (nats-py's publish() copies a payload twice to build the command).
-        Otherwise, and with a nats-py whose internals differ, nats-py's publish() of the
-        joined parts. Returns the bytes NOT published.
+    async def _send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
+        """One NATS message made of parts (size bytes, under the max payload): by the fast
+        path, else nats-py's publish() of the joined parts. False if it was not sent."""
+        if await self.fast.send(subject, parts, size):
+            return True
+        try:
+            await self.nc.publish(subject, parts[0] if len(parts) == 1 else b"".join(parts))
+        except Exception as exc:
+            log.warning("publish to %s failed: %s", subject, exc)
+            return False
+        return True
+
+    async def confirm(self, timeout: int) -> None:
+        """Return once nats-server has answered a PING sent after everything published;
+        raise ConnectionError when it cannot tell.
+
+        nats-py's flush() returns at once, without a PONG, while it is reconnecting, so
+        the connection must be up before and after it, with no reconnect in between.
         """
         nc = self.nc
-        if (
-            not nc.is_connected
-            or nc.is_draining_pubs
-            or not _FAST_PUBLISH
-            or not (encoded := self._subject_bytes(subject))
-        ):
-            try:
-                await nc.publish(subject, parts[0] if len(parts) == 1 else b"".join(parts))
-            except Exception as exc:
-                log.warning("publish to %s failed: %s", subject, exc)
-                return size
-            return 0
-        header = b"PUB %b %d\r\n" % (encoded, size)
-        pending = nc._pending
-        pending.append(header)
-        pending.extend(parts)
-        pending.append(b"\r\n")
-        nc._pending_data_size += len(header) + size + 2
-        nc.stats["out_msgs"] += 1
-        nc.stats["out_bytes"] += size
-        if 0 < nc._max_pending_size < nc._pending_data_size:
-            await nc._flush_pending(force_flush=True)
-        elif nc._flush_queue is not None and nc._flush_queue.empty():
-            await nc._flush_pending()
-        return 0
-
-    def _subject_bytes(self, subject: str) -> bytes:
-        """subject encoded for a PUB command, or b"" when publish() should check it."""
-        encoded = self._subjects.get(subject)
-        if encoded is None:
-            ok = subject.isascii() and subject.isprintable() and " " not in subject
-            encoded = self._subjects[subject] = subject.encode() if ok else b""
-        return encoded
+        reconnects = nc.stats["reconnects"]
+        if not nc.is_connected:
+            raise ConnectionError("not connected")
+        await nc.flush(timeout=timeout)
+        if not nc.is_connected or nc.stats["reconnects"] != reconnects:
+            raise ConnectionError("the connection was lost during the flush")
 
     async def catch_up(self) -> None:
         """Let the event loop read what waits in the socket; for handlers that keep it busy.
@@ -228,12 +211,16 @@ class Bus:
 
     async def subscribe(self, subjects: list[str], handler: Handler, pending_bytes: int) -> None:
         """Subscribe handler to each subject, honouring queue_group and the pending limit."""
+
+        async def deliver(msg: Msg) -> None:
+            await handler(msg.subject, msg.data, msg.headers)
+
         for subject in subjects:
             self.dropped[subject] += 0  # nats_dropped{subject} is published from the start
             sub = await self.nc.subscribe(
                 subject,
                 queue=self.cfg.queue_group,
-                cb=handler,
+                cb=deliver,
                 pending_msgs_limit=1_000_000,
                 pending_bytes_limit=pending_bytes,
             )
@@ -272,164 +259,6 @@ class Bus:
             log.debug("close: %s", exc)
 
 
-class _ChunkReader(asyncio.StreamReader):
-    """A connected StreamReader turned (adopt) into one that hands over the chunks the
-    event loop received, whole: asyncio's copies every chunk into one buffer and out again
-    (3 copies of each message, plus the buffer's reallocations).
-
-    nats-py calls only read() and at_eof() on it; readline() is for the connect
-    handshake, done on a fresh reader before adopt().
-    """
-
-    # StreamReader's own state (asyncio internals, checked in _CHUNK_READER)
-    _buffer: bytearray
-    _limit: int
-    _paused: bool
-    _eof: bool
-    _exception: BaseException | None
-    _transport: Any
-    # ours
-    _chunks: deque[bytes]
-    _size: int  # bytes in _chunks
-
-    @classmethod
-    def adopt(cls, reader: asyncio.StreamReader) -> None:
-        waiting = bytes(reader._buffer)  # type: ignore[attr-defined]
-        reader._buffer.clear()  # type: ignore[attr-defined]
-        reader.__class__ = cls
-        assert isinstance(reader, cls)
-        reader._chunks = deque([waiting] if waiting else [])
-        reader._size = len(waiting)
-
-    def feed_data(self, data: Any) -> None:
-        if not data:
-            return
-        self._chunks.append(data)
-        self._size += len(data)
-        self._wakeup_waiter()  # type: ignore[attr-defined]
-        if self._transport is not None and not self._paused and self._size > 2 * self._limit:
-            try:
-                self._transport.pause_reading()
-            except NotImplementedError:
-                self._transport = None
-            else:
-                self._paused = True
-
-    async def read(self, n: int = -1) -> bytes:
-        """The next chunk received, whatever n says."""
-        if self._exception is not None:
-            raise self._exception
-        if not self._chunks and not self._eof:
-            await self._wait_for_data("read")  # type: ignore[attr-defined]
-        if not self._chunks:
-            return b""
-        data = self._chunks.popleft()
-        self._size -= len(data)
-        self._maybe_resume_transport()
-        return data
-
-    def _maybe_resume_transport(self) -> None:
-        if self._paused and self._size <= self._limit:
-            self._paused = False
-            self._transport.resume_reading()
-
-    def at_eof(self) -> bool:
-        return self._eof and not self._chunks
-
-    async def readuntil(self, separator: Any = b"\n") -> bytes:
-        raise RuntimeError("a chunk reader only reads chunks")
-
-
-# _ChunkReader relies on these internals of asyncio's StreamReader (CPython 3.11-3.13)
-_CHUNK_READER = all(
-    hasattr(asyncio.StreamReader, attr)
-    for attr in ("_wakeup_waiter", "_wait_for_data", "_maybe_resume_transport")
-) and all(
-    hasattr(asyncio.StreamReader(), attr)
-    for attr in ("_buffer", "_limit", "_paused", "_transport", "_eof", "_exception")
-)
-
-
-# a MSG control line (no headers): subject, sid, reply (optional), payload size
-_MSG_LINE = re.compile(rb"MSG[ \t]+(\S+)[ \t]+(\S+)[ \t]+(?:(\S+)[ \t]+)?(\d+)\r\n")
-
-
-class _LeanParser(Parser):
-    """nats-py's protocol parser, taking each MSG payload with one copy.
-
-    nats-py's extends one bytearray with every chunk read and slices each payload out
-    of it (3 copies, plus reallocations). This one finds MSG lines in the chunk as
-    received and joins the pieces of a payload once, when its last piece is in. Any
-    other command (PING, INFO, -ERR, HMSG...) goes to nats-py's parse(), which then
-    holds the stream until it has consumed all it was given.
-    """
-
-    def reset(self) -> None:
-        super().reset()
-        self._pieces: list[bytes | memoryview] = []  # of the payload being received
-        self._have = 0  # bytes in _pieces
-        self._msg: tuple[bytes, int, bytes] = (b"", 0, b"")  # its subject, sid, reply
-        self._head = b""  # a control line cut by the end of the last chunk
-
-    async def parse(self, data: bytes = b"") -> None:
-        pos = 0
-        if self._pieces:
-            self._pieces.append(data)
-            self._have += len(data)
-            if self._have < self.needed + 2:
-                return
-            data, pos = await self._payload_done()
-        elif self.buf or self.state != AWAITING_CONTROL_LINE:
-            await self._nats_py_parse(data)
-            return
-        elif self._head:
-            data = self._head + data
-            self._head = b""
-        end = len(data)
-        while pos < end:
-            line = _MSG_LINE.match(data, pos)
-            if line is None:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0 and end - pos < MAX_CONTROL_LINE_SIZE:
-                    self._head = data[pos:]
-                elif eol < 0 or data.startswith(b"HMSG", pos):
-                    await self._nats_py_parse(data[pos:])
-                else:  # one command line (PING, INFO...): nats-py's to handle
-                    await self._nats_py_parse(data[pos : eol + 2])
-                    pos = eol + 2
-                    continue
-                return
-            subject, sid, reply, size = line.groups()
-            start = line.end()
-            stop = start + int(size)
-            if stop + 2 > end:  # the payload goes on in the next chunks
-                self._msg = (subject, int(sid), reply or b"")
-                self.needed = int(size)
-                self._pieces = [memoryview(data)[start:]]
-                self._have = end - start
-                return
-            pos = stop + 2
-            await self.nc._process_msg(int(sid), subject, reply or b"", data[start:stop], None)
-
-    async def _payload_done(self) -> tuple[bytes, int]:
-        """Deliver the payload that _pieces now hold; (bytes, position) of what follows."""
-        pieces, excess = self._pieces, self._have - self.needed  # excess >= 2: CRLF
-        self._pieces, self._have = [], 0
-        last = pieces[-1]  # the chunk just read
-        cut = len(last) - excess  # where the payload ends in it
-        if cut >= 0:
-            pieces[-1] = memoryview(last)[:cut]
-            payload = b"".join(pieces)
-            rest, pos = bytes(last), cut + 2
-        else:  # it ended in an earlier piece, its CRLF did not
-            rest = b"".join(pieces)
-            payload, pos = rest[: self.needed], self.needed + 2
-        subject, sid, reply = self._msg
-        await self.nc._process_msg(sid, subject, reply, payload, None)
-        return rest, pos
-
-    async def _nats_py_parse(self, data: bytes) -> None:
-        await super().parse(data)
-        if self.state == AWAITING_CONTROL_LINE and self.buf and b"\r\n" not in self.buf:
-            self._head = bytes(self.buf)  # a cut control line: back to parse()
-            self.buf.clear()
+def _lines(data: bytes) -> int:
+    """The lines in data, the last one with or without its b"\\n"."""
+    return count_lines(data) + (not data.endswith(b"\n"))

@@ -90,11 +90,8 @@ async def publish_parts_counted(
     """
     if not batch.size:
         return 0
-    failed = await rt.bus.publish_parts(subject, batch.parts, batch.size)
-    lost = 0
-    if failed:
-        # bus.publish_parts reports bytes; the lost lines are whole pieces of the batch
-        lost = batch.lines if failed >= batch.size else max(1, batch.lines * failed // batch.size)
+    lost = await rt.bus.publish_parts(subject, batch)
+    if lost:
         rt.stats.inc("failed_nats_publish", lost)
         if rt.cfg.debug:
             log.warning("could not publish %d of %d lines to %s", lost, batch.lines, subject)

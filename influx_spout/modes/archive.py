@@ -73,8 +73,6 @@ from datetime import datetime
 from typing import BinaryIO
 from urllib.parse import quote
 
-from nats.aio.msg import Msg
-
 from influx_spout.batching import Parts, count_lines
 from influx_spout.config import Config
 from influx_spout.runtime import Runtime, publish_parts_counted
@@ -380,11 +378,10 @@ class Archive:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="archive")
         self._tick = min(1.0, cfg.archive_max_age / 4)
 
-    async def handle(self, msg: Msg) -> None:
-        data = msg.data
+    async def handle(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         self.stats.inc("received")
         self.stats.inc("lines", lines_in(data))
-        self._pending.append(Record(msg.subject, time.time_ns(), data))
+        self._pending.append(Record(subject, time.time_ns(), data))
         self._pending_bytes += len(data)
         self._wake.set()
         while self._pending_bytes >= BUFFER_LIMIT and not self._stopping:

@@ -78,8 +78,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 
-from nats.aio.msg import Msg
-
 from influx_spout import lineproto
 from influx_spout.batching import Parts, count_lines
 from influx_spout.config import Config
@@ -490,15 +488,15 @@ class Downsampler:
         self.agg = aggregator
         self.closed = False  # after the final flush nothing more is aggregated
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         """The subscription callback: aggregate the message's lines and count them."""
         if self.closed:
             log.warning(
                 "%d lines arrived after the final emission and are not aggregated",
-                count_lines(msg.data),
+                count_lines(data),
             )
             return
-        added = self.agg.add(msg.subject, msg.data)
+        added = self.agg.add(subject, data)
         inc = self.rt.stats.inc
         inc("received", added.lines)
         inc("invalid_lines", added.invalid_lines)

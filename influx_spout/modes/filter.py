@@ -31,10 +31,7 @@ import asyncio
 import logging
 import time
 
-from nats.aio.msg import Msg
-
 from influx_spout import lineproto, workers
-from influx_spout.batching import count_lines, split_under
 from influx_spout.config import Config
 from influx_spout.rules import Routed, RuleSet
 from influx_spout.workers import Host
@@ -74,11 +71,10 @@ class Filter:
         for subject in self.subjects:
             self.stats.inc("triggered", 0, rule=subject)
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle(self, subject: str, batch: bytes, headers: dict[str, str] | None) -> None:
         """The subscription callback (one message at a time): route, count, publish."""
         if self.failure is not None:
             return
-        batch = msg.data
         try:
             if self.inline:
                 routed = self.ruleset.route(batch, lineproto.now_ns(), self.max_delta_ns)
@@ -131,15 +127,12 @@ class Filter:
                     )
 
     async def _publish(self, subject: str, data: bytes) -> None:
-        """Publish whole lines; count the lines of each piece NATS did not take."""
-        limit = self.rt.bus.max_payload
-        pieces = split_under(data, limit) if len(data) > limit else [data]
-        for piece in pieces:
-            if await self.rt.bus.publish(subject, piece):
-                lines = count_lines(piece)
-                self.stats.inc("failed_nats_publish", lines)
-                if self.cfg.debug:
-                    log.info("could not publish %d lines to %s", lines, subject)
+        """Publish whole lines (the bus splits them); count the lines NATS did not take."""
+        lost = await self.rt.bus.publish(subject, data)
+        if lost:
+            self.stats.inc("failed_nats_publish", lost)
+            if self.cfg.debug:
+                log.info("could not publish %d lines to %s", lost, subject)
 
 
 async def serve(rt: Host) -> None:

@@ -276,7 +276,7 @@ class KafkaSource:
         if not self.published:
             return
         try:
-            await self.nats_confirmed()
+            await self.rt.bus.confirm(FLUSH_TIMEOUT)
         except Exception as exc:
             if not self._unconfirmed:  # once per outage, not every poll
                 log.warning("NATS did not confirm the published lines (%s): not committing", exc)
@@ -301,20 +301,6 @@ class KafkaSource:
             bad = any((tp.topic, tp.partition) == position for tp in failed)
             if not bad and self.published.get(position) == offset:
                 del self.published[position]
-
-    async def nats_confirmed(self) -> None:
-        """Return once nats-server has answered a PING sent after everything published.
-
-        nats-py's flush() returns at once, without a PONG, while it is reconnecting, so
-        the connection must be up before and after it, with no reconnect in between.
-        """
-        nc = self.rt.bus.nc
-        reconnects = nc.stats["reconnects"]
-        if not nc.is_connected:
-            raise ConnectionError("not connected")
-        await nc.flush(timeout=FLUSH_TIMEOUT)
-        if not nc.is_connected or nc.stats["reconnects"] != reconnects:
-            raise ConnectionError("the connection was lost during the flush")
 
     def on_error(self, err: KafkaError) -> None:
         """The client's error_cb (worker thread) and message errors."""

@@ -413,7 +413,7 @@ class HttpListener:
                 raise too_large(limit)
             # what other requests' bodies and the NATS client hold
             held = self.server.held - request.size
-            waiting = held + self.rt.bus.nc.pending_data_size
+            waiting = held + self.rt.bus.pending_bytes
             if waiting > self.busy_limit:
                 raise busy(waiting, self.busy_limit)
             decoded = await self.read_and_decode(request, encoding == "gzip", precision)

@@ -51,7 +51,6 @@ import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from nats.aio.msg import Msg
 
 from influx_spout import lineproto
 from influx_spout.config import Config
@@ -238,8 +237,8 @@ class Monitor:
         resp.enable_compression()  # only when the request accepts it
         return resp
 
-    async def on_message(self, msg: Msg) -> None:
-        self.take(msg.data, msg.subject, time.monotonic())
+    async def on_message(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        self.take(data, subject, time.monotonic())
 
     def take(self, data: bytes, subject: str, now: float) -> None:
         """One stats message into the store, counted."""

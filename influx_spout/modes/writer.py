@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from nats.aio.msg import Msg
 
 from influx_spout.batching import Batcher, Parts, count_lines, ensure_newline
 from influx_spout.config import Config
@@ -454,8 +453,8 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
         writer.start()
         try:
 
-            async def on_message(msg: Msg) -> None:
-                await writer.add(msg.data)
+            async def on_message(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+                await writer.add(data)
 
             await rt.bus.subscribe(cfg.nats_subject, on_message, cfg.nats_max_pending_size)
             rt.ready = True

@@ -189,9 +189,9 @@ def test_a_full_input_buffer_drops_and_counts(
     gate = asyncio.Event()
     handle = Downsampler.handle
 
-    async def stalled(self: Downsampler, msg: Any) -> None:
+    async def stalled(self: Downsampler, *message: Any) -> None:
         await gate.wait()
-        await handle(self, msg)
+        await handle(self, *message)
 
     monkeypatch.setattr(Downsampler, "handle", stalled)
     payload = b"".join(b"m,host=h%03d v=1\n" % i for i in range(50))

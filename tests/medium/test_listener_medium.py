@@ -304,12 +304,13 @@ def test_publish_parts_sends_the_joined_parts_and_falls_back_when_it_must(tmp_pa
                 bus = rt.bus
                 parts = [b"a x=1\n", b"b x=2\nc x=3\n"]
                 # fast path: one message, the parts as they are
-                assert await bus.publish_parts(SUBJECT, parts, 18) == 0
+                assert await bus.publish_parts(SUBJECT, listener.Parts(parts, 18, 3)) == 0
                 # over the max payload: split on lines by publish()
                 big = [b"".join(lines(20)), b"".join(lines(20, start=20))]
-                assert await bus.publish_parts(SUBJECT, big, sum(map(len, big))) == 0
-                # a subject NATS refuses: the bytes are reported as not published
-                assert await bus.publish_parts("bad subject", parts, 18) == 18
+                batch = listener.Parts(big, sum(map(len, big)), 40)
+                assert await bus.publish_parts(SUBJECT, batch) == 0
+                # a subject NATS refuses: the lines are reported as not published
+                assert await bus.publish_parts("bad subject", listener.Parts(parts, 18, 3)) == 3
                 await bus.nc.flush()
                 await collector.wait_for(lambda: len(collector.messages) >= 3)
                 assert collector.messages[0] == b"a x=1\nb x=2\nc x=3\n"

@@ -29,11 +29,11 @@ _PROCESSED = re.compile(rb'^processed\{[^}]*name="([^"]+)"[^}]*\} (\d+) ', re.M)
 async def echo(host: Any) -> None:
     """A mode's job: take INPUT, count it, republish it with the worker's pid."""
 
-    async def handle(msg: Any) -> None:
+    async def handle(subject: str, data: bytes, headers: Any) -> None:
         host.stats.inc("processed")
         host.stats.inc("by_pid", pid=str(os.getpid()))
-        await host.bus.publish(OUT, msg.data)
-        if msg.data == b"die\n":
+        await host.bus.publish(OUT, data)
+        if data == b"die\n":
             os._exit(3)
 
     await host.bus.subscribe([INPUT], handle, 1 << 20)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from influx_spout.batching import Parts
 from influx_spout.config import Config
 from influx_spout.modes import archive
 from influx_spout.modes.archive import (
@@ -293,14 +294,11 @@ class FakeBus:
         self.published: list[tuple[str, bytes, float]] = []
         self.refused = refused
 
-    async def publish(self, subject: str, data: bytes) -> int:
+    async def publish_parts(self, subject: str, batch: Parts) -> int:
         if subject == self.refused:
-            return len(data)
-        self.published.append((subject, data, time.monotonic()))
+            return batch.lines
+        self.published.append((subject, b"".join(batch.parts), time.monotonic()))
         return 0
-
-    async def publish_parts(self, subject: str, parts: list[bytes], size: int) -> int:
-        return await self.publish(subject, b"".join(parts))
 
 
 class FakeRuntime:

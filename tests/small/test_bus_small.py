@@ -1,4 +1,5 @@
-"""influx_spout.bus's receive path: the lean protocol parser and the chunk reader.
+"""influx_spout.natsfast (the receive path: the lean protocol parser, the chunk reader, and
+their fences) and influx_spout.bus's line counts.
 
 The parser must deliver exactly what nats-py's own parser delivers, however the stream
 is cut into chunks; the client it calls back is a recorder (no server needed for that).
@@ -7,41 +8,22 @@ is cut into chunks; the client it calls back is a recorder (no server needed for
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from nats.aio.client import Client
 from nats.errors import ProtocolError, SlowConsumerError
 from nats.protocol.parser import Parser
 
-from influx_spout.bus import Bus, _ChunkReader, _LeanParser
+from influx_spout import natsfast
+from influx_spout.batching import Parts
+from influx_spout.bus import Bus
 from influx_spout.config import Config
-
-
-class Recorder:
-    """Stands in for nats-py's Client: records what a parser calls it with."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
-
-    async def _process_msg(
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
-    ) -> None:
-        assert type(data) is bytes
-        self.events.append(("msg", sid, subject, reply, data, headers))
-
-    async def _process_ping(self) -> None:
-        self.events.append(("ping",))
-
-    async def _process_pong(self) -> None:
-        self.events.append(("pong",))
-
-    async def _process_info(self, info: dict[str, Any]) -> None:
-        self.events.append(("info", info))
-
-    async def _process_err(self, err: str) -> None:
-        self.events.append(("err", err))
+from influx_spout.natsfast import FastPath, Recorder, _ChunkReader, _LeanParser, parsed
 
 
 def msg(subject: str, sid: int, payload: bytes, reply: str = "") -> bytes:
@@ -77,15 +59,7 @@ STREAM = b"".join(
 
 
 def events_of(parser_class: type[Parser], chunks: list[bytes]) -> list[tuple[Any, ...]]:
-    client = Recorder()
-    parser = parser_class(client)
-
-    async def feed() -> None:
-        for chunk in chunks:
-            await parser.parse(chunk)
-
-    asyncio.run(feed())
-    return client.events
+    return parsed(parser_class, chunks)
 
 
 def cut(data: bytes, positions: list[int]) -> list[bytes]:
@@ -98,6 +72,7 @@ EXPECTED = events_of(Parser, [STREAM])
 
 def test_the_stream_in_one_chunk_gives_what_nats_py_gives() -> None:
     assert len([e for e in EXPECTED if e[0] == "msg"]) == 9
+    assert all(e[4] is bytes for e in EXPECTED if e[0] == "msg")
     assert events_of(_LeanParser, [STREAM]) == EXPECTED
 
 
@@ -144,7 +119,7 @@ def test_reset_forgets_a_payload_half_received() -> None:
         await parser.parse(msg("in", 1, b"new\n"))
 
     asyncio.run(feed())
-    assert client.events == [("msg", 1, b"in", b"", b"new\n", None)]
+    assert client.events == [("msg", 1, b"in", b"", bytes, b"new\n", None)]
 
 
 class Transport:
@@ -212,3 +187,163 @@ def test_drops_are_counted_under_the_subscribed_subject_even_with_wildcards() ->
     sub: Any = SimpleNamespace(subject="in.*")
     asyncio.run(bus._on_error(SlowConsumerError("in.a", "", 1, sub)))
     assert dict(bus.dropped) == {"in.*": 1}
+
+
+# --- the fences: self-check at start, fall-back on a fault, the stock path on demand ----
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test runs the once-a-process checks again, without INFLUX_SPOUT_NATS_STOCK."""
+    monkeypatch.setattr(natsfast, "_checked", {})
+    monkeypatch.delenv(natsfast.STOCK_ENV, raising=False)
+    yield
+
+
+def test_the_self_check_passes_and_the_fast_path_is_installed(fresh_checks: None) -> None:
+    assert natsfast._receive_problem() == ""
+    nc = Client()
+    fast = FastPath(nc)
+    assert type(nc._ps) is _LeanParser
+    assert fast.publishing
+    canned = [e for e in parsed(Parser, [natsfast.SELF_CHECK_STREAM]) if e[0] == "msg"]
+    assert len(canned) == 7  # with and without reply, empty, cut across chunks, HMSG
+    assert [e[-1] for e in canned if e[-1] is not None] == [b"NATS/1.0\r\nA: b\r\n\r\n"]
+
+
+def test_a_parser_that_differs_from_nats_py_is_not_used(
+    fresh_checks: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def drops_empty(self: Any, sid: int, subject: bytes, reply: bytes, data: bytes) -> None:
+        if data:
+            await self.nc._process_msg(sid, subject, reply, data, None)
+
+    monkeypatch.setattr(_LeanParser, "_deliver", drops_empty)
+    caplog.set_level(logging.WARNING, "influx_spout.bus")
+    nc, other = Client(), Client()
+    FastPath(nc)
+    FastPath(other)
+    assert type(nc._ps) is Parser and type(other._ps) is Parser
+    [record] = caplog.records  # once a process
+    assert "nats-py's own, slower receive path is used" in record.getMessage()
+    assert "differs from nats-py's" in record.getMessage()
+
+
+def test_a_changed_process_msg_is_not_used(
+    fresh_checks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def changed(self: Any, sid: int, subject: bytes, reply: bytes, data: bytes) -> None:
+        pass
+
+    monkeypatch.setattr(Client, "_process_msg", changed)
+    assert "Client._process_msg takes" in natsfast._receive_problem()
+
+
+def test_changed_client_internals_keep_nats_py_publish(
+    fresh_checks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(Client, "_flush_pending")
+    assert not FastPath(Client()).publishing
+    assert "_flush_pending" in natsfast._publish_problem()
+
+
+def test_the_environment_forces_the_stock_path(
+    fresh_checks: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(natsfast.STOCK_ENV, "1")
+    caplog.set_level(logging.INFO, "influx_spout.bus")
+    nc = Client()
+    fast = FastPath(nc)
+    assert type(nc._ps) is Parser
+    assert not fast.publishing
+    assert natsfast.STOCK_ENV in caplog.text
+
+
+def test_a_fault_in_the_lean_parser_puts_nats_py_parser_back_and_reconnects(
+    fresh_checks: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py's read loop stops for good on an unexpected exception, but reconnects on a
+    ProtocolError: the fault becomes one, with nats-py's parser in place for what follows."""
+
+    async def broken(self: Any, *args: Any) -> None:
+        raise TypeError("_process_msg() takes 5 positional arguments")
+
+    nc = Client()
+    FastPath(nc)
+    monkeypatch.setattr(_LeanParser, "_deliver", broken)
+    with pytest.raises(ProtocolError):
+        asyncio.run(nc._ps.parse(msg("in", 1, b"a v=1\n")))
+    assert type(nc._ps) is Parser
+    assert "the fast receive path failed" in caplog.text
+    later = Client()
+    FastPath(later)  # a later connection in this process keeps to nats-py's parser
+    assert type(later._ps) is Parser
+
+
+# --- the bus: the one place that enforces the max payload, counting lines lost ----------
+
+
+class RecordingBus(Bus):
+    """The real Bus sending to a recorder with a max payload of 30; refuses messages that
+    hold b"refused" (as a closed connection)."""
+
+    max_payload = 30  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__(Config(mode="filter"))
+        self.sent: list[bytes] = []
+
+    async def _send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
+        data = b"".join(parts)
+        assert len(data) == size <= self.max_payload
+        if b"refused" in data:
+            return False
+        self.sent.append(data)
+        return True
+
+
+def test_the_bus_reports_the_lines_it_could_not_publish() -> None:
+    async def main() -> None:
+        bus = RecordingBus()
+        assert await bus.publish("s", b"a v=1\nb v=2\n") == 0
+        assert await bus.publish("s", b"refused v=1\nb v=2\n") == 2  # its lines
+        assert await bus.publish("s", b"refused v=1\nb v=2") == 2  # the last without b"\n"
+        over = b"a v=1\n" + b"long v=" + b"9" * 40 + b"\n" + b"c v=1\n" * 6 + b"refused v=1\n"
+        # split under 30 bytes: the overlong line is one lost, the refused piece its lines
+        assert await bus.publish("s", over) == 1 + 2  # c v=1 and refused v=1 together
+        assert bus.sent[1:] == [b"a v=1\n", b"c v=1\n" * 5]
+        assert await bus.publish_parts("s", Parts([b"refused v=1\n", b"b v=2\n"], 18, 2)) == 2
+        big = Parts([b"c v=1\n" * 4, b"d v=1\n" * 4], 48, 8)
+        assert await bus.publish_parts("s", big) == 0
+        assert b"".join(bus.sent[3:]) == b"".join(big.parts)
+
+    asyncio.run(main())
+
+
+class Sink:
+    """nats-py's Client as far as the parser sees it, taking messages at no cost."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+
+    async def _process_msg(self, *args: Any) -> None:
+        self.messages += 1
+
+
+PAYLOAD = b"cpu,host=a usage=1 1700000000000000000\n" * 4600  # ~180 KB, a filter's input
+RECEIVED = msg("in", 1, PAYLOAD) * 200
+CHUNKS = [RECEIVED[i : i + 262_144] for i in range(0, len(RECEIVED), 262_144)]  # a read each
+
+
+@pytest.mark.benchmark
+def test_lean_parser_rate(benchmark: Any) -> None:
+    """The receive path's parse of 200 messages of ~180 KB, as the socket hands them over."""
+
+    def parse_all() -> int:
+        sink = Sink()
+        parser = _LeanParser(sink)
+        for chunk in CHUNKS:
+            natsfast._run_at_once(parser.parse(chunk))
+        return sink.messages
+
+    assert benchmark(parse_all) == 200

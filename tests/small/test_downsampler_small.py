@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from influx_spout import lineproto as lp
+from influx_spout.batching import Parts
 from influx_spout.config import Config
 from influx_spout.modes.downsampler import COUNTERS, Aggregator, Downsampler
 from influx_spout.stats import Stats
@@ -344,10 +345,10 @@ class FakeBus:
         self.refuse = refuse
         self.published: list[tuple[str, bytes]] = []
 
-    async def publish_parts(self, subject: str, parts: list[bytes], size: int) -> int:
+    async def publish_parts(self, subject: str, batch: Parts) -> int:
         if subject in self.refuse:
-            return size
-        self.published.append((subject, b"".join(parts)))
+            return batch.lines
+        self.published.append((subject, b"".join(batch.parts)))
         return 0
 
 
@@ -361,7 +362,7 @@ def make_mode(debug: bool = False, refuse: tuple[str, ...] = ()) -> tuple[Downsa
 def test_the_mode_counts_lines_and_publishes_on_the_suffixed_subject() -> None:
     ds, clock = make_mode(refuse=("b-archive",))
     for subject, data in (("a", b"m v=1\nm,h=x v=1\nbad\n"), ("b", b"m v=1 5\nm v=1\n")):
-        asyncio.run(ds.handle(SimpleNamespace(subject=subject, data=data)))  # type: ignore[arg-type]
+        asyncio.run(ds.handle(subject, data, None))
     clock.now = T0 + 2 * PERIOD
     asyncio.run(ds.publish(ds.agg.take_due()))
     stats = ds.rt.stats
@@ -381,7 +382,7 @@ def test_the_mode_counts_lines_and_publishes_on_the_suffixed_subject() -> None:
 def test_debug_logs_each_rejected_line_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
     ds, _ = make_mode(debug=True)
     with caplog.at_level(logging.INFO, logger="influx_spout.downsampler"):
-        asyncio.run(ds.handle(SimpleNamespace(subject="a", data=b"bad\nm v=1 5\n")))  # type: ignore[arg-type]
+        asyncio.run(ds.handle("a", b"bad\nm v=1 5\n", None))
     assert "rejected a line (not line protocol): b'bad'" in caplog.text
     assert "rejected a line (timestamp outside the open periods): b'm v=1 5'" in caplog.text
 
@@ -389,6 +390,6 @@ def test_debug_logs_each_rejected_line_with_its_reason(caplog: pytest.LogCapture
 def test_after_the_final_emission_input_is_logged_as_lost(caplog: pytest.LogCaptureFixture) -> None:
     ds, _ = make_mode()
     ds.closed = True
-    asyncio.run(ds.handle(SimpleNamespace(subject="a", data=b"m v=1\nm v=2\n")))  # type: ignore[arg-type]
+    asyncio.run(ds.handle("a", b"m v=1\nm v=2\n", None))
     assert "2 lines arrived after the final emission" in caplog.text
     assert ds.agg.take_all() == {}

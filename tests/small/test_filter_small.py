@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from influx_spout.bus import Bus
 from influx_spout.config import Config, Rule
 from influx_spout.modes import filter as filter_mode
 from influx_spout.modes.filter import COUNTERS, Filter
@@ -27,19 +29,25 @@ def ts(offset_s: float = 0) -> bytes:
     return b"%d" % (NOW + int(offset_s * 1e9))
 
 
-class FakeBus:
-    """Records publishes; refuses those to the subjects in `refuse` (as a closed connection)."""
+class FakeBus(Bus):
+    """The real Bus (its split under the max payload, its counts of lines lost) sending to
+    a recorder; refuses the messages to the subjects in `refuse` (as a closed connection)."""
 
     def __init__(self, max_payload: int = 1024 * 1024, refuse: tuple[str, ...] = ()) -> None:
-        self.max_payload = max_payload
+        super().__init__(Config(mode="filter"))
+        self.limit = max_payload
         self.refuse = refuse
         self.published: list[tuple[str, bytes]] = []
 
-    async def publish(self, subject: str, data: bytes) -> int:
+    @property
+    def max_payload(self) -> int:
+        return self.limit
+
+    async def _send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
         if subject in self.refuse:
-            return len(data)
-        self.published.append((subject, data))
-        return 0
+            return False
+        self.published.append((subject, b"".join(parts)))
+        return True
 
     async def catch_up(self) -> None:
         self.caught_up = getattr(self, "caught_up", 0) + 1
@@ -66,8 +74,9 @@ def make_filter(cfg: Config, bus: FakeBus, inline: bool = False) -> Filter:
     return Filter(cfg, rt, inline=inline)  # type: ignore[arg-type]
 
 
-def msg(data: bytes) -> Any:
-    return SimpleNamespace(data=data, subject="influx-spout")
+def msg(data: bytes) -> tuple[str, bytes, None]:
+    """What the bus hands a handler: subject, payload, headers."""
+    return "influx-spout", data, None
 
 
 def counters(f: Filter) -> dict[str, int]:
@@ -93,7 +102,7 @@ def test_routes_each_rule_to_its_subject_and_counts() -> None:
                 b"cpu v=1 " + ts(-3600) + b"\n",
             ]
         )
-        await f.handle(msg(data))
+        await f.handle(*msg(data))
         return f, bus
 
     f, bus = run(main())
@@ -124,7 +133,7 @@ def test_one_publish_per_subject_per_batch() -> None:
     async def main() -> FakeBus:
         bus = FakeBus()
         f = make_filter(make_cfg(), bus)
-        await f.handle(msg(b"cpu v=1\ncpu v=2\nx v=1\ncpu v=3\ny v=1\n"))
+        await f.handle(*msg(b"cpu v=1\ncpu v=2\nx v=1\ncpu v=3\ny v=1\n"))
         return bus
 
     bus = run(main())
@@ -146,7 +155,7 @@ def test_failed_publishes_are_counted_in_lines() -> None:
     async def main() -> tuple[Filter, FakeBus]:
         bus = FakeBus(refuse=("cpu", "influx-spout-junk"))
         f = make_filter(make_cfg(), bus)
-        await f.handle(msg(b"cpu v=1\ncpu v=2\nmem v=1\nx v=1\n"))
+        await f.handle(*msg(b"cpu v=1\ncpu v=2\nmem v=1\nx v=1\n"))
         return f, bus
 
     f, bus = run(main())
@@ -159,7 +168,7 @@ def test_outputs_over_the_max_payload_go_in_pieces() -> None:
     async def main() -> FakeBus:
         bus = FakeBus(max_payload=40)
         f = make_filter(make_cfg(), bus)
-        await f.handle(msg(b"".join(b"cpu,n=%d v=1\n" % i for i in range(10))))
+        await f.handle(*msg(b"".join(b"cpu,n=%d v=1\n" % i for i in range(10))))
         return bus
 
     bus = run(main())
@@ -170,16 +179,10 @@ def test_outputs_over_the_max_payload_go_in_pieces() -> None:
 
 
 def test_a_line_over_the_max_payload_is_a_failed_publish() -> None:
-    class LimitedBus(FakeBus):
-        async def publish(self, subject: str, data: bytes) -> int:
-            if len(data) > self.max_payload:  # what Bus.publish does with such a line
-                return len(data)
-            return await super().publish(subject, data)
-
     async def main() -> tuple[Filter, FakeBus]:
-        bus = LimitedBus(max_payload=30)
+        bus = FakeBus(max_payload=30)
         f = make_filter(make_cfg(), bus)
-        await f.handle(msg(b"cpu v=1\ncpu,host=" + b"x" * 50 + b" v=1\ncpu v=2\n"))
+        await f.handle(*msg(b"cpu v=1\ncpu,host=" + b"x" * 50 + b" v=1\ncpu v=2\n"))
         return f, bus
 
     f, bus = run(main())
@@ -193,7 +196,7 @@ def test_inline_and_threaded_routing_agree(inline: bool) -> None:
     async def main() -> FakeBus:
         bus = FakeBus()
         f = make_filter(make_cfg(), bus, inline=inline)
-        await f.handle(msg(b"cpu v=1\nmem v=1\nx,host=db v=1\ny v=1\n"))
+        await f.handle(*msg(b"cpu v=1\nmem v=1\nx,host=db v=1\ny v=1\n"))
         return bus
 
     assert sorted(run(main()).published) == [
@@ -213,8 +216,8 @@ def test_a_routing_failure_stops_the_filter(monkeypatch: pytest.MonkeyPatch) -> 
     async def main() -> tuple[Filter, FakeBus]:
         bus = FakeBus()
         f = make_filter(make_cfg(), bus)
-        await f.handle(msg(b"cpu v=1\n"))
-        await f.handle(msg(b"cpu v=2\n"))  # after a failure, nothing more is taken
+        await f.handle(*msg(b"cpu v=1\n"))
+        await f.handle(*msg(b"cpu v=2\n"))  # after a failure, nothing more is taken
         return f, bus
 
     f, bus = run(main())
@@ -249,7 +252,7 @@ def test_serve_raises_after_a_routing_failure(monkeypatch: pytest.MonkeyPatch) -
         task = asyncio.create_task(filter_mode.serve(rt))  # type: ignore[arg-type]
         while not rt.ready:
             await asyncio.sleep(0)
-        await bus.handler(msg(b"cpu v=1\n"))
+        await bus.handler(*msg(b"cpu v=1\n"))
         await task
 
     with pytest.raises(RuntimeError, match="routing failed .* restart it"):
@@ -261,7 +264,7 @@ def test_debug_logs_each_rejected_line_once(caplog: pytest.LogCaptureFixture) ->
         f = make_filter(make_cfg(debug=True), FakeBus(refuse=("cpu",)))
         long_bad = b"bad" + b"\xff" * 1000
         data = b"cpu v=1\nnot valid\n" + long_bad + b"\nx v=1 1\nswap v=1\nswap v=2\n"
-        await f.handle(msg(data))
+        await f.handle(*msg(data))
 
     with caplog.at_level(logging.INFO, logger="influx_spout.filter"):
         run(main())
@@ -277,7 +280,7 @@ def test_debug_logs_each_rejected_line_once(caplog: pytest.LogCaptureFixture) ->
 def test_no_debug_no_line_logs(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         f = make_filter(make_cfg(), FakeBus())
-        await f.handle(msg(b"bad\nx v=1 1\nswap v=1\n"))
+        await f.handle(*msg(b"bad\nx v=1 1\nswap v=1\n"))
 
     with caplog.at_level(logging.INFO, logger="influx_spout.filter"):
         run(main())

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from influx_spout.batching import Parts
 from influx_spout.config import Config, ConfigError, load_config
 from influx_spout.encoders.json_mapping import JsonMapping
 from influx_spout.modes import kafka
@@ -190,19 +191,6 @@ class FakeConsumer:
         return offsets
 
 
-class FakeNats:
-    def __init__(self) -> None:
-        self.is_connected = True
-        self.stats = {"reconnects": 0}
-        self.dead: list[tuple[str, bytes, dict[str, str]]] = []
-
-    async def flush(self, timeout: int) -> None:
-        pass
-
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
-        self.dead.append((subject, data, headers))
-
-
 class FakeBus:
     """Refuses the first `refuse` batches, then takes them."""
 
@@ -211,17 +199,22 @@ class FakeBus:
     def __init__(self, refuse: int = 0) -> None:
         self.refuse = refuse
         self.published: list[bytes] = []
-        self.nc = FakeNats()
+        self.dead: list[tuple[str, bytes, dict[str, str]]] = []
+        self.connected = True  # confirm() fails while not
 
-    async def publish_parts(self, subject: str, parts: list[bytes], size: int) -> int:
+    async def publish_parts(self, subject: str, batch: Parts) -> int:
         if self.refuse:
             self.refuse -= 1
-            return size
-        self.published.append(b"".join(parts))
+            return batch.lines
+        self.published.append(b"".join(batch.parts))
         return 0
 
     async def publish_raw(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
-        await self.nc.publish(subject, data, headers)
+        self.dead.append((subject, data, headers))
+
+    async def confirm(self, timeout: int) -> None:
+        if not self.connected:
+            raise ConnectionError("not connected")
 
 
 def source(policy: str = "retry", refuse: int = 0, fail_commits: int = 0, count: int = 2) -> Any:
@@ -309,7 +302,7 @@ def test_undecodable_lines_are_dead_lettered_with_where_they_came_from() -> None
     src = source("skip", count=1)
     feed(src, b"a v=1\nnot lp\nalso bad")
     assert src.rt.bus.published == [b"a v=1\n"]
-    [(subject, data, headers)] = src.rt.bus.nc.dead
+    [(subject, data, headers)] = src.rt.bus.dead
     assert (subject, data) == ("influx-spout-dead-letter", b"not lp\nalso bad")
     assert headers == {
         "Kafka-Topic": "t",
@@ -325,16 +318,16 @@ def test_a_line_over_the_nats_max_payload_is_dead_lettered_not_retried() -> None
     src = source("retry", count=1)
     feed(src, b"big v=" + b"9" * 2000 + b"\nsmall v=1")
     assert src.rt.bus.published == [b"small v=1\n"]
-    [(_, _, headers)] = src.rt.bus.nc.dead
+    [(_, _, headers)] = src.rt.bus.dead
     assert "over the NATS max payload (1000)" in headers["Error"]
 
 
 def test_no_commit_until_nats_confirms() -> None:
     src = source(count=1)
-    src.rt.bus.nc.is_connected = False
+    src.rt.bus.connected = False
     feed(src, b"a v=1")
     assert src.consumer.commits == []
-    src.rt.bus.nc.is_connected = True
+    src.rt.bus.connected = True
     asyncio.run(src.commit())
     assert src.consumer.commits == [{("t", 0): 1}]
 
@@ -350,10 +343,10 @@ def test_a_failed_commit_is_counted_and_retried() -> None:
 
 def test_revoked_partitions_are_not_committed() -> None:
     src = source(count=1)
-    src.rt.bus.nc.is_connected = False
+    src.rt.bus.connected = False
     feed(src, b"a v=1")
     src.on_revoke(None, [kafka.TopicPartition("t", 0)])
-    src.rt.bus.nc.is_connected = True
+    src.rt.bus.connected = True
     asyncio.run(src.commit())
     assert src.consumer.commits == []
 
