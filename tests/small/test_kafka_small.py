@@ -26,7 +26,7 @@ def load(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> Co
 
 def error_of(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> str:
     with pytest.raises(ConfigError) as info:
-        load(tmp_path, text, environ)
+        kafka.preflight(load(tmp_path, text, environ))
     return str(info.value)
 
 
