@@ -87,6 +87,10 @@ class Option:
     def default_for(self, mode: str) -> Any:
         return self.per_mode.get(mode, self.default)
 
+    def shown(self, mode: str) -> str:
+        """The default in `mode` as a config file would write it, e.g. "1MB" or "5m"."""
+        return _format_new(self.kind, self.default_for(mode))
+
 
 def option(
     kind: str,
@@ -118,9 +122,7 @@ def from_environment(variable: str) -> Any:
 class SharedOptions:
     """The options of more than one mode (the README's "Configuration (all modes)")."""
 
-    mode: str = option(
-        "str", MISSING, "which component this process is: one of the modes", modes=MODES
-    )
+    mode: str = option("str", MISSING, "which component this process is", modes=MODES)
     name: str = option("str", "", "instance name, in metrics labels and logs", modes=MODES)
     nats_address: str = option(
         "str", "nats://localhost:4222", "NATS server(s), comma-separated", modes=MODES
@@ -138,7 +140,7 @@ class SharedOptions:
     probe_port: int = option(
         "int",
         0,
-        "serves /healthz (alive) and /readyz (connected and working); 0 = off",
+        "serves /healthz (alive) and /readyz (connected and working)",
         modes=MODES,
     )
     queue_group: str = option(
@@ -151,7 +153,7 @@ class SharedOptions:
     port: int = option(
         "int",
         0,
-        "the port to listen on",
+        "the port it listens on: UDP (listener), HTTP (listener_http, monitor)",
         modes=("listener", "listener_http", "monitor"),
         per_mode={"listener": 10001, "listener_http": 13337, "monitor": 9331},
     )
@@ -168,7 +170,7 @@ class SharedOptions:
     batch_max_size: int = option(
         "size",
         MB,
-        "... or reaches this size (never above the NATS max payload where it is published) ...",
+        "... or reaches this size (never above the NATS max payload, where it is published) ...",
         modes=("listener", "listener_http", "writer", "kafka"),
         per_mode={"writer": 10 * MB},
         aliases=[Alias("batch_max_mb", "megabytes", MB), Alias("listener_batch_bytes", "bytes")],
@@ -183,19 +185,23 @@ class SharedOptions:
         aliases=[Alias("batch_max_secs", "seconds")],
     )
     workers: int = option(
-        "int", 8, "batches handled at once", modes=("filter", "writer"), at_least=1
+        "int",
+        8,
+        "batches handled at once (filter: in at most one process per CPU)",
+        modes=("filter", "writer"),
+        at_least=1,
     )
     nats_max_pending_size: int = option(
         "size",
         200 * MB,
-        "bounds the input buffer; what NATS drops beyond it is counted",
+        "bounds each input subject's buffer; what NATS drops beyond it is counted",
         modes=("filter", "downsampler", "writer", "monitor", "archive"),
         aliases=[Alias("nats_pending_max_mb", "megabytes", MB)],
     )
     rule: list[Rule] = option(
         "rules",
         [],
-        "[[rule]] tables: the filter's routes, the writer's selection",
+        "[[rule]] tables: the filter's routes; the writer's selection (rules without subject)",
         modes=("filter", "writer"),
     )
 
