@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 from support.servers import REPO_ROOT
@@ -166,7 +167,7 @@ def example_keys(mode: str) -> tuple[dict[str, object], set[str]]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_example_config_shows_every_option_with_its_default(mode: str, tmp_path) -> None:
+def test_example_config_shows_every_option_with_its_default(mode: str, tmp_path: Path) -> None:
     settings, commented = example_keys(mode)
     expected = {name for name, opt in declarations().items() if mode in opt.modes}
     assert set(settings) | commented == expected
@@ -181,7 +182,7 @@ def test_example_config_shows_every_option_with_its_default(mode: str, tmp_path)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_every_declared_option_is_accepted_in_every_mode(mode: str, tmp_path) -> None:
+def test_every_declared_option_is_accepted_in_every_mode(mode: str, tmp_path: Path) -> None:
     """One /etc file serves every component: another mode's options load, unused."""
     lines = [f'mode = "{mode}"', 'kafka_topics = ["metrics"]']
     lines += ['[[rule]]\ntype = "basic"\nmatch = "cpu"\nsubject = "system"'] * (mode == "filter")
