@@ -193,3 +193,11 @@ def test_every_declared_option_is_accepted_in_every_mode(mode: str, tmp_path: Pa
     path.write_text("\n".join(lines) + "\n")
     cfg = load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
     assert cfg.mode == mode
+
+
+def test_the_typed_config_for_mypy_has_every_mode() -> None:
+    """mypy's Config (a TYPE_CHECKING block in config.py) names each mode's Options."""
+    source = (REPO_ROOT / "influx_spout" / "config.py").read_text()
+    bases = source.split("    class Config(\n", 1)[1].split("):", 1)[0]
+    named = [name.removesuffix("_mode") for name in re.findall(r"(\w+)\.Options", bases)]
+    assert named == list(MODES)
