@@ -16,7 +16,7 @@ import signal
 import sys
 
 from influx_spout import __version__
-from influx_spout.config import Config, ConfigError, load_config
+from influx_spout.config import Config, ConfigError, load_config, preflight
 
 log = logging.getLogger("influx_spout")
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging("influx-spout")
     try:
         cfg = load_config(args.config)
+        preflight(cfg)
     except ConfigError as exc:
         print(f"influx-spout: configuration error: {exc}", file=sys.stderr)
         return 2

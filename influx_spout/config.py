@@ -1,4 +1,9 @@
-"""Configuration: one dataclass for every mode, its defaults, loading and validation.
+"""Configuration: the options' declarations, loading and validation.
+
+Each option is declared once, as a field made by option(): the options of several modes
+in SharedOptions below, a mode's own in its module's Options (influx_spout/modes/), with
+the mode's validate(). Config holds every option of every mode, so one /etc file can
+serve every component.
 
 Loading reads /etc/influx-spout.toml (when present), then the given file on top.
 Every problem stops the program before it connects anywhere (ConfigError -> exit 2),
@@ -11,33 +16,25 @@ deprecation warning, so a config file written for the Go version runs unchanged.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
+import functools
 import json
 import logging
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field
 from datetime import date, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import regex
 
-from influx_spout import lineproto
-from influx_spout.encoders import ENCODERS
 from influx_spout.encoders.json_mapping import MAPPING_KEYS, PRECISIONS, JsonMapping
+from influx_spout.modes import MODES, module
 
-MODES = (
-    "listener",
-    "listener_http",
-    "filter",
-    "downsampler",
-    "writer",
-    "monitor",
-    "kafka",
-    "archive",
-)
 RULE_TYPES = ("basic", "tags", "regex", "negregex")
 
 KB = 1024
@@ -63,151 +60,287 @@ class Rule:
     subject: str = ""  # filter: where matching lines go; writer rules have none
 
 
-@dataclass
-class Config:
-    mode: str
-    name: str = ""
-    nats_address: str = "nats://localhost:4222"
-    nats_subject: list[str] = field(default_factory=lambda: ["influx-spout"])
-    nats_subject_monitor: str = "influx-spout-monitor"
-    nats_subject_junkyard: str = "influx-spout-junk"
-    stats_interval: float = 3.0  # seconds
-    probe_port: int = 0
-    queue_group: str = ""
-    debug: bool = False
+# -- declaring options --------------------------------------------------------------
 
-    # listener, listener_http, monitor (default depends on mode)
-    port: int = 0
-    read_buffer_size: int = 4 * 1024 * 1024  # bytes
-    max_body_size: int = 25 * 1024 * 1024  # listener_http: larger bodies get 413
 
-    # batching (listeners, writer); defaults depend on mode
-    batch_max_count: int = 10
-    batch_max_size: int = 1024 * 1024  # bytes
-    batch_max_age: float = 300.0  # seconds
+class Alias(NamedTuple):
+    """An older name of an option, whose integer value is in `unit` (factor bytes or s each)."""
 
-    # filter, writer, downsampler
-    workers: int = 8
-    max_time_delta: float = 600.0  # seconds
-    nats_max_pending_size: int = 200 * 1024 * 1024  # bytes
-    rule: list[Rule] = field(default_factory=list)
+    old: str
+    unit: str
+    factor: int = 1
 
-    # downsampler
-    downsample_period: float = 60.0  # seconds
-    downsample_suffix: str = "-archive"
 
-    # writer
-    influxdb_protocol: str = "http"
-    influxdb_address: str = "localhost"
-    influxdb_port: int = 8086
-    influxdb_dbname: str = "influx-spout-junk"
-    influxdb_rp: str = ""  # retention policy; empty = the database default
-    influxdb_org: str = ""  # InfluxDB 2.x target when influxdb_bucket is set
-    influxdb_bucket: str = ""
-    write_timeout: float = 30.0  # seconds
-    writer_retry_batches: int = 1
-    writer_retry_interval: float = 10.0  # seconds
-    writer_retry_timeout: float = 60.0  # seconds
-    # credentials come only from the environment (INFLUXDB_USER/INFLUXDB_PASS, INFLUXDB_TOKEN)
-    influxdb_user: str = ""
-    influxdb_pass: str = ""
-    influxdb_token: str = ""
+@dataclass(frozen=True)
+class Option:
+    """One option: what a config file may set, its kind of value, default and meaning."""
 
-    # kafka
-    kafka_brokers: str = "localhost:9092"  # bootstrap.servers
-    kafka_topics: list[str] = field(default_factory=list)  # "^regex" subscribes by pattern
-    kafka_group: str = "influx-spout"  # group.id
-    kafka_offset_reset: str = "earliest"  # where a group with no committed offset starts
-    kafka_encoder: str = "line_protocol"  # one of encoders.ENCODERS
-    kafka_precision: str = "ns"  # of line_protocol messages' timestamps (lineproto.PRECISIONS)
-    kafka_error_policy: str = "retry"  # skip, stop or retry (KAFKA_ERROR_POLICIES)
-    kafka_retry_interval: float = 5.0  # seconds between publish attempts (retry policy)
-    kafka_graphite_tags: list[str] = field(default_factory=lambda: ["datacenter", "host"])
-    kafka_json: JsonMapping | None = None  # the [kafka_json] table (encoder "json")
-    kafka_client: dict[str, str | int | float | bool] = field(default_factory=dict)
-    nats_subject_dead_letter: str = "influx-spout-dead-letter"
-    # from the environment only (KAFKA_SASL_USERNAME/PASSWORD, KAFKA_SSL_KEY_PASSWORD)
-    kafka_sasl_username: str = ""
-    kafka_sasl_password: str = ""
-    kafka_ssl_key_password: str = ""
+    name: str
+    kind: str  # how a value is read (_convert): str, int, bool, size, duration, subjects, ...
+    default: Any
+    help: str  # one line, for the README and configs/
+    modes: tuple[str, ...]  # the modes that use it; every mode accepts it
+    per_mode: Mapping[str, Any]  # defaults that differ from `default`, by mode
+    aliases: tuple[Alias, ...]
+    at_least: int | None  # checked in every mode, as sizes and durations must be above 0
 
-    # archive
-    archive_directory: str = "/var/lib/influx-spout/archive"
-    archive_max_size: int = 64 * 1024 * 1024  # compressed bytes in one file
-    archive_max_age: float = 3600.0  # seconds a file stays open
-    archive_compression_level: int = 6  # gzip, 1 (fastest) to 9 (smallest)
-    archive_replay: bool = False  # replay archive files onto NATS, then exit
-    archive_replay_path: str = ""  # a file or directory; "" = archive_directory
-    archive_replay_subject: str = ""  # "" = each message's own subject
-    archive_replay_from: datetime | None = None  # messages received at or after
-    archive_replay_to: datetime | None = None  # messages received before
-    archive_replay_rate: int = 100_000  # lines per second
+    def default_for(self, mode: str) -> Any:
+        return self.per_mode.get(mode, self.default)
 
-    # where the config came from, for messages
-    source: str = ""
+    def shown(self, mode: str) -> str:
+        """The default in `mode` as a config file would write it, e.g. "1MB" or "5m"."""
+        return _format_new(self.kind, self.default_for(mode))
+
+
+def option(
+    kind: str,
+    default: Any,
+    help: str,
+    *,
+    modes: Sequence[str] = (),
+    per_mode: Mapping[str, Any] | None = None,
+    aliases: Sequence[Alias] = (),
+    at_least: int | None = None,
+) -> Any:
+    """Declare the option that is this dataclass field; `modes` defaults to the module's mode."""
+    spec = Option(
+        "", kind, default, help, tuple(modes), dict(per_mode or {}), tuple(aliases), at_least
+    )
+    if isinstance(default, list | dict):
+        return field(
+            default_factory=functools.partial(copy.deepcopy, default), metadata={"option": spec}
+        )
+    return field(default=default, metadata={"option": spec})
+
+
+def from_environment(variable: str) -> Any:
+    """Declare a field read from the environment variable only, never from a file."""
+    return field(default="", metadata={"environment": variable})
+
+
+@dataclass(kw_only=True)
+class SharedOptions:
+    """The options of more than one mode (the README's "Configuration (all modes)")."""
+
+    mode: str = option("str", MISSING, "which component this process is", modes=MODES)
+    name: str = option("str", "", "instance name, in metrics labels and logs", modes=MODES)
+    nats_address: str = option(
+        "str", "nats://localhost:4222", "NATS server(s), comma-separated", modes=MODES
+    )
+    nats_subject: list[str] = option(
+        "subjects",
+        ["influx-spout"],
+        "input subjects (listeners and kafka: the one output subject)",
+        modes=tuple(m for m in MODES if m != "monitor"),
+    )
+    nats_subject_monitor: str = option(
+        "str", "influx-spout-monitor", "where the component publishes its counters", modes=MODES
+    )
+    stats_interval: float = option("duration", 3.0, "how often", modes=MODES)
+    probe_port: int = option(
+        "int",
+        0,
+        "serves /healthz (alive) and /readyz (connected and working)",
+        modes=MODES,
+    )
+    queue_group: str = option(
+        "str",
+        "",
+        "instances of a mode with the same group share their input subjects' load",
+        modes=("filter", "downsampler", "writer", "monitor", "archive"),
+    )
+    debug: bool = option("bool", False, "log each rejected line and failed publish", modes=MODES)
+    port: int = option(
+        "int",
+        0,
+        "the port it listens on: UDP (listener), HTTP (listener_http, monitor)",
+        modes=("listener", "listener_http", "monitor"),
+        per_mode={"listener": 10001, "listener_http": 13337, "monitor": 9331},
+    )
+    batch_max_count: int = option(
+        "int",
+        10,
+        "a batch goes out when it holds this many messages (datagrams, requests) ...",
+        modes=("listener", "listener_http", "writer", "kafka"),
+        # a Kafka message is often one line: batches of 10 would be tiny
+        per_mode={"kafka": 1000},
+        aliases=[Alias("batch", "count")],
+        at_least=1,
+    )
+    batch_max_size: int = option(
+        "size",
+        MB,
+        "... or reaches this size (never above the NATS max payload, where it is published) ...",
+        modes=("listener", "listener_http", "writer", "kafka"),
+        per_mode={"writer": 10 * MB},
+        aliases=[Alias("batch_max_mb", "megabytes", MB), Alias("listener_batch_bytes", "bytes")],
+    )
+    batch_max_age: float = option(
+        "duration",
+        300.0,
+        "... or is this old",
+        modes=("listener", "listener_http", "writer", "kafka"),
+        # offsets are committed per batch: the age bounds how far commits lag behind
+        per_mode={"kafka": 1.0},
+        aliases=[Alias("batch_max_secs", "seconds")],
+    )
+    workers: int = option(
+        "int",
+        8,
+        "batches handled at once (filter: in at most one process per CPU)",
+        modes=("filter", "writer"),
+        at_least=1,
+    )
+    nats_max_pending_size: int = option(
+        "size",
+        200 * MB,
+        "bounds each input subject's buffer; what NATS drops beyond it is counted",
+        modes=("filter", "downsampler", "writer", "monitor", "archive"),
+        aliases=[Alias("nats_pending_max_mb", "megabytes", MB)],
+    )
+    rule: list[Rule] = option(
+        "rules",
+        [],
+        "[[rule]] tables: the filter's routes; the writer's selection (rules without subject)",
+        modes=("filter", "writer"),
+    )
+
+
+if TYPE_CHECKING:
+    # Every mode's options, typed: at run time Config gets the same fields on first use.
+    from influx_spout.modes import (
+        archive,
+        downsampler,
+        kafka,
+        listener,
+        listener_http,
+        monitor,
+        writer,
+    )
+    from influx_spout.modes import filter as filter_mode
+
+    @dataclass(kw_only=True)
+    class Config(
+        SharedOptions,
+        listener.Options,
+        listener_http.Options,
+        filter_mode.Options,
+        downsampler.Options,
+        writer.Options,
+        monitor.Options,
+        kafka.Options,
+        archive.Options,
+    ):
+        source: str = ""  # where the config came from, for messages
+
+else:
+
+    class _Completed(type):
+        """Gives Config its fields, from every mode's declarations, the first time it is used.
+
+        The modes import Config, so config cannot import them before Config exists.
+        """
+
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            _complete_config()
+            return super().__call__(*args, **kwargs)
+
+        def __getattr__(cls, name: str) -> Any:
+            if name.startswith("__dataclass_"):  # dataclasses.fields(Config) and the like
+                _complete_config()
+                return type.__getattribute__(cls, name)
+            raise AttributeError(name)
+
+    class Config(metaclass=_Completed):
+        """Every option of every mode (SharedOptions and each mode's Options), and `source`."""
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            _complete_config()  # a spawned process may unpickle one before building any
+            self.__dict__.update(state)
+
+
+def _complete_config() -> None:
+    if "__dataclass_fields__" in Config.__dict__:
+        return
+    annotations: dict[str, Any] = {}
+    for _mode, cls in _option_classes():
+        for f in dataclasses.fields(cls):
+            annotations[f.name] = f.type
+            setattr(Config, f.name, _copy(f))
+    annotations["source"] = "str"  # where the config came from, for messages
+    Config.source = ""
+    Config.__annotations__ = annotations
+    dataclass(kw_only=True)(Config)
+
+
+def _copy(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not MISSING:
+        return field(default_factory=f.default_factory, metadata=f.metadata)
+    return field(default=f.default, metadata=f.metadata)
+
+
+def _option_classes() -> list[tuple[str, type]]:
+    """(mode, the dataclass declaring its options); mode "" for SharedOptions."""
+    return [("", SharedOptions), *((mode, module(mode).Options) for mode in MODES)]
+
+
+@functools.cache
+def declarations() -> dict[str, Option]:
+    """Every option, by name, from SharedOptions and each mode's Options (imported here)."""
+    found: dict[str, Option] = {}
+    for mode, cls in _option_classes():
+        for f in dataclasses.fields(cls):
+            spec = f.metadata.get("option")
+            if spec is None:
+                continue
+            if f.name in found:
+                raise RuntimeError(f"option {f.name} is declared twice ({mode or 'shared'})")
+            found[f.name] = dataclasses.replace(spec, name=f.name, modes=spec.modes or (mode,))
+    return found
+
+
+@functools.cache
+def environment() -> dict[str, tuple[str, str]]:
+    """Fields read from the environment only: name -> (its mode, the variable)."""
+    return {
+        f.name: (mode, f.metadata["environment"])
+        for mode, cls in _option_classes()
+        for f in dataclasses.fields(cls)
+        if "environment" in f.metadata
+    }
+
+
+V = TypeVar("V")
+
+
+class _Derived(Mapping[str, V]):
+    """A table derived from the declarations when first read (they import every mode)."""
+
+    def __init__(self, build: Callable[[], dict[str, V]]) -> None:
+        self._build = build
+
+    @functools.cached_property
+    def _table(self) -> dict[str, V]:
+        return self._build()
+
+    def __getitem__(self, key: str) -> V:
+        return self._table[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
 # Every key a config file may set, with the kind of value it takes. A key that
 # belongs to another mode is accepted, so one /etc file can serve every component.
-OPTIONS: dict[str, str] = {
-    "mode": "str",
-    "name": "str",
-    "nats_address": "str",
-    "nats_subject": "subjects",
-    "nats_subject_monitor": "str",
-    "nats_subject_junkyard": "str",
-    "stats_interval": "duration",
-    "probe_port": "int",
-    "queue_group": "str",
-    "debug": "bool",
-    "port": "int",
-    "read_buffer_size": "size",
-    "max_body_size": "size",
-    "batch_max_count": "int",
-    "batch_max_size": "size",
-    "batch_max_age": "duration",
-    "workers": "int",
-    "max_time_delta": "duration",
-    "nats_max_pending_size": "size",
-    "rule": "rules",
-    "downsample_period": "duration",
-    "downsample_suffix": "str",
-    "influxdb_protocol": "str",
-    "influxdb_address": "str",
-    "influxdb_port": "int",
-    "influxdb_dbname": "str",
-    "influxdb_rp": "str",
-    "influxdb_org": "str",
-    "influxdb_bucket": "str",
-    "write_timeout": "duration",
-    "writer_retry_batches": "int",
-    "writer_retry_interval": "duration",
-    "writer_retry_timeout": "duration",
-    "kafka_brokers": "str",
-    "kafka_topics": "strings",
-    "kafka_group": "str",
-    "kafka_offset_reset": "str",
-    "kafka_encoder": "str",
-    "kafka_precision": "str",
-    "kafka_error_policy": "str",
-    "kafka_retry_interval": "duration",
-    "kafka_graphite_tags": "strings",
-    "kafka_json": "json_mapping",
-    "kafka_client": "client",
-    "nats_subject_dead_letter": "str",
-    "archive_directory": "str",
-    "archive_max_size": "size",
-    "archive_max_age": "duration",
-    "archive_compression_level": "int",
-    "archive_replay": "bool",
-    "archive_replay_path": "str",
-    "archive_replay_subject": "str",
-    "archive_replay_from": "time",
-    "archive_replay_to": "time",
-    "archive_replay_rate": "int",
-}
+OPTIONS: Mapping[str, str] = _Derived(lambda: {n: o.kind for n, o in declarations().items()})
 
-KAFKA_ERROR_POLICIES = ("retry", "skip", "stop")
+# Older option names: old -> (new, unit of the old integer value, bytes or seconds per unit).
+ALIASES: Mapping[str, tuple[str, str, int]] = _Derived(
+    lambda: {a.old: (o.name, a.unit, a.factor) for o in declarations().values() for a in o.aliases}
+)
 
 # librdkafka properties [kafka_client] may not set: an option sets them, or they would
 # break at-least-once delivery (offsets are stored and committed by the mode only)
@@ -226,17 +359,6 @@ KAFKA_CLIENT_SECRETS: dict[str, str] = {
     "ssl.key.password": "KAFKA_SSL_KEY_PASSWORD",
 }
 
-# Older option names: old -> (new, unit of the old integer value, bytes or seconds per unit).
-ALIASES: dict[str, tuple[str, str, int]] = {
-    "batch": ("batch_max_count", "count", 1),
-    "batch_max_mb": ("batch_max_size", "megabytes", MB),
-    "batch_max_secs": ("batch_max_age", "seconds", 1),
-    "read_buffer_bytes": ("read_buffer_size", "bytes", 1),
-    "listener_batch_bytes": ("batch_max_size", "bytes", 1),
-    "max_time_delta_secs": ("max_time_delta", "seconds", 1),
-    "nats_pending_max_mb": ("nats_max_pending_size", "megabytes", MB),
-    "write_timeout_secs": ("write_timeout", "seconds", 1),
-}
 
 # Keys of the Go influx-spout that mean nothing here: accepted with a warning.
 IGNORED: dict[str, str] = {
@@ -261,15 +383,6 @@ _RENAMED: dict[str, str] = {
 
 RULE_KEYS = ("type", "match", "tags", "subject")
 
-_PORT_DEFAULTS = {"listener": 10001, "listener_http": 13337, "monitor": 9331}
-_BATCH_SIZE_DEFAULTS = {"listener": MB, "listener_http": MB, "writer": 10 * MB, "kafka": MB}
-# a Kafka message is often one line: batches of 10 would be tiny, and offsets are
-# committed per batch, so the age bounds how far commits lag behind
-_BATCH_COUNT_DEFAULTS = {"kafka": 1000}
-_BATCH_AGE_DEFAULTS = {"kafka": 1.0}
-_LISTENERS = ("listener", "listener_http")
-_SOURCES = (*_LISTENERS, "kafka")  # modes publishing to one output subject
-
 
 def load_config(
     path: str,
@@ -280,15 +393,37 @@ def load_config(
 
     Keys in path override those in etc_path; [[rule]] tables in path replace those
     in etc_path. Credentials come from environ (default os.environ), never a file.
+    Nothing is connected to nor constructed: checks that need more are a mode's preflight.
     """
     settings: dict[str, _Setting] = {}
     if os.path.exists(etc_path):
         settings.update(_read_layer(etc_path))
     settings.update(_read_layer(path))
     cfg = _build(settings, path)
-    _read_credentials(cfg, path, os.environ if environ is None else environ)
-    _validate(cfg, settings, path)
+    _read_environment(cfg, os.environ if environ is None else environ)
+    c = Checker(cfg, settings, path)
+    _validate_shared(c)
+    module(cfg.mode).validate(c)
+    cfg.__dict__[_FILES] = {key: s.file for key, s in settings.items()}
     return cfg
+
+
+def preflight(cfg: Config) -> None:
+    """The mode's checks that construct something (a client), run after loading and before
+    connecting anywhere; they raise ConfigError too. Only kafka has one ([kafka_client]).
+    """
+    check = getattr(module(cfg.mode), "preflight", None)
+    if check is not None:
+        check(cfg)
+
+
+def file_of(cfg: Config, key: str) -> str:
+    """The file that set key in cfg (cfg.source when none did), for messages after loading."""
+    files: dict[str, str] = cfg.__dict__.get(_FILES, {})
+    return files.get(key, cfg.source)
+
+
+_FILES = "_files"  # on a loaded Config, beside its fields: key -> the file that set it
 
 
 def nats_servers(cfg: Config) -> list[str]:
@@ -322,11 +457,11 @@ def parse_size(text: str) -> int:
     """
     m = _SIZE_RE.fullmatch(text)
     if not m:
-        raise ValueError(f"{_quote(text)} is not a byte size")
+        raise ValueError(f"{quote(text)} is not a byte size")
     number, unit = m.groups()
     factor = _SIZE_UNITS.get(unit.lower())
     if factor is None:
-        raise ValueError(f"{_quote(text)} has an unknown unit {_quote(unit)}")
+        raise ValueError(f"{quote(text)} has an unknown unit {quote(unit)}")
     return int(number) * factor
 
 
@@ -361,8 +496,8 @@ def parse_duration(text: str) -> float:
         pos = m.end()
     if pos == 0 or pos < len(stripped):
         if re.fullmatch(r"\s*[0-9]+(\.[0-9]*)?\s*", text):
-            raise ValueError(f"{_quote(text)} has no unit")
-        raise ValueError(f"{_quote(text)} is not a duration")
+            raise ValueError(f"{quote(text)} has no unit")
+        raise ValueError(f"{quote(text)} is not a duration")
     return total
 
 
@@ -376,7 +511,7 @@ class _Setting(NamedTuple):
     shown: str  # the value as written, for messages
 
 
-def _fail(file: str, key: str, what: str, todo: str) -> ConfigError:
+def fail(file: str, key: str, what: str, todo: str) -> ConfigError:
     return ConfigError(f"{file}: {key}: {what} ({todo})")
 
 
@@ -422,11 +557,11 @@ def _read_layer(path: str) -> dict[str, _Setting]:
         elif key in ALIASES:
             new, unit, factor = ALIASES[key]
             if new in data:
-                raise _fail(
+                raise fail(
                     path, key, f"both {key} (deprecated) and {new} are set", f"keep only {new}"
                 )
             if new in alias_for:
-                raise _fail(
+                raise fail(
                     path,
                     key,
                     f"both {alias_for[new]} and {key} set {new} (both deprecated)",
@@ -446,18 +581,18 @@ def _read_layer(path: str) -> dict[str, _Setting]:
         elif key in IGNORED:
             log.warning("%s: %s is ignored (%s)", path, key, IGNORED[key])
         elif key in _CREDENTIAL_KEYS:
-            raise _fail(
+            raise fail(
                 path,
                 key,
                 "unknown key: credentials are not read from config files",
                 f"set the {_CREDENTIAL_KEYS[key]} environment variable instead",
             )
         elif isinstance(raw, dict):
-            raise _fail(
+            raise fail(
                 path, key, f"unknown table [{key}]", "options go at the top, outside any [table]"
             )
         else:
-            raise _fail(path, key, "unknown key", _suggest(key, [*OPTIONS, *ALIASES, *IGNORED]))
+            raise fail(path, key, "unknown key", _suggest(key, [*OPTIONS, *ALIASES, *IGNORED]))
     return out
 
 
@@ -470,7 +605,7 @@ def _suggest(key: str, known: list[str]) -> str:
     return "remove it; no known option has a similar name"
 
 
-def _one_of(value: str, allowed: Sequence[str]) -> str:
+def one_of(value: str, allowed: Sequence[str]) -> str:
     """What to do about a value not in allowed: the nearest, if any, then the choices."""
     close = difflib.get_close_matches(value, allowed, n=1)
     hint = f'did you mean "{close[0]}"? ' if close else ""
@@ -501,7 +636,7 @@ def _convert(kind: str, raw: Any, file: str, key: str) -> Any:
             return list(raw)
         if isinstance(raw, list):
             bad = next(s for s in raw if not isinstance(s, str))
-            raise _fail(
+            raise fail(
                 file,
                 key,
                 f"expected a list of strings, got a list holding {_describe(bad)}",
@@ -520,7 +655,7 @@ def _convert(kind: str, raw: Any, file: str, key: str) -> Any:
     if kind == "time":
         return _convert_time(raw, file, key)
     expected, todo = _EXPECTED[kind]
-    raise _fail(file, key, f"expected {expected}, got {_describe(raw)}", todo)
+    raise fail(file, key, f"expected {expected}, got {_describe(raw)}", todo)
 
 
 def _convert_size(raw: Any, file: str, key: str) -> int:
@@ -530,10 +665,10 @@ def _convert_size(raw: Any, file: str, key: str) -> int:
         try:
             return parse_size(raw)
         except ValueError as exc:
-            raise _fail(
+            raise fail(
                 file, key, str(exc), 'write a whole number with an optional unit, e.g. "10MB"'
             ) from None
-    raise _fail(
+    raise fail(
         file, key, f"expected a byte size, got {_describe(raw)}", 'write e.g. "10MB" or "512KB"'
     )
 
@@ -544,11 +679,11 @@ def _convert_duration(raw: Any, file: str, key: str) -> float:
             return parse_duration(raw)
         except ValueError as exc:
             example = f'"{raw.strip()}s"' if re.fullmatch(r"\s*[0-9]+\s*", raw) else '"30s"'
-            raise _fail(
+            raise fail(
                 file, key, str(exc), f"write e.g. {example}; units are ns, us, ms, s, m, h"
             ) from None
     example = f'"{raw}s"' if isinstance(raw, int) and not isinstance(raw, bool) else '"30s"'
-    raise _fail(
+    raise fail(
         file,
         key,
         f"expected a duration string with a unit, got {_describe(raw)}",
@@ -564,19 +699,19 @@ def _convert_time(raw: Any, file: str, key: str) -> datetime:
         try:
             value = datetime.fromisoformat(raw.strip())
         except ValueError:
-            raise _fail(file, key, f"{_quote(raw)} is not a date and time", todo) from None
+            raise fail(file, key, f"{quote(raw)} is not a date and time", todo) from None
     if isinstance(value, date) and not isinstance(value, datetime):
-        raise _fail(file, key, f"{_show(raw)} has no time of day nor time zone", todo)
+        raise fail(file, key, f"{_show(raw)} has no time of day nor time zone", todo)
     if not isinstance(value, datetime):
-        raise _fail(file, key, f"expected a date and time, got {_describe(raw)}", todo)
+        raise fail(file, key, f"expected a date and time, got {_describe(raw)}", todo)
     if value.tzinfo is None:
-        raise _fail(file, key, f"{_show(raw)} has no time zone", todo)
+        raise fail(file, key, f"{_show(raw)} has no time zone", todo)
     return value
 
 
 def _convert_alias(raw: Any, file: str, key: str, new: str, unit: str, factor: int) -> Any:
     if not isinstance(raw, int) or isinstance(raw, bool):
-        raise _fail(
+        raise fail(
             file,
             key,
             f"expected an integer ({unit}), got {_describe(raw)}",
@@ -589,11 +724,11 @@ def _convert_alias(raw: Any, file: str, key: str, new: str, unit: str, factor: i
 
 def _convert_rules(raw: Any, file: str) -> list[Rule]:
     if isinstance(raw, dict):
-        raise _fail(
+        raise fail(
             file, "rule", "expected [[rule]] tables, got a single [rule] table", "write [[rule]]"
         )
     if not isinstance(raw, list):
-        raise _fail(
+        raise fail(
             file, "rule", f"expected [[rule]] tables, got {_describe(raw)}", "write [[rule]] tables"
         )
     return [_convert_rule(item, file, f"rule[{n}]") for n, item in enumerate(raw, 1)]
@@ -602,10 +737,10 @@ def _convert_rules(raw: Any, file: str) -> list[Rule]:
 def _check_table(raw: Any, file: str, where: str, known: Sequence[str], todo: str) -> None:
     """A table (raw) at `where` holding only known keys, or a ConfigError saying what is not."""
     if not isinstance(raw, dict):
-        raise _fail(file, where, f"expected a table, got {_describe(raw)}", todo)
+        raise fail(file, where, f"expected a table, got {_describe(raw)}", todo)
     for key in raw:
         if key not in known:
-            raise _fail(file, f"{where}.{key}", "unknown key", _suggest(key, list(known)))
+            raise fail(file, f"{where}.{key}", "unknown key", _suggest(key, list(known)))
 
 
 def _convert_rule(raw: Any, file: str, name: str) -> Rule:
@@ -613,7 +748,7 @@ def _convert_rule(raw: Any, file: str, name: str) -> Rule:
     _check_table(raw, file, name, RULE_KEYS, "write [[rule]] tables")
     for key in ("type", "match", "subject"):
         if key in raw and not isinstance(raw[key], str):
-            raise _fail(
+            raise fail(
                 file,
                 f"{name}.{key}",
                 f"expected a string, got {_describe(raw[key])}",
@@ -622,32 +757,32 @@ def _convert_rule(raw: Any, file: str, name: str) -> Rule:
     types = ", ".join(RULE_TYPES)
     rtype = raw.get("type")
     if rtype is None:
-        raise _fail(file, f"{name}.type", "missing", f"set type to one of {types}")
+        raise fail(file, f"{name}.type", "missing", f"set type to one of {types}")
     if rtype not in RULE_TYPES:
-        raise _fail(
-            file, f"{name}.type", f"unknown rule type {_quote(rtype)}", _one_of(rtype, RULE_TYPES)
+        raise fail(
+            file, f"{name}.type", f"unknown rule type {quote(rtype)}", one_of(rtype, RULE_TYPES)
         )
     match = raw.get("match", "")
     rule = Rule(type=rtype, match=match, subject=raw.get("subject", ""))
     if rtype == "tags":
         if "match" in raw:
-            raise _fail(
+            raise fail(
                 file, f"{name}.match", "tags rules take no match", "list the tag pairs in tags"
             )
         rule.tags = _convert_tags(raw.get("tags"), file, f"{name}.tags")
         return rule
     if "tags" in raw:
-        raise _fail(
+        raise fail(
             file, f"{name}.tags", f"{rtype} rules take no tags", 'remove it, or use type = "tags"'
         )
     if not match:
         what = "the measurement name" if rtype == "basic" else "a regular expression"
-        raise _fail(file, f"{name}.match", "missing or empty", f"{rtype} rules need {what}")
+        raise fail(file, f"{name}.match", "missing or empty", f"{rtype} rules need {what}")
     if rtype in ("regex", "negregex"):
         try:
             regex.compile(match)
         except regex.error as exc:
-            raise _fail(
+            raise fail(
                 file, f"{name}.match", f"invalid regular expression: {exc}", "fix the pattern"
             ) from None
     return rule
@@ -656,14 +791,14 @@ def _convert_rule(raw: Any, file: str, name: str) -> Rule:
 def _convert_tags(raw: Any, file: str, key: str) -> list[tuple[str, str]]:
     todo = 'write e.g. tags = [["region", "eu"], ["env", "prod"]]'
     if raw is None:
-        raise _fail(file, key, "missing", todo)
+        raise fail(file, key, "missing", todo)
     if not isinstance(raw, list) or not raw:
-        raise _fail(file, key, f"expected a non-empty list of pairs, got {_describe(raw)}", todo)
+        raise fail(file, key, f"expected a non-empty list of pairs, got {_describe(raw)}", todo)
     pairs = []
     for pair in raw:
         ok = isinstance(pair, list) and len(pair) == 2
         if not ok or not all(isinstance(s, str) and s for s in pair):
-            raise _fail(
+            raise fail(
                 file,
                 key,
                 f"expected pairs of two non-empty strings, got {_describe(pair)}",
@@ -677,20 +812,20 @@ def _convert_client(raw: Any, file: str, key: str) -> dict[str, str | int | floa
     """[kafka_client]: librdkafka properties passed as they are (TLS, SASL, timeouts)."""
     todo = 'write e.g. [kafka_client] then "security.protocol" = "SSL"'
     if not isinstance(raw, dict):
-        raise _fail(file, key, f"expected a table, got {_describe(raw)}", todo)
+        raise fail(file, key, f"expected a table, got {_describe(raw)}", todo)
     for name, value in raw.items():
         where = f"{key}.{name}"
         if name in KAFKA_CLIENT_SECRETS:
-            raise _fail(
+            raise fail(
                 file,
                 where,
                 "secrets are not read from config files",
                 f"set the {KAFKA_CLIENT_SECRETS[name]} environment variable instead",
             )
         if name in KAFKA_CLIENT_RESERVED:
-            raise _fail(file, where, "not settable here", KAFKA_CLIENT_RESERVED[name])
+            raise fail(file, where, "not settable here", KAFKA_CLIENT_RESERVED[name])
         if not isinstance(value, str | int | float | bool):
-            raise _fail(
+            raise fail(
                 file, where, f"expected a string, number or boolean, got {_describe(value)}", todo
             )
     return dict(raw)
@@ -705,7 +840,7 @@ def _convert_json_mapping(raw: Any, file: str, key: str) -> JsonMapping:
         default = getattr(mapping, name)
         if isinstance(default, str):
             if not isinstance(value, str):
-                raise _fail(
+                raise fail(
                     file,
                     where,
                     f"expected a string, got {_describe(value)}",
@@ -713,7 +848,7 @@ def _convert_json_mapping(raw: Any, file: str, key: str) -> JsonMapping:
                 )
         elif isinstance(default, list):
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise _fail(
+                raise fail(
                     file,
                     where,
                     f"expected a list of non-empty strings, got {_describe(value)}",
@@ -722,7 +857,7 @@ def _convert_json_mapping(raw: Any, file: str, key: str) -> JsonMapping:
         elif not isinstance(value, dict) or not all(
             isinstance(v, str) and v and k for k, v in value.items()
         ):
-            raise _fail(
+            raise fail(
                 file,
                 where,
                 f"expected a table of non-empty strings, got {_describe(value)}",
@@ -730,30 +865,30 @@ def _convert_json_mapping(raw: Any, file: str, key: str) -> JsonMapping:
             )
         setattr(mapping, name, value)
     if bool(mapping.measurement) == bool(mapping.measurement_field):
-        raise _fail(
+        raise fail(
             file,
             f"{key}.measurement",
             "set exactly one of measurement and measurement_field",
             "give the measurement name, or the record field that holds it",
         )
     if not mapping.fields:
-        raise _fail(file, f"{key}.fields", "empty", 'list record fields, or "*" for all')
+        raise fail(file, f"{key}.fields", "empty", 'list record fields, or "*" for all')
     written = [("measurement", mapping.measurement)]
     written += [("constant_tags", text) for kv in mapping.constant_tags.items() for text in kv]
     written += [("rename", text) for text in mapping.rename.values()]
     for name, text in written:
         if text.endswith("\\"):
-            raise _fail(
+            raise fail(
                 file,
                 f"{key}.{name}",
-                f"{_quote(text)} ends with a backslash, which would escape what follows it",
+                f"{quote(text)} ends with a backslash, which would escape what follows it",
                 "remove the trailing backslash",
             )
     if mapping.timestamp_precision not in PRECISIONS:
-        raise _fail(
+        raise fail(
             file,
             f"{key}.timestamp_precision",
-            f"unknown precision {_quote(mapping.timestamp_precision)}",
+            f"unknown precision {quote(mapping.timestamp_precision)}",
             f"use one of {', '.join(PRECISIONS)}",
         )
     return mapping
@@ -766,54 +901,32 @@ def _build(settings: dict[str, _Setting], path: str) -> Config:
     modes = ", ".join(MODES)
     mode_setting = settings.get("mode")
     if mode_setting is None:
-        raise _fail(path, "mode", "missing", f"set mode to one of {modes}")
+        raise fail(path, "mode", "missing", f"set mode to one of {modes}")
     mode = mode_setting.value
     if mode not in MODES:
-        raise _fail(mode_setting.file, "mode", f"unknown mode {_quote(mode)}", _one_of(mode, MODES))
+        raise fail(mode_setting.file, "mode", f"unknown mode {quote(mode)}", one_of(mode, MODES))
 
     cfg = Config(mode=mode, source=path)
     for key, setting in settings.items():
         setattr(cfg, key, setting.value)
 
     # Defaults that depend on the mode apply only where no file set the key.
-    if "port" not in settings and mode in _PORT_DEFAULTS:
-        cfg.port = _PORT_DEFAULTS[mode]
-    if "batch_max_size" not in settings and mode in _BATCH_SIZE_DEFAULTS:
-        cfg.batch_max_size = _BATCH_SIZE_DEFAULTS[mode]
-    if "batch_max_count" not in settings and mode in _BATCH_COUNT_DEFAULTS:
-        cfg.batch_max_count = _BATCH_COUNT_DEFAULTS[mode]
-    if "batch_max_age" not in settings and mode in _BATCH_AGE_DEFAULTS:
-        cfg.batch_max_age = _BATCH_AGE_DEFAULTS[mode]
+    for name, opt in declarations().items():
+        if name not in settings and mode in opt.per_mode:
+            setattr(cfg, name, opt.per_mode[mode])
     if not cfg.name:
         cfg.name = os.path.splitext(os.path.basename(path))[0]
     return cfg
 
 
-def _read_credentials(cfg: Config, path: str, environ: Mapping[str, str]) -> None:
-    if cfg.mode == "kafka":
-        cfg.kafka_sasl_username = environ.get("KAFKA_SASL_USERNAME", "")
-        cfg.kafka_sasl_password = environ.get("KAFKA_SASL_PASSWORD", "")
-        cfg.kafka_ssl_key_password = environ.get("KAFKA_SSL_KEY_PASSWORD", "")
-        if bool(cfg.kafka_sasl_username) != bool(cfg.kafka_sasl_password):
-            given, missing = (
-                ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD")
-                if cfg.kafka_sasl_username
-                else ("KAFKA_SASL_PASSWORD", "KAFKA_SASL_USERNAME")
-            )
-            raise _fail(path, given, f"set without {missing}", "set both or neither")
-        return
-    if cfg.mode != "writer":
-        return
-    cfg.influxdb_user = environ.get("INFLUXDB_USER", "")
-    cfg.influxdb_pass = environ.get("INFLUXDB_PASS", "")
-    cfg.influxdb_token = environ.get("INFLUXDB_TOKEN", "")
-    if cfg.influxdb_user and not cfg.influxdb_pass:
-        raise _fail(path, "INFLUXDB_USER", "set without INFLUXDB_PASS", "set both or neither")
-    if cfg.influxdb_pass and not cfg.influxdb_user:
-        raise _fail(path, "INFLUXDB_PASS", "set without INFLUXDB_USER", "set both or neither")
+def _read_environment(cfg: Config, environ: Mapping[str, str]) -> None:
+    """The mode's credentials; other modes' stay empty."""
+    for name, (mode, variable) in environment().items():
+        if mode == cfg.mode:
+            setattr(cfg, name, environ.get(variable, ""))
 
 
-class _Checker:
+class Checker:
     """Range and consistency checks, each failure naming the file and key as written."""
 
     def __init__(self, cfg: Config, settings: dict[str, _Setting], path: str) -> None:
@@ -827,7 +940,11 @@ class _Checker:
 
     def fail(self, key: str, what: str, todo: str) -> ConfigError:
         file, written = self.where(key)
-        return _fail(file, written, what, todo)
+        return fail(file, written, what, todo)
+
+    def fail_inside(self, key: str, written: str, what: str, todo: str) -> ConfigError:
+        """A failure in a part of key's value, e.g. rule[2].subject."""
+        return fail(self.where(key)[0], written, what, todo)
 
     def shown(self, key: str) -> str:
         s = self.settings.get(key)
@@ -852,121 +969,98 @@ class _Checker:
         problem = _subject_problem(value, publish)
         if problem:
             file, key_written = self.where(key)
-            raise _fail(file, written or key_written, *problem)
+            raise fail(file, written or key_written, *problem)
+
+    def listening_port(self, shared_with_probes: bool) -> None:
+        """`port`; a TCP port (shared_with_probes) must differ from probe_port."""
+        cfg = self.cfg
+        self.port("port", 1)
+        if shared_with_probes and cfg.probe_port == cfg.port:
+            raise self.fail("probe_port", f"same as port ({cfg.port})", "use another port or 0")
+
+    def output_subject(self) -> None:
+        """A source: one nats_subject to publish to, batches that NATS can take."""
+        cfg = self.cfg
+        self.subject("nats_subject_monitor", cfg.nats_subject_monitor, publish=True)
+        self._count_subjects("output", 'write e.g. nats_subject = ["influx-spout"]')
+        for subject in cfg.nats_subject:
+            self.subject("nats_subject", subject, publish=True)
+        if cfg.batch_max_size > NATS_MAX_PAYLOAD:
+            raise self.fail(
+                "batch_max_size",
+                f"{self.shown('batch_max_size')} is above the 64MB a NATS message can hold",
+                "use at most the NATS server's max_payload, 1MB by default",
+            )
+
+    def input_subjects(self, exactly_one: bool = False) -> None:
+        """A mode reading nats_subject: exactly one subject, or at least one."""
+        cfg = self.cfg
+        self.subject("nats_subject_monitor", cfg.nats_subject_monitor, publish=True)
+        if exactly_one:
+            self._count_subjects("input", 'write e.g. nats_subject = ["influx-spout"]')
+        elif not cfg.nats_subject:
+            raise self.fail(
+                "nats_subject",
+                f"{cfg.mode} needs at least one input subject",
+                'write e.g. nats_subject = ["system"]',
+            )
+        for subject in cfg.nats_subject:
+            self.subject("nats_subject", subject, publish=False)
+
+    def _count_subjects(self, role: str, todo: str) -> None:
+        count = len(self.cfg.nats_subject)
+        if count != 1:
+            raise self.fail(
+                "nats_subject",
+                f"{self.cfg.mode} needs exactly one {role} subject, got {count}",
+                todo,
+            )
 
 
 def _subject_problem(value: str, publish: bool) -> tuple[str, str] | None:
     if not value:
         return "empty subject", "give a NATS subject name"
     if any(c.isspace() for c in value):
-        return f"{_quote(value)} contains whitespace", "NATS subjects cannot hold spaces"
+        return f"{quote(value)} contains whitespace", "NATS subjects cannot hold spaces"
     tokens = value.split(".")
     if "" in tokens:
-        return f"{_quote(value)} has an empty token", "remove the stray dot"
+        return f"{quote(value)} has an empty token", "remove the stray dot"
     if publish and ("*" in tokens or ">" in tokens):
-        return f"{_quote(value)} is a wildcard", "publishing needs a plain subject without * or >"
+        return f"{quote(value)} is a wildcard", "publishing needs a plain subject without * or >"
     return None
 
 
-def _validate(cfg: Config, settings: dict[str, _Setting], path: str) -> None:
-    c = _Checker(cfg, settings, path)
-    mode = cfg.mode
-
+def _validate_shared(c: Checker) -> None:
+    """What every mode checks; the mode's own validate() follows."""
+    cfg = c.cfg
     # Ranges every mode shares: a bad value is an error even where it is unused.
     c.port("probe_port", 0)
-    c.at_least("workers", 1)
-    c.at_least("batch_max_count", 1)
-    c.at_least("writer_retry_batches", 0)
-    for key, kind in OPTIONS.items():
-        if kind == "size":
-            c.positive(key, '"1MB"')
-        elif kind == "duration":
-            c.positive(key, '"30s"')
+    for name, opt in declarations().items():
+        if opt.at_least is not None:
+            c.at_least(name, opt.at_least)
+    for name, opt in declarations().items():
+        if opt.kind == "size":
+            c.positive(name, '"1MB"')
+        elif opt.kind == "duration":
+            c.positive(name, '"30s"')
 
     _check_nats_address(c)
-    if mode != "monitor":
-        c.subject("nats_subject_monitor", cfg.nats_subject_monitor, publish=True)
     if cfg.queue_group and any(ch.isspace() for ch in cfg.queue_group):
-        raise c.fail("queue_group", f"{_quote(cfg.queue_group)} contains whitespace", "remove it")
+        raise c.fail("queue_group", f"{quote(cfg.queue_group)} contains whitespace", "remove it")
 
-    if mode in _PORT_DEFAULTS:
-        c.port("port", 1)
-        if mode != "listener" and cfg.probe_port == cfg.port:
-            raise c.fail("probe_port", f"same as port ({cfg.port})", "use another port or 0")
-
-    subjects = cfg.nats_subject
-    if mode in _SOURCES or mode == "filter":
-        if len(subjects) != 1:
-            role = "output" if mode in _SOURCES else "input"
-            raise c.fail(
-                "nats_subject",
-                f"{mode} needs exactly one {role} subject, got {len(subjects)}",
-                'write e.g. nats_subject = ["influx-spout"]',
-            )
-    elif mode in ("writer", "downsampler", "archive") and not subjects:
-        raise c.fail(
-            "nats_subject",
-            f"{mode} needs at least one input subject",
-            'write e.g. nats_subject = ["system"]',
-        )
-    if mode != "monitor":
-        for subject in subjects:
-            c.subject("nats_subject", subject, publish=mode in _SOURCES)
-
-    if mode in _SOURCES and cfg.batch_max_size > NATS_MAX_PAYLOAD:
-        raise c.fail(
-            "batch_max_size",
-            f"{c.shown('batch_max_size')} is above the 64MB a NATS message can hold",
-            "use at most the NATS server's max_payload, 1MB by default",
-        )
-
-    if mode == "filter":
-        c.subject("nats_subject_junkyard", cfg.nats_subject_junkyard, publish=True)
-        if not cfg.rule:
-            raise c.fail(
-                "rule",
-                "a filter needs at least one [[rule]]",
-                "add [[rule]] tables with type, match and subject",
-            )
-        for n, rule in enumerate(cfg.rule, 1):
-            if not rule.subject:
-                raise _fail(
-                    c.where("rule")[0],
-                    f"rule[{n}].subject",
-                    "missing",
-                    "filter rules need the subject that matching lines go to",
-                )
-            c.subject("rule", rule.subject, publish=True, written=f"rule[{n}].subject")
-    elif mode == "writer":
-        for n, rule in enumerate(cfg.rule, 1):
-            if rule.subject:
-                raise _fail(
-                    c.where("rule")[0],
-                    f"rule[{n}].subject",
-                    "writer rules take no subject",
-                    "remove it; a writer with rules drops the lines no rule matches",
-                )
-        _check_writer(c)
-    elif cfg.rule:
+    rule_modes = declarations()["rule"].modes
+    if cfg.rule and cfg.mode not in rule_modes:
         file = c.where("rule")[0]
-        log.warning("%s: rule: ignored in %s mode (only filter and writer use rules)", file, mode)
+        log.warning(
+            "%s: rule: ignored in %s mode (only %s use rules)",
+            file,
+            cfg.mode,
+            " and ".join(rule_modes),
+        )
         cfg.rule = []
 
-    if mode == "kafka":
-        _check_kafka(c)
 
-    if mode == "archive":
-        _check_archive(c)
-
-    if mode == "downsampler":
-        suffix = cfg.downsample_suffix
-        if not suffix or any(ch.isspace() for ch in suffix):
-            raise c.fail(
-                "downsample_suffix", f"{_quote(suffix)} is not usable", 'use e.g. "-archive"'
-            )
-
-
-def _check_nats_address(c: _Checker) -> None:
+def _check_nats_address(c: Checker) -> None:
     todo = 'write e.g. "nats://localhost:4222" or "nats://a:4222,nats://b:4222"'
     servers = nats_servers(c.cfg)
     if not servers:
@@ -976,156 +1070,15 @@ def _check_nats_address(c: _Checker) -> None:
             r"(nats|tls)://(?:[^@/\s]+@)?([^/\s:@]+|\[[0-9A-Fa-f:.]+\])(:[0-9]+)?/?", server
         )
         if m is None:
-            raise c.fail("nats_address", f"{_quote(server)} is not a nats:// or tls:// URL", todo)
+            raise c.fail("nats_address", f"{quote(server)} is not a nats:// or tls:// URL", todo)
         if m.group(3) and not 1 <= int(m.group(3)[1:]) <= 65535:
-            raise c.fail("nats_address", f"{_quote(server)} has an invalid port", todo)
-
-
-_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-
-def _check_kafka(c: _Checker) -> None:
-    cfg = c.cfg
-    brokers = [b.strip() for b in cfg.kafka_brokers.split(",")]
-    for broker in brokers:
-        if not re.fullmatch(r"[^\s:/,]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", broker):
-            raise c.fail(
-                "kafka_brokers",
-                f"{_quote(broker)} is not host:port",
-                'write e.g. "kafka1:9092,kafka2:9092" (no scheme)',
-            )
-    if not cfg.kafka_topics:
-        raise c.fail("kafka_topics", "no topic to consume", 'write e.g. kafka_topics = ["metrics"]')
-    for topic in cfg.kafka_topics:
-        if topic.startswith("^"):
-            try:
-                regex.compile(topic)
-            except regex.error as exc:
-                raise c.fail(
-                    "kafka_topics", f"{_quote(topic)}: invalid regular expression: {exc}", "fix it"
-                ) from None
-        elif not _KAFKA_TOPIC.fullmatch(topic):
-            raise c.fail(
-                "kafka_topics",
-                f"{_quote(topic)} is not a Kafka topic name",
-                "use letters, digits, . _ - (or start with ^ for a regular expression)",
-            )
-    if not cfg.kafka_group or any(ch.isspace() for ch in cfg.kafka_group):
-        raise c.fail("kafka_group", f"{_quote(cfg.kafka_group)} is not usable", 'use e.g. "spout"')
-    for key, value, allowed in (
-        ("kafka_offset_reset", cfg.kafka_offset_reset, ("earliest", "latest")),
-        ("kafka_encoder", cfg.kafka_encoder, ENCODERS),
-        ("kafka_precision", cfg.kafka_precision, tuple(lineproto.PRECISIONS)),
-        ("kafka_error_policy", cfg.kafka_error_policy, KAFKA_ERROR_POLICIES),
-    ):
-        if value not in allowed:
-            raise c.fail(key, f"unknown value {_quote(value)}", _one_of(value, allowed))
-    c.subject("nats_subject_dead_letter", cfg.nats_subject_dead_letter, publish=True)
-    if cfg.kafka_encoder == "collectd_graphite":
-        if not cfg.kafka_graphite_tags or not all(cfg.kafka_graphite_tags):
-            raise c.fail(
-                "kafka_graphite_tags",
-                "needs at least one non-empty tag name",
-                'write e.g. ["datacenter", "host"] or ["host"]',
-            )
-    if cfg.kafka_precision not in ("n", "ns") and cfg.kafka_encoder != "line_protocol":
-        raise c.fail(
-            "kafka_precision",
-            f"applies to the line_protocol encoder, not {_quote(cfg.kafka_encoder)}",
-            "remove it (the other encoders know their own timestamps' precision)",
-        )
-    if cfg.kafka_encoder == "json" and cfg.kafka_json is None:
-        raise c.fail(
-            "kafka_json",
-            "the json encoder needs a [kafka_json] table",
-            'add [kafka_json] with at least measurement = "..."',
-        )
-    if cfg.kafka_client:
-        _check_client_properties(c)
-
-
-def kafka_secret_properties(cfg: Config) -> dict[str, str]:
-    """The librdkafka secret properties (KAFKA_CLIENT_SECRETS) the environment gave."""
-    values = {
-        "sasl.username": cfg.kafka_sasl_username,
-        "sasl.password": cfg.kafka_sasl_password,
-        "ssl.key.password": cfg.kafka_ssl_key_password,
-    }
-    return {k: v for k, v in values.items() if v}
-
-
-def _check_client_properties(c: _Checker) -> None:
-    """Let librdkafka itself judge [kafka_client]: it knows every property and value.
-
-    A consumer with no bootstrap.servers connects nowhere; it is closed at once.
-    """
-    from confluent_kafka import Consumer, KafkaException
-
-    cfg = c.cfg
-    props = {"group.id": "config-check", "log_level": 0, **cfg.kafka_client}
-    props.update(kafka_secret_properties(cfg))
-    try:
-        Consumer(props).close()
-    except (KafkaException, ValueError, TypeError) as exc:
-        reason = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
-        raise c.fail(
-            "kafka_client", f"librdkafka refuses it: {reason}", "see librdkafka's CONFIGURATION.md"
-        ) from None
-
-
-def _check_archive(c: _Checker) -> None:
-    cfg = c.cfg
-    if not cfg.archive_directory:
-        raise c.fail("archive_directory", "empty", 'give a directory, e.g. "/var/lib/archive"')
-    level = cfg.archive_compression_level
-    if not 1 <= level <= 9:
-        raise c.fail(
-            "archive_compression_level",
-            f"{c.shown('archive_compression_level')} is not a gzip level",
-            "use 1 (fastest) to 9 (smallest)",
-        )
-    c.at_least("archive_replay_rate", 1)
-    if cfg.archive_replay_subject:
-        c.subject("archive_replay_subject", cfg.archive_replay_subject, publish=True)
-    start, end = cfg.archive_replay_from, cfg.archive_replay_to
-    if start is not None and end is not None and start >= end:
-        raise c.fail(
-            "archive_replay_to",
-            f"{c.shown('archive_replay_to')} is not after archive_replay_from",
-            "give a later end, or leave it out to replay to the end of the archive",
-        )
-
-
-def _check_writer(c: _Checker) -> None:
-    cfg = c.cfg
-    if cfg.influxdb_protocol not in ("http", "https"):
-        raise c.fail(
-            "influxdb_protocol",
-            f"{_quote(cfg.influxdb_protocol)} is not supported",
-            "use http or https",
-        )
-    address = cfg.influxdb_address
-    if not address:
-        raise c.fail("influxdb_address", "empty", 'use a host name, e.g. "localhost"')
-    if "://" in address or "/" in address or any(ch.isspace() for ch in address):
-        raise c.fail(
-            "influxdb_address",
-            f"{_quote(address)} is not a host name",
-            "give the host only; set influxdb_protocol and influxdb_port apart",
-        )
-    c.port("influxdb_port", 1)
-    if not cfg.influxdb_dbname:
-        raise c.fail("influxdb_dbname", "empty", "give the database to write to")
-    if cfg.influxdb_bucket and not cfg.influxdb_org:
-        raise c.fail(
-            "influxdb_bucket", "set without influxdb_org", "set the InfluxDB 2.x organization too"
-        )
+            raise c.fail("nats_address", f"{quote(server)} has an invalid port", todo)
 
 
 # -- formatting values for messages -------------------------------------------------
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
@@ -1134,7 +1087,7 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return _quote(value)
+        return quote(value)
     if isinstance(value, list):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, dict):

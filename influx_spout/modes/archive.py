@@ -74,9 +74,60 @@ from typing import BinaryIO
 from urllib.parse import quote
 
 from influx_spout.batching import Parts, count_lines
-from influx_spout.config import Config
+from influx_spout.config import MB, Checker, Config, option
 from influx_spout.runtime import Runtime, publish_parts_counted
 from influx_spout.stats import Stats
+
+# -- options (the shared ones: config.SharedOptions) ---------------------------------------
+
+
+@dataclass(kw_only=True)
+class Options:
+    archive_directory: str = option(
+        "str", "/var/lib/influx-spout/archive", "where the files are written"
+    )
+    archive_max_size: int = option("size", 64 * MB, "compressed bytes in one file")
+    archive_max_age: float = option("duration", 3600.0, "how long a file stays open")
+    archive_compression_level: int = option("int", 6, "gzip's level, 1 (fastest) to 9 (smallest)")
+    archive_replay: bool = option("bool", False, "replay archive files onto NATS, then exit")
+    archive_replay_path: str = option(
+        "str", "", "a file or a directory to replay; empty = archive_directory"
+    )
+    archive_replay_subject: str = option(
+        "str", "", "where replayed messages go; empty = each message's own subject"
+    )
+    archive_replay_from: datetime | None = option(
+        "time", None, "replay the messages received at or after this time"
+    )
+    archive_replay_to: datetime | None = option(
+        "time", None, "replay the messages received before this time"
+    )
+    archive_replay_rate: int = option("int", 100_000, "lines replayed per second, at most")
+
+
+def validate(c: Checker) -> None:
+    cfg = c.cfg
+    c.input_subjects()
+    if not cfg.archive_directory:
+        raise c.fail("archive_directory", "empty", 'give a directory, e.g. "/var/lib/archive"')
+    level = cfg.archive_compression_level
+    if not 1 <= level <= 9:
+        raise c.fail(
+            "archive_compression_level",
+            f"{c.shown('archive_compression_level')} is not a gzip level",
+            "use 1 (fastest) to 9 (smallest)",
+        )
+    c.at_least("archive_replay_rate", 1)
+    if cfg.archive_replay_subject:
+        c.subject("archive_replay_subject", cfg.archive_replay_subject, publish=True)
+    start, end = cfg.archive_replay_from, cfg.archive_replay_to
+    if start is not None and end is not None and start >= end:
+        raise c.fail(
+            "archive_replay_to",
+            f"{c.shown('archive_replay_to')} is not after archive_replay_from",
+            "give a later end, or leave it out to replay to the end of the archive",
+        )
+
 
 log = logging.getLogger("influx_spout.archive")
 

@@ -80,8 +80,28 @@ from itertools import chain, repeat
 
 from influx_spout import lineproto
 from influx_spout.batching import Parts, count_lines
-from influx_spout.config import Config
+from influx_spout.config import Checker, Config, option, quote
 from influx_spout.runtime import Runtime, publish_parts_counted
+
+# -- options (the shared ones: config.SharedOptions) ---------------------------------------
+
+
+@dataclass(kw_only=True)
+class Options:
+    downsample_period: float = option(
+        "duration", 60.0, "one point per series is published for each period this long"
+    )
+    downsample_suffix: str = option(
+        "str", "-archive", "appended to the input subject: where the averages go"
+    )
+
+
+def validate(c: Checker) -> None:
+    c.input_subjects()
+    suffix = c.cfg.downsample_suffix
+    if not suffix or any(ch.isspace() for ch in suffix):
+        raise c.fail("downsample_suffix", f"{quote(suffix)} is not usable", 'use e.g. "-archive"')
+
 
 log = logging.getLogger("influx_spout.downsampler")
 

@@ -30,11 +30,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from influx_spout import lineproto, workers
-from influx_spout.config import Config
+from influx_spout.config import Alias, Checker, Config, option
 from influx_spout.rules import Routed, RuleSet
 from influx_spout.workers import Host
+
+# -- options (the shared ones, rule and workers among them: config.SharedOptions) ----------
+
+
+@dataclass(kw_only=True)
+class Options:
+    nats_subject_junkyard: str = option(
+        "str", "influx-spout-junk", "where the lines no rule matches go"
+    )
+    max_time_delta: float = option(
+        "duration",
+        600.0,
+        "a line whose timestamp is further than this from now is rejected",
+        aliases=[Alias("max_time_delta_secs", "seconds")],
+    )
+
+
+def validate(c: Checker) -> None:
+    """One input subject, and rules that each name the subject their lines go to."""
+    cfg = c.cfg
+    c.input_subjects(exactly_one=True)
+    c.subject("nats_subject_junkyard", cfg.nats_subject_junkyard, publish=True)
+    if not cfg.rule:
+        raise c.fail(
+            "rule",
+            "a filter needs at least one [[rule]]",
+            "add [[rule]] tables with type, match and subject",
+        )
+    for n, rule in enumerate(cfg.rule, 1):
+        if not rule.subject:
+            raise c.fail_inside(
+                "rule",
+                f"rule[{n}].subject",
+                "missing",
+                "filter rules need the subject that matching lines go to",
+            )
+        c.subject("rule", rule.subject, publish=True, written=f"rule[{n}].subject")
+
 
 log = logging.getLogger("influx_spout.filter")
 

@@ -37,16 +37,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import regex
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from influx_spout import lineproto
 from influx_spout.batching import Batcher, Parts, count_lines, without_overlong
-from influx_spout.config import Config, kafka_secret_properties
+from influx_spout.config import (
+    Checker,
+    Config,
+    fail,
+    file_of,
+    from_environment,
+    one_of,
+    option,
+    quote,
+)
 from influx_spout.encoders import (
+    ENCODERS,
     Decoded,
     Decoder,
     Rejected,
@@ -55,7 +68,158 @@ from influx_spout.encoders import (
     json_mapping,
     line_protocol,
 )
+from influx_spout.encoders.json_mapping import JsonMapping
 from influx_spout.runtime import Runtime, publish_parts_counted
+
+# -- options (the shared ones, batch_* among them: config.SharedOptions) -------------------
+
+KAFKA_ERROR_POLICIES = ("retry", "skip", "stop")
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+@dataclass(kw_only=True)
+class Options:
+    kafka_brokers: str = option(
+        "str", "localhost:9092", "brokers to bootstrap from, host:port, comma-separated"
+    )
+    kafka_topics: list[str] = option(
+        "strings", [], "topics to consume (required); a name starting with ^ is a regex"
+    )
+    kafka_group: str = option("str", "influx-spout", "the consumer group (group.id)")
+    kafka_offset_reset: str = option(
+        "str", "earliest", "where a group with no committed offset starts: earliest or latest"
+    )
+    kafka_encoder: str = option(
+        "str", "line_protocol", "how messages are decoded: one of encoders.ENCODERS"
+    )
+    kafka_precision: str = option(
+        "str", "ns", "line_protocol: the precision of the messages' timestamps"
+    )
+    kafka_error_policy: str = option(
+        "str", "retry", "when NATS refuses a batch: retry, skip or stop"
+    )
+    kafka_retry_interval: float = option(
+        "duration", 5.0, "retry: how often a refused batch is published again"
+    )
+    kafka_graphite_tags: list[str] = option(
+        "strings",
+        ["datacenter", "host"],
+        "collectd_graphite: the leading parts of a metric path that become tags",
+    )
+    kafka_json: JsonMapping | None = option(
+        "json_mapping", None, "json: the [kafka_json] table mapping a record to a line"
+    )
+    kafka_client: dict[str, str | int | float | bool] = option(
+        "client", {}, "librdkafka properties passed to the consumer as they are"
+    )
+    nats_subject_dead_letter: str = option(
+        "str", "influx-spout-dead-letter", "where undecodable lines, records or messages go"
+    )
+    kafka_sasl_username: str = from_environment("KAFKA_SASL_USERNAME")
+    kafka_sasl_password: str = from_environment("KAFKA_SASL_PASSWORD")
+    kafka_ssl_key_password: str = from_environment("KAFKA_SSL_KEY_PASSWORD")
+
+
+def validate(c: Checker) -> None:
+    cfg = c.cfg
+    if bool(cfg.kafka_sasl_username) != bool(cfg.kafka_sasl_password):
+        given, missing = (
+            ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD")
+            if cfg.kafka_sasl_username
+            else ("KAFKA_SASL_PASSWORD", "KAFKA_SASL_USERNAME")
+        )
+        raise c.fail(given, f"set without {missing}", "set both or neither")
+    c.output_subject()
+    for broker in (b.strip() for b in cfg.kafka_brokers.split(",")):
+        if not re.fullmatch(r"[^\s:/,]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", broker):
+            raise c.fail(
+                "kafka_brokers",
+                f"{quote(broker)} is not host:port",
+                'write e.g. "kafka1:9092,kafka2:9092" (no scheme)',
+            )
+    _validate_topics(c)
+    if not cfg.kafka_group or any(ch.isspace() for ch in cfg.kafka_group):
+        raise c.fail("kafka_group", f"{quote(cfg.kafka_group)} is not usable", 'use e.g. "spout"')
+    for key, value, allowed in (
+        ("kafka_offset_reset", cfg.kafka_offset_reset, ("earliest", "latest")),
+        ("kafka_encoder", cfg.kafka_encoder, ENCODERS),
+        ("kafka_precision", cfg.kafka_precision, tuple(lineproto.PRECISIONS)),
+        ("kafka_error_policy", cfg.kafka_error_policy, KAFKA_ERROR_POLICIES),
+    ):
+        if value not in allowed:
+            raise c.fail(key, f"unknown value {quote(value)}", one_of(value, allowed))
+    c.subject("nats_subject_dead_letter", cfg.nats_subject_dead_letter, publish=True)
+    if cfg.kafka_encoder == "collectd_graphite":
+        if not cfg.kafka_graphite_tags or not all(cfg.kafka_graphite_tags):
+            raise c.fail(
+                "kafka_graphite_tags",
+                "needs at least one non-empty tag name",
+                'write e.g. ["datacenter", "host"] or ["host"]',
+            )
+    if cfg.kafka_precision not in ("n", "ns") and cfg.kafka_encoder != "line_protocol":
+        raise c.fail(
+            "kafka_precision",
+            f"applies to the line_protocol encoder, not {quote(cfg.kafka_encoder)}",
+            "remove it (the other encoders know their own timestamps' precision)",
+        )
+    if cfg.kafka_encoder == "json" and cfg.kafka_json is None:
+        raise c.fail(
+            "kafka_json",
+            "the json encoder needs a [kafka_json] table",
+            'add [kafka_json] with at least measurement = "..."',
+        )
+
+
+def _validate_topics(c: Checker) -> None:
+    topics = c.cfg.kafka_topics
+    if not topics:
+        raise c.fail("kafka_topics", "no topic to consume", 'write e.g. kafka_topics = ["metrics"]')
+    for topic in topics:
+        if topic.startswith("^"):
+            try:
+                regex.compile(topic)
+            except regex.error as exc:
+                raise c.fail(
+                    "kafka_topics", f"{quote(topic)}: invalid regular expression: {exc}", "fix it"
+                ) from None
+        elif not _KAFKA_TOPIC.fullmatch(topic):
+            raise c.fail(
+                "kafka_topics",
+                f"{quote(topic)} is not a Kafka topic name",
+                "use letters, digits, . _ - (or start with ^ for a regular expression)",
+            )
+
+
+def preflight(cfg: Config) -> None:
+    """Let librdkafka itself judge [kafka_client], before anything connects: it knows every
+    property and value. A consumer with no bootstrap.servers connects nowhere; it is closed
+    at once. Raises ConfigError; loading the config does not do this (no side effects).
+    """
+    if not cfg.kafka_client:
+        return
+    props = {"group.id": "config-check", "log_level": 0, **cfg.kafka_client}
+    props.update(kafka_secret_properties(cfg))
+    try:
+        Consumer(props).close()
+    except (KafkaException, ValueError, TypeError) as exc:
+        reason = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+        raise fail(
+            file_of(cfg, "kafka_client"),
+            "kafka_client",
+            f"librdkafka refuses it: {reason}",
+            "see librdkafka's CONFIGURATION.md",
+        ) from None
+
+
+def kafka_secret_properties(cfg: Config) -> dict[str, str]:
+    """The librdkafka secret properties (config.KAFKA_CLIENT_SECRETS) the environment gave."""
+    values = {
+        "sasl.username": cfg.kafka_sasl_username,
+        "sasl.password": cfg.kafka_sasl_password,
+        "ssl.key.password": cfg.kafka_ssl_key_password,
+    }
+    return {k: v for k, v in values.items() if v}
+
 
 log = logging.getLogger("influx_spout.kafka")
 

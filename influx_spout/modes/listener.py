@@ -31,11 +31,31 @@ import collections
 import contextlib
 import logging
 import socket
+from dataclasses import dataclass
 
 from influx_spout.batching import Batcher, Parts, count_lines
-from influx_spout.config import Config
+from influx_spout.config import MB, Alias, Checker, Config, option
 from influx_spout.runtime import Runtime, publish_parts_counted
 from influx_spout.stats import Stats
+
+# -- options (the shared ones, port and batch_* among them: config.SharedOptions) ----------
+
+
+@dataclass(kw_only=True)
+class Options:
+    read_buffer_size: int = option(
+        "size",
+        4 * MB,
+        "socket receive buffer: raise it for high peak rates",
+        aliases=[Alias("read_buffer_bytes", "bytes")],
+    )
+
+
+def validate(c: Checker) -> None:
+    """A UDP port, so probe_port (TCP) may be the same number."""
+    c.listening_port(shared_with_probes=False)
+    c.output_subject()
+
 
 log = logging.getLogger("influx_spout.listener")
 

@@ -56,7 +56,7 @@ from urllib.parse import parse_qsl
 
 from influx_spout import lineproto
 from influx_spout.batching import Batcher, count_lines, split_under, without_overlong
-from influx_spout.config import Config
+from influx_spout.config import MB, Checker, Config, option
 from influx_spout.httpserver import (
     BodyError,
     BodyTooLarge,
@@ -68,6 +68,21 @@ from influx_spout.httpserver import (
 )
 from influx_spout.modes.listener import MAX_AGE_CHECK_INTERVAL
 from influx_spout.runtime import Runtime, publish_parts_counted
+
+# -- options (the shared ones, port and batch_* among them: config.SharedOptions) ----------
+
+
+@dataclass(kw_only=True)
+class Options:
+    max_body_size: int = option(
+        "size", 25 * MB, "a larger request body (after decompression) gets 413"
+    )
+
+
+def validate(c: Checker) -> None:
+    c.listening_port(shared_with_probes=True)
+    c.output_subject()
+
 
 log = logging.getLogger("influx_spout.listener_http")
 

@@ -53,9 +53,22 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from influx_spout import lineproto
-from influx_spout.config import Config
+from influx_spout.config import Checker, Config
 from influx_spout.probes import serve_http
 from influx_spout.runtime import Runtime
+
+# -- options (all shared, port among them: config.SharedOptions) ---------------------------
+
+
+@dataclass(kw_only=True)
+class Options:
+    """None of its own."""
+
+
+def validate(c: Checker) -> None:
+    """The monitor reads nats_subject_monitor; it has no nats_subject."""
+    c.listening_port(shared_with_probes=True)
+
 
 log = logging.getLogger("influx_spout.monitor")
 

@@ -49,9 +49,76 @@ from typing import Any
 import httpx
 
 from influx_spout.batching import Batcher, Parts, count_lines, ensure_newline
-from influx_spout.config import Config
+from influx_spout.config import Alias, Checker, Config, from_environment, option, quote
 from influx_spout.runtime import Runtime
 from influx_spout.stats import Stats
+
+# -- options (the shared ones, batch_*, rule and workers among them: config.SharedOptions) --
+
+
+@dataclass(kw_only=True)
+class Options:
+    influxdb_protocol: str = option("str", "http", "http or https")
+    influxdb_address: str = option("str", "localhost", "the InfluxDB host")
+    influxdb_port: int = option("int", 8086, "the InfluxDB port")
+    influxdb_dbname: str = option("str", "influx-spout-junk", "the database written to")
+    influxdb_rp: str = option("str", "", "retention policy; empty = the database default")
+    influxdb_org: str = option("str", "", "InfluxDB 2.x organization (with influxdb_bucket)")
+    influxdb_bucket: str = option("str", "", "InfluxDB 2.x bucket: writes go to /api/v2/write")
+    write_timeout: float = option(
+        "duration",
+        30.0,
+        "how long a write may take",
+        aliases=[Alias("write_timeout_secs", "seconds")],
+    )
+    writer_retry_batches: int = option(
+        "int", 1, "failed batches kept for retrying; 0 = none", at_least=0
+    )
+    writer_retry_interval: float = option("duration", 10.0, "how often they are retried")
+    writer_retry_timeout: float = option("duration", 60.0, "how long a batch is retried")
+    influxdb_user: str = from_environment("INFLUXDB_USER")
+    influxdb_pass: str = from_environment("INFLUXDB_PASS")
+    influxdb_token: str = from_environment("INFLUXDB_TOKEN")
+
+
+def validate(c: Checker) -> None:
+    cfg = c.cfg
+    if cfg.influxdb_user and not cfg.influxdb_pass:
+        raise c.fail("INFLUXDB_USER", "set without INFLUXDB_PASS", "set both or neither")
+    if cfg.influxdb_pass and not cfg.influxdb_user:
+        raise c.fail("INFLUXDB_PASS", "set without INFLUXDB_USER", "set both or neither")
+    c.input_subjects()
+    for n, rule in enumerate(cfg.rule, 1):
+        if rule.subject:
+            raise c.fail_inside(
+                "rule",
+                f"rule[{n}].subject",
+                "writer rules take no subject",
+                "remove it; a writer with rules drops the lines no rule matches",
+            )
+    if cfg.influxdb_protocol not in ("http", "https"):
+        raise c.fail(
+            "influxdb_protocol",
+            f"{quote(cfg.influxdb_protocol)} is not supported",
+            "use http or https",
+        )
+    address = cfg.influxdb_address
+    if not address:
+        raise c.fail("influxdb_address", "empty", 'use a host name, e.g. "localhost"')
+    if "://" in address or "/" in address or any(ch.isspace() for ch in address):
+        raise c.fail(
+            "influxdb_address",
+            f"{quote(address)} is not a host name",
+            "give the host only; set influxdb_protocol and influxdb_port apart",
+        )
+    c.port("influxdb_port", 1)
+    if not cfg.influxdb_dbname:
+        raise c.fail("influxdb_dbname", "empty", "give the database to write to")
+    if cfg.influxdb_bucket and not cfg.influxdb_org:
+        raise c.fail(
+            "influxdb_bucket", "set without influxdb_org", "set the InfluxDB 2.x organization too"
+        )
+
 
 log = logging.getLogger("influx_spout.writer")
 

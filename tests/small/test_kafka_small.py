@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from influx_spout import cli
 from influx_spout.batching import Parts
 from influx_spout.config import Config, ConfigError, load_config
 from influx_spout.encoders.json_mapping import JsonMapping
@@ -27,7 +28,7 @@ def load(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> Co
 
 def error_of(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> str:
     with pytest.raises(ConfigError) as info:
-        load(tmp_path, text, environ)
+        kafka.preflight(load(tmp_path, text, environ))
     return str(info.value)
 
 
@@ -153,6 +154,41 @@ def test_errors(tmp_path: Path, text: str, parts: list[str]) -> None:
 )
 def test_half_sasl_credentials(tmp_path: Path, env: dict[str, str], given: str) -> None:
     assert f"{given}: set without" in error_of(tmp_path, K, env)
+
+
+def test_loading_constructs_no_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """librdkafka judges [kafka_client] in kafka.preflight, not while the config loads."""
+
+    def refuse(props: dict[str, Any]) -> None:
+        raise AssertionError("a Consumer was constructed")
+
+    monkeypatch.setattr(kafka, "Consumer", refuse)
+    cfg = load(tmp_path, K + '[kafka_client]\n"session.timeout.ms" = 6000')
+    assert cfg.kafka_client == {"session.timeout.ms": 6000}
+    with pytest.raises(AssertionError):
+        kafka.preflight(cfg)
+
+
+def test_refused_client_properties_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text(K + '[kafka_client]\n"sesion.timeout.ms" = 1')
+    assert cli.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: kafka_client: librdkafka refuses it: " in err
+    assert "(see librdkafka's CONFIGURATION.md)" in err
+
+
+def test_refused_properties_name_the_file_that_set_them(tmp_path: Path) -> None:
+    etc = tmp_path / "etc.toml"
+    etc.write_text('[kafka_client]\n"sesion.timeout.ms" = 1\n')
+    path = tmp_path / "k.toml"
+    path.write_text(K)
+    cfg = load_config(str(path), etc_path=str(etc), environ={})
+    with pytest.raises(ConfigError) as info:
+        kafka.preflight(cfg)
+    assert str(info.value).startswith(f"{etc}: kafka_client: librdkafka refuses it: ")
 
 
 # -- publishing and committing, with fakes -------------------------------------------
