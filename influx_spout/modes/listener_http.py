@@ -45,7 +45,6 @@ Counters:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -55,7 +54,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from influx_spout import lineproto
-from influx_spout.batching import Batcher, count_lines, split_under, without_overlong
+from influx_spout.batching import Batcher, Parts, Pump, count_lines, split_under, without_overlong
 from influx_spout.config import Config
 from influx_spout.httpserver import (
     BodyError,
@@ -66,8 +65,8 @@ from influx_spout.httpserver import (
     Server,
     ServerBusy,
 )
-from influx_spout.modes.listener import MAX_AGE_CHECK_INTERVAL
-from influx_spout.runtime import Runtime, publish_parts_counted
+from influx_spout.mode import Host, Mode
+from influx_spout.runtime import publish_parts_counted
 
 log = logging.getLogger("influx_spout.listener_http")
 
@@ -89,7 +88,7 @@ THREAD_THRESHOLD = 1024 * 1024
 BUSY_FACTOR = 4
 RETRY_AFTER = "1"  # seconds, in 503 answers
 
-# time a stopping server gives requests in progress; stays well under cli.STOP_GRACE
+# time a stopping server gives requests in progress; stays well under runtime.STOP_GRACE
 SHUTDOWN_TIMEOUT = 1.5
 
 MAX_LISTED_LINES = 5  # invalid lines quoted in an error answer
@@ -128,7 +127,7 @@ class Decoded:
     """A write body once checked: what can be published and what cannot."""
 
     # the valid lines (timestamps in ns, each ending with "\n") in pieces of at most the
-    # batch size, each with its line count: ready for Batcher.add_parts as they are
+    # batch size, each with its line count: ready for Batcher.add as they are
     pieces: list[tuple[bytes, int]] = field(default_factory=list)
     valid_lines: int = 0
     rejected: list[tuple[bytes, str]] = field(default_factory=list)  # (line, reason)
@@ -302,16 +301,15 @@ def body_reject(exc: BodyError) -> Reject:
 
 
 class HttpListener:
-    def __init__(self, cfg: Config, rt: Runtime) -> None:
+    def __init__(self, cfg: Config, rt: Host) -> None:
         self.cfg = cfg
         self.rt = rt
         self.subject = cfg.nats_subject[0]
         self.batch_size = min(cfg.batch_max_size, rt.bus.max_payload)
-        self.batcher = Batcher(cfg.batch_max_count, self.batch_size, cfg.batch_max_age)
+        batcher = Batcher(cfg.batch_max_count, self.batch_size, cfg.batch_max_age)
+        self.pump = Pump(batcher, self.publish)
         self.busy_limit = max(BUSY_FACTOR * self.batch_size, cfg.max_body_size)
         self.databases: set[str] = set()
-        self.closing = False
-        self.wake = asyncio.Event()
         # bodies being read or checked count in server.held until they are answered;
         # reading stops with a 503 past busy_limit + max_body_size
         self.server = Server(
@@ -338,23 +336,14 @@ class HttpListener:
                 "(is another process using it? check port)"
             ) from exc
 
-    async def stop(self, pump: asyncio.Task) -> None:
-        """Stop taking requests (those in progress may finish), then publish the rest."""
+    async def stop(self) -> None:
+        """Stop taking requests (those in progress may finish), then publish the rest
+        (raising what made the pump fail)."""
         await self.server.close(SHUTDOWN_TIMEOUT)
-        self.closing = True
-        self.wake.set()
-        await pump
-        await publish_parts_counted(self.rt, self.subject, self.batcher.take_parts())
+        await self.pump.close()
 
-    async def pump(self) -> None:
-        """Publish the open batch once it is batch_max_age old."""
-        tick = min(MAX_AGE_CHECK_INTERVAL, max(self.cfg.batch_max_age / 4, 0.001))
-        while not self.closing:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), tick)
-            self.wake.clear()
-            if self.batcher.due():
-                await publish_parts_counted(self.rt, self.subject, self.batcher.take_parts())
+    async def publish(self, batch: Parts) -> int:
+        return await publish_parts_counted(self.rt, self.subject, batch)
 
     async def handle(self, request: Request) -> Response:
         """Route a request; unknown paths and wrong methods get JSON errors too."""
@@ -441,8 +430,7 @@ class HttpListener:
                 )
             lost = 0
             for piece, lines in decoded.pieces:
-                for batch in self.batcher.add_parts(piece, lines):
-                    lost += await publish_parts_counted(self.rt, self.subject, batch)
+                lost += await self.pump.add_now(piece, lines)
             if lost:
                 return error_response(
                     503,
@@ -585,19 +573,31 @@ def too_large(limit: int) -> Reject:
     )
 
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    async with Runtime(cfg, stop, COUNTERS) as rt:
-        server = HttpListener(cfg, rt)
+class HttpListenerMode:
+    counters = COUNTERS
+    labels = None
+    unsubscribe_timeout = None  # its input is the HTTP server, closed in drain
+    draining = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.server: HttpListener | None = None
+
+    async def start(self, host: Host) -> asyncio.Future[None]:
+        server = self.server = HttpListener(self.cfg, host)
         await server.start()
-        pump = asyncio.create_task(server.pump())
-        rt.ready = True
         log.info(
             "listening on HTTP port %d, publishing to %s at %s",
-            cfg.port,
+            self.cfg.port,
             server.subject,
-            cfg.nats_address,
+            self.cfg.nats_address,
         )
-        try:
-            await rt.until_stopped(pump)
-        finally:
-            await server.stop(pump)  # raises what made the pump fail, if it did
+        return server.pump.start()
+
+    async def drain(self) -> None:
+        assert self.server is not None
+        await self.server.stop()
+
+
+def make(cfg: Config) -> Mode:
+    return HttpListenerMode(cfg)
