@@ -1,5 +1,5 @@
 """One batcher (count / size / age) used by every mode that batches, and one pump that
-publishes a batcher's batches when they are due (the listeners').
+publishes a batcher's batches when they are due; ListenerMode runs both listeners on it.
 
 Chunks are whole lines ending in b"\\n"; a batch never splits a line and never
 exceeds max_size unless a single line does (the caller decides what to do with it).
@@ -12,7 +12,11 @@ import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from influx_spout.config import Config
+    from influx_spout.mode import Host
 
 # how often, at most, the age of the open batch is checked
 MAX_AGE_CHECK_INTERVAL = 1.0
@@ -218,3 +222,42 @@ class Pump:
         if self.batcher.count:
             self._queue(self.batcher.take())
         await self.publish_ready()
+
+
+class Listener(Protocol):
+    """An input of its own (a socket, a server) whose batches its pump publishes."""
+
+    @property
+    def pump(self) -> Pump: ...
+
+    async def open(self) -> None:
+        """Start taking input (and say where, in the log)."""
+
+    async def close(self) -> None:
+        """Stop taking input, then close the pump: everything batched is published."""
+
+
+class ListenerMode:
+    """The Mode of listener and listener_http: the input is the listener's own (nothing to
+    unsubscribe), its pump is the work, and draining closes the listener."""
+
+    labels = None
+    unsubscribe_timeout = None
+    draining = ""
+
+    def __init__(
+        self, cfg: Config, counters: tuple[str, ...], make: Callable[[Config, Host], Listener]
+    ) -> None:
+        self.cfg = cfg
+        self.counters = counters
+        self._make = make
+        self._listener: Listener | None = None
+
+    async def start(self, host: Host) -> asyncio.Future[None]:
+        listener = self._listener = self._make(self.cfg, host)
+        await listener.open()
+        return listener.pump.start()
+
+    async def drain(self) -> None:
+        assert self._listener is not None
+        await self._listener.close()

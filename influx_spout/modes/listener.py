@@ -30,7 +30,7 @@ import asyncio
 import logging
 import socket
 
-from influx_spout.batching import Batcher, Parts, Pump, count_lines
+from influx_spout.batching import Batcher, ListenerMode, Parts, Pump, count_lines
 from influx_spout.config import Config
 from influx_spout.mode import Host, Mode
 from influx_spout.runtime import publish_parts_counted
@@ -137,7 +137,18 @@ class UdpListener(asyncio.DatagramProtocol):
         self.stats.inc("read_errors")
         log.warning("UDP receive error on port %d: %s", self.cfg.port, exc)
 
-    # -- publishing -------------------------------------------------------------------------
+    # -- as a batching.Listener --------------------------------------------------------------
+
+    async def open(self) -> None:
+        cfg = self.cfg
+        sock = open_socket(cfg.port, cfg.read_buffer_size)
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: self, sock=sock)
+        log.info(
+            "listening on UDP port %d, publishing to %s at %s",
+            cfg.port,
+            self.subject,
+            cfg.nats_address,
+        )
 
     async def publish(self, batch: Parts) -> int:
         return await publish_parts_counted(self.rt, self.subject, batch)
@@ -149,33 +160,5 @@ class UdpListener(asyncio.DatagramProtocol):
         await self.pump.close()
 
 
-class ListenerMode:
-    counters = COUNTERS
-    labels = None
-    unsubscribe_timeout = None  # its input is the UDP socket, closed in drain
-    draining = ""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.udp: UdpListener | None = None
-
-    async def start(self, host: Host) -> asyncio.Future[None]:
-        cfg = self.cfg
-        sock = open_socket(cfg.port, cfg.read_buffer_size)
-        udp = self.udp = UdpListener(cfg, host)
-        await asyncio.get_running_loop().create_datagram_endpoint(lambda: udp, sock=sock)
-        log.info(
-            "listening on UDP port %d, publishing to %s at %s",
-            cfg.port,
-            udp.subject,
-            cfg.nats_address,
-        )
-        return udp.pump.start()
-
-    async def drain(self) -> None:
-        assert self.udp is not None
-        await self.udp.close()
-
-
 def make(cfg: Config) -> Mode:
-    return ListenerMode(cfg)
+    return ListenerMode(cfg, COUNTERS, UdpListener)

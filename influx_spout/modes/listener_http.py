@@ -54,7 +54,15 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from influx_spout import lineproto
-from influx_spout.batching import Batcher, Parts, Pump, count_lines, split_under, without_overlong
+from influx_spout.batching import (
+    Batcher,
+    ListenerMode,
+    Parts,
+    Pump,
+    count_lines,
+    split_under,
+    without_overlong,
+)
 from influx_spout.config import Config
 from influx_spout.httpserver import (
     BodyError,
@@ -327,7 +335,7 @@ class HttpListener:
             "/query": {"GET": self.query, "HEAD": self.query, "POST": self.query},
         }
 
-    async def start(self) -> None:
+    async def open(self) -> None:
         try:
             await self.server.start(self.cfg.port)
         except OSError as exc:
@@ -335,8 +343,14 @@ class HttpListener:
                 f"cannot listen on TCP port {self.cfg.port}: {exc.strerror or exc} "
                 "(is another process using it? check port)"
             ) from exc
+        log.info(
+            "listening on HTTP port %d, publishing to %s at %s",
+            self.cfg.port,
+            self.subject,
+            self.cfg.nats_address,
+        )
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop taking requests (those in progress may finish), then publish the rest
         (raising what made the pump fail)."""
         await self.server.close(SHUTDOWN_TIMEOUT)
@@ -573,31 +587,5 @@ def too_large(limit: int) -> Reject:
     )
 
 
-class HttpListenerMode:
-    counters = COUNTERS
-    labels = None
-    unsubscribe_timeout = None  # its input is the HTTP server, closed in drain
-    draining = ""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.server: HttpListener | None = None
-
-    async def start(self, host: Host) -> asyncio.Future[None]:
-        server = self.server = HttpListener(self.cfg, host)
-        await server.start()
-        log.info(
-            "listening on HTTP port %d, publishing to %s at %s",
-            self.cfg.port,
-            server.subject,
-            self.cfg.nats_address,
-        )
-        return server.pump.start()
-
-    async def drain(self) -> None:
-        assert self.server is not None
-        await self.server.stop()
-
-
 def make(cfg: Config) -> Mode:
-    return HttpListenerMode(cfg)
+    return ListenerMode(cfg, COUNTERS, HttpListener)

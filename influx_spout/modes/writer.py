@@ -188,7 +188,7 @@ class Writer:
     """Batches data and writes it to InfluxDB with bounded concurrency and retries.
 
     Feed it with add(); flush() writes what is batched now; close() writes out everything
-    left within a deadline. The mode's run() feeds it from NATS; tests feed it directly.
+    left within a deadline. WriterMode feeds it from NATS; tests feed it directly.
     """
 
     def __init__(
