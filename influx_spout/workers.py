@@ -344,6 +344,7 @@ class Pool:
     def _read(self, w: _Worker, rt: Host) -> None:
         if self._drain(w):
             self._sum(rt)
+            self._changed.set()  # its readiness may have changed
 
     def _drain(self, w: _Worker) -> bool:
         """Take every message waiting in w's pipe; True when counters came."""

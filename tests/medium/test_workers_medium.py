@@ -149,6 +149,23 @@ def test_a_queue_group_spans_instances(nats_server: NatsServer) -> None:
     assert len(watch.out) == 100  # each message once, across both instances
 
 
+def test_the_pool_starts_once_every_worker_is_ready(nats_server: NatsServer) -> None:
+    pool = fork(make_config(nats_server.url, "a"))
+
+    async def main() -> list[bool]:
+        stop = asyncio.Event()
+        async with runtime.Runtime(pool.cfg, stop, pool.counters) as rt:
+            work = await asyncio.wait_for(pool.start(rt), 10)  # not at stop: when ready
+            ready = [w.ready for w in pool.workers]
+            assert not work.done() and rt.ready
+            stop.set()
+            await pool.drain()
+        return ready
+
+    assert run(main()) == [True, True]
+    assert all(not w.proc.is_alive() for w in pool.workers)
+
+
 def test_a_worker_that_dies_stops_the_component(nats_server: NatsServer) -> None:
     pool = fork(make_config(nats_server.url, "a"))
 
