@@ -1,10 +1,10 @@
-"""The contract between a mode and what runs it: `Mode`, run by runtime.serve on a `Host`.
+"""The contract between a mode and what runs it: a `Mode`, run on a `Host`.
 
-Every mode's lifecycle is the same, and runtime.serve owns it: start the mode (it takes
-its input: subscribes, opens its socket...), mark it ready, wait for the stop signal or
-for the mode's own work to end, stop the NATS input (unsubscribe, with a timeout), let the
-mode drain what it holds, all of it within the stop grace period. What a mode does at each
-step is all a mode module writes.
+Every mode's lifecycle is the same, and runtime.lifecycle (through Runtime.serve) owns
+it: start the mode (it takes its input: subscribes, opens its socket...), mark it ready,
+wait for the stop signal or for the mode's own work to end, stop the NATS input
+(unsubscribe, with a timeout), let the mode drain what it holds, all of it within the
+stop grace period. What a mode does at each step is all a mode module writes.
 """
 
 from __future__ import annotations
