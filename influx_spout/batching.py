@@ -1,4 +1,5 @@
-"""One batcher (count / size / age) used by every mode that batches.
+"""One batcher (count / size / age) used by every mode that batches, and one pump that
+publishes a batcher's batches when they are due; ListenerMode runs both listeners on it.
 
 Chunks are whole lines ending in b"\\n"; a batch never splits a line and never
 exceeds max_size unless a single line does (the caller decides what to do with it).
@@ -6,9 +7,19 @@ exceeds max_size unless a single line does (the caller decides what to do with i
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import time
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from influx_spout.config import Config
+    from influx_spout.mode import Host
+
+# how often, at most, the age of the open batch is checked
+MAX_AGE_CHECK_INTERVAL = 1.0
 
 
 def ensure_newline(chunk: bytes) -> bytes:
@@ -70,16 +81,12 @@ class Parts(NamedTuple):
 
     parts: list[bytes]
     size: int  # bytes, len(b"".join(parts))
-    lines: int  # lines, as the caller of add_parts counted them
+    lines: int  # lines, as the caller of add counted them
 
 
 class Batcher:
-    """Collects chunks until max_count chunks, max_size bytes, or max_age seconds.
-
-    add/take give each batch joined into one bytes; add_parts/take_parts give it as its
-    chunks with their line count (for a publisher that writes the chunks as they are).
-    A batcher is used through one pair or the other.
-    """
+    """Collects chunks until max_count chunks, max_size bytes, or max_age seconds; each
+    batch is given as its chunks with their line count (a publisher writes them as they are)."""
 
     def __init__(
         self,
@@ -94,39 +101,21 @@ class Batcher:
         self._clock = clock
         self._chunks: list[bytes] = []
         self.size = 0
-        self.lines = 0  # lines of the open batch (add_parts only)
+        self.lines = 0  # lines of the open batch
         self.started = 0.0  # clock() when the first chunk of this batch arrived
 
     @property
     def count(self) -> int:
         return len(self._chunks)
 
-    def add(self, chunk: bytes) -> list[bytes]:
-        """Add one chunk of whole lines; return the batches that became ready, oldest first."""
-        if not chunk:
-            return []
-        ready: list[bytes] = []
-        if self._chunks and self.size + len(chunk) > self.max_size:
-            ready.append(self.take())
-        if len(chunk) > self.max_size:
-            pieces = split_under(chunk, self.max_size)
-            ready.extend(pieces[:-1])
-            chunk = pieces[-1]
-        if not self._chunks:
-            self.started = self._clock()
-        self._chunks.append(chunk)
-        self.size += len(chunk)
-        if len(self._chunks) >= self.max_count or self.size >= self.max_size:
-            ready.append(self.take())
-        return ready
-
-    def add_parts(self, chunk: bytes, lines: int) -> list[Parts]:
-        """add() for a chunk of `lines` lines; the ready batches are returned unjoined."""
+    def add(self, chunk: bytes, lines: int) -> list[Parts]:
+        """Add one chunk of `lines` whole lines; return the batches that became ready,
+        oldest first."""
         if not chunk:
             return []
         ready: list[Parts] = []
         if self._chunks and self.size + len(chunk) > self.max_size:
-            ready.append(self.take_parts())
+            ready.append(self.take())
         if len(chunk) > self.max_size:  # rare: a chunk larger than a whole batch
             pieces = split_under(chunk, self.max_size)
             ready.extend(Parts([p], len(p), count_lines(p)) for p in pieces[:-1])
@@ -138,27 +127,137 @@ class Batcher:
         self.size += len(chunk)
         self.lines += lines
         if len(self._chunks) >= self.max_count or self.size >= self.max_size:
-            ready.append(self.take_parts())
+            ready.append(self.take())
         return ready
 
-    def take_parts(self) -> Parts:
-        """take() as Parts (no parts when empty)."""
+    def due(self) -> bool:
+        """True when the batch holds data older than max_age."""
+        return bool(self._chunks) and self._clock() - self.started >= self.max_age
+
+    def take(self) -> Parts:
+        """Return the batch collected so far (no parts when empty) and start a new one."""
         batch = Parts(self._chunks, self.size, self.lines)
         self._chunks = []
         self.size = 0
         self.lines = 0
         return batch
 
-    def due(self) -> bool:
-        """True when the batch holds data older than max_age."""
-        return bool(self._chunks) and self._clock() - self.started >= self.max_age
 
-    def take(self) -> bytes:
-        """Return the batch collected so far (b"" when empty) and start a new one."""
-        chunks = self._chunks
-        self._chunks = []
-        self.size = 0
-        self.lines = 0
-        if len(chunks) == 1:
-            return chunks[0]
-        return b"".join(chunks)
+# lines lost (not published) of a batch
+Publish = Callable[[Parts], Awaitable[int]]
+
+
+class Pump:
+    """A Batcher whose batches get published: each one that becomes ready, and the open one
+    once it is max_age old; what is batched when the input stops goes out at close().
+
+    add() queues the ready batches for the pump's task (for a protocol callback, which
+    cannot wait); add_now() publishes them before it returns (for a caller that answers
+    with what was lost).
+    """
+
+    def __init__(self, batcher: Batcher, publish: Publish) -> None:
+        self.batcher = batcher
+        self._publish = publish
+        self.ready: collections.deque[Parts] = collections.deque()
+        self.queued = 0  # bytes in ready
+        self._closing = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, chunk: bytes, lines: int) -> None:
+        """Batch a chunk; the batches it makes ready wait in `ready` for the pump's task."""
+        batches = self.batcher.add(chunk, lines)
+        if batches:
+            for batch in batches:
+                self._queue(batch)
+            self._wake.set()
+
+    async def add_now(self, chunk: bytes, lines: int) -> int:
+        """Batch a chunk and publish the batches it makes ready; returns the lines lost."""
+        lost = 0
+        for batch in self.batcher.add(chunk, lines):
+            lost += await self._publish(batch)
+        return lost
+
+    def start(self) -> asyncio.Task[None]:
+        """Start publishing; the task ends at close(), or with what made publishing fail."""
+        self._task = asyncio.create_task(self._run())
+        return self._task
+
+    async def _run(self) -> None:
+        # never cancelled, so a batch is never cut off half-published
+        tick = min(MAX_AGE_CHECK_INTERVAL, max(self.batcher.max_age / 4, 0.001))
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), tick)
+            self._wake.clear()
+            if self.batcher.due():
+                self._queue(self.batcher.take())
+            await self.publish_ready()
+
+    def _queue(self, batch: Parts) -> None:
+        self.ready.append(batch)
+        self.queued += batch.size
+
+    async def publish_ready(self) -> None:
+        """Publish the ready batches, oldest first.
+
+        Handing a batch to the NATS client does not wait for the socket, so every ready
+        batch goes out in one pass and the client's flusher writes them in one go.
+        """
+        ready = self.ready
+        while ready:
+            batch = ready.popleft()
+            self.queued -= batch.size
+            await self._publish(batch)
+
+    async def close(self) -> None:
+        """Once the input stopped: let the task finish (raising what made it fail), then
+        publish everything batched."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self.batcher.count:
+            self._queue(self.batcher.take())
+        await self.publish_ready()
+
+
+class Listener(Protocol):
+    """An input of its own (a socket, a server) whose batches its pump publishes."""
+
+    @property
+    def pump(self) -> Pump: ...
+
+    async def open(self) -> None:
+        """Start taking input (and say where, in the log)."""
+
+    async def close(self) -> None:
+        """Stop taking input, then close the pump: everything batched is published."""
+
+
+class ListenerMode:
+    """The Mode of listener and listener_http: the input is the listener's own (nothing to
+    unsubscribe), its pump is the work, and draining closes the listener."""
+
+    labels = None
+    unsubscribe_timeout = None
+    draining = ""
+
+    def __init__(
+        self, cfg: Config, counters: tuple[str, ...], make: Callable[[Config, Host], Listener]
+    ) -> None:
+        self.cfg = cfg
+        self.counters = counters
+        self._make = make
+        self._listener: Listener | None = None
+
+    async def start(self, host: Host) -> asyncio.Future[None]:
+        listener = self._listener = self._make(self.cfg, host)
+        await listener.open()
+        return listener.pump.start()
+
+    async def drain(self) -> None:
+        assert self._listener is not None
+        await self._listener.close()

@@ -10,18 +10,18 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
-import importlib
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-from influx_spout import __version__
-from influx_spout.config import Config, ConfigError, load_config, preflight
+from influx_spout import __version__, modes
+from influx_spout.config import ConfigError, load_config, preflight
+
+if TYPE_CHECKING:
+    from influx_spout.mode import Mode
 
 log = logging.getLogger("influx_spout")
-
-# how long a stopping component may take to flush before it is cut short
-STOP_GRACE = 4.0
 
 # glibc malloc: blocks up to MMAP_THRESHOLD come from the heap and up to TRIM_THRESHOLD
 # of free heap is kept (see tune_malloc)
@@ -87,32 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        asyncio.run(run(cfg))
+        mode = modes.load(cfg)  # before the event loop: the filter forks its workers here
+        asyncio.run(run(mode))
     except Exception as exc:
         log.error("stopped: %s", exc, exc_info=cfg.debug)
         return 1
     return 0
 
 
-async def run(cfg: Config) -> None:
-    """Run cfg's mode until SIGTERM/SIGINT, then give it STOP_GRACE seconds to flush."""
-    module = importlib.import_module(f"influx_spout.modes.{cfg.mode}")
+async def run(mode: Mode) -> None:
+    """Run mode until SIGTERM/SIGINT (or until its work is done); Runtime.serve stops it."""
+    from influx_spout import runtime  # here: --version and config errors stay quick
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
-    task = asyncio.create_task(module.run(cfg, stop))
-    stop_wait = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        stop_wait.cancel()
-        task.result()  # raise what failed
-        return
-    try:
-        await asyncio.wait_for(task, STOP_GRACE)
-    except TimeoutError:
-        log.error("did not stop within %.0fs; exiting anyway", STOP_GRACE)
-    log.info("stopped")
+    await runtime.run(mode, stop)
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:

@@ -286,13 +286,23 @@ class _ChunkReader(asyncio.StreamReader):
         raise RuntimeError("a chunk reader only reads chunks")
 
 
+def _reader_attrs() -> set[str]:
+    """The attributes of a new StreamReader: made on a loop of its own, since this module
+    may be imported before any loop exists (the filter forks its workers first)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return set(vars(asyncio.StreamReader(loop=loop)))
+    finally:
+        loop.close()
+
+
 # _ChunkReader relies on these internals of asyncio's StreamReader (CPython 3.11-3.13)
-_CHUNK_READER = all(
-    hasattr(asyncio.StreamReader, attr)
-    for attr in ("_wakeup_waiter", "_wait_for_data", "_maybe_resume_transport")
-) and all(
-    hasattr(asyncio.StreamReader(), attr)
-    for attr in ("_buffer", "_limit", "_paused", "_transport", "_eof", "_exception")
+_CHUNK_READER = (
+    all(
+        hasattr(asyncio.StreamReader, attr)
+        for attr in ("_wakeup_waiter", "_wait_for_data", "_maybe_resume_transport")
+    )
+    and {"_buffer", "_limit", "_paused", "_transport", "_eof", "_exception"} <= _reader_attrs()
 )
 
 

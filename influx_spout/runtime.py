@@ -1,4 +1,5 @@
-"""What every mode shares while it runs: the NATS bus, its counters, stats publishing, probes."""
+"""What every mode shares while it runs: the NATS bus, its counters, stats publishing,
+probes; and the one lifecycle every mode goes through (Runtime.serve, lifecycle)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,24 @@ import contextlib
 import logging
 from collections.abc import Iterable
 from types import TracebackType
+from typing import Any
 
 from influx_spout.batching import Parts
 from influx_spout.bus import Bus
 from influx_spout.config import Config
+from influx_spout.mode import Host, Mode
 from influx_spout.probes import Probes
 from influx_spout.stats import Stats, publish_forever
 
 log = logging.getLogger("influx_spout")
 
+# how long a stopping mode may take to stop its input and drain before it is cut short
+STOP_GRACE = 4.0
+
 
 class Runtime:
-    """`async with Runtime(cfg, stop, counters) as rt:` connects, publishes stats, serves probes."""
+    """`async with Runtime(cfg, stop, counters) as rt:` connects, publishes stats, serves
+    probes; `await Runtime(...).serve(mode)` runs a mode in it, from start to stop."""
 
     def __init__(
         self,
@@ -31,7 +38,7 @@ class Runtime:
         self.stop = stop
         self.stats = Stats(cfg.mode, cfg.name, counters, labels)
         self.bus = Bus(cfg)
-        self.ready = False  # the mode sets it once it can do its work
+        self.ready = False  # set by lifecycle once the mode started, until stop
         self._probes: Probes | None = None
         self._stats_task: asyncio.Task | None = None
 
@@ -53,14 +60,13 @@ class Runtime:
     async def _publish_stats(self, data: bytes) -> None:
         await self.bus.publish_raw(self.cfg.nats_subject_monitor, data)
 
-    async def until_stopped(self, work: asyncio.Task) -> None:
-        """Wait for the stop signal, or for work to end first (it failed); then not ready."""
-        stopping = asyncio.create_task(self.stop.wait())
-        try:
-            await asyncio.wait({stopping, work}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            self.ready = False
+    async def serve(self, mode: Mode) -> None:
+        """Connect, run mode through its lifecycle, close; "stopped" once a stop signal
+        ended it (a replay that ran to its end just returns)."""
+        async with self:
+            await lifecycle(self, mode)
+        if self.stop.is_set():
+            log.info("stopped")
 
     def sync_dropped(self) -> None:
         """Copy what NATS dropped (slow consumer) into the nats_dropped counters."""
@@ -81,9 +87,47 @@ class Runtime:
             await self._probes.stop()
 
 
-async def publish_parts_counted(
-    rt: Runtime, subject: str, batch: Parts, counter: str = "sent"
-) -> int:
+async def run(mode: Mode, stop: asyncio.Event) -> None:
+    """Run mode, made by modes.load, on a Runtime of its own until stop (or until its work
+    is done)."""
+    await Runtime(mode.cfg, stop, mode.counters, mode.labels).serve(mode)
+
+
+async def lifecycle(host: Host, mode: Mode) -> None:
+    """Start mode, ready, wait for stop or the end of its work; then stop the NATS input
+    and drain within STOP_GRACE, and raise what its work raised."""
+    work = await mode.start(host)
+    host.ready = True
+    try:
+        await _until_stopped(host.stop, work)
+    finally:
+        host.ready = False
+    try:
+        await asyncio.wait_for(_stop(host, mode), STOP_GRACE)
+    except TimeoutError:
+        log.error("did not stop within %.0fs; exiting anyway", STOP_GRACE)
+    if work is not None and work.done() and not work.cancelled():
+        work.result()  # raise what made it fail
+
+
+async def _until_stopped(stop: asyncio.Event, work: asyncio.Future[None] | None) -> None:
+    """Wait for the stop signal, or for work to end first (it failed, or it was all)."""
+    stopping = asyncio.create_task(stop.wait())
+    waits: set[asyncio.Future[Any]] = {stopping} if work is None else {stopping, work}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+
+
+async def _stop(host: Host, mode: Mode) -> None:
+    await host.bus.unsubscribe(mode.unsubscribe_timeout, mode.draining)
+    # drain returns once all that was received is handed on (published, written, stored):
+    # where a durable input acknowledges it, before the connection closes
+    await mode.drain()
+
+
+async def publish_parts_counted(rt: Host, subject: str, batch: Parts, counter: str = "sent") -> int:
     """Publish a batch of whole lines, count them in counter or failed_nats_publish.
 
     Returns the number of lines that could not be published.

@@ -5,24 +5,27 @@ each of N worker processes: every worker connects to NATS itself, subscribes to 
 in a queue group (so NATS shares the messages among them), does the work and publishes
 its outputs. No batch ever crosses a process boundary; only small counter dicts do.
 
-    await workers.run(cfg, stop, COUNTERS, serve, processes=workers.process_count(cfg))
+    pool = workers.Pool(cfg, COUNTERS, labels, make, processes=workers.process_count(cfg))
+    pool.fork()  # in the mode's make(cfg): before the event loop starts
+    # ... then the command line runs the pool as the mode: Runtime.serve(pool)
 
-`serve(host)` is the mode's job, written once for both ways of running: it gets a host
-with `cfg`, `stop`, `bus`, `stats` and `ready` (a Runtime in-process, a WorkerHost in a
-worker), subscribes, sets `host.ready`, waits for `host.stop`, stops
-taking input, flushes and returns. With processes <= 1 it runs in this process under a
-Runtime: no extra process.
+`make(cfg)` gives the mode's job as a Mode (influx_spout.mode), written once for both ways
+of running: in a worker it goes through the same lifecycle (runtime.lifecycle) on a
+WorkerHost, which has the worker's own connection and counters, as it would on a Runtime
+in a lone process.
 
-With processes > 1 the parent:
-- forks the workers first, before it holds any connection or thread;
-- gives them cfg.queue_group, or when that is empty a group private to this instance (so
-  two instances without a queue group each still see every message, while the workers
-  of one instance share them);
-- runs the Runtime: it publishes ONE set of counters for the component, the sum of what
-  each worker reports (each sends its counters every stats_interval and once more as it
-  exits), and serves the probes (/readyz: every worker subscribed and connected);
-- on stop, tells each worker to stop (through its pipe; a SIGTERM to a worker does the
-  same), waits up to STOP_SECONDS for them to flush and exit, then kills what is left;
+The Pool is the parent's Mode:
+- it forks the workers first, before the event loop starts and before it holds any
+  connection or thread (a forked child would inherit them, broken);
+- it gives them cfg.queue_group, or when that is empty a group private to this instance
+  (so two instances without a queue group each still see every message, while the
+  workers of one instance share them);
+- under the parent's Runtime it publishes ONE set of counters for the component, the sum
+  of what each worker reports (each sends its counters every stats_interval and once more
+  as it exits); it is ready when every worker is subscribed and connected (/readyz);
+- on stop (drain), it tells each worker to stop (through its pipe; a SIGTERM to a worker
+  does the same), waits up to STOP_SECONDS for them to flush and exit, then kills what is
+  left; the workers are daemons, so a parent that exits any other way stops them too;
 - supervision: a worker that exits while the component runs is logged and stops the whole
   component, which exits 1 (no restart: a fork from a process holding a connection is
   unsafe, and a supervisor such as systemd or Kubernetes restarts the component cleanly).
@@ -39,15 +42,15 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import Any, Protocol
 
 from influx_spout.bus import Bus
 from influx_spout.config import Config
-from influx_spout.runtime import Runtime
+from influx_spout.mode import Host, Mode
+from influx_spout.runtime import lifecycle
 from influx_spout.stats import LabelKey, Stats
 
 log = logging.getLogger("influx_spout.workers")
@@ -56,18 +59,7 @@ STOP_SECONDS = 3.0  # how long workers get to flush and exit after stop
 
 Values = dict[tuple[str, LabelKey], int]
 
-
-class Host(Protocol):
-    """What serve() uses: a Runtime, or a WorkerHost in a worker process."""
-
-    cfg: Config
-    stop: asyncio.Event
-    bus: Bus
-    stats: Stats
-    ready: bool
-
-
-Serve = Callable[[Any], Awaitable[None]]
+Make = Callable[[Config], Mode]
 
 
 def process_count(cfg: Config) -> int:
@@ -86,34 +78,6 @@ def process_count(cfg: Config) -> int:
 def private_queue_group(cfg: Config) -> str:
     """A queue group only this instance's workers use."""
     return f"influx-spout.{cfg.mode}.{cfg.name}.{uuid.uuid4().hex[:12]}"
-
-
-async def run(
-    cfg: Config,
-    stop: asyncio.Event,
-    counters: Iterable[str],
-    serve: Serve,
-    processes: int,
-    labels: dict[str, str] | None = None,
-) -> None:
-    """Run serve() in this process (processes <= 1) or in `processes` workers."""
-    counters = tuple(counters)
-    if processes <= 1:
-        async with Runtime(cfg, stop, counters, labels) as rt:
-            await serve(rt)
-        return
-    worker_cfg = cfg
-    if not cfg.queue_group:
-        worker_cfg = dataclasses.replace(cfg, queue_group=private_queue_group(cfg))
-    pool = Pool(worker_cfg, counters, labels, serve, processes)
-    pool.start()  # before this process connects anywhere or starts a thread
-    try:
-        async with Runtime(cfg, stop, counters, labels) as rt:
-            await pool.supervise(rt)
-    finally:
-        pool.kill()
-    if pool.failure is not None:
-        raise RuntimeError(pool.failure)
 
 
 # --- the worker side -------------------------------------------------------------
@@ -172,6 +136,11 @@ class WorkerHost:
         self.ready = False
         self.report()  # the final counters, after everything was flushed
 
+    async def serve(self, mode: Mode) -> None:
+        """Connect, run mode through its lifecycle, close."""
+        async with self:
+            await lifecycle(self, mode)
+
 
 def _worker_main(
     index: int,
@@ -180,18 +149,14 @@ def _worker_main(
     cfg: Config,
     counters: tuple[str, ...],
     labels: dict[str, str] | None,
-    serve: Serve,
+    make: Make,
 ) -> None:
-    """The body of a worker process (forked from the parent's running event loop)."""
+    """The body of a worker process (forked before the parent's event loop started)."""
     for other in others:  # the parent's ends: closed here, so each side sees the other's EOF
         other.close()
-    signal.set_wakeup_fd(-1)  # the parent's loop's fd: never ours
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent; it tells us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    asyncio.events._set_running_loop(None)  # the parent's loop is not running here
-    asyncio.set_event_loop(None)
     try:
-        asyncio.run(_worker_async(index, conn, cfg, counters, labels, serve))
+        asyncio.run(_worker_async(index, conn, cfg, counters, labels, make))
     except Exception as exc:
         log.error("worker %d (pid %d) stopped: %s", index, os.getpid(), exc)
         sys.exit(1)
@@ -203,7 +168,7 @@ async def _worker_async(
     cfg: Config,
     counters: tuple[str, ...],
     labels: dict[str, str] | None,
-    serve: Serve,
+    make: Make,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -219,8 +184,7 @@ async def _worker_async(
         stop.set()
 
     loop.add_reader(conn.fileno(), from_parent)
-    async with WorkerHost(cfg, stop, counters, labels, conn) as host:
-        await serve(host)
+    await WorkerHost(cfg, stop, counters, labels, conn).serve(make(cfg))
 
 
 # --- the parent side -------------------------------------------------------------
@@ -237,29 +201,45 @@ class _Worker:
 
 
 class Pool:
-    """The parent's view of its workers: start, collect counters, supervise, stop."""
+    """The parent's view of its workers, as the parent's Mode: fork them, collect and sum
+    their counters, supervise them, stop them."""
+
+    unsubscribe_timeout = None  # the parent subscribes to nothing
+    draining = ""
 
     def __init__(
         self,
         cfg: Config,
-        counters: tuple[str, ...],
+        counters: Iterable[str],
         labels: dict[str, str] | None,
-        serve: Serve,
+        make: Make,
         processes: int,
     ) -> None:
         self.cfg = cfg
-        self.counters = counters
+        self.counters = tuple(counters)
         self.labels = labels
-        self.serve = serve
+        self.make = make
         self.processes = processes
         self.workers: list[_Worker] = []
         self.failure: str | None = None  # why the component must exit 1
         self.stopping = False
-        self._changed: asyncio.Event | None = None
+        self._rt: Host | None = None
+        self._changed = asyncio.Event()  # a worker reported or exited
+        self._watch: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        # fork: a worker starts in milliseconds and shares the parent's pages; safe because
-        # this process holds no connection or thread yet
+    def fork(self) -> None:
+        """Start the worker processes: before the event loop starts, with no connection or
+        thread open (a forked child would inherit them, broken)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("workers.Pool.fork() must run before the event loop starts")
+        cfg = self.cfg
+        if not cfg.queue_group:
+            cfg = dataclasses.replace(cfg, queue_group=private_queue_group(cfg))
+        # fork: a worker starts in milliseconds and shares the parent's pages
         ctx = multiprocessing.get_context("fork")
         parents: list[Connection] = []
         for index in range(self.processes):
@@ -271,37 +251,58 @@ class Pool:
                     index,
                     child_end,
                     list(parents),  # every parent end this worker inherits
-                    self.cfg,
+                    cfg,
                     self.counters,
                     self.labels,
-                    self.serve,
+                    self.make,
                 ),
-                name=f"{self.cfg.mode}-worker-{index}",
-                daemon=False,
+                name=f"{cfg.mode}-worker-{index}",
+                daemon=True,  # stopped (SIGTERM) by a parent that exits without drain()
             )
             proc.start()
             child_end.close()
             self.workers.append(_Worker(index, proc, parent_end))
 
-    async def supervise(self, rt: Runtime) -> None:
-        """Collect counters until stop (or a worker's death), then stop the workers."""
+    async def start(self, host: Host) -> asyncio.Future[None]:
+        """Watch the workers; return once every one is ready (or one failed, or stop).
+
+        The work returned ends when a worker dies while the component runs.
+        """
+        self._rt = host
         loop = asyncio.get_running_loop()
-        self._changed = asyncio.Event()
         for w in self.workers:
-            loop.add_reader(w.conn.fileno(), self._read, w, rt)
-            loop.add_reader(w.proc.sentinel, self._exit, w, rt)
+            loop.add_reader(w.conn.fileno(), self._read, w, host)
+            loop.add_reader(w.proc.sentinel, self._exit, w, host)
+        while not (self.failure or host.stop.is_set() or all(w.ready for w in self.workers)):
+            await self._next_change(host.stop)
+        self._watch = asyncio.create_task(self._until_failure())
+        return self._watch
+
+    async def _until_failure(self) -> None:
+        while self.failure is None:
+            await self._changed.wait()
+            self._changed.clear()
+
+    async def _next_change(self, stop: asyncio.Event) -> None:
+        changed = asyncio.create_task(self._changed.wait())
+        stopping = asyncio.create_task(stop.wait())
         try:
-            stopping = asyncio.create_task(rt.stop.wait())
-            try:
-                while not stopping.done() and self.failure is None:
-                    changed = asyncio.create_task(self._changed.wait())
-                    await asyncio.wait({stopping, changed}, return_when=asyncio.FIRST_COMPLETED)
-                    changed.cancel()
-                    self._changed.clear()
-            finally:
-                stopping.cancel()
-            self.stopping = True
-            rt.ready = False
+            await asyncio.wait({changed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            stopping.cancel()
+            self._changed.clear()
+
+    async def drain(self) -> None:
+        """Stop the workers (they flush), take their last counters, kill what overran."""
+        if self._watch is not None:
+            self._watch.cancel()
+        self.stopping = True
+        rt = self._rt
+        assert rt is not None
+        rt.ready = False
+        loop = asyncio.get_running_loop()
+        try:
             await self._stop_all()
         finally:
             for w in self.workers:
@@ -312,6 +313,9 @@ class Pool:
             for w in self.workers:
                 self._drain(w)
             self._sum(rt)
+            self.kill()
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
 
     async def _stop_all(self) -> None:
         for w in self.workers:
@@ -320,7 +324,6 @@ class Pool:
                     w.conn.send("stop")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STOP_SECONDS
-        assert self._changed is not None
         while not all(w.exited for w in self.workers):
             left = deadline - loop.time()
             if left <= 0:
@@ -338,9 +341,10 @@ class Pool:
                     STOP_SECONDS,
                 )
 
-    def _read(self, w: _Worker, rt: Runtime) -> None:
+    def _read(self, w: _Worker, rt: Host) -> None:
         if self._drain(w):
             self._sum(rt)
+            self._changed.set()  # its readiness may have changed
 
     def _drain(self, w: _Worker) -> bool:
         """Take every message waiting in w's pipe; True when counters came."""
@@ -356,7 +360,7 @@ class Pool:
                 asyncio.get_running_loop().remove_reader(w.conn.fileno())
         return got
 
-    def _sum(self, rt: Runtime) -> None:
+    def _sum(self, rt: Host) -> None:
         total: Values = {}
         for w in self.workers:
             for key, value in w.values.items():
@@ -364,10 +368,10 @@ class Pool:
         rt.stats.values.update(total)
         rt.ready = not self.stopping and all(w.ready for w in self.workers)
 
-    def _exit(self, w: _Worker, rt: Runtime) -> None:
+    def _exit(self, w: _Worker, rt: Host) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(w.proc.sentinel)
-        w.proc.join(0)
+        w.proc.join(1)  # its sentinel closes as it exits: reaped within moments
         w.exited = True
         w.ready = False
         self._drain(w)
@@ -391,11 +395,10 @@ class Pool:
                     f"worker {w.index} of the {self.cfg.mode} exited with status {code} "
                     "while stopping (see the log above)"
                 )
-        if self._changed is not None:
-            self._changed.set()
+        self._changed.set()
 
     def kill(self) -> None:
-        """Kill and reap whatever is still running (start failed, or stop overran)."""
+        """Kill and reap whatever is still running (stop overran)."""
         for w in self.workers:
             if w.proc.is_alive():
                 w.proc.kill()

@@ -75,7 +75,8 @@ from urllib.parse import quote
 
 from influx_spout.batching import Parts, count_lines
 from influx_spout.config import MB, Checker, Config, option
-from influx_spout.runtime import Runtime, publish_parts_counted
+from influx_spout.mode import Host, Mode
+from influx_spout.runtime import publish_parts_counted
 from influx_spout.stats import Stats
 
 # -- options (the shared ones: config.SharedOptions) ---------------------------------------
@@ -145,7 +146,7 @@ MAX_OPEN_FILES = 256
 RETRY_INTERVAL = 1.0  # seconds after a write failure before a file is opened again
 REPLAY_CHUNK = 4 * 1024 * 1024  # bytes of records read from a file at a time
 
-# time allowed, after a stop, to stop taking input; the rest of cli.STOP_GRACE finishes files
+# time allowed after a stop to stop taking input; the rest of runtime.STOP_GRACE finishes files
 UNSUBSCRIBE_TIMEOUT = 0.5
 
 _FILE_NAME = re.compile(r"(\d{8}T\d{6})\.(\d{6})Z_(.+)" + re.escape(SUFFIX))
@@ -478,9 +479,23 @@ class Archive:
             self._thread.shutdown(wait=False)
 
 
-async def run_archive(cfg: Config, stop: asyncio.Event) -> None:
-    async with Runtime(cfg, stop, ARCHIVE_COUNTERS) as rt:
-        archive = Archive(cfg, rt.stats)
+class ArchiveMode:
+    counters = ARCHIVE_COUNTERS
+    labels = None
+    unsubscribe_timeout = UNSUBSCRIBE_TIMEOUT
+    draining = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.archive: Archive | None = None
+        self.writer: asyncio.Task[None] | None = None
+        self.stats: Stats | None = None
+
+    async def start(self, host: Host) -> asyncio.Future[None]:
+        """Archive cfg.nats_subject; the work hands what arrives to the writer thread."""
+        cfg = self.cfg
+        self.stats = host.stats
+        archive = self.archive = Archive(cfg, host.stats)
         leftovers = await asyncio.to_thread(archive.archiver.leftovers)
         if leftovers:
             log.warning(
@@ -489,26 +504,31 @@ async def run_archive(cfg: Config, stop: asyncio.Event) -> None:
                 len(leftovers),
                 leftovers[0],
             )
-        writer = asyncio.create_task(archive.write_forever())
+        self.writer = asyncio.create_task(archive.write_forever())
         try:
-            await rt.bus.subscribe(cfg.nats_subject, archive.handle, cfg.nats_max_pending_size)
-            rt.ready = True
-            log.info(
-                "archiving %s to %s (files of up to %d bytes or %gs)",
-                ", ".join(cfg.nats_subject),
-                cfg.archive_directory,
-                cfg.archive_max_size,
-                cfg.archive_max_age,
-            )
-            await rt.until_stopped(writer)
-            if not writer.done():
-                await rt.bus.unsubscribe(UNSUBSCRIBE_TIMEOUT)
+            await host.bus.subscribe(cfg.nats_subject, archive.handle, cfg.nats_max_pending_size)
+        except BaseException:
+            await self.drain()
+            raise
+        log.info(
+            "archiving %s to %s (files of up to %d bytes or %gs)",
+            ", ".join(cfg.nats_subject),
+            cfg.archive_directory,
+            cfg.archive_max_size,
+            cfg.archive_max_age,
+        )
+        return self.writer
+
+    async def drain(self) -> None:
+        """Write what is pending and finish every file."""
+        assert self.archive is not None and self.writer is not None and self.stats is not None
+        try:
+            await self.archive.close(self.writer)
         finally:
-            await archive.close(writer)
             log.info(
                 "all files finished: %d written, %d write errors in all",
-                rt.stats.get("files_written"),
-                rt.stats.get("write_errors"),
+                self.stats.get("files_written"),
+                self.stats.get("write_errors"),
             )
 
 
@@ -581,7 +601,7 @@ def _ns(value: datetime | None) -> int | None:
 class Replay:
     """Publishes archived messages onto NATS at a bounded rate."""
 
-    def __init__(self, cfg: Config, rt: Runtime, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, cfg: Config, rt: Host, clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.rt = rt
         self.clock = clock
@@ -644,10 +664,21 @@ class Replay:
         self.rt.stats.inc("replayed_messages")
 
 
-async def run_replay(cfg: Config, stop: asyncio.Event) -> None:
-    path = cfg.archive_replay_path or cfg.archive_directory
-    async with Runtime(cfg, stop, REPLAY_COUNTERS) as rt:
-        replay = Replay(cfg, rt)
+class ReplayMode:
+    counters = REPLAY_COUNTERS
+    labels = None
+    unsubscribe_timeout = None  # it subscribes to nothing
+    draining = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.replaying: asyncio.Task[None] | None = None
+
+    async def start(self, host: Host) -> asyncio.Future[None]:
+        """Find the files to replay; the work replays them, and the mode ends with it."""
+        cfg = self.cfg
+        path = cfg.archive_replay_path or cfg.archive_directory
+        replay = Replay(cfg, host)
         try:
             files = await asyncio.to_thread(list_files, path, replay.start_ns, replay.end_ns)
         except OSError as exc:
@@ -655,25 +686,31 @@ async def run_replay(cfg: Config, stop: asyncio.Event) -> None:
                 f"archive_replay_path {path}: {exc.strerror or exc} (give an archive file "
                 "or a directory of them)"
             ) from None
-        rt.ready = True
         target = cfg.archive_replay_subject or "their own subjects"
         log.info("replaying %d archive files from %s onto %s", len(files), path, target)
+        self.replaying = asyncio.create_task(self._replay(replay, files, host))
+        return self.replaying
+
+    async def _replay(self, replay: Replay, files: list[str], host: Host) -> None:
+        stop = host.stop
         for file in files:
             if stop.is_set():
                 break
             await replay.replay_file(file, stop)
         log.info(
             "replayed %d messages (%d lines) from %d files%s",
-            rt.stats.get("replayed_messages"),
-            rt.stats.get("replayed_lines"),
+            host.stats.get("replayed_messages"),
+            host.stats.get("replayed_lines"),
             len(files),
             " (stopped early)" if stop.is_set() else "",
         )
 
+    async def drain(self) -> None:
+        """Let the replay notice the stop and publish what it was at."""
+        assert self.replaying is not None
+        await asyncio.wait([self.replaying])  # what made it fail is raised by the lifecycle
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    """Archive cfg.nats_subject until stop is set; or, with archive_replay, replay and return."""
-    if cfg.archive_replay:
-        await run_replay(cfg, stop)
-    else:
-        await run_archive(cfg, stop)
+
+def make(cfg: Config) -> Mode:
+    """Archiving, or with archive_replay a replay that ends once the files are replayed."""
+    return ReplayMode(cfg) if cfg.archive_replay else ArchiveMode(cfg)

@@ -81,7 +81,8 @@ from itertools import chain, repeat
 from influx_spout import lineproto
 from influx_spout.batching import Parts, count_lines
 from influx_spout.config import Checker, Config, option, quote
-from influx_spout.runtime import Runtime, publish_parts_counted
+from influx_spout.mode import Host, Mode
+from influx_spout.runtime import publish_parts_counted
 
 # -- options (the shared ones: config.SharedOptions) ---------------------------------------
 
@@ -117,7 +118,7 @@ COUNTERS = (
 # series one period may hold, all subjects together; 3 periods are open at a time
 MAX_SERIES = 100_000
 
-# time allowed, after a stop, to aggregate what was already received (under cli.STOP_GRACE)
+# time allowed after a stop to aggregate what was already received (under runtime.STOP_GRACE)
 UNSUBSCRIBE_TIMEOUT = 2.0
 
 
@@ -502,7 +503,7 @@ def _render(period: _Period, out: dict[str, list[bytes]]) -> None:
 class Downsampler:
     """Feeds the Aggregator from NATS, publishes what it emits, counts everything."""
 
-    def __init__(self, cfg: Config, rt: Runtime, aggregator: Aggregator) -> None:
+    def __init__(self, cfg: Config, rt: Host, aggregator: Aggregator) -> None:
         self.cfg = cfg
         self.rt = rt
         self.agg = aggregator
@@ -540,18 +541,27 @@ class Downsampler:
             await publish_parts_counted(self.rt, subject + suffix, batch)
 
     async def close(self) -> None:
-        """Aggregate what NATS already delivered, then emit every open period."""
-        await self.rt.bus.unsubscribe(UNSUBSCRIBE_TIMEOUT, "emitting what is aggregated")
+        """Once NATS delivered the last of the input: emit every open period."""
         self.closed = True
         await self.publish(self.agg.take_all())
 
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    """Downsample cfg.nats_subject until stop is set, then emit every open period."""
-    async with Runtime(cfg, stop, COUNTERS) as rt:
-        ds = Downsampler(cfg, rt, Aggregator(round(cfg.downsample_period * 1e9)))
-        await rt.bus.subscribe(cfg.nats_subject, ds.handle, cfg.nats_max_pending_size)
-        rt.ready = True
+class DownsamplerMode:
+    counters = COUNTERS
+    labels = None
+    unsubscribe_timeout = UNSUBSCRIBE_TIMEOUT
+    draining = "emitting what is aggregated"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.ds: Downsampler | None = None
+        self.emitter: asyncio.Task[None] | None = None
+
+    async def start(self, host: Host) -> asyncio.Future[None]:
+        """Downsample cfg.nats_subject; the work emits each period when it is due."""
+        cfg = self.cfg
+        ds = self.ds = Downsampler(cfg, host, Aggregator(round(cfg.downsample_period * 1e9)))
+        await host.bus.subscribe(cfg.nats_subject, ds.handle, cfg.nats_max_pending_size)
         log.info(
             "downsampling %s at %s every %gs to <subject>%s",
             ", ".join(cfg.nats_subject),
@@ -565,9 +575,15 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                 "archive keeps one instance's point per series and period",
                 cfg.queue_group,
             )
-        emitter = asyncio.create_task(ds.emit_until(stop))
-        try:
-            await rt.until_stopped(emitter)
-            await emitter  # it returns at stop; raises what made it fail
-        finally:
-            await ds.close()
+        self.emitter = asyncio.create_task(ds.emit_until(host.stop))
+        return self.emitter
+
+    async def drain(self) -> None:
+        """Emit every open period, once the emitter is done (it returns at stop)."""
+        assert self.ds is not None and self.emitter is not None
+        await asyncio.wait([self.emitter])  # what made it fail is raised by the lifecycle
+        await self.ds.close()
+
+
+def make(cfg: Config) -> Mode:
+    return DownsamplerMode(cfg)

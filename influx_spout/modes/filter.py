@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 from influx_spout import lineproto, workers
 from influx_spout.config import Alias, Checker, Config, option
+from influx_spout.mode import Host, Mode
 from influx_spout.rules import Routed, RuleSet
-from influx_spout.workers import Host
 
 # -- options (the shared ones, rule and workers among them: config.SharedOptions) ----------
 
@@ -174,27 +174,39 @@ class Filter:
                 log.info("could not publish %d lines to %s", lost, subject)
 
 
-async def serve(rt: Host) -> None:
-    """Route cfg.nats_subject[0] until stop is set, then finish what was received."""
-    cfg = rt.cfg
-    source = cfg.nats_subject[0]
-    filt = Filter(cfg, rt, inline=isinstance(rt, workers.WorkerHost))
-    if filt.inline:
-        rt.bus.read_ahead()  # it routes in its event loop: see Bus.catch_up
-    await rt.bus.subscribe([source], filt.handle, cfg.nats_max_pending_size)
-    rt.ready = True
-    await rt.stop.wait()
-    rt.ready = False
-    await rt.bus.unsubscribe()
-    if filt.failure is not None:
-        raise RuntimeError(
-            f"routing failed ({filt.failure!r}), so the filter stopped; "
-            "see the log above, then restart it"
+class FilterMode:
+    """Routes cfg.nats_subject[0] in this process (a lone one, or a worker)."""
+
+    counters = COUNTERS
+    labels = None
+    unsubscribe_timeout = None  # the message being routed is finished, however long
+    draining = ""
+
+    def __init__(self, cfg: Config, inline: bool) -> None:
+        self.cfg = cfg
+        self.inline = inline
+        self.filter: Filter | None = None
+
+    async def start(self, host: Host) -> None:
+        filt = self.filter = Filter(self.cfg, host, self.inline)
+        if filt.inline:
+            host.bus.read_ahead()  # it routes in its event loop: see Bus.catch_up
+        await host.bus.subscribe(
+            [self.cfg.nats_subject[0]], filt.handle, self.cfg.nats_max_pending_size
         )
 
+    async def drain(self) -> None:
+        failure = self.filter.failure if self.filter else None
+        if failure is not None:
+            raise RuntimeError(
+                f"routing failed ({failure!r}), so the filter stopped; "
+                "see the log above, then restart it"
+            )
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    """Route cfg.nats_subject[0] in workers.process_count(cfg) processes until stop."""
+
+def make(cfg: Config) -> Mode:
+    """The filter in workers.process_count(cfg) processes: with more than one, the workers
+    are forked here (so this runs before the event loop starts)."""
     RuleSet(cfg.rule)  # a bad rule fails here, before any process starts, with its message
     processes = workers.process_count(cfg)
     log.info(
@@ -204,4 +216,8 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
         len(cfg.rule),
         processes,
     )
-    await workers.run(cfg, stop, COUNTERS, serve, processes)
+    if processes <= 1:
+        return FilterMode(cfg, inline=False)
+    pool = workers.Pool(cfg, COUNTERS, None, lambda c: FilterMode(c, inline=True), processes)
+    pool.fork()
+    return pool

@@ -69,7 +69,8 @@ from influx_spout.encoders import (
     line_protocol,
 )
 from influx_spout.encoders.json_mapping import JsonMapping
-from influx_spout.runtime import Runtime, publish_parts_counted
+from influx_spout.mode import Host, Mode
+from influx_spout.runtime import publish_parts_counted
 
 # -- options (the shared ones, batch_* among them: config.SharedOptions) -------------------
 
@@ -283,7 +284,7 @@ class KafkaSource:
     """Consumes, decodes, batches, publishes and commits; every consumer call runs in one
     worker thread (librdkafka blocks), one at a time."""
 
-    def __init__(self, cfg: Config, rt: Runtime, consumer: Any, decoder: Decoder) -> None:
+    def __init__(self, cfg: Config, rt: Host, consumer: Any, decoder: Decoder) -> None:
         self.cfg = cfg
         self.rt = rt
         self.stats = rt.stats
@@ -339,7 +340,7 @@ class KafkaSource:
             self.stats.inc("lines", decoded.lines)
             if self.batcher.count and self.batcher.size + len(decoded.data) > self.batcher.max_size:
                 await self.flush()  # the open batch ends before this message
-            ready = self.batcher.add_parts(decoded.data, decoded.lines)
+            ready = self.batcher.add(decoded.data, decoded.lines)
         else:
             ready = []
         self.marks[position] = (msg.offset() or 0) + 1
@@ -366,7 +367,7 @@ class KafkaSource:
 
     async def flush(self) -> None:
         """Publish the open batch; its messages' offsets become committable."""
-        await self.publish(self.batcher.take_parts())
+        await self.publish(self.batcher.take())
         self._settle()
 
     # -- NATS ------------------------------------------------------------------------------
@@ -495,8 +496,20 @@ def _names(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
 
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    async with Runtime(cfg, stop, COUNTERS) as rt:
+class KafkaMode:
+    counters = COUNTERS
+    labels = None
+    unsubscribe_timeout = None  # its input is the Kafka consumer, closed in drain
+    draining = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.source: KafkaSource | None = None
+        self.consuming: asyncio.Task[None] | None = None
+
+    async def start(self, host: Host) -> asyncio.Future[None]:
+        """Subscribe to the topics; the work consumes them until stop."""
+        cfg = self.cfg
         holder: list[KafkaSource] = []
 
         def on_error(err: KafkaError) -> None:
@@ -509,7 +522,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
             raise RuntimeError(
                 f"cannot create the Kafka consumer: {exc} (check [kafka_client])"
             ) from exc
-        source = KafkaSource(cfg, rt, consumer, make_decoder(cfg))
+        source = self.source = KafkaSource(cfg, host, consumer, make_decoder(cfg))
         holder.append(source)
         try:
             await source.call(
@@ -518,20 +531,36 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                 on_assign=source.on_assign,
                 on_revoke=source.on_revoke,
             )
-            rt.ready = True
-            log.info(
-                "consuming %s from %s as group %s (%s), publishing to %s at %s",
-                ", ".join(cfg.kafka_topics),
-                cfg.kafka_brokers,
-                cfg.kafka_group,
-                cfg.kafka_encoder,
-                source.subject,
-                cfg.nats_address,
-            )
-            try:
-                await source.run()
-            except _Stopping:
-                log.warning("stopped while NATS refused a batch: its messages stay uncommitted")
-        finally:
-            rt.ready = False
+        except BaseException:
             await source.close()
+            raise
+        log.info(
+            "consuming %s from %s as group %s (%s), publishing to %s at %s",
+            ", ".join(cfg.kafka_topics),
+            cfg.kafka_brokers,
+            cfg.kafka_group,
+            cfg.kafka_encoder,
+            source.subject,
+            cfg.nats_address,
+        )
+        self.consuming = asyncio.create_task(self._consume(source))
+        return self.consuming
+
+    async def _consume(self, source: KafkaSource) -> None:
+        try:
+            await source.run()
+        except _Stopping:
+            log.warning("stopped while NATS refused a batch: its messages stay uncommitted")
+
+    async def drain(self) -> None:
+        """Let the consumer loop publish and commit what it holds (it ends at stop), then
+        close the consumer."""
+        assert self.source is not None and self.consuming is not None
+        try:
+            await self.consuming
+        finally:
+            await self.source.close()
+
+
+def make(cfg: Config) -> Mode:
+    return KafkaMode(cfg)

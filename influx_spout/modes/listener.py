@@ -27,15 +27,14 @@ Counters:
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import socket
 from dataclasses import dataclass
 
-from influx_spout.batching import Batcher, Parts, count_lines
+from influx_spout.batching import Batcher, ListenerMode, Parts, Pump, count_lines
 from influx_spout.config import MB, Alias, Checker, Config, option
-from influx_spout.runtime import Runtime, publish_parts_counted
+from influx_spout.mode import Host, Mode
+from influx_spout.runtime import publish_parts_counted
 from influx_spout.stats import Stats
 
 # -- options (the shared ones, port and batch_* among them: config.SharedOptions) ----------
@@ -65,9 +64,6 @@ COUNTERS = ("received", "sent", "read_errors", "failed_nats_publish")
 # least MAX_QUEUED_BYTES, and room for QUEUED_BATCHES full batches
 MAX_QUEUED_BYTES = 4 * 1024 * 1024
 QUEUED_BATCHES = 4
-
-# how often, at most, the age of the open batch is checked
-MAX_AGE_CHECK_INTERVAL = 1.0
 
 
 def open_socket(port: int, read_buffer_size: int) -> socket.socket:
@@ -119,26 +115,23 @@ def _set_receive_buffer(sock: socket.socket, size: int) -> None:
 
 
 class UdpListener(asyncio.DatagramProtocol):
-    """Batches datagrams as they arrive; a pump task publishes the ready batches."""
+    """Batches datagrams as they arrive; its pump publishes the ready batches."""
 
-    def __init__(self, cfg: Config, rt: Runtime) -> None:
+    def __init__(self, cfg: Config, rt: Host) -> None:
         self.cfg = cfg
         self.rt = rt
         self.stats: Stats = rt.stats
         self.subject = cfg.nats_subject[0]
-        self.batcher = Batcher(
+        batcher = Batcher(
             cfg.batch_max_count, min(cfg.batch_max_size, rt.bus.max_payload), cfg.batch_max_age
         )
-        self.ready: collections.deque[Parts] = collections.deque()
-        self.queued = 0  # bytes in ready
-        self.max_queued = max(MAX_QUEUED_BYTES, QUEUED_BATCHES * self.batcher.max_size)
+        self.pump = Pump(batcher, self.publish)
+        self.max_queued = max(MAX_QUEUED_BYTES, QUEUED_BATCHES * batcher.max_size)
         # the counters of the per-datagram path, updated without Stats.inc's label handling
         self._values = self.stats.values
         self._received = ("received", ())
         self._failed = ("failed_nats_publish", ())
-        self.wake = asyncio.Event()
         self.transport: asyncio.DatagramTransport | None = None
-        self.closing = False
 
     # -- asyncio.DatagramProtocol ---------------------------------------------------------
 
@@ -153,80 +146,39 @@ class UdpListener(asyncio.DatagramProtocol):
         lines = count_lines(data)
         values = self._values
         values[self._received] += lines
-        if self.queued >= self.max_queued:
+        if self.pump.queued >= self.max_queued:
             values[self._failed] += lines
             if self.cfg.debug:
                 log.warning("dropped a datagram of %d lines from %s: NATS is lagging", lines, addr)
             return
-        batches = self.batcher.add_parts(data, lines)
-        if batches:
-            for batch in batches:
-                self.queued += batch.size
-            self.ready.extend(batches)
-            self.wake.set()
+        self.pump.add(data, lines)
 
     def error_received(self, exc: Exception) -> None:
         self.stats.inc("read_errors")
         log.warning("UDP receive error on port %d: %s", self.cfg.port, exc)
 
-    # -- publishing -------------------------------------------------------------------------
+    # -- as a batching.Listener --------------------------------------------------------------
 
-    async def pump(self) -> None:
-        """Publish ready batches as they come, and the open batch once it is too old.
-
-        Returns once closing is set and what was ready is published; never cancelled, so
-        a batch is never cut off half-published.
-        """
-        tick = min(MAX_AGE_CHECK_INTERVAL, max(self.cfg.batch_max_age / 4, 0.001))
-        while not self.closing:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), tick)
-            self.wake.clear()
-            if self.batcher.due():
-                self.ready.append(self.batcher.take_parts())
-                self.queued += self.ready[-1].size
-            await self.publish_ready()
-
-    async def close(self, pump: asyncio.Task) -> None:
-        """Stop receiving, let the pump finish, then publish everything batched."""
-        if self.transport is not None:
-            self.transport.close()
-        self.closing = True
-        self.wake.set()
-        await pump
-        batch = self.batcher.take_parts()
-        self.ready.append(batch)
-        self.queued += batch.size
-        await self.publish_ready()
-
-    async def publish_ready(self) -> None:
-        """Publish the ready batches, oldest first.
-
-        Handing a batch to the NATS client does not wait for the socket, so every ready
-        batch goes out in one pass and the client's flusher writes them in one go.
-        """
-        ready = self.ready
-        while ready:
-            batch = ready.popleft()
-            self.queued -= batch.size
-            await publish_parts_counted(self.rt, self.subject, batch)
-
-
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    async with Runtime(cfg, stop, COUNTERS) as rt:
+    async def open(self) -> None:
+        cfg = self.cfg
         sock = open_socket(cfg.port, cfg.read_buffer_size)
-        listener = UdpListener(cfg, rt)
-        loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: listener, sock=sock)
-        pump = asyncio.create_task(listener.pump())
-        rt.ready = True
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: self, sock=sock)
         log.info(
             "listening on UDP port %d, publishing to %s at %s",
             cfg.port,
-            listener.subject,
+            self.subject,
             cfg.nats_address,
         )
-        try:
-            await rt.until_stopped(pump)
-        finally:
-            await listener.close(pump)  # raises what made the pump fail, if it did
+
+    async def publish(self, batch: Parts) -> int:
+        return await publish_parts_counted(self.rt, self.subject, batch)
+
+    async def close(self) -> None:
+        """Stop receiving, then publish everything batched (raising what made the pump fail)."""
+        if self.transport is not None:
+            self.transport.close()
+        await self.pump.close()
+
+
+def make(cfg: Config) -> Mode:
+    return ListenerMode(cfg, COUNTERS, UdpListener)

@@ -45,7 +45,6 @@ Counters:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -55,7 +54,15 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from influx_spout import lineproto
-from influx_spout.batching import Batcher, count_lines, split_under, without_overlong
+from influx_spout.batching import (
+    Batcher,
+    ListenerMode,
+    Parts,
+    Pump,
+    count_lines,
+    split_under,
+    without_overlong,
+)
 from influx_spout.config import MB, Checker, Config, option
 from influx_spout.httpserver import (
     BodyError,
@@ -66,8 +73,8 @@ from influx_spout.httpserver import (
     Server,
     ServerBusy,
 )
-from influx_spout.modes.listener import MAX_AGE_CHECK_INTERVAL
-from influx_spout.runtime import Runtime, publish_parts_counted
+from influx_spout.mode import Host, Mode
+from influx_spout.runtime import publish_parts_counted
 
 # -- options (the shared ones, port and batch_* among them: config.SharedOptions) ----------
 
@@ -104,7 +111,7 @@ THREAD_THRESHOLD = 1024 * 1024
 BUSY_FACTOR = 4
 RETRY_AFTER = "1"  # seconds, in 503 answers
 
-# time a stopping server gives requests in progress; stays well under cli.STOP_GRACE
+# time a stopping server gives requests in progress; stays well under runtime.STOP_GRACE
 SHUTDOWN_TIMEOUT = 1.5
 
 MAX_LISTED_LINES = 5  # invalid lines quoted in an error answer
@@ -143,7 +150,7 @@ class Decoded:
     """A write body once checked: what can be published and what cannot."""
 
     # the valid lines (timestamps in ns, each ending with "\n") in pieces of at most the
-    # batch size, each with its line count: ready for Batcher.add_parts as they are
+    # batch size, each with its line count: ready for Batcher.add as they are
     pieces: list[tuple[bytes, int]] = field(default_factory=list)
     valid_lines: int = 0
     rejected: list[tuple[bytes, str]] = field(default_factory=list)  # (line, reason)
@@ -317,16 +324,15 @@ def body_reject(exc: BodyError) -> Reject:
 
 
 class HttpListener:
-    def __init__(self, cfg: Config, rt: Runtime) -> None:
+    def __init__(self, cfg: Config, rt: Host) -> None:
         self.cfg = cfg
         self.rt = rt
         self.subject = cfg.nats_subject[0]
         self.batch_size = min(cfg.batch_max_size, rt.bus.max_payload)
-        self.batcher = Batcher(cfg.batch_max_count, self.batch_size, cfg.batch_max_age)
+        batcher = Batcher(cfg.batch_max_count, self.batch_size, cfg.batch_max_age)
+        self.pump = Pump(batcher, self.publish)
         self.busy_limit = max(BUSY_FACTOR * self.batch_size, cfg.max_body_size)
         self.databases: set[str] = set()
-        self.closing = False
-        self.wake = asyncio.Event()
         # bodies being read or checked count in server.held until they are answered;
         # reading stops with a 503 past busy_limit + max_body_size
         self.server = Server(
@@ -344,7 +350,7 @@ class HttpListener:
             "/query": {"GET": self.query, "HEAD": self.query, "POST": self.query},
         }
 
-    async def start(self) -> None:
+    async def open(self) -> None:
         try:
             await self.server.start(self.cfg.port)
         except OSError as exc:
@@ -352,24 +358,21 @@ class HttpListener:
                 f"cannot listen on TCP port {self.cfg.port}: {exc.strerror or exc} "
                 "(is another process using it? check port)"
             ) from exc
+        log.info(
+            "listening on HTTP port %d, publishing to %s at %s",
+            self.cfg.port,
+            self.subject,
+            self.cfg.nats_address,
+        )
 
-    async def stop(self, pump: asyncio.Task) -> None:
-        """Stop taking requests (those in progress may finish), then publish the rest."""
+    async def close(self) -> None:
+        """Stop taking requests (those in progress may finish), then publish the rest
+        (raising what made the pump fail)."""
         await self.server.close(SHUTDOWN_TIMEOUT)
-        self.closing = True
-        self.wake.set()
-        await pump
-        await publish_parts_counted(self.rt, self.subject, self.batcher.take_parts())
+        await self.pump.close()
 
-    async def pump(self) -> None:
-        """Publish the open batch once it is batch_max_age old."""
-        tick = min(MAX_AGE_CHECK_INTERVAL, max(self.cfg.batch_max_age / 4, 0.001))
-        while not self.closing:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), tick)
-            self.wake.clear()
-            if self.batcher.due():
-                await publish_parts_counted(self.rt, self.subject, self.batcher.take_parts())
+    async def publish(self, batch: Parts) -> int:
+        return await publish_parts_counted(self.rt, self.subject, batch)
 
     async def handle(self, request: Request) -> Response:
         """Route a request; unknown paths and wrong methods get JSON errors too."""
@@ -456,8 +459,7 @@ class HttpListener:
                 )
             lost = 0
             for piece, lines in decoded.pieces:
-                for batch in self.batcher.add_parts(piece, lines):
-                    lost += await publish_parts_counted(self.rt, self.subject, batch)
+                lost += await self.pump.add_now(piece, lines)
             if lost:
                 return error_response(
                     503,
@@ -600,19 +602,5 @@ def too_large(limit: int) -> Reject:
     )
 
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    async with Runtime(cfg, stop, COUNTERS) as rt:
-        server = HttpListener(cfg, rt)
-        await server.start()
-        pump = asyncio.create_task(server.pump())
-        rt.ready = True
-        log.info(
-            "listening on HTTP port %d, publishing to %s at %s",
-            cfg.port,
-            server.subject,
-            cfg.nats_address,
-        )
-        try:
-            await rt.until_stopped(pump)
-        finally:
-            await server.stop(pump)  # raises what made the pump fail, if it did
+def make(cfg: Config) -> Mode:
+    return ListenerMode(cfg, COUNTERS, HttpListener)

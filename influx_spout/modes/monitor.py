@@ -54,8 +54,8 @@ from aiohttp import web
 
 from influx_spout import lineproto
 from influx_spout.config import Checker, Config
+from influx_spout.mode import Host, Mode
 from influx_spout.probes import serve_http
-from influx_spout.runtime import Runtime
 
 # -- options (all shared, port among them: config.SharedOptions) ---------------------------
 
@@ -90,7 +90,7 @@ SWEEP_INTERVAL = 5.0  # seconds between looks for expired series
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # time allowed, after a stop, to stop taking input and to close HTTP connections;
-# together they stay under cli.STOP_GRACE
+# together they stay under runtime.STOP_GRACE
 UNSUBSCRIBE_TIMEOUT = 0.5
 HTTP_SHUTDOWN_TIMEOUT = 1.0
 
@@ -228,7 +228,7 @@ class SeriesStore:
 class Monitor:
     """Feeds the SeriesStore from NATS, serves it over HTTP, counts everything."""
 
-    def __init__(self, cfg: Config, rt: Runtime, store: SeriesStore | None = None) -> None:
+    def __init__(self, cfg: Config, rt: Host, store: SeriesStore | None = None) -> None:
         self.cfg = cfg
         self.rt = rt
         self.stats = rt.stats
@@ -293,33 +293,49 @@ class Monitor:
             self.sweep(time.monotonic())
 
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    """Collect nats_subject_monitor and serve /metrics on port until stop is set."""
-    if cfg.queue_group:
-        log.warning(
-            "queue_group %r ignored: every monitor must see every component's counters",
-            cfg.queue_group,
-        )
-        cfg = dataclasses.replace(cfg, queue_group="")
-    async with Runtime(cfg, stop, COUNTERS) as rt:
-        monitor = Monitor(cfg, rt)
+class MonitorMode:
+    counters = COUNTERS
+    labels = None
+    unsubscribe_timeout = UNSUBSCRIBE_TIMEOUT
+    draining = ""
+
+    def __init__(self, cfg: Config) -> None:
+        if cfg.queue_group:
+            log.warning(
+                "queue_group %r ignored: every monitor must see every component's counters",
+                cfg.queue_group,
+            )
+            cfg = dataclasses.replace(cfg, queue_group="")
+        self.cfg = cfg
+        self.monitor: Monitor | None = None
+        self.sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, host: Host) -> asyncio.Future[None]:
+        """Serve /metrics on port and collect nats_subject_monitor; the work expires series."""
+        cfg = self.cfg
+        monitor = self.monitor = Monitor(cfg, host)
         await monitor.start_http()
-        sweeper = asyncio.create_task(monitor.sweep_forever())
         try:
-            await rt.bus.subscribe(
+            await host.bus.subscribe(
                 [cfg.nats_subject_monitor], monitor.on_message, cfg.nats_max_pending_size
             )
-            rt.ready = True
-            log.info(
-                "serving /metrics on HTTP port %d from %s at %s",
-                cfg.port,
-                cfg.nats_subject_monitor,
-                cfg.nats_address,
-            )
-            await rt.until_stopped(sweeper)
-            if sweeper.done():
-                sweeper.result()  # raise what made it fail
-        finally:
-            sweeper.cancel()
-            await rt.bus.unsubscribe(UNSUBSCRIBE_TIMEOUT)
+        except BaseException:
             await monitor.stop_http()
+            raise
+        log.info(
+            "serving /metrics on HTTP port %d from %s at %s",
+            cfg.port,
+            cfg.nats_subject_monitor,
+            cfg.nats_address,
+        )
+        self.sweeper = asyncio.create_task(monitor.sweep_forever())
+        return self.sweeper
+
+    async def drain(self) -> None:
+        assert self.monitor is not None and self.sweeper is not None
+        self.sweeper.cancel()
+        await self.monitor.stop_http()
+
+
+def make(cfg: Config) -> Mode:
+    return MonitorMode(cfg)

@@ -50,7 +50,7 @@ import httpx
 
 from influx_spout.batching import Batcher, Parts, count_lines, ensure_newline
 from influx_spout.config import Alias, Checker, Config, from_environment, option, quote
-from influx_spout.runtime import Runtime
+from influx_spout.mode import Host, Mode
 from influx_spout.stats import Stats
 
 # -- options (the shared ones, batch_*, rule and workers among them: config.SharedOptions) --
@@ -132,7 +132,7 @@ COUNTERS = (
 )
 
 # time allowed, after a stop, to stop taking input and then to write out what is left;
-# together they stay under cli.STOP_GRACE
+# together they stay under runtime.STOP_GRACE
 UNSUBSCRIBE_TIMEOUT = 0.5
 CLOSE_TIMEOUT = 2.5
 
@@ -254,7 +254,7 @@ class Writer:
     """Batches data and writes it to InfluxDB with bounded concurrency and retries.
 
     Feed it with add(); flush() writes what is batched now; close() writes out everything
-    left within a deadline. The mode's run() feeds it from NATS; tests feed it directly.
+    left within a deadline. WriterMode feeds it from NATS; tests feed it directly.
     """
 
     def __init__(
@@ -319,12 +319,12 @@ class Writer:
         if self._closing:  # late input while stopping is written at once
             await self._submit(Parts([data], len(data), lines))
             return
-        for batch in self._batcher.add_parts(data, lines):
+        for batch in self._batcher.add(data, lines):
             await self._submit(batch)
 
     async def flush(self) -> None:
         """Start writing what is batched now."""
-        batch = self._batcher.take_parts()
+        batch = self._batcher.take()
         if batch.size:
             await self._submit(batch)
 
@@ -513,26 +513,41 @@ class Writer:
         log.error("gave up %d lines for %s: %s", lines, self.url, why)
 
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    """Read cfg.nats_subject and write to InfluxDB until stop is set."""
-    async with Runtime(cfg, stop, COUNTERS, labels=labels(cfg)) as rt:
-        writer = Writer(cfg, rt.stats)
+class WriterMode:
+    counters = COUNTERS
+    unsubscribe_timeout = UNSUBSCRIBE_TIMEOUT
+    draining = "writing out what is held"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.labels = labels(cfg)
+        self.writer: Writer | None = None
+
+    async def start(self, host: Host) -> None:
+        """Read cfg.nats_subject and write it to InfluxDB."""
+        cfg = self.cfg
+        writer = self.writer = Writer(cfg, host.stats)
         writer.start()
+
+        async def on_message(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+            await writer.add(data)
+
         try:
-
-            async def on_message(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-                await writer.add(data)
-
-            await rt.bus.subscribe(cfg.nats_subject, on_message, cfg.nats_max_pending_size)
-            rt.ready = True
-            log.info(
-                "writing %s to %s with %d workers",
-                ", ".join(cfg.nats_subject),
-                writer.url,
-                cfg.workers,
-            )
-            await stop.wait()
-            rt.ready = False
-            await rt.bus.unsubscribe(UNSUBSCRIBE_TIMEOUT, "writing out what is held")
-        finally:
+            await host.bus.subscribe(cfg.nats_subject, on_message, cfg.nats_max_pending_size)
+        except BaseException:
             await writer.close()
+            raise
+        log.info(
+            "writing %s to %s with %d workers",
+            ", ".join(cfg.nats_subject),
+            writer.url,
+            cfg.workers,
+        )
+
+    async def drain(self) -> None:
+        assert self.writer is not None
+        await self.writer.close()
+
+
+def make(cfg: Config) -> Mode:
+    return WriterMode(cfg)

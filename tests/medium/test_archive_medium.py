@@ -1,8 +1,8 @@
 """archive on a real nats-server: two subjects archived to gzip files that standard gzip
 reads, replayed back byte for byte, and a replay split under the NATS max payload.
 
-The mode runs in-process (`archive.run(cfg, stop)` as a task); a nats-py client publishes
-its input and collects what it replays and its counters.
+The mode runs in-process (`runtime.run(archive.make(cfg), stop)` as a task); a nats-py
+client publishes its input and collects what it replays and its counters.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 from support.collect import Collector, wait_until
 from support.servers import NatsServer
 
+from influx_spout import runtime
 from influx_spout.config import Config
 from influx_spout.modes import archive
 from influx_spout.modes.archive import Archiver, Record, parse_file_name, read_records
@@ -57,7 +58,9 @@ def test_archive_two_subjects_then_replay_byte_for_byte(
         col = Collector("none", MONITOR)
         await col.start(nats_server.url)
         stop = asyncio.Event()
-        task = asyncio.create_task(archive.run(make_config(nats_server.url, directory), stop))
+        task = asyncio.create_task(
+            runtime.run(archive.make(make_config(nats_server.url, directory)), stop)
+        )
         await col.wait_for(lambda: "received" in col.counters or task.done())
         nc = await nats.connect(nats_server.url)
         for subject, payloads in sent.items():
@@ -106,7 +109,8 @@ def test_archive_two_subjects_then_replay_byte_for_byte(
             archive_replay=True,
             archive_replay_subject="replayed",
         )
-        await asyncio.wait_for(archive.run(cfg, asyncio.Event()), 10)  # returns by itself
+        replay = runtime.run(archive.make(cfg), asyncio.Event())
+        await asyncio.wait_for(replay, 10)  # returns by itself
         await col.wait_counters(replayed_messages=6, replayed_lines=5 * 50 + 1)
         await col.wait_for(lambda: len(col.messages) == 6)
         await col.close()
@@ -130,7 +134,7 @@ def test_replay_splits_under_the_max_payload(nats_server: NatsServer, tmp_path: 
         col = Collector("arc.big", MONITOR)
         await col.start(nats_server.url)
         cfg = make_config(nats_server.url, tmp_path, archive_replay=True)
-        await asyncio.wait_for(archive.run(cfg, asyncio.Event()), 10)
+        await asyncio.wait_for(runtime.run(archive.make(cfg), asyncio.Event()), 10)
         await col.wait_published(big)
         await col.wait_counters(replayed_messages=1, replayed_lines=30_000)
         await col.close()
@@ -161,7 +165,7 @@ def test_a_slow_disk_fills_the_input_buffer_and_drops_are_counted(
         col = Collector("none", MONITOR)
         await col.start(nats_server.url)
         stop = asyncio.Event()
-        task = asyncio.create_task(archive.run(cfg, stop))
+        task = asyncio.create_task(runtime.run(archive.make(cfg), stop))
         await col.wait_for(lambda: "received" in col.counters or task.done())
         nc = await nats.connect(nats_server.url)
         for _ in range(50):
@@ -186,4 +190,4 @@ def test_replay_of_a_missing_path_fails_with_its_name(
 ) -> None:
     cfg = make_config(nats_server.url, tmp_path / "nowhere", archive_replay=True)
     with pytest.raises(RuntimeError, match="archive_replay_path .*nowhere: No such file"):
-        asyncio.run(archive.run(cfg, asyncio.Event()))
+        asyncio.run(runtime.run(archive.make(cfg), asyncio.Event()))

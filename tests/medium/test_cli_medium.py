@@ -86,4 +86,4 @@ def test_every_mode_has_a_module() -> None:
     from influx_spout.config import MODES
 
     for mode in MODES:
-        assert hasattr(importlib.import_module(f"influx_spout.modes.{mode}"), "run")
+        assert hasattr(importlib.import_module(f"influx_spout.modes.{mode}"), "make")

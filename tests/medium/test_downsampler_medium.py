@@ -2,8 +2,8 @@
 subjects, the emission of incomplete periods at stop, counters, refused publishes and a
 full input buffer.
 
-The downsampler runs in-process (`downsampler.run(cfg, stop)` as a task); a nats-py client
-publishes its input and reads its output and counters.
+The downsampler runs in-process (`runtime.run(downsampler.make(cfg), stop)` as a task); a
+nats-py client publishes its input and reads its output and counters.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from support.collect import Collector
 from support.servers import NatsServer
 
-from influx_spout import lineproto
+from influx_spout import lineproto, runtime
 from influx_spout.config import Config
 from influx_spout.modes import downsampler
 from influx_spout.modes.downsampler import Downsampler
@@ -52,7 +52,7 @@ async def running(cfg: Config, output: str) -> AsyncIterator[tuple[Collector, as
     col = Collector(output, MONITOR)
     await col.start(cfg.nats_address)
     stop = asyncio.Event()
-    task = asyncio.create_task(downsampler.run(cfg, stop))
+    task = asyncio.create_task(runtime.run(downsampler.make(cfg), stop))
     await col.wait_for(lambda: "received" in col.counters or task.done())
     if task.done():
         task.result()
@@ -133,7 +133,7 @@ def test_stop_emits_the_incomplete_periods_at_once(nats_server: NatsServer) -> N
         col = Collector("ds-a-archive", MONITOR)
         await col.start(nats_server.url)
         stop = asyncio.Event()
-        task = asyncio.create_task(downsampler.run(cfg, stop))
+        task = asyncio.create_task(runtime.run(downsampler.make(cfg), stop))
         await col.wait_for(lambda: "received" in col.counters)
         now = time.time_ns()
         hour = 3600 * 10**9

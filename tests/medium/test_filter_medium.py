@@ -1,8 +1,10 @@
 """filter on a real nats-server: routing per rule, junkyard, dropped lines, counters,
 queue groups, flush on stop, slow-consumer drops, the worker pool, the process.
 
-The filter runs in-process (`filter.run(cfg, stop)` as a task) unless a test starts it as a
-process; a nats-py client publishes its input and reads every subject and the counters.
+The filter runs in-process (`runtime.run(filter.make(cfg), stop)` as a task; make forks
+the workers, so with workers > 1 it is called before the event loop starts) unless a test
+starts it as a process; a nats-py client publishes its input and reads every subject and
+the counters.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from support.sample import telegraf_lines
 from support.servers import Component, NatsServer
 
 from bench.natscount import LineCounter
+from influx_spout import runtime
 from influx_spout.config import Config, Rule
+from influx_spout.mode import Mode
 from influx_spout.modes import filter as filter_mode
 from influx_spout.rules import RuleSet
 
@@ -117,12 +121,14 @@ class Bus:
 
 
 @asynccontextmanager
-async def running(bus: Bus, cfg: Config) -> AsyncIterator[asyncio.Event]:
-    """Run a filter until the block ends; yield its stop event once it is subscribed."""
+async def running(bus: Bus, mode: Mode) -> AsyncIterator[asyncio.Event]:
+    """Run a filter (filter_mode.make) until the block ends; yield its stop event once it
+    is subscribed."""
     stop = asyncio.Event()
-    task = asyncio.create_task(filter_mode.run(cfg, stop))
+    task = asyncio.create_task(runtime.run(mode, stop))
     # its first stats come after its subscription, on the same connection
-    await bus.wait_for(lambda: bus.counter("processed", cfg.name) is not None or task.done())
+    name = mode.cfg.name
+    await bus.wait_for(lambda: bus.counter("processed", name) is not None or task.done())
     if task.done():
         task.result()
     try:
@@ -136,7 +142,7 @@ def test_routes_each_rule_to_its_subject(nats_server: NatsServer) -> None:
     async def main() -> Bus:
         bus = Bus()
         await bus.start(nats_server.url)
-        async with running(bus, make_config(nats_server.url)):
+        async with running(bus, filter_mode.make(make_config(nats_server.url))):
             await bus.publish(
                 b"\n".join(
                     [
@@ -188,11 +194,13 @@ def test_telegraf_batches_through_the_pool(nats_server: NatsServer) -> None:
     lines = telegraf_lines(2000, ts=time.time_ns())
     rules = [Rule("basic", "cpu", subject="out-cpu"), Rule("regex", "dc=eu-", subject="out-eu")]
 
+    # the workers are forked before the event loop starts, as the command line does
+    pool = filter_mode.make(make_config(nats_server.url, workers=2, rule=rules))
+
     async def main() -> Bus:
         bus = Bus()
         await bus.start(nats_server.url)
-        cfg = make_config(nats_server.url, workers=2, rule=rules)
-        async with running(bus, cfg):
+        async with running(bus, pool):
             for i in range(0, len(lines), 200):
                 await bus.publish(b"\n".join(lines[i : i + 200]) + b"\n")
             await bus.wait_for(lambda: bus.counter("processed") == len(lines))
@@ -217,7 +225,7 @@ def test_two_filters_in_a_queue_group_share_the_load(nats_server: NatsServer) ->
         await bus.start(nats_server.url)
         one = make_config(nats_server.url, name="one", queue_group="filters")
         two = make_config(nats_server.url, name="two", queue_group="filters")
-        async with running(bus, one), running(bus, two):
+        async with running(bus, filter_mode.make(one)), running(bus, filter_mode.make(two)):
             for i in range(60):
                 await bus.publish(b"cpu,n=%d v=1\n" % i)
             await bus.wait_for(
@@ -260,7 +268,8 @@ def test_stop_flushes_batches_in_flight(
         bus = Bus()
         await bus.start(nats_server.url)
         stop = asyncio.Event()
-        task = asyncio.create_task(filter_mode.run(make_config(nats_server.url), stop))
+        mode = filter_mode.make(make_config(nats_server.url))
+        task = asyncio.create_task(runtime.run(mode, stop))
         await bus.wait_for(lambda: bus.counter("processed") is not None)
         for i in range(3):  # one being routed, two waiting in the subscription
             await bus.publish(b"cpu,batch=%d v=1\nmem,host=x v=%d\n" % (i, i))
@@ -293,7 +302,7 @@ def test_a_full_input_buffer_drops_and_counts(
         await bus.start(nats_server.url)
         payload = b"\n".join(now_line(b"cpu,host=web%03d v=1" % i) for i in range(per_message))
         cfg = make_config(nats_server.url, nats_max_pending_size=4 * len(payload))
-        async with running(bus, cfg):
+        async with running(bus, filter_mode.make(cfg)):
             for _ in range(sent):
                 await bus.publish(payload)
             await bus.wait_for(lambda: (bus.counter("nats_dropped", subject=INPUT) or 0) > 0)
@@ -328,6 +337,9 @@ def test_a_backlog_waits_in_the_filter_not_in_nats_server(
     payload = b"\n".join(lines) + b"\n"
     sent = 400  # 70 MB at 1,000 messages/s: twice what two such workers take
     out: Counter[str] = Counter()
+    # the workers are forked before the event loop starts, as the command line does
+    cfg = make_config(server.url, workers=2, rule=[Rule("basic", "cpu", subject="out-cpu")])
+    pool = filter_mode.make(cfg)
 
     async def main() -> Bus:
         bus = Bus()
@@ -337,8 +349,7 @@ def test_a_backlog_waits_in_the_filter_not_in_nats_server(
         counter = await LineCounter.connect(
             host, int(port), ["out-cpu", JUNK], lambda subject, n: out.update({subject: n})
         )
-        cfg = make_config(server.url, workers=2, rule=[Rule("basic", "cpu", subject="out-cpu")])
-        async with running(bus, cfg):
+        async with running(bus, pool):
             for _ in range(sent):
                 await bus.nc.publish(INPUT, payload)
                 await asyncio.sleep(0.001)

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from support.collect import Collector, wait_until
 from support.servers import KafkaServer, NatsServer
 
+from influx_spout import runtime
 from influx_spout.config import Config
 from influx_spout.modes import kafka
 
@@ -70,7 +71,7 @@ async def running(cfg: Config) -> AsyncIterator[tuple[Collector, DeadLetters, as
     dead = DeadLetters()
     await dead.start(cfg.nats_address)
     stop = asyncio.Event()
-    task = asyncio.create_task(kafka.run(cfg, stop))
+    task = asyncio.create_task(runtime.run(kafka.make(cfg), stop))
     try:
         yield collector, dead, task
     finally:

@@ -1,6 +1,6 @@
 """listener_http against a real nats-server: the InfluxDB write API, real clients, limits.
 
-The listener runs in-process (`listener_http.run(cfg, stop)` as a task) except in the
+The listener runs in-process (`runtime.run(listener_http.make(cfg), stop)` as a task) except in the
 last test, which runs it as its own process; a nats-py client reads what it publishes
 and the counters on the monitor subject. Blocking client libraries run in a thread so
 the in-process server keeps serving.
@@ -26,6 +26,7 @@ from support.collect import Collector
 from support.sample import telegraf_lines
 from support.servers import CURL_STATUS, Component, NatsServer, free_port
 
+from influx_spout import runtime
 from influx_spout.config import Config
 from influx_spout.modes import listener_http
 
@@ -74,7 +75,7 @@ async def running(cfg: Config) -> AsyncIterator[Harness]:
     col = Collector(SUBJECT, MONITOR)
     await col.start(cfg.nats_address)
     stop = asyncio.Event()
-    task = asyncio.create_task(listener_http.run(cfg, stop))
+    task = asyncio.create_task(runtime.run(listener_http.make(cfg), stop))
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{cfg.port}", trust_env=False, timeout=10
     ) as http:

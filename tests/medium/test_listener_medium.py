@@ -1,6 +1,6 @@
 """listener (UDP): batching by count, size and age, flush on stop, counters; real nats-server.
 
-The listener runs in-process (`listener.run(cfg, stop)` as a task); a nats-py client
+The listener runs in-process (`runtime.run(listener.make(cfg), stop)` as a task); a nats-py client
 reads what it publishes and the counters on the monitor subject.
 """
 
@@ -18,8 +18,10 @@ import pytest
 from support.collect import Collector
 from support.servers import NatsServer, free_port
 
+from influx_spout import runtime
 from influx_spout.config import Config
 from influx_spout.modes import listener
+from influx_spout.runtime import Runtime
 
 SUBJECT = "udp-out"
 MONITOR = "udp-monitor"
@@ -50,7 +52,7 @@ async def running(cfg: Config) -> AsyncIterator[tuple[Collector, Callable[[], Aw
     collector = Collector(SUBJECT, MONITOR)
     await collector.start(cfg.nats_address)
     stop = asyncio.Event()
-    task = asyncio.create_task(listener.run(cfg, stop))
+    task = asyncio.create_task(runtime.run(listener.make(cfg), stop))
     await wait_ready(cfg.probe_port, task)
 
     async def stop_listener() -> None:
@@ -235,24 +237,24 @@ def test_datagrams_are_dropped_and_counted_while_nats_lags(nats_server: NatsServ
     # NATS cannot be made to lag on demand: fill the ready queue the pump would drain
     async def main() -> None:
         cfg = make_config(nats_server.url, probe_port=0)
-        async with listener.Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
+        async with Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
             udp = listener.UdpListener(cfg, rt)
             # the bound is in bytes: at least MAX_QUEUED_BYTES, room for 4 full batches
             assert udp.max_queued == max(listener.MAX_QUEUED_BYTES, 4 * cfg.batch_max_size)
             queued = listener.Parts([b"queued x=1\n" * 1000], 11000, 1000)
-            while udp.queued < udp.max_queued:
-                udp.ready.append(queued)
-                udp.queued += queued.size
+            while udp.pump.queued < udp.max_queued:
+                udp.pump.ready.append(queued)
+                udp.pump.queued += queued.size
             udp.datagram_received(b"a x=1\nb x=2\n", ("127.0.0.1", 1))
             assert rt.stats.get("received") == 2
             assert rt.stats.get("failed_nats_publish") == 2
-            assert udp.batcher.count == 0
+            assert udp.pump.batcher.count == 0
             # once the queue is published, datagrams are taken again
-            await udp.publish_ready()
-            assert udp.queued == 0
+            await udp.pump.publish_ready()
+            assert udp.pump.queued == 0
             udp.datagram_received(b"c x=3\n", ("127.0.0.1", 1))
             assert rt.stats.get("received") == 3
-            assert udp.batcher.count == 1
+            assert udp.pump.batcher.count == 1
 
     asyncio.run(main())
 
@@ -260,7 +262,7 @@ def test_datagrams_are_dropped_and_counted_while_nats_lags(nats_server: NatsServ
 def test_socket_errors_are_counted(nats_server: NatsServer) -> None:
     async def main() -> None:
         cfg = make_config(nats_server.url, probe_port=0)
-        async with listener.Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
+        async with Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
             udp = listener.UdpListener(cfg, rt)
             udp.error_received(ConnectionRefusedError(111, "Connection refused"))
             assert rt.stats.get("read_errors") == 1
@@ -300,7 +302,7 @@ def test_publish_parts_sends_the_joined_parts_and_falls_back_when_it_must(tmp_pa
             cfg = make_config(server.url, probe_port=0)
             collector = Collector(SUBJECT, MONITOR)
             await collector.start(server.url)
-            async with listener.Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
+            async with Runtime(cfg, asyncio.Event(), listener.COUNTERS) as rt:
                 bus = rt.bus
                 parts = [b"a x=1\n", b"b x=2\nc x=3\n"]
                 # fast path: one message, the parts as they are

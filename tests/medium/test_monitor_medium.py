@@ -1,6 +1,6 @@
 """monitor: stats published on a real nats-server, read back from /metrics over HTTP.
 
-The monitor runs in-process (`monitor.run(cfg, stop)` as a task); a nats-py client
+The monitor runs in-process (`runtime.run(monitor.make(cfg), stop)` as a task); a nats-py client
 publishes components' counters as influx_spout.stats renders them.
 """
 
@@ -19,6 +19,7 @@ import pytest
 from support.collect import Collector
 from support.servers import NatsServer, free_port
 
+from influx_spout import runtime
 from influx_spout.config import Config
 from influx_spout.modes import monitor
 from influx_spout.stats import Stats
@@ -89,7 +90,7 @@ class Scraper:
 async def running(cfg: Config) -> AsyncIterator[tuple[nats.NATS, Scraper]]:
     """Start the monitor; yield (a NATS client, a scraper). Stops it cleanly at exit."""
     stop = asyncio.Event()
-    task = asyncio.create_task(monitor.run(cfg, stop))
+    task = asyncio.create_task(runtime.run(monitor.make(cfg), stop))
     scraper = Scraper(cfg.port)
     await scraper.wait_ready(cfg.probe_port, task)
     nc = await nats.connect(cfg.nats_address)
@@ -204,7 +205,7 @@ def test_port_in_use_is_a_clear_failure(nats_server: NatsServer) -> None:
             busy.listen()
             cfg = make_config(nats_server.url, port=busy.getsockname()[1])
             with pytest.raises(RuntimeError, match=rf"cannot serve HTTP on port {cfg.port}.*port"):
-                await asyncio.wait_for(monitor.run(cfg, asyncio.Event()), 5)
+                await asyncio.wait_for(runtime.run(monitor.make(cfg), asyncio.Event()), 5)
 
     asyncio.run(main())
 

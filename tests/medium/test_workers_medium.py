@@ -1,7 +1,7 @@
 """workers on a real nats-server: each worker its own connection in a queue group, one
 set of summed counters from the parent, private groups per instance, stop, a dying worker.
 
-A toy serve() counts the messages it takes and republishes them on OUT.
+A toy mode, Echo, counts the messages it takes and republishes them on OUT.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from support.collect import wait_until
 from support.servers import NatsServer
 
-from influx_spout import workers
+from influx_spout import runtime, workers
 from influx_spout.config import Config
 
 INPUT = "workers-in"
@@ -26,20 +26,36 @@ MONITOR = "workers-monitor"
 _PROCESSED = re.compile(rb'^processed\{[^}]*name="([^"]+)"[^}]*\} (\d+) ', re.M)
 
 
-async def echo(host: Any) -> None:
+class Echo:
     """A mode's job: take INPUT, count it, republish it with the worker's pid."""
 
-    async def handle(subject: str, data: bytes, headers: Any) -> None:
-        host.stats.inc("processed")
-        host.stats.inc("by_pid", pid=str(os.getpid()))
-        await host.bus.publish(OUT, data)
-        if data == b"die\n":
-            os._exit(3)
+    counters = ("processed",)
+    labels = None
+    unsubscribe_timeout = None
+    draining = ""
 
-    await host.bus.subscribe([INPUT], handle, 1 << 20)
-    host.ready = True
-    await host.stop.wait()
-    await host.bus.unsubscribe()
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    async def start(self, host: Any) -> None:
+        async def handle(subject: str, data: bytes, headers: Any) -> None:
+            host.stats.inc("processed")
+            host.stats.inc("by_pid", pid=str(os.getpid()))
+            await host.bus.publish(OUT, data)
+            if data == b"die\n":
+                os._exit(3)
+
+        await host.bus.subscribe([INPUT], handle, 1 << 20)
+
+    async def drain(self) -> None:
+        pass
+
+
+def fork(cfg: Config) -> workers.Pool:
+    """Two workers running Echo, forked before the event loop starts (as cli.main does)."""
+    pool = workers.Pool(cfg, Echo.counters, None, Echo, processes=2)
+    pool.fork()
+    return pool
 
 
 def make_config(url: str, name: str, **kw: Any) -> Config:
@@ -82,17 +98,14 @@ class Watch:
 def test_workers_share_the_input_and_the_parent_sums_their_counters(
     nats_server: NatsServer,
 ) -> None:
+    pools = {name: fork(make_config(nats_server.url, name)) for name in ("a", "b")}
+
     async def main() -> Watch:
         watch = Watch()
         await watch.start(nats_server.url)
-        stops = {name: asyncio.Event() for name in ("a", "b")}
+        stops = {name: asyncio.Event() for name in pools}
         tasks = [
-            asyncio.create_task(
-                workers.run(
-                    make_config(nats_server.url, name), stop, ("processed",), echo, processes=2
-                )
-            )
-            for name, stop in stops.items()
+            asyncio.create_task(runtime.run(pools[name], stop)) for name, stop in stops.items()
         ]
         await watch.wait_for(lambda: len(watch.processed) == 2)
         await asyncio.sleep(0.2)  # every worker subscribed (readiness comes with the stats)
@@ -114,22 +127,13 @@ def test_workers_share_the_input_and_the_parent_sums_their_counters(
 
 
 def test_a_queue_group_spans_instances(nats_server: NatsServer) -> None:
+    pools = [fork(make_config(nats_server.url, name, queue_group="shared")) for name in "ab"]
+
     async def main() -> Watch:
         watch = Watch()
         await watch.start(nats_server.url)
         stop = asyncio.Event()
-        tasks = [
-            asyncio.create_task(
-                workers.run(
-                    make_config(nats_server.url, name, queue_group="shared"),
-                    stop,
-                    ("processed",),
-                    echo,
-                    processes=2,
-                )
-            )
-            for name in ("a", "b")
-        ]
+        tasks = [asyncio.create_task(runtime.run(pool, stop)) for pool in pools]
         await watch.wait_for(lambda: len(watch.processed) == 2)
         await asyncio.sleep(0.2)
         for i in range(100):
@@ -145,13 +149,31 @@ def test_a_queue_group_spans_instances(nats_server: NatsServer) -> None:
     assert len(watch.out) == 100  # each message once, across both instances
 
 
+def test_the_pool_starts_once_every_worker_is_ready(nats_server: NatsServer) -> None:
+    pool = fork(make_config(nats_server.url, "a"))
+
+    async def main() -> list[bool]:
+        stop = asyncio.Event()
+        async with runtime.Runtime(pool.cfg, stop, pool.counters) as rt:
+            work = await asyncio.wait_for(pool.start(rt), 10)  # not at stop: when ready
+            ready = [w.ready for w in pool.workers]
+            assert not work.done() and rt.ready
+            stop.set()
+            await pool.drain()
+        return ready
+
+    assert run(main()) == [True, True]
+    assert all(not w.proc.is_alive() for w in pool.workers)
+
+
 def test_a_worker_that_dies_stops_the_component(nats_server: NatsServer) -> None:
+    pool = fork(make_config(nats_server.url, "a"))
+
     async def main() -> None:
         watch = Watch()
         await watch.start(nats_server.url)
         stop = asyncio.Event()
-        cfg = make_config(nats_server.url, "a")
-        task = asyncio.create_task(workers.run(cfg, stop, ("processed",), echo, processes=2))
+        task = asyncio.create_task(runtime.run(pool, stop))
         await watch.wait_for(lambda: "a" in watch.processed)
         await asyncio.sleep(0.2)
         await watch.nc.publish(INPUT, b"die\n")

@@ -20,6 +20,7 @@ from influx_spout.config import Config, Rule
 from influx_spout.modes import filter as filter_mode
 from influx_spout.modes.filter import COUNTERS, Filter
 from influx_spout.rules import RuleSet
+from influx_spout.runtime import lifecycle
 from influx_spout.stats import Stats
 
 NOW = time.time_ns()
@@ -236,7 +237,7 @@ def test_serve_raises_after_a_routing_failure(monkeypatch: pytest.MonkeyPatch) -
         async def subscribe(self, subjects: list[str], handler: Any, pending: int) -> None:
             self.handler = handler
 
-        async def unsubscribe(self) -> None:
+        async def unsubscribe(self, timeout: float | None = None, then: str = "") -> None:
             pass
 
     async def main() -> None:
@@ -249,7 +250,8 @@ def test_serve_raises_after_a_routing_failure(monkeypatch: pytest.MonkeyPatch) -
             ready=False,
             sync_dropped=lambda: None,
         )
-        task = asyncio.create_task(filter_mode.serve(rt))  # type: ignore[arg-type]
+        mode = filter_mode.FilterMode(rt.cfg, inline=False)
+        task = asyncio.create_task(lifecycle(rt, mode))  # type: ignore[arg-type]
         while not rt.ready:
             await asyncio.sleep(0)
         await bus.handler(*msg(b"cpu v=1\n"))
@@ -290,4 +292,4 @@ def test_no_debug_no_line_logs(caplog: pytest.LogCaptureFixture) -> None:
 def test_a_bad_rule_fails_before_any_process_starts() -> None:
     cfg = make_cfg(workers=2, rule=[Rule("regex", "(", subject="s")])
     with pytest.raises(ValueError, match="invalid regular expression"):
-        run(filter_mode.run(cfg, asyncio.Event()))
+        filter_mode.make(cfg)
