@@ -34,6 +34,8 @@ import re
 import time
 from typing import Any, NamedTuple
 
+from influx_spout import batching
+
 try:  # optional accelerator: a DFA makes the whole-batch check ~5x faster
     import re2 as re2_engine
 except ImportError:  # pragma: no cover - depends on the environment
@@ -536,3 +538,79 @@ def to_nanoseconds_or_set_aside(batch: bytes, precision: str) -> tuple[bytes, li
             line + b"\n" for line in batch.split(b"\n")[:-1] if line not in out_of_range
         )
         return to_nanoseconds(kept, precision), exc.lines
+
+
+# --- checking a body ---------------------------------------------------------------------------
+
+
+class Rejected(NamedTuple):
+    """A piece of input that is not passed on (a line, a record, or a whole message), and why."""
+
+    data: bytes
+    reason: str
+
+
+class Decoded(NamedTuple):
+    """A body once checked: the lines that go on, and what was rejected."""
+
+    data: bytes  # valid line protocol in ns, every line ending with b"\n" (b"" when none)
+    lines: int  # lines in data
+    rejected: list[Rejected]
+
+
+class Reasons(NamedTuple):
+    """How a source words why it rejects a line: each keeps the words its answers and dead
+    letters have always had."""
+
+    invalid: str
+    # str.format()ted with size (bytes of the line), size_with_newline and limit
+    overlong: str
+
+
+OUT_OF_RANGE = "timestamp out of range once converted from precision {precision!r} to ns"
+HTTP_REASONS = Reasons(
+    "invalid line protocol",
+    "line of {size} bytes is above the NATS max payload ({limit} bytes)",
+)
+KAFKA_REASONS = Reasons(
+    "not valid line protocol",
+    "a line of {size_with_newline} bytes is over the NATS max payload ({limit})",
+)
+# lines a Kafka decoder built from another format
+CONVERTED_REASONS = KAFKA_REASONS._replace(invalid="not valid line protocol once converted")
+
+
+def check_body(body: bytes, reasons: Reasons, precision: str = "ns", max_line: int = 0) -> Decoded:
+    """The one check of a body of line protocol, whatever its source: split, validate,
+    convert its timestamps from precision to ns, and reject lines over max_line bytes
+    (the NATS max payload: NATS could never carry them; 0 for no limit).
+
+    A body of valid lines costs one pass of the whole-batch grammar (split_valid) and is
+    passed on without a copy when it needs no conversion.
+    """
+    valid, bad = split_valid(body)
+    rejected = [Rejected(line, reasons.invalid) for line in bad]
+    if valid and PRECISIONS[precision] != 1:
+        valid, out_of_range = to_nanoseconds_or_set_aside(valid, precision)
+        reason = OUT_OF_RANGE.format(precision=precision)
+        rejected += [Rejected(line, reason) for line in out_of_range]
+    decoded = Decoded(valid, batching.count_lines(valid), rejected)
+    return drop_overlong(decoded, max_line, reasons) if max_line else decoded
+
+
+def drop_overlong(decoded: Decoded, max_line: int, reasons: Reasons, keep: int = 0) -> Decoded:
+    """decoded without its lines over max_line bytes, each rejected with reasons.overlong.
+
+    check_body's last step, for sources whose lines were checked when they were built.
+    keep, when given, is how many bytes of a rejected line its Rejected holds (a dead
+    letter could not carry the whole line either).
+    """
+    data, too_long = batching.without_overlong(decoded.data, max_line)
+    if not too_long:
+        return decoded
+    rejected = list(decoded.rejected)
+    for line in too_long:  # each ends with its b"\n"
+        size = len(line) - 1
+        reason = reasons.overlong.format(size=size, size_with_newline=size + 1, limit=max_line)
+        rejected.append(Rejected(line[:keep] if keep else line[:-1], reason))
+    return Decoded(data, decoded.lines - len(too_long), rejected)

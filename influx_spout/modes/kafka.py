@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from influx_spout import lineproto
-from influx_spout.batching import Batcher, Parts, count_lines, without_overlong
+from influx_spout.batching import Batcher, Parts
 from influx_spout.config import Config, kafka_secret_properties
 from influx_spout.encoders import (
     Decoded,
@@ -185,16 +185,11 @@ class KafkaSource:
             self._settle()
 
     def _fit(self, decoded: Decoded) -> Decoded:
-        """Reject lines NATS could never carry (longer than its max payload)."""
-        limit = self.rt.bus.max_payload
-        data, too_long = without_overlong(decoded.data, limit)
-        if not too_long:
-            return decoded
-        rejected = list(decoded.rejected)
-        for line in too_long:
-            reason = f"a line of {len(line)} bytes is over the NATS max payload ({limit})"
-            rejected.append(Rejected(line[: lineproto.LOG_LINE_BYTES], reason))
-        return Decoded(data, count_lines(data), rejected)
+        """Reject lines NATS could never carry (longer than its max payload): the body
+        check's last step, which decoders cannot take (they do not know the bus)."""
+        return lineproto.drop_overlong(
+            decoded, self.rt.bus.max_payload, lineproto.KAFKA_REASONS, lineproto.LOG_LINE_BYTES
+        )
 
     def _settle(self) -> None:
         self.published.update(self.marks)

@@ -407,6 +407,52 @@ def test_now_ns() -> None:
     assert abs(lp.now_ns() - time.time_ns()) < 10**9
 
 
+# --- checking a body --------------------------------------------------------------------------
+
+
+def test_check_body_passes_a_valid_body_without_a_copy() -> None:
+    body = b"a v=1 1\nb v=2 2\n"
+    decoded = lp.check_body(body, lp.HTTP_REASONS)
+    assert decoded == lp.Decoded(body, 2, [])
+    assert decoded.data is body
+
+
+def test_check_body_rejects_invalid_out_of_range_and_overlong_lines_in_that_order() -> None:
+    big = b"big v=" + b"9" * 40 + b" 1"
+    body = b"a v=1 5\nnot lp\n" + big + b"\nb v=2 %d\n" % (10**18)
+    decoded = lp.check_body(body, lp.HTTP_REASONS, "s", max_line=30)
+    assert decoded.data == b"a v=1 5000000000\n" and decoded.lines == 1
+    assert decoded.rejected == [
+        lp.Rejected(b"not lp", "invalid line protocol"),
+        lp.Rejected(
+            b"b v=2 %d" % (10**18),
+            "timestamp out of range once converted from precision 's' to ns",
+        ),
+        lp.Rejected(
+            big + b"000000000",
+            f"line of {len(big) + 9} bytes is above the NATS max payload (30 bytes)",
+        ),
+    ]
+
+
+def test_each_source_keeps_its_words() -> None:
+    line = b"big v=" + b"9" * 40
+    kafka = lp.check_body(line + b"\nbad\n", lp.KAFKA_REASONS, max_line=30)
+    assert [r.reason for r in kafka.rejected] == [
+        "not valid line protocol",
+        f"a line of {len(line) + 1} bytes is over the NATS max payload (30)",
+    ]
+
+
+def test_drop_overlong_keeps_what_it_is_asked_to() -> None:
+    line = b"big v=" + b"9" * 40 + b"\n"
+    decoded = lp.Decoded(b"a v=1\n" + line, 2, [lp.Rejected(b"x", "earlier")])
+    fitted = lp.drop_overlong(decoded, 30, lp.KAFKA_REASONS, keep=10)
+    assert fitted.data == b"a v=1\n" and fitted.lines == 1
+    assert [r.data for r in fitted.rejected] == [b"x", line[:10]]
+    assert lp.drop_overlong(fitted, 30, lp.KAFKA_REASONS) is fitted  # nothing over: as is
+
+
 # --- properties -------------------------------------------------------------------------------
 
 # Text from an alphabet heavy in the bytes the protocol treats specially, plus any other
