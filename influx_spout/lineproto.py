@@ -197,7 +197,6 @@ def compile_batch(pattern: str) -> Any:
 _LINE = re.compile(_line_grammar(re2=False, capture=True).encode())
 _line_fullmatch = _LINE.fullmatch
 _new_parsed = functools.partial(tuple.__new__, Parsed)  # skips NamedTuple's Python __new__
-_LINE_NOCAP = re.compile(_line_grammar(re2=False, capture=False).encode())
 # The longest run of valid lines from a position: split_valid's single pass.
 _VALID_RUN_RE = re.compile(f"(?:{_line_grammar(re2=False, capture=False)}\\n)*+".encode())
 _VALID_RUN: Any = (
@@ -246,14 +245,6 @@ def _normalise(batch: bytes) -> bytes:
     if batch and not batch.endswith(b"\n"):
         batch += b"\n"
     return batch
-
-
-def split_lines(batch: bytes) -> list[bytes]:
-    """The lines of a batch that carry data: not empty, not comments, no ``\\n``/``\\r``."""
-    lines = list(filter(None, _normalise(batch).split(b"\n")))
-    if b"#" in batch:
-        lines = [line for line in lines if line[0] != 35]  # 35 == ord("#")
-    return lines
 
 
 def split_valid(batch: bytes) -> tuple[bytes, list[bytes]]:
@@ -316,11 +307,6 @@ def valid_in_window(batch: bytes, now_ns: int, max_delta_ns: int) -> bytes | Non
     if _valid_run_in_window(lo, hi).match(batch).end() == len(batch):
         return batch
     return None
-
-
-def is_valid(line: bytes) -> bool:
-    """Whether one line, as split_lines returns it (no ``\\n``, no final ``\\r``), is valid."""
-    return _LINE_NOCAP.fullmatch(line) is not None
 
 
 # --- one line --------------------------------------------------------------------------------
