@@ -115,6 +115,16 @@ def consumer_config(cfg: Config, on_error: Callable[[KafkaError], None]) -> dict
     return conf
 
 
+def in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[T], None]) -> Callable[[T], None]:
+    """fn for a caller in another thread, run in loop: librdkafka calls error_cb in its own
+    thread, and the counters belong to the event loop."""
+
+    def call(arg: T) -> None:
+        loop.call_soon_threadsafe(fn, arg)
+
+    return call
+
+
 class KafkaSource:
     """Consumes, decodes, batches, publishes and commits; every consumer call runs in one
     worker thread (librdkafka blocks), one at a time."""
@@ -312,7 +322,7 @@ class KafkaSource:
             raise ConnectionError("the connection was lost during the flush")
 
     def on_error(self, err: KafkaError) -> None:
-        """The client's error_cb (worker thread) and message errors."""
+        """A message's error, or the client's (its error_cb, brought to the loop by in_loop)."""
         self.stats.inc("kafka_errors")
         log.warning("Kafka: %s", err.str())
 
@@ -349,7 +359,8 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                 holder[0].on_error(err)
 
         try:
-            consumer = Consumer(consumer_config(cfg, on_error), logger=log)
+            error_cb = in_loop(asyncio.get_running_loop(), on_error)
+            consumer = Consumer(consumer_config(cfg, error_cb), logger=log)
         except (KafkaException, ValueError, TypeError) as exc:
             raise RuntimeError(
                 f"cannot create the Kafka consumer: {exc} (check [kafka_client])"
