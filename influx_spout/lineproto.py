@@ -4,6 +4,12 @@ Every mode goes through this one module, so its hot paths work on whole batches 
 C-speed primitives (one compiled regular expression over the whole batch, ``bytes.split``,
 ``bytes.replace``) and keep per-line Python for the rare invalid line.
 
+What modes call: check_body (a body from a source: split, validate, precision, lines NATS
+could not carry), split_valid and valid_in_window (a batch already in ns); parse,
+parse_tags, parse_fields_raw (values as written) and parse_fields (values as Python
+numbers, booleans and strings) for one line; timestamp, shown; the escape_* and
+unescape* functions; to_nanoseconds; compile_batch for a mode's own whole-batch pattern.
+
 Grammar (InfluxDB 1.x), one line::
 
     measurement[,tagk=tagv...] fieldk=fieldv[,fieldk=fieldv...] [timestamp]
@@ -36,7 +42,7 @@ from typing import Any, NamedTuple
 
 from influx_spout import batching
 
-try:  # optional accelerator: a DFA makes the whole-batch check ~5x faster
+try:  # optional accelerator: a DFA runs the whole-batch check several times faster
     import re2 as re2_engine
 except ImportError:  # pragma: no cover - depends on the environment
     re2_engine = None
@@ -82,11 +88,11 @@ class TimestampOverflowError(ValueError):
 # --- the grammar ------------------------------------------------------------------------------
 #
 # One grammar, spelled for two engines. RE2 (google-re2) runs it as a DFA over a whole
-# batch at several hundred MB/s; the stdlib re engine, with possessive quantifiers so that
-# nothing backtracks across a token, runs the per-line matches that need capture groups,
-# and the whole-batch check when RE2 is not installed. The third-party regex engine is
-# 4-5x slower than re on this grammar (see tests/small/test_lineproto_bench.py). RE2
-# releases the GIL while it matches, so threads check batches in parallel.
+# batch; the stdlib re engine, with possessive quantifiers so that nothing backtracks
+# across a token, runs the per-line matches that need capture groups, and the whole-batch
+# check when RE2 is not installed. The third-party regex engine is slower than re on this
+# grammar (bench/README.md, tests/small/test_lineproto_bench.py). RE2 releases the GIL
+# while it matches, so threads check batches in parallel.
 
 
 def _digits_at_most(bound: int) -> str:
@@ -347,9 +353,10 @@ def _field_value(raw: bytes) -> object:
 def parse_fields(raw_fields: bytes) -> list[tuple[bytes, object]]:
     """Unescaped (key, value) pairs of a raw field section (Parsed.fields) of a valid line.
 
-    Values are float, int (for ``i`` and ``u``), bool, or str; strings are decoded as
-    UTF-8 with surrogateescape so that any byte survives a round trip. Raises ValueError
-    on a malformed number.
+    For a mode that needs the values themselves (to compute with them or write another
+    format); parse_fields_raw keeps them as written. Values are float, int (for ``i`` and
+    ``u``), bool, or str; strings are decoded as UTF-8 with surrogateescape so that any
+    byte survives a round trip. Raises ValueError on a malformed number.
     """
     return [(unescape(k), _field_value(v)) for k, v in _FIELD_PAIR.findall(raw_fields)]
 
