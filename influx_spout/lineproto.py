@@ -588,7 +588,9 @@ def check_body(body: bytes, reasons: Reasons, precision: str = "ns", max_line: i
         reason = OUT_OF_RANGE.format(precision=precision)
         rejected += [Rejected(line, reason) for line in out_of_range]
     decoded = Decoded(valid, batching.count_lines(valid), rejected)
-    return drop_overlong(decoded, max_line, reasons) if max_line else decoded
+    if max_line and len(valid) > max_line:  # else no line can be over it
+        return drop_overlong(decoded, max_line, reasons)
+    return decoded
 
 
 def drop_overlong(decoded: Decoded, max_line: int, reasons: Reasons, keep: int = 0) -> Decoded:
