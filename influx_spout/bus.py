@@ -31,7 +31,7 @@ STARTUP_CONNECT_ATTEMPTS = 3
 # (64 MB) and loses those messages uncounted. With this limit the backlog moves into the
 # subscription's own buffer, bounded by nats_max_pending_size, where overflow is counted
 # (nats_dropped). Modes whose loop stays free (the writer) keep nats-py's limit: more
-# read-ahead would only hold more of a backlog in memory (~40 MB in bench writer-null).
+# read-ahead would only hold more of a backlog in memory (bench/README.md: writer-null).
 SOCKET_READ_LIMIT = 8 * 1024 * 1024
 CATCH_UP_TURNS = 64  # of the event loop, at most, in one catch_up()
 

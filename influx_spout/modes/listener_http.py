@@ -18,7 +18,7 @@ stop) is influx_spout.httpserver: a write is refused before its body is read whe
 Content-Length is over max_body_size, its encoding unknown or the listener busy.
 
 A write body (gzip or plain, at most max_body_size bytes once decompressed) is checked
-line by line (lineproto.split_valid, one regex pass for a good body), its timestamps are
+line by line (lineproto.check_body, one regex pass for a good body), its timestamps are
 converted to nanoseconds, and the valid lines go into one Batcher (batch_max_count
 requests, batch_max_size bytes, never above the NATS max payload, batch_max_age).
 Batches that become ready are published before the request is answered, so:
@@ -49,8 +49,8 @@ import json
 import logging
 import re
 import zlib
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 from influx_spout import lineproto
@@ -61,7 +61,6 @@ from influx_spout.batching import (
     Pump,
     count_lines,
     split_under,
-    without_overlong,
 )
 from influx_spout.config import MB, Checker, Config, option
 from influx_spout.httpserver import (
@@ -101,9 +100,8 @@ V1_PRECISIONS = ("n", "ns", "u", "us", "ms", "s", "m", "h")
 V2_PRECISIONS = ("ns", "us", "ms", "s")
 
 # Plain bodies above this, and every gzip body, are checked in a worker thread so the
-# event loop keeps serving; smaller ones are checked in the loop (a 1 MB body holds it
-# ~1.6 ms), which costs less than the hop to the thread and back: with Telegraf-sized
-# bodies (~180 KB) the thread hop took ~0.1 CPU-s per 1M lines (bench listener_http).
+# event loop keeps serving; smaller ones are checked in the loop, which costs less than
+# the hop to the thread and back (bench/README.md: listener_http).
 THREAD_THRESHOLD = 1024 * 1024
 
 # Request bodies being read or checked, plus what the NATS client has not sent yet, may
@@ -119,7 +117,6 @@ MAX_SHOWN_LINE = 200  # characters of an invalid line quoted
 MAX_ERROR_HEADER = 1000  # characters of the X-Influxdb-Error header
 MAX_DATABASES = 1000  # database names remembered for SHOW DATABASES
 
-INVALID = "invalid line protocol"
 FORMAT_HINT = "(a line is: measurement[,tag=value...] field=value[,field=value...] [timestamp])"
 
 _CREATE_DATABASE = re.compile(r'(?is)\s*CREATE\s+DATABASE\s+("(?:[^"\\]|\\.)+"|[^\s;]+)')
@@ -145,21 +142,16 @@ class Reject(Exception):
         self.headers = headers or {}
 
 
-@dataclass
-class Decoded:
-    """A write body once checked: what can be published and what cannot."""
+class Checked(NamedTuple):
+    """A write body once checked (lineproto.check_body), cut for the batcher and described
+    for the answer."""
 
     # the valid lines (timestamps in ns, each ending with "\n") in pieces of at most the
     # batch size, each with its line count: ready for Batcher.add as they are
-    pieces: list[tuple[bytes, int]] = field(default_factory=list)
-    valid_lines: int = 0
-    rejected: list[tuple[bytes, str]] = field(default_factory=list)  # (line, reason)
-    problem: str = ""  # InfluxDB-style description of the rejected lines
-
-    @property
-    def valid(self) -> bytes:
-        """Every valid line, joined."""
-        return b"".join(piece for piece, _ in self.pieces)
+    pieces: list[tuple[bytes, int]]
+    valid_lines: int  # in all the pieces
+    rejected: list[lineproto.Rejected]
+    problem: str  # InfluxDB-style description of the rejected lines, "" when none
 
 
 # -- checking a body (pure functions, run in a worker thread for large bodies) -------------
@@ -202,7 +194,7 @@ def decode(
     limit: int,
     max_payload: int,
     piece_size: int = 0,
-) -> Decoded:
+) -> Checked:
     """Check a write body: valid lines (in ns) to publish, invalid ones to report.
 
     Every pass over the bytes happens here (in a worker thread for large bodies): the
@@ -211,37 +203,26 @@ def decode(
     """
     if gzipped and body:
         body = gunzip(body, limit)
-    valid, bad = lineproto.split_valid(body)
-    rejected = [(line, INVALID) for line in bad]
-    if valid and lineproto.PRECISIONS[precision] != 1:
-        valid, out_of_range = lineproto.to_nanoseconds_or_set_aside(valid, precision)
-        reason = f"timestamp out of range once converted from precision {precision!r} to ns"
-        rejected += [(line, reason) for line in out_of_range]
-    valid, too_long = without_overlong(valid, max_payload)
-    rejected += [
-        (p[:-1], f"line of {len(p) - 1} bytes is above the NATS max payload ({max_payload} bytes)")
-        for p in too_long
-    ]
+    valid, lines, rejected = lineproto.check_body(
+        body, lineproto.HTTP_REASONS, precision, max_payload
+    )
     piece_size = piece_size or max_payload
-    cut: list[tuple[bytes, int]] = []
+    pieces: list[tuple[bytes, int]] = []
     if len(valid) > piece_size:
-        cut = [(p, count_lines(p)) for p in split_under(valid, piece_size)]
+        pieces = [(p, count_lines(p)) for p in split_under(valid, piece_size)]
     elif valid:
-        cut = [(valid, count_lines(valid))]
-    decoded = Decoded(cut, sum(n for _, n in cut), rejected)
-    if rejected:
-        decoded.problem = describe(body, rejected)
-    return decoded
+        pieces = [(valid, lines)]
+    return Checked(pieces, lines, rejected, describe(body, rejected) if rejected else "")
 
 
-def decode_chunks(chunks: list[bytes], *args: Any) -> Decoded:
+def decode_chunks(chunks: list[bytes], *args: Any) -> Checked:
     """decode() of a body read in chunks (joined here, in the worker thread)."""
     body = b"".join(chunks)
     chunks.clear()
     return decode(body, *args)
 
 
-def describe(body: bytes, rejected: list[tuple[bytes, str]]) -> str:
+def describe(body: bytes, rejected: list[lineproto.Rejected]) -> str:
     """InfluxDB's "unable to parse '<line>': <reason>" for the first rejected lines."""
     parts = []
     for line, reason in rejected[:MAX_LISTED_LINES]:
@@ -254,7 +235,7 @@ def describe(body: bytes, rejected: list[tuple[bytes, str]]) -> str:
     more = len(rejected) - MAX_LISTED_LINES
     if more > 0:
         parts.append(f"and {more} more lines could not be parsed")
-    if any(reason == INVALID for _, reason in rejected):
+    if any(reason == lineproto.HTTP_REASONS.invalid for _, reason in rejected):
         parts.append(FORMAT_HINT)
     return "\n".join(parts)
 
@@ -477,7 +458,7 @@ class HttpListener:
             return error_response(400, message, v2)
         return NO_CONTENT
 
-    async def read_and_decode(self, request: Request, gzipped: bool, precision: str) -> Decoded:
+    async def read_and_decode(self, request: Request, gzipped: bool, precision: str) -> Checked:
         """Read the body (the server keeps it within max_body_size and the busy limit),
         then check it."""
         try:
