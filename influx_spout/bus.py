@@ -19,7 +19,7 @@ from nats.errors import SlowConsumerError
 from influx_spout import redact
 from influx_spout.batching import Parts, count_lines, split_under
 from influx_spout.config import Config
-from influx_spout.natsconnect import connect_kwargs, failure
+from influx_spout.natsconnect import connect_kwargs, failure, uses_tls
 from influx_spout.natsfast import FastPath
 
 log = logging.getLogger("influx_spout.bus")
@@ -63,7 +63,7 @@ class Bus:
         try:
             await bus._connect()
         except Exception as exc:
-            what, todo = failure(exc)
+            what, todo = failure(exc, uses_tls(cfg))
             raise RuntimeError(
                 f"cannot connect to NATS at {cfg.nats_address}: {what} ({todo})"
             ) from exc
@@ -242,7 +242,10 @@ class Bus:
                 pending_bytes_limit=pending_bytes,
             )
             self._subs.append(sub)
-        # the server has the subscriptions once this returns: only then is the mode ready
+        # the server has the subscriptions once this returns: only then is the mode ready.
+        # nats-py writes flush()'s PING ahead of the SUBs it still holds, so the first PONG
+        # may come before the server saw them; the second comes after its answer to them.
+        await self.nc.flush()
         await self.nc.flush()
         refused = [what for what in self._refused if "subscription" in what.lower()]
         if refused:

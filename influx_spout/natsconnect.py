@@ -17,6 +17,13 @@ from influx_spout.config import Config, nats_servers, tls_configured, tls_contex
 _LOGIN = "check NATS_USER and NATS_PASS, NATS_TOKEN, nats_creds_file or nats_nkey_seed_file"
 
 
+def uses_tls(cfg: Config) -> bool:
+    """Whether the connection is to be TLS: a tls:// server or a nats_tls_* option."""
+    return tls_configured(cfg, "nats_tls") or any(
+        server.startswith("tls://") for server in nats_servers(cfg)
+    )
+
+
 def connect_kwargs(cfg: Config) -> dict[str, Any]:
     """servers, the credentials and the TLS context for nats-py's connect()."""
     kwargs: dict[str, Any] = {"servers": nats_servers(cfg)}
@@ -33,9 +40,10 @@ def connect_kwargs(cfg: Config) -> dict[str, Any]:
     return kwargs
 
 
-def failure(exc: BaseException) -> tuple[str, str]:
+def failure(exc: BaseException, tls: bool = False) -> tuple[str, str]:
     """(what went wrong, what to do) for an error from nats-py: certificate, TLS,
-    authentication, authorisation, or the server out of reach."""
+    authentication, authorisation, or the server out of reach. tls: the connection was
+    to use TLS, so a connection the server closes at once is its TLS refusing us."""
     text = str(exc)
     lowered = text.lower()
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -47,6 +55,11 @@ def failure(exc: BaseException) -> tuple[str, str]:
         return (
             f"TLS failed ({exc.reason or text})",
             "check nats_tls_cert and nats_tls_key against the server's tls block",
+        )
+    if tls and isinstance(exc, ConnectionError | errors.UnexpectedEOF):
+        return (
+            "the server closed the connection during TLS set-up",
+            "does it verify client certificates? check nats_tls_cert and nats_tls_key",
         )
     if isinstance(exc, errors.AuthorizationError) or "authorization violation" in lowered:
         return "authentication failed: the server refused the credentials", _LOGIN
