@@ -48,12 +48,12 @@ def failure(exc: BaseException, tls: bool = False) -> tuple[str, str]:
     lowered = text.lower()
     if isinstance(exc, ssl.SSLCertVerificationError):
         return (
-            f"the server's certificate is not trusted ({exc.verify_message or exc.reason})",
+            f"the server's certificate is not trusted ({exc.verify_message or _reason(exc)})",
             "set nats_tls_ca to the CA that signed it",
         )
     if isinstance(exc, ssl.SSLError):
         return (
-            f"TLS failed ({exc.reason or text})",
+            f"TLS failed ({_reason(exc)})",
             "check nats_tls_cert and nats_tls_key against the server's tls block",
         )
     if tls and isinstance(exc, ConnectionError | errors.UnexpectedEOF):
@@ -75,6 +75,10 @@ def failure(exc: BaseException, tls: bool = False) -> tuple[str, str]:
     if isinstance(exc, errors.NoServersError):
         return "no server answered", "is nats-server running there? check nats_address"
     return _short(text) or type(exc).__name__, "is nats-server running there? check nats_address"
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    return str(getattr(exc, "reason", None) or exc)
 
 
 def _short(text: str) -> str:
