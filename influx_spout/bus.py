@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import SlowConsumerError
+from nats.errors import NoServersError, SlowConsumerError
 
 from influx_spout import redact
 from influx_spout.batching import Parts, count_lines, split_under
@@ -56,6 +56,10 @@ class Bus:
         # what was logged of the errors since the last (re)connection: once per outage
         self._logged: set[str] = set()
         self._refused: list[str] = []  # permission violations the server sent
+        # while connecting at start: errors are not logged, the last one is kept for the
+        # one line that says why the start failed
+        self._starting = True
+        self._last_error: Exception | None = None
 
     @classmethod
     async def connect(cls, cfg: Config) -> Bus:
@@ -63,10 +67,12 @@ class Bus:
         try:
             await bus._connect()
         except Exception as exc:
-            what, todo = failure(exc, uses_tls(cfg))
+            cause = bus._last_error if isinstance(exc, NoServersError) else exc
+            what, todo = failure(cause or exc, uses_tls(cfg))
             raise RuntimeError(
                 f"cannot connect to NATS at {cfg.nats_address}: {what} ({todo})"
             ) from exc
+        bus._starting = False
         # once connected, retry forever
         bus.nc.options["max_reconnect_attempts"] = -1
         bus.nc.options["allow_reconnect"] = True
@@ -112,6 +118,9 @@ class Bus:
             self.dropped[subject] += 1
             if self.cfg.debug:
                 log.warning("dropped a message on %s: input buffer full", exc.subject)
+            return
+        if self._starting:
+            self._last_error = exc
             return
         what, todo = failure(exc)
         if what.startswith("authorisation failed"):

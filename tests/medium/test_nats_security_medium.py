@@ -264,9 +264,9 @@ def test_a_component_facing_an_untrusted_certificate_exits_1_with_one_line(
         f'nats_address = "{tls_address(server)}"\n'
     )
     assert comp.wait(timeout=10) == 1
-    errors = [line for line in comp.log().splitlines() if " ERROR " in line]
-    assert len(errors) == 1, comp.log()
-    assert "the server's certificate is not trusted" in errors[0]
+    lines = comp.log().splitlines()
+    assert len(lines) == 1, comp.log()
+    assert " ERROR " in lines[0] and "the server's certificate is not trusted" in lines[0]
 
 
 # -- after the start -------------------------------------------------------------------
