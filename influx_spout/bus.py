@@ -20,7 +20,7 @@ from influx_spout import redact
 from influx_spout.batching import Parts, count_lines, split_under
 from influx_spout.config import Config
 from influx_spout.natsconnect import connect_kwargs, failure, uses_tls
-from influx_spout.natsfast import FastPath
+from influx_spout.natsfast import FastPath, require_tls
 
 log = logging.getLogger("influx_spout.bus")
 
@@ -93,6 +93,8 @@ class Bus:
 
     async def _connect(self) -> None:
         cfg = self.cfg
+        if uses_tls(cfg) and not require_tls(self.nc):
+            log.warning("NATS: cannot check that the server asks for TLS (nats-py changed)")
         await self.nc.connect(
             **connect_kwargs(cfg),
             name=f"influx-spout-{cfg.mode}-{cfg.name}",

@@ -61,6 +61,11 @@ def failure(exc: BaseException, tls: bool = False) -> tuple[str, str]:
             "the server closed the connection during TLS set-up",
             "does it verify client certificates? check nats_tls_cert and nats_tls_key",
         )
+    if "secure connection required" in lowered:
+        return (
+            "the server does not ask for TLS, so nothing was sent to it",
+            "give its nats-server config a tls block, or use nats:// without nats_tls_*",
+        )
     if isinstance(exc, errors.AuthorizationError) or "authorization violation" in lowered:
         return "authentication failed: the server refused the credentials", _LOGIN
     if "expired" in lowered or "revoked" in lowered:

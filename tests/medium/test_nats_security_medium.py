@@ -243,6 +243,21 @@ def test_client_certificates(
         assert "cannot connect to NATS" in message and "nats_tls_cert" in message, message
 
 
+def test_a_server_that_does_not_ask_for_tls_is_never_sent_the_credentials(
+    tmp_path: Path, start_nats: Callable[[str], NatsServer], tls_certs: Certs
+) -> None:
+    """nats-py would log in in plain text, even at a tls:// address."""
+    server = start_nats(users_config({"bob": SECRET}))
+    env = {"NATS_USER": "bob", "NATS_PASS": SECRET}
+    for text in (
+        f'nats_address = "{tls_address(server)}"',
+        f'nats_address = "{server.url}"\nnats_tls_ca = "{tls_certs.ca_cert}"',
+    ):
+        message = connect_error(load(tmp_path, text, env))
+        assert "the server does not ask for TLS, so nothing was sent to it" in message
+    asyncio.run(round_trip(load(tmp_path, f'nats_address = "{server.url}"', env)))
+
+
 def test_tls_and_a_login_together(
     tmp_path: Path, start_nats: Callable[[str], NatsServer], tls_certs: Certs
 ) -> None:

@@ -16,6 +16,7 @@ from influx_spout import redact
 from influx_spout.config import Config, ConfigError, load_config, nats_servers, preflight
 from influx_spout.modes import MODES
 from influx_spout.natsconnect import connect_kwargs, failure, uses_tls
+from influx_spout.natsfast import SECURE_REQUIRED
 
 SECRET = "s3cret-pass"
 
@@ -216,6 +217,7 @@ def verify_error() -> ssl.SSLCertVerificationError:
             "nats_nkey_seed_file",
         ),
         (errors.NoServersError(), False, "no server answered", "nats_address"),
+        (errors.Error(SECURE_REQUIRED), True, "does not ask for TLS", "tls block"),
     ],
 )
 def test_failures_are_named(exc: BaseException, tls: bool, what: str, todo: str) -> None:
