@@ -56,6 +56,7 @@ class Bus:
         # what was logged of the errors since the last (re)connection: once per outage
         self._logged: set[str] = set()
         self._refused: list[str] = []  # permission violations the server sent
+        self._subscribing = False  # subscribe() reports the refusals it meets itself
         # while connecting at start: errors are not logged, the last one is kept for the
         # one line that says why the start failed
         self._starting = True
@@ -127,6 +128,8 @@ class Bus:
         what, todo = failure(exc)
         if what.startswith("authorisation failed"):
             self._refused.append(what)
+            if self._subscribing:
+                return
         if what not in self._logged:  # reconnect attempts repeat the same error
             self._logged.add(what)
             log.warning("NATS: %s (%s)", what, todo)
@@ -243,6 +246,7 @@ class Bus:
         async def deliver(msg: Msg) -> None:
             await handler(msg.subject, msg.data, msg.headers)
 
+        self._subscribing = True
         for subject in subjects:
             self.dropped[subject] += 0  # nats_dropped{subject} is published from the start
             sub = await self.nc.subscribe(
@@ -253,11 +257,18 @@ class Bus:
                 pending_bytes_limit=pending_bytes,
             )
             self._subs.append(sub)
-        # the server has the subscriptions once this returns: only then is the mode ready.
-        # nats-py writes flush()'s PING ahead of the SUBs it still holds, so the first PONG
-        # may come before the server saw them; the second comes after its answer to them.
+        # the server has the subscriptions once this returns: only then is the mode ready
+        await self._confirm_subscriptions()
+
+    async def _confirm_subscriptions(self) -> None:
+        """Return once the server has answered the SUBs sent; raise if it refused one.
+
+        nats-py writes flush()'s PING ahead of the SUBs it still holds, so the first PONG
+        may come before the server saw them; the second comes after its answer to them.
+        """
         await self.nc.flush()
         await self.nc.flush()
+        self._subscribing = False
         refused = [what for what in self._refused if "subscription" in what.lower()]
         if refused:
             raise RuntimeError(

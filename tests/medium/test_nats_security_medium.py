@@ -194,6 +194,23 @@ def test_a_refused_subscription_fails_the_start(
     assert "NATS refused a subscription" in message and "secret.x" in message
 
 
+def test_a_component_refused_its_subscription_exits_1_with_one_line(
+    start_nats: Callable[[str], NatsServer], component: Callable[..., Component]
+) -> None:
+    server = start_nats(
+        "authorization { users = [ {user: bob, password: pw, "
+        'permissions: {subscribe: {deny: ["in"]}}} ] }\n'
+    )
+    comp = component(
+        f'mode = "writer"\nnats_address = "{server.url}"\nnats_subject = ["in"]\n',
+        env={"NATS_USER": "bob", "NATS_PASS": "pw"},
+    )
+    assert comp.wait(timeout=10) == 1
+    lines = comp.log().splitlines()
+    assert len(lines) == 1, comp.log()
+    assert " ERROR " in lines[0] and "NATS refused a subscription" in lines[0]
+
+
 # -- TLS -------------------------------------------------------------------------------
 
 
