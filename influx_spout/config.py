@@ -1123,6 +1123,7 @@ def _validate_shared(c: Checker) -> None:
 
     _check_nats_address(c)
     _check_nats_auth(c)
+    c.tls_files("nats_tls")
     if cfg.queue_group and any(ch.isspace() for ch in cfg.queue_group):
         raise c.fail("queue_group", f"{quote(cfg.queue_group)} contains whitespace", "remove it")
 
@@ -1181,7 +1182,6 @@ def _check_nats_auth(c: Checker) -> None:
         )
     c.readable_file("nats_creds_file", "give the path of the NATS user's .creds file")
     c.readable_file("nats_nkey_seed_file", "give the path of a file holding an NKey seed")
-    c.tls_files("nats_tls")
 
 
 def _take_address_credentials(c: Checker) -> None:
