@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -49,7 +50,16 @@ from typing import Any
 import httpx
 
 from influx_spout.batching import Batcher, Parts, count_lines, ensure_newline
-from influx_spout.config import Alias, Checker, Config, from_environment, option, quote
+from influx_spout.config import (
+    Alias,
+    Checker,
+    Config,
+    from_environment,
+    option,
+    quote,
+    tls_configured,
+    tls_context,
+)
 from influx_spout.mode import Host, Mode
 from influx_spout.stats import Stats
 
@@ -76,6 +86,16 @@ class Options:
     )
     writer_retry_interval: float = option("duration", 10.0, "how often they are retried")
     writer_retry_timeout: float = option("duration", 60.0, "how long a batch is retried")
+    influxdb_tls_ca: str = option(
+        "str", "", "https: CA certificates (PEM) InfluxDB's certificate is checked with"
+    )
+    influxdb_tls_cert: str = option(
+        "str", "", "https: client certificate (PEM) shown to InfluxDB, with influxdb_tls_key"
+    )
+    influxdb_tls_key: str = option("str", "", "https: its private key (PEM)")
+    influxdb_tls_insecure_skip_verify: bool = option(
+        "bool", False, "https: do not check InfluxDB's certificate (a warning at start)"
+    )
     influxdb_user: str = from_environment("INFLUXDB_USER")
     influxdb_pass: str = from_environment("INFLUXDB_PASS")
     influxdb_token: str = from_environment("INFLUXDB_TOKEN")
@@ -105,6 +125,12 @@ def validate(c: Checker) -> None:
     address = cfg.influxdb_address
     if not address:
         raise c.fail("influxdb_address", "empty", 'use a host name, e.g. "localhost"')
+    if "@" in address:  # user:pass@host would put the credentials in every logged URL
+        raise c.fail(
+            "influxdb_address",
+            "holds credentials",
+            "give the host only; set INFLUXDB_USER and INFLUXDB_PASS in the environment",
+        )
     if "://" in address or "/" in address or any(ch.isspace() for ch in address):
         raise c.fail(
             "influxdb_address",
@@ -118,6 +144,38 @@ def validate(c: Checker) -> None:
         raise c.fail(
             "influxdb_bucket", "set without influxdb_org", "set the InfluxDB 2.x organization too"
         )
+    _validate_tls(c)
+
+
+_TLS_OPTIONS = ("influxdb_tls_ca", "influxdb_tls_cert", "influxdb_tls_key")
+
+
+def _validate_tls(c: Checker) -> None:
+    """The TLS options go with https, the certificate with its key; files readable."""
+    cfg = c.cfg
+    if cfg.influxdb_protocol != "https":
+        for key in (*_TLS_OPTIONS, "influxdb_tls_insecure_skip_verify"):
+            if getattr(cfg, key):
+                raise c.fail(
+                    key,
+                    f"set, but influxdb_protocol is {quote(cfg.influxdb_protocol)}",
+                    'set influxdb_protocol = "https", or remove it',
+                )
+    c.tls_files("influxdb_tls")
+
+
+def preflight(cfg: Config) -> None:
+    """The TLS files can be used (a ConfigError naming the option otherwise)."""
+    if cfg.influxdb_protocol == "https" and _custom_tls(cfg):
+        _tls_context(cfg)
+
+
+def _custom_tls(cfg: Config) -> bool:
+    return tls_configured(cfg, "influxdb_tls") or cfg.influxdb_tls_insecure_skip_verify
+
+
+def _tls_context(cfg: Config) -> ssl.SSLContext:
+    return tls_context(cfg, "influxdb_tls", verify=not cfg.influxdb_tls_insecure_skip_verify)
 
 
 log = logging.getLogger("influx_spout.writer")
@@ -178,16 +236,26 @@ def write_url(cfg: Config) -> str:
 
 
 def make_client(cfg: Config) -> httpx.AsyncClient:
-    """One client for every write: a pool of `workers` connections, write_timeout each."""
+    """One client for every write: a pool of `workers` connections, write_timeout each;
+    https verified with influxdb_tls_ca (else httpx's CAs), unless told not to."""
     headers = {"Content-Type": "text/plain; charset=utf-8"}
     if cfg.influxdb_bucket and cfg.influxdb_token:
         headers["Authorization"] = f"Token {cfg.influxdb_token}"
     auth = None
     if cfg.influxdb_user and "Authorization" not in headers:
         auth = (cfg.influxdb_user, cfg.influxdb_pass)
+    verify: ssl.SSLContext | bool = True
+    if cfg.influxdb_protocol == "https" and _custom_tls(cfg):
+        verify = _tls_context(cfg)
+        if cfg.influxdb_tls_insecure_skip_verify:
+            log.warning(
+                "influxdb_tls_insecure_skip_verify is set: InfluxDB's certificate is not "
+                "checked, so whoever sits between may read and change the writes"
+            )
     return httpx.AsyncClient(
         headers=headers,
         auth=auth,
+        verify=verify,
         timeout=httpx.Timeout(cfg.write_timeout),
         limits=httpx.Limits(max_connections=cfg.workers, max_keepalive_connections=cfg.workers),
     )
