@@ -556,7 +556,8 @@ class Reasons(NamedTuple):
     letters have always had."""
 
     invalid: str
-    # str.format()ted with size (bytes of the line), size_with_newline and limit
+    # str.format()ted with size (bytes of the line without its b"\n"), size_with_newline
+    # and limit (max_line)
     overlong: str
 
 
