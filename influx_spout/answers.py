@@ -10,6 +10,7 @@ whose lines parse is answered 400 with the same quotes, without "partial write".
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ Refused = tuple[bytes, str]
 
 _DROPPED = re.compile(r"\s*dropped=(\d+)\s*$")
 _PARSE_ERROR = "unable to parse '"
+_ERROR_START = re.compile(r"[\n ](?=unable to parse ')")
+_ILLEGAL_HEADER = re.compile(r"illegal header line: bytearray\((b(['\"]).*\2)\)$", re.DOTALL)
+_ERROR_HEADER = b"x-influxdb-error:"
 _CONFLICT = re.compile(
     r'field type conflict: input field "(.*)" on measurement "(.*)" is type (\w+), '
     r"already exists as type \w+"
@@ -44,6 +48,21 @@ def error_message(body: bytes) -> str:
     if isinstance(answer, dict):
         return str(answer.get("error") or answer.get("message") or text)
     return text
+
+
+def error_header(problem: str) -> str | None:
+    """InfluxDB's X-Influxdb-Error header, from httpx's complaint that it is an illegal
+    header line (a refused line's NUL byte echoed in it), or None."""
+    m = _ILLEGAL_HEADER.search(problem)
+    if m is None:
+        return None
+    try:
+        line = ast.literal_eval(m.group(1))
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(line, bytes) or not line.lower().startswith(_ERROR_HEADER):
+        return None
+    return line[len(_ERROR_HEADER) :].strip().decode("utf-8", "replace")
 
 
 def one_line(text: str, limit: int = MAX_ERROR_TEXT) -> str:
@@ -78,10 +97,11 @@ def dropped(message: str) -> int:
 
 
 def parse_errors(message: str) -> list[tuple[str, str]]:
-    """(the line as quoted, why) for each "unable to parse '...': why" of an answer."""
+    """(the line as quoted, why) for each "unable to parse '...': why" of an answer (in
+    the JSON body they are one a line; in the X-Influxdb-Error header, one after another)."""
     message = _DROPPED.sub("", message)
     found = []
-    for entry in message.split("\n"):
+    for entry in _ERROR_START.split(message):
         at = entry.find(_PARSE_ERROR)
         end = entry.rfind("': ")
         if at < 0 or end < at:

@@ -289,6 +289,11 @@ def sort_failure(exc: Exception) -> Answer:
     not read (the server answered: never "resend the batch")."""
     what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if isinstance(exc, httpx.RemoteProtocolError) and "disconnected" not in str(exc):
+        said = answers.error_header(str(exc))  # still readable: what the lines did
+        if said is not None and "partial write" in said:
+            return Answer("partial", 400, said)
+        if said is not None and "unable to parse '" in said:
+            return Answer("refused", 400, said)
         return Answer("unreadable", 0, f"InfluxDB's answer could not be read ({what})")
     sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     return Answer("transient", 0, what, maybe_stored=sent)
