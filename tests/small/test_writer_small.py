@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -724,3 +725,346 @@ def test_batch_all_dropped_by_rules_is_not_written() -> None:
         assert stats.get("write_requests") == 0
 
     run(scenario())
+
+
+# --- every answer's outcome ----------------------------------------------------------------
+
+
+class DeadLetterBox:
+    """Plays the bus's publish_raw to the dead-letter subject."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.messages: list[tuple[bytes, dict[str, str]]] = []
+        self.fail = fail
+
+    async def __call__(self, data: bytes, headers: dict[str, str]) -> None:
+        if self.fail:
+            raise ConnectionError("nats: connection closed")
+        self.messages.append((data, headers))
+
+    @property
+    def lines(self) -> list[bytes]:
+        return sorted(line for data, _ in self.messages for line in data.splitlines(True))
+
+
+def writer_with(cfg: Config, **kwargs: Any) -> tuple[Writer, Stats]:
+    stats = Stats("writer", cfg.name, COUNTERS, labels(cfg), host="h")
+    return Writer(cfg, stats, **kwargs), stats
+
+
+def refusing(bad: bytes, status: int, message: bytes = b'{"error":"no"}') -> Answer:
+    """Answer status to any body holding bad, 204 to the others."""
+
+    async def answer(req: Request) -> web.Response:
+        if bad in req.body:
+            return web.Response(status=status, body=message, content_type="application/json")
+        return web.Response(status=204)
+
+    return answer
+
+
+def written_lines(influx: FakeInflux) -> list[bytes]:
+    """Every line of the writes that got 204 (FakeInflux records all of them)."""
+    return sorted(line for body in influx.bodies for line in body.splitlines(True))
+
+
+def test_partial_write_dead_letters_the_named_lines_with_headers() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(400, PARTIAL_UNPARSABLE)).start()
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(influx.port, batch_max_count=1), dead_letter=box)
+        async with writer:
+            await writer.add(b"a f=1 1\nbad line\nb f=2 2\nworse\n")
+        await influx.stop()
+        assert len(influx.requests) == 1  # nothing written again
+        assert box.lines == [b"bad line\n", b"worse\n"]
+        data, headers = box.messages[0]
+        assert headers == {
+            "Error": "unable to parse 'bad line': invalid field format",
+            "Influxdb-Status": "400",
+            "Influxdb-Target": f"http://127.0.0.1:{influx.port}/write?db=db&precision=ns",
+        }
+        assert (stats.get("lines_written"), stats.get("lines_dead_lettered")) == (2, 2)
+        assert stats.get("lines_given_up") == 0
+
+    run(scenario())
+
+
+def test_dropped_lines_influxdb_does_not_name_are_given_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        body = b'{"error":"partial write: points beyond retention policy dropped=2"}'
+        influx = await FakeInflux(always(400, body)).start()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=DeadLetterBox())
+        async with writer:
+            await writer.add(lines(5))
+        await influx.stop()
+        assert (stats.get("lines_written"), stats.get("lines_given_up")) == (3, 2)
+
+    run(scenario())
+    assert "without naming them" in caplog.text
+
+
+def test_other_4xx_halves_the_batch_until_the_bad_line_is_alone() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(refusing(b"bad", 422)).start()
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=box)
+        good = lines(7)
+        async with writer:
+            await writer.add(lines(3) + b"bad f=1 1\n" + lines(4, start=3))
+        await influx.stop()
+        accepted = [r.body for r in influx.requests if b"bad" not in r.body]
+        assert sorted(b"".join(accepted).splitlines(True)) == sorted(good.splitlines(True))
+        assert box.lines == [b"bad f=1 1\n"]
+        assert box.messages[0][1]["Influxdb-Status"] == "422"
+        assert stats.get("lines_written") == 7
+        assert stats.get("lines_dead_lettered") == 1
+        assert stats.get("failed_writes") == len(influx.requests) - len(accepted)
+
+    run(scenario())
+
+
+def test_413_halves_and_dead_letters_a_line_still_too_large() -> None:
+    async def scenario() -> None:
+        async def small_bodies(req: Request) -> web.Response:
+            return web.Response(status=413 if len(req.body) > 200 else 204)
+
+        influx = await FakeInflux(small_bodies).start()
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=box)
+        huge = b"big f=%s 1\n" % (b"1" * 300)
+        async with writer:
+            await writer.add(lines(20) + huge)
+        await influx.stop()
+        assert [line for body, _ in box.messages for line in [body]] == [huge]
+        assert box.messages[0][1]["Influxdb-Status"] == "413"
+        accepted = [b for b in influx.bodies if len(b) <= 200]
+        assert sorted(b"".join(accepted).splitlines(True)) == sorted(lines(20).splitlines(True))
+        assert (stats.get("lines_written"), stats.get("lines_dead_lettered")) == (20, 1)
+
+    run(scenario())
+
+
+def test_invalid_utf8_500_dead_letters_exactly_those_lines() -> None:
+    async def scenario() -> None:
+        message = (
+            b'{"error":"proto: field \\"tsdb.MeasurementFields.Name\\" contains invalid UTF-8"}'
+        )
+        influx = await FakeInflux(refusing(b"\xff", 500, message)).start()
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=box)
+        async with writer:
+            await writer.add(lines(3) + b"m\xff f=1 1\n")
+        await influx.stop()
+        assert len(influx.requests) == 2  # the batch, then its good lines
+        assert influx.bodies[1] == lines(3)
+        assert box.lines == [b"m\xff f=1 1\n"]
+        assert "invalid UTF-8" in box.messages[0][1]["Error"]
+        assert (stats.get("lines_written"), stats.get("lines_dead_lettered")) == (3, 1)
+
+    run(scenario())
+
+
+async def raw_http(answer_for: Callable[[bytes], bytes]) -> tuple[asyncio.Server, int]:
+    """An HTTP/1.1 server that writes answer_for(body) as it is: headers httpx rejects."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                writer.write(answer_for(body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()  # the client went, or the test ended: nothing to report
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_an_unreadable_answer_is_never_a_resent_batch() -> None:
+    bodies: list[bytes] = []
+
+    def answer_for(body: bytes) -> bytes:
+        bodies.append(body)
+        if b"\x00" in body:  # an illegal header, and not InfluxDB's error header
+            return b"HTTP/1.1 400 Bad Request\r\nX-Other: a\x00b\r\nContent-Length: 0\r\n\r\n"
+        return b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    async def scenario() -> None:
+        server, port = await raw_http(answer_for)
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(port), dead_letter=box)
+        async with writer:
+            await writer.add(lines(4) + b"c\x00 f=1 1\n")
+        server.close()
+        # the batch, its lines that could not break a header, then the suspect alone
+        assert bodies == [lines(4) + b"c\x00 f=1 1\n", lines(4), b"c\x00 f=1 1\n"]
+        assert box.lines == [b"c\x00 f=1 1\n"]
+        assert box.messages[0][1]["Influxdb-Status"] == "unreadable"
+        assert "could not be read" in box.messages[0][1]["Error"]
+        assert (stats.get("lines_written"), stats.get("lines_dead_lettered")) == (4, 1)
+
+    run(scenario())
+
+
+def test_an_illegal_influxdb_error_header_is_read_as_the_answer() -> None:
+    bodies: list[bytes] = []
+
+    def answer_for(body: bytes) -> bytes:
+        bodies.append(body)
+        return (
+            b"HTTP/1.1 400 Bad Request\r\nX-Influxdb-Error: partial write: unable to parse "
+            b"'n\x00ul': invalid field format dropped=0\r\nContent-Length: 0\r\n\r\n"
+        )
+
+    async def scenario() -> None:
+        server, port = await raw_http(answer_for)
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(port), dead_letter=box)
+        async with writer:
+            await writer.add(lines(5) + b"n\x00ul\n")
+        server.close()
+        assert len(bodies) == 1  # the 5 good lines were stored: never sent again
+        assert box.lines == [b"n\x00ul\n"]
+        assert box.messages[0][1]["Error"] == "unable to parse 'n\\x00ul': invalid field format"
+        assert (stats.get("lines_written"), stats.get("lines_dead_lettered")) == (5, 1)
+
+    run(scenario())
+
+
+def test_dead_letters_nats_does_not_take_are_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(400, NOTHING_PARSED)).start()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=DeadLetterBox(True))
+        async with writer:
+            await writer.add(b"bad\n")
+        await influx.stop()
+        assert (stats.get("lines_given_up"), stats.get("lines_dead_lettered")) == (1, 0)
+
+    run(scenario())
+    assert "dead letter could not be published" in caplog.text
+
+
+def test_missing_database_is_created_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        created: list[str] = []
+
+        async def answer(req: Request) -> web.Response:
+            if req.path == "/query":
+                created.append(req.query)
+                return web.json_response({"results": [{"statement_id": 0}]})
+            if not created:
+                return web.json_response({"error": 'database not found: "db"'}, status=404)
+            return web.Response(status=204)
+
+        influx = await FakeInflux(answer).start()
+        cfg = writer_config(influx.port, influxdb_create_database=True)
+        writer, stats = writer_with(cfg)
+        async with writer:
+            await writer.add(lines(3))
+        await influx.stop()
+        assert created == ["q=CREATE+DATABASE+%22db%22"]
+        assert stats.get("lines_written") == 3
+        assert stats.get("retries") == 0
+
+    run(scenario())
+    assert "created database db" in caplog.text
+
+
+def test_a_database_that_cannot_be_created_is_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async def answer(req: Request) -> web.Response:
+            if req.path == "/query":
+                return web.json_response({"error": "requires admin privilege"}, status=403)
+            return web.json_response({"error": 'database not found: "db"'}, status=404)
+
+        influx = await FakeInflux(answer).start()
+        writer, stats = writer_with(writer_config(influx.port, influxdb_create_database=True))
+        async with writer:
+            await writer.add(lines(2))
+        await influx.stop()
+        assert stats.get("lines_given_up") == 2
+
+    run(scenario())
+    assert "could not create database db: HTTP 403: requires admin privilege" in caplog.text
+
+
+def test_durable_retries_target_errors_and_settles_each_batch_once() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(
+            answers(401, 403, body=b'{"error":"authorization failed"}')
+        ).start()
+        settled: list[tuple[int, int, int]] = []
+
+        async def on_settled(job: Any) -> None:
+            settled.append((job.batch.lines, job.written, job.given_up))
+
+        cfg = writer_config(influx.port, batch_max_count=1)
+        writer, stats = writer_with(cfg, durable=True, settled=on_settled)
+        async with writer:
+            await writer.add(lines(3))
+            await until(lambda: stats.get("lines_written") == 3)
+            await writer.add(lines(2, start=3))
+        await influx.stop()
+        assert settled == [(3, 3, 0), (2, 2, 0)]
+        assert stats.get("retries") == 2
+        assert stats.get("lines_given_up") == 0
+
+    run(scenario())
+
+
+def test_backoff_doubles_up_to_the_interval_and_honours_retry_after() -> None:
+    writer, _ = new_writer(writer_config(1, writer_retry_interval=10.0))
+    assert [0.5 <= writer._backoff(1, 0) <= 1.0 for _ in range(20)] == [True] * 20
+    assert 2.0 <= writer._backoff(3, 0) <= 4.0
+    assert 5.0 <= writer._backoff(30, 0) <= 10.0
+    assert writer._backoff(1, 7.5) == 7.5
+    assert writer._backoff(1, 0) <= 1.0
+
+
+def test_healthy_turns_false_after_unready_after_of_failures_and_back_on_success() -> None:
+    async def scenario() -> None:
+        now = [100.0]
+        influx = await FakeInflux(answers(500, 500)).start()
+        cfg = writer_config(
+            influx.port, batch_max_count=1, influxdb_unready_after=30.0, writer_retry_interval=60.0
+        )
+        stats = Stats("writer", cfg.name, COUNTERS, labels(cfg), host="h")
+        writer = Writer(cfg, stats, clock=lambda: now[0])
+        async with writer:
+            assert writer.healthy()
+            await writer.add(lines(1))
+            await until(lambda: writer.kept == 1)
+            assert writer.healthy()  # failing, but the last success is recent
+            now[0] += 31
+            assert not writer.healthy()
+            await writer.add(lines(1, start=1))  # fails too
+            await until(lambda: stats.get("failed_writes") == 2)
+            assert not writer.healthy()
+            await writer.add(lines(1, start=2))  # 204
+            await until(lambda: stats.get("lines_written") == 1)
+            assert writer.healthy()
+        await influx.stop()
+
+    run(scenario())
+
+
+def test_an_outage_is_logged_once_and_its_end_too(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "influx_spout.writer")
+    async def scenario() -> None:
+        influx = await FakeInflux(answers(503, 503, 503)).start()
+        cfg = writer_config(influx.port, batch_max_count=1, writer_retry_batches=5)
+        writer, stats = new_writer(cfg)
+        async with writer:
+            for i in range(3):
+                await writer.add(lines(1, start=i))
+            await until(lambda: stats.get("lines_written") == 3)
+        await influx.stop()
+
+    run(scenario())
+    assert caplog.text.count("fail: HTTP 503") == 1
+    assert caplog.text.count("work again, after 3 failed writes") == 1
