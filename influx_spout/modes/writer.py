@@ -19,8 +19,9 @@ Every answer has one outcome (answers.py reads what it says about the lines):
   401, 403                 given up (plain mode), retried (durable)
   5xx, 429, timeouts, connection errors
                            retried with exponential backoff and jitter (Retry-After
-                           honoured): plain mode keeps writer_retry_batches batches for at
-                           most writer_retry_timeout; durable mode retries for ever
+                           honoured): plain mode keeps writer_retry_batches batches (at
+                           most writer_retry_max_size bytes) for at most
+                           writer_retry_timeout; durable mode retries for ever
 A batch's outcome is final in one place, Writer._settle, where a durable input
 acknowledges it.
 
@@ -31,7 +32,7 @@ Memory: a batch is held once, as the NATS messages it was made of, and POSTed as
 parts with an explicit Content-Length (never joined into one copy; a retry sends the same
 parts again; only an answer about its lines joins it, to split it). What else the writer
 holds is the NATS input backlog, at most nats_max_pending_size bytes, and the batches
-kept for retry, at most writer_retry_batches x batch_max_size.
+kept for retry, at most writer_retry_max_size bytes.
 
 Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
   received               lines received from NATS
@@ -88,7 +89,10 @@ class Options:
         aliases=[Alias("write_timeout_secs", "seconds")],
     )
     writer_retry_batches: int = option(
-        "int", 32, "failed batches kept for retrying; 0 = none", at_least=0
+        "int", 1000, "failed batches kept for retrying; 0 = none", at_least=0
+    )
+    writer_retry_max_size: int = option(
+        "size", 200 * 1024 * 1024, "at most this many bytes of them; the oldest goes first"
     )
     writer_retry_interval: float = option(
         "duration", 10.0, "the longest wait between two tries (backoff from 1s)"
@@ -329,6 +333,11 @@ DeadLetter = Callable[[bytes, dict[str, str]], Awaitable[None]]
 
 def _piece(data: bytes) -> Parts:
     return Parts([data], len(data), count_lines(data))
+
+
+def _size_left(job: Job) -> int:
+    """Bytes a kept job holds."""
+    return sum(p.size for p in job.pieces) if job.started else job.batch.size
 
 
 def _joined(piece: Parts) -> bytes:
@@ -709,13 +718,26 @@ class Writer:
                     job, f"still failing {self.cfg.writer_retry_timeout:g}s after the first try"
                 )
                 return False
-            while len(self._kept) >= limit:
+            size, room = _size_left(job), self.cfg.writer_retry_max_size
+            if size > room:  # it could never be kept: the others stay
+                await self._give_up(job, self._full)
+                return False
+            held = sum(_size_left(k) for k in self._kept)
+            while self._kept and (len(self._kept) >= limit or held + size > room):
                 oldest = min(self._kept, key=lambda k: k.first_failure or now)
                 self._kept.remove(oldest)
-                await self._give_up(oldest, f"retry list full (writer_retry_batches = {limit})")
+                held -= _size_left(oldest)
+                await self._give_up(oldest, self._full)
         job.next_try = now + self._backoff(job.failures, answer.retry_after)
         self._kept.append(job)
         return False
+
+    @property
+    def _full(self) -> str:
+        return (
+            f"retry list full (writer_retry_batches = {self.cfg.writer_retry_batches},"
+            f" writer_retry_max_size = {self.cfg.writer_retry_max_size} bytes)"
+        )
 
     def _backoff(self, failures: int, at_least: float) -> float:
         """Exponential backoff with jitter, capped at writer_retry_interval."""

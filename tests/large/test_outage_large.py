@@ -115,6 +115,13 @@ class Client:
         self.thread.join(30)
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    kb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
+    return round(kb / 1024, 1)
+
+
 def test_plain_mode_rides_out_an_influxdb_outage_at_the_default_retry_settings(
     nats_server: NatsServer, component: Callable[..., Component], tmp_path: Path
 ) -> None:
@@ -123,6 +130,7 @@ def test_plain_mode_rides_out_an_influxdb_outage_at_the_default_retry_settings(
         influx.create_database("outage")
         http_port = free_port()
         common = {"nats_address": nats_server.url, "stats_interval": "500ms"}
+        started: dict[str, Component] = {}
         rule = '[[rule]]\ntype = "basic"\nmatch = "outage"\nsubject = "outage"\n'
         for values, tail in (
             (
@@ -141,8 +149,10 @@ def test_plain_mode_rides_out_an_influxdb_outage_at_the_default_retry_settings(
         ):
             probe = free_port()
             text = config(name=values["mode"], probe_port=probe, **common, **values) + tail
-            component(text).wait_ready(probe, timeout=20)
+            started[values["mode"]] = comp = component(text)
+            comp.wait_ready(probe, timeout=20)
         figures = asyncio.run(outage(nats_server.url, influx, http_port))
+        figures["writer peak RSS MB"] = peak_rss_mb(started["writer"].pid)
     finally:
         influx.close()
     print(figures)

@@ -1068,3 +1068,32 @@ def test_an_outage_is_logged_once_and_its_end_too(caplog: pytest.LogCaptureFixtu
     run(scenario())
     assert caplog.text.count("fail: HTTP 503") == 1
     assert caplog.text.count("work again, after 3 failed writes") == 1
+
+
+def test_retry_list_is_bounded_in_bytes_too(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(503)).start()
+        size = len(lines(10, start=20))  # the largest of the three
+        cfg = writer_config(
+            influx.port,
+            batch_max_count=1,
+            workers=1,
+            writer_retry_batches=100,
+            writer_retry_max_size=2 * size + 10,
+            writer_retry_interval=60.0,
+        )
+        writer, stats = new_writer(cfg)
+        writer.start()
+        for i in range(3):
+            await writer.add(lines(10, start=10 * i))
+            await until(lambda n=i + 1: writer.kept + stats.get("lines_given_up") // 10 == n)
+        assert writer.kept == 2  # two batches fit in writer_retry_max_size
+        assert stats.get("lines_given_up") == 10  # the oldest went
+        await writer.add(b"x" * (3 * size) + b"\n")  # larger than the whole list
+        await until(lambda: stats.get("lines_given_up") == 11)
+        assert writer.kept == 2
+        await writer.close(timeout=0.5)
+        await influx.stop()
+
+    run(scenario())
+    assert "writer_retry_max_size" in caplog.text
