@@ -680,7 +680,8 @@ class Writer:
         ):
             return False
         job.created_database = True
-        query = f'CREATE DATABASE "{self.cfg.influxdb_dbname}"'.replace("\\", "\\\\")
+        name = self.cfg.influxdb_dbname.replace("\\", "\\\\").replace('"', '\\"')
+        query = f'CREATE DATABASE "{name}"'
         try:
             resp = await self._client.post(base_url(self.cfg) + "/query", params={"q": query})
         except (httpx.HTTPError, OSError) as exc:
