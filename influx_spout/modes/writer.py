@@ -314,7 +314,7 @@ class Job:
     first_failure: float | None = None  # clock() of the first failure of this outage
     next_try: float = 0.0
     failures: int = 0  # failed tries in a row, for the backoff
-    maybe_stored: bool = False  # the last failure may have stored the lines
+    maybe_stored: bool = False  # a failed try of the current piece may have stored it
     created_database: bool = False
     settled: bool = False
     written: int = 0
@@ -608,6 +608,7 @@ class Writer:
             job.written += piece.lines
             job.failures = 0
             job.first_failure = None
+            job.maybe_stored = False
             self.stats.inc("lines_written", piece.lines)
             return True
         if kind == "transient":
@@ -703,7 +704,7 @@ class Writer:
         or give it up (plain mode: retries off, stopping, too old, list full). False."""
         now = self._clock()
         job.failures += 1
-        job.maybe_stored = answer.maybe_stored
+        job.maybe_stored |= answer.maybe_stored  # an earlier try may have stored it
         if job.first_failure is None:
             job.first_failure = now
         if self._closing:

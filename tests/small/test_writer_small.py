@@ -1097,3 +1097,33 @@ def test_retry_list_is_bounded_in_bytes_too(caplog: pytest.LogCaptureFixture) ->
 
     run(scenario())
     assert "writer_retry_max_size" in caplog.text
+
+
+def test_a_batch_that_once_timed_out_stays_unconfirmed_when_given_up() -> None:
+    async def scenario() -> None:
+        calls = 0
+
+        async def slow_then_down(req: Request) -> web.Response:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await asyncio.sleep(2.0)  # times out: InfluxDB may store it
+            return web.Response(status=503)
+
+        influx = await FakeInflux(slow_then_down).start()
+        cfg = writer_config(
+            influx.port,
+            batch_max_count=1,
+            write_timeout=0.2,
+            writer_retry_interval=0.02,
+            writer_retry_timeout=0.5,
+        )
+        writer, stats = new_writer(cfg)
+        async with writer:
+            await writer.add(lines(4))
+            await until(lambda: stats.get("lines_unconfirmed") == 4)
+        await influx.stop()
+        assert calls >= 2
+        assert stats.get("lines_given_up") == 0
+
+    run(scenario())
