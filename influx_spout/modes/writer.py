@@ -59,7 +59,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -321,6 +321,7 @@ class Job:
     dead_lettered: int = 0
     given_up: int = 0
     unconfirmed: int = 0
+    tags: list[object] = field(default_factory=list)  # given to add() with its chunks
 
     @property
     def lines_left(self) -> int:
@@ -333,6 +334,10 @@ DeadLetter = Callable[[bytes, dict[str, str]], Awaitable[None]]
 
 def _piece(data: bytes) -> Parts:
     return Parts([data], len(data), count_lines(data))
+
+
+def _tagged(tags: list[object]) -> list[object]:
+    return [t for t in tags if t is not None]
 
 
 def _size_left(job: Job) -> int:
@@ -380,6 +385,7 @@ class Writer:
         self._slots = asyncio.Semaphore(max(1, cfg.workers))
         self._tasks: set[asyncio.Task[None]] = set()
         self._kept: list[Job] = []
+        self._open_tags: list[object] = []  # the tags of the open batch's chunks
         self._closing = False  # close() started: new input is written at once
         self._closed = False  # close() done: new input can only be given up
         self._ticker: asyncio.Task[None] | None = None
@@ -424,24 +430,45 @@ class Writer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def add(self, data: bytes) -> None:
-        """Batch one chunk of lines; waits while all workers are busy."""
+    async def add(self, data: bytes, tag: object = None) -> None:
+        """Batch one chunk of lines; waits while all workers are busy.
+
+        tag (a durable input's message) comes back in Job.tags of the batch that holds
+        the chunk, once settled; a chunk over batch_max_size is split, its tag in each
+        batch holding a piece of it. An empty chunk is settled at once.
+        """
+        mine = [tag]
         if not data:
+            if tag is not None:
+                await self._settle(Job(Parts([], 0, 0), [], started=True, tags=mine))
             return
         data = ensure_newline(data)
         lines = count_lines(data)  # the only pass over the bytes without [[rule]] tables
         self.stats.inc("received", lines)
         if self._closing:  # late input while stopping is written at once
-            await self._submit(Job(Parts([data], len(data), lines), []))
+            await self._submit(Job(Parts([data], len(data), lines), [], tags=_tagged(mine)))
             return
+        # the open batch's chunks and their tags, in step: the first batch made ready
+        # holds the open chunks (and this one, when it filled the batch), later ones
+        # pieces of this chunk
+        old: list[object] | None = self._open_tags
+        self._open_tags = []
         for batch in self._batcher.add(data, lines):
-            await self._submit(Job(batch, []))
+            if old:
+                tags = old if len(batch.parts) == len(old) else old + mine
+                old = None
+            else:
+                tags = mine
+            await self._submit(Job(batch, [], tags=_tagged(tags)))
+        if self._batcher.count:
+            self._open_tags = ((old or []) + mine)[-self._batcher.count :]
 
     async def flush(self) -> None:
         """Start writing what is batched now."""
         batch = self._batcher.take()
+        tags, self._open_tags = self._open_tags, []
         if batch.size:
-            await self._submit(Job(batch, []))
+            await self._submit(Job(batch, [], tags=_tagged(tags)))
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Write out the batch, wait for writes, give kept batches one last try; then stop.

@@ -1055,6 +1055,7 @@ def test_healthy_turns_false_after_unready_after_of_failures_and_back_on_success
 
 def test_an_outage_is_logged_once_and_its_end_too(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "influx_spout.writer")
+
     async def scenario() -> None:
         influx = await FakeInflux(answers(503, 503, 503)).start()
         cfg = writer_config(influx.port, batch_max_count=1, writer_retry_batches=5)
@@ -1125,5 +1126,39 @@ def test_a_batch_that_once_timed_out_stays_unconfirmed_when_given_up() -> None:
         await influx.stop()
         assert calls >= 2
         assert stats.get("lines_given_up") == 0
+
+    run(scenario())
+
+
+def test_each_message_tag_comes_back_once_its_batch_is_settled() -> None:
+    async def scenario() -> None:
+        partial = b'{"error":"partial write: unable to parse \'bad\': missing fields dropped=0"}'
+        influx = await FakeInflux(refusing(b"bad", 400, partial)).start()
+        settled: list[tuple[list[object], int, int]] = []
+
+        async def on_settled(job: Any) -> None:
+            settled.append((job.tags, job.written, job.dead_lettered))
+
+        one = lines(1)
+        cfg = writer_config(influx.port, batch_max_count=3, batch_max_size=4 * len(one))
+        writer, stats = writer_with(cfg, settled=on_settled, dead_letter=DeadLetterBox())
+        async with writer:
+            await writer.add(one, tag="m1")
+            await writer.add(one)  # untagged (plain input)
+            await writer.add(b"bad\n", tag="m3")  # the third message: a batch
+            await writer.add(b"", tag="empty")  # nothing to write: settled at once
+            await writer.add(one, tag="m5")
+            await writer.add(lines(10), tag="big")  # over batch_max_size: split
+            await writer.add(one, tag="m7")
+        await influx.stop()
+        # batches are written at once, so they settle in any order
+        assert (["empty"], 0, 0) in settled  # at once
+        assert (["m1", "m3"], 2, 1) in settled
+        assert (["m5"], 1, 0) in settled
+        pieces = [s for s in settled if "big" in s[0]]
+        assert len(pieces) >= 3  # one for each batch holding a piece of it
+        assert [s[0] for s in pieces].count(["big", "m7"]) == 1
+        assert sum(s[1] for s in settled) == stats.get("lines_written") == 14
+        assert len(settled) == 3 + len(pieces)
 
     run(scenario())
