@@ -355,7 +355,9 @@ class Writer:
     Feed it with add(); flush() writes what is batched now; close() writes out everything
     left within a deadline. WriterMode feeds it from NATS; tests feed it directly.
     Each batch's outcome is final in one place, _settle: there `settled` (when given) is
-    awaited with the batch and its tally, so that a durable input acknowledges it.
+    awaited with its Job (the batch, the tags add() was given with its messages, the
+    tally), so that a durable input acknowledges them; a durable writer that stops
+    leaves what it did not write unsettled, for the stream to deliver again.
     Refused lines go to `dead_letter` (data, NATS headers); without it they are given up.
     `durable`: retry transient failures and target errors (401, 403, 404) for ever,
     never give a batch up while running (the input's own limits bound what waits).
