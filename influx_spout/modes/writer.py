@@ -632,13 +632,8 @@ class Writer:
         answer = await self._post(piece)
         kind = answer.kind
         if kind == "written":
-            self._succeeded()
-            job.pieces.pop(0)
-            job.written += piece.lines
-            job.failures = 0
-            job.first_failure = None
-            job.maybe_stored = False
-            self.stats.inc("lines_written", piece.lines)
+            self._answered(job)
+            self._count_written(job, piece.lines)
             return True
         if kind == "transient":
             self._failed(answer)
@@ -656,10 +651,17 @@ class Writer:
                 f"{answers.one_line(answer.message, 300)}); not retried{hint}",
             )
             return False
-        self._succeeded()  # InfluxDB works: it answered about the lines themselves
-        job.pieces.pop(0)
+        self._answered(job)  # InfluxDB works: it answered about the lines themselves
         await self._sort_lines(job, piece, answer)
         return True
+
+    def _answered(self, job: Job) -> None:
+        """job.pieces[0] got an answer about its lines: it is done, the outage is over."""
+        self._succeeded()
+        job.pieces.pop(0)
+        job.failures = 0
+        job.first_failure = None
+        job.maybe_stored = False
 
     async def _sort_lines(self, job: Job, piece: Parts, answer: Answer) -> None:
         """Act on an answer about the lines of a piece: count the written ones, dead-letter
