@@ -7,6 +7,8 @@ writer's counters from the monitor subject.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -684,3 +686,42 @@ def test_readyz_turns_503_while_writes_fail_and_200_after_the_next_success(
     wait_for_http(ready, 200, 15.0, writer.proc, writer.log_path)
     assert influxd.count(db, "spout_w") == 1
     assert "work again, after" in writer.log()
+
+
+def test_a_frozen_influxd_loses_nothing_and_counts_nothing_lost(
+    nats_server: NatsServer, component: Callable[..., Component], tmp_path: Any
+) -> None:
+    """SIGSTOP influxd: writes time out (InfluxDB may store them once it runs again); they
+    are retried, never counted lost, and each point is stored once."""
+    db = "writer_frozen"
+    with InfluxServer(workdir=tmp_path / "influxd-frozen") as frozen:
+        frozen.create_database(db)
+        start_writer(
+            component,
+            writer_toml(
+                nats_server.url,
+                frozen.port,
+                db,
+                ["answers"],
+                batch_max_count=1,
+                write_timeout="1s",
+            ),
+        )
+        messages = [b"".join(point("answers", 10 * m + k) for k in range(10)) for m in range(5)]
+
+        async def scenario() -> None:
+            monitor = await Monitor().start(nats_server.url)
+            assert frozen.pid is not None
+            os.kill(frozen.pid, signal.SIGSTOP)
+            try:
+                await publish(nats_server.url, "answers", messages)
+                await monitor.wait(lambda m: m.get("failed_writes") >= 5, timeout=30)
+            finally:
+                os.kill(frozen.pid, signal.SIGCONT)
+            await monitor.wait(lambda m: m.get("lines_written") == 50, timeout=60)
+            assert monitor.get("lines_given_up") + monitor.get("lines_unconfirmed") == 0
+            await monitor.close()
+
+        asyncio.run(scenario())
+        rows = frozen.query(db, "SELECT * FROM spout_w")
+        assert sorted(r["time"] for r in rows) == [TS0 + i for i in range(50)]
