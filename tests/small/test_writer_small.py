@@ -25,6 +25,7 @@ from influx_spout.modes.writer import (
     Writer,
     error_text,
     labels,
+    retry_after,
     write_url,
 )
 from influx_spout.stats import Stats
@@ -1162,3 +1163,28 @@ def test_each_message_tag_comes_back_once_its_batch_is_settled() -> None:
         assert len(settled) == 3 + len(pieces)
 
     run(scenario())
+
+
+def test_retry_after_is_read_in_seconds_and_bounded() -> None:
+    assert retry_after("5") == 5.0
+    assert retry_after("0.5") == 0.5
+    assert retry_after(None) == retry_after("") == 0.0
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date: the backoff decides
+    assert retry_after("-3") == 0.0
+    assert retry_after("86400") == 300.0
+
+
+def test_401_in_plain_mode_is_given_up_with_what_to_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(401, b'{"error":"authorization failed"}')).start()
+        writer, stats = new_writer(writer_config(influx.port))
+        async with writer:
+            await writer.add(lines(2))
+        await influx.stop()
+        assert len(influx.requests) == 1
+        assert (stats.get("lines_given_up"), stats.get("lines_dead_lettered")) == (2, 0)
+
+    run(scenario())
+    assert "check INFLUXDB_USER/INFLUXDB_PASS" in caplog.text
