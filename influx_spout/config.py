@@ -223,6 +223,12 @@ class SharedOptions:
         "[[rule]] tables: the filter's routes; the writer's selection (rules without subject)",
         modes=("filter", "writer"),
     )
+    nats_subject_dead_letter: str = option(
+        "str",
+        "influx-spout-dead-letter",
+        "where lines go that cannot be decoded (kafka) or that InfluxDB refused (writer)",
+        modes=("kafka", "writer"),
+    )
 
 
 @dataclass(kw_only=True)

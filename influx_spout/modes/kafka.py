@@ -113,9 +113,6 @@ class Options:
     kafka_client: dict[str, str | int | float | bool] = option(
         "client", {}, "librdkafka properties passed to the consumer as they are"
     )
-    nats_subject_dead_letter: str = option(
-        "str", "influx-spout-dead-letter", "where undecodable lines, records or messages go"
-    )
     kafka_sasl_username: str = from_environment("KAFKA_SASL_USERNAME")
     kafka_sasl_password: str = from_environment("KAFKA_SASL_PASSWORD")
     kafka_ssl_key_password: str = from_environment("KAFKA_SSL_KEY_PASSWORD")

@@ -7,28 +7,45 @@ At most `workers` writes are in flight; while they are all busy the NATS handler
 the subscription's pending limit (nats_max_pending_size) takes the overload and NATS
 drops are counted in nats_dropped{subject}.
 
-A write that fails with a connection error, a timeout, a 5xx or a 429 is kept for retry:
-at most writer_retry_batches batches are kept (the oldest is given up when one more
-fails), each retried every writer_retry_interval until writer_retry_timeout after its
-first failure. Other 4xx answers are not retried: InfluxDB keeps the good lines of a
-partial write and the rejected ones are given up. Nothing is given up silently.
+Every answer has one outcome (answers.py reads what it says about the lines):
+  2xx                      written
+  400 partial write        the lines InfluxDB names (parse errors, a field type conflict)
+                           go to nats_subject_dead_letter; nothing is written again
+  other 4xx, an unreadable answer, a 5xx about invalid UTF-8
+                           the bad lines are found (by a property a line alone can show,
+                           else by halving the batch), dead-lettered; the rest is written
+  413                      halved, down to single lines
+  404 database not found   created with influxdb_create_database, else given up (plain)
+  401, 403                 given up (plain mode), retried (durable)
+  5xx, 429, timeouts, connection errors
+                           retried with exponential backoff and jitter (Retry-After
+                           honoured): plain mode keeps writer_retry_batches batches (at
+                           most writer_retry_max_size bytes) for at most
+                           writer_retry_timeout; durable mode retries for ever
+A batch's outcome is final in one place, Writer._settle, where a durable input
+acknowledges it.
 
-Without [[rule]] tables the writer never looks inside a batch; with them only lines some
-rule matches are written.
+Without [[rule]] tables the writer never looks inside a batch on the way to a 2xx; with
+them only lines some rule matches are written.
 
 Memory: a batch is held once, as the NATS messages it was made of, and POSTed as those
 parts with an explicit Content-Length (never joined into one copy; a retry sends the same
-parts again). What else the writer holds is the NATS input backlog, at most
-nats_max_pending_size bytes, plus what the HTTP transport has not sent yet.
+parts again; only an answer about its lines joins it, to split it). What else the writer
+holds is the NATS input backlog, at most nats_max_pending_size bytes, and the batches
+kept for retry, at most writer_retry_max_size bytes.
 
 Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
   received               lines received from NATS
-  write_requests         HTTP writes attempted, retries included
-  failed_writes          writes that failed (connection error, timeout, or not 2xx)
+  write_requests         HTTP writes attempted, retries and split batches included
+  failed_writes          writes that did not get a 2xx (connection error, timeout, or not 2xx)
   retries                write_requests that were retries of a kept batch
   lines_written          lines InfluxDB accepted
-  lines_given_up         lines dropped after a failed write: rejected by InfluxDB (4xx),
-                         retry list full, retry timeout, or still unwritten at stop
+  lines_dead_lettered    lines InfluxDB refused, published to nats_subject_dead_letter
+  lines_given_up         lines dropped: retry list full, retry timeout, unwritten at stop,
+                         the target refused (401, 403, 404), dropped by InfluxDB without
+                         being named, or a dead letter that could not be published
+  lines_unconfirmed      lines given up after a write whose answer never came (a timeout,
+                         a lost connection): InfluxDB may have stored them
   dropped_by_rules       lines no rule matched, or not valid line protocol (only with
                          [[rule]] tables)
   nats_dropped{subject}  messages NATS dropped because the input buffer was full
@@ -38,17 +55,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
+import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from influx_spout import answers
 from influx_spout.batching import Batcher, Parts, count_lines, ensure_newline
 from influx_spout.config import (
     Alias,
@@ -82,10 +99,21 @@ class Options:
         aliases=[Alias("write_timeout_secs", "seconds")],
     )
     writer_retry_batches: int = option(
-        "int", 1, "failed batches kept for retrying; 0 = none", at_least=0
+        "int", 1000, "failed batches kept for retrying; 0 = none", at_least=0
     )
-    writer_retry_interval: float = option("duration", 10.0, "how often they are retried")
-    writer_retry_timeout: float = option("duration", 60.0, "how long a batch is retried")
+    writer_retry_max_size: int = option(
+        "size", 200 * 1024 * 1024, "at most this many bytes of them; the oldest goes first"
+    )
+    writer_retry_interval: float = option(
+        "duration", 10.0, "the longest wait between two tries (backoff from 1s)"
+    )
+    writer_retry_timeout: float = option("duration", 300.0, "how long a batch is retried")
+    influxdb_create_database: bool = option(
+        "bool", False, "create influxdb_dbname when InfluxDB answers that it does not exist"
+    )
+    influxdb_unready_after: float = option(
+        "duration", 30.0, "/readyz answers 503 while writes fail and none succeeded this long"
+    )
     influxdb_tls_ca: str = option(
         "str", "", "https: CA certificates (PEM) InfluxDB's certificate is checked with"
     )
@@ -138,6 +166,7 @@ def validate(c: Checker) -> None:
             "give the host only; set influxdb_protocol and influxdb_port apart",
         )
     c.port("influxdb_port", 1)
+    c.subject("nats_subject_dead_letter", cfg.nats_subject_dead_letter, publish=True)
     if not cfg.influxdb_dbname:
         raise c.fail("influxdb_dbname", "empty", "give the database to write to")
     if cfg.influxdb_bucket and not cfg.influxdb_org:
@@ -186,7 +215,9 @@ COUNTERS = (
     "failed_writes",
     "retries",
     "lines_written",
+    "lines_dead_lettered",
     "lines_given_up",
+    "lines_unconfirmed",
 )
 
 # time allowed, after a stop, to stop taking input and then to write out what is left;
@@ -194,19 +225,19 @@ COUNTERS = (
 UNSUBSCRIBE_TIMEOUT = 0.5
 CLOSE_TIMEOUT = 2.5
 
-# longest InfluxDB error text quoted in a log line
-MAX_ERROR_TEXT = 300
+# the first retry waits this long (at most writer_retry_interval), each next one twice as
+# long, up to writer_retry_interval; a Retry-After answer waits at least what it says,
+# at most MAX_RETRY_AFTER
+FIRST_RETRY = 1.0
+MAX_RETRY_AFTER = 300.0
 
 # what to do about answers that will not change by retrying
 _HINTS = {
     401: "; check INFLUXDB_USER/INFLUXDB_PASS (or INFLUXDB_TOKEN for a bucket)",
     403: "; check that the credentials may write to this database or bucket",
-    404: "; check influxdb_dbname (or influxdb_org/influxdb_bucket) and that it exists",
-    413: "; lower batch_max_size below InfluxDB's max-body-size",
+    404: "; check influxdb_dbname (or influxdb_org/influxdb_bucket) and that it exists"
+    " (influxdb_create_database = true creates it)",
 }
-
-_DROPPED = re.compile(rb"dropped=(\d+)")
-_UNPARSABLE = b"unable to parse '"
 
 
 def labels(cfg: Config) -> dict[str, str]:
@@ -218,12 +249,17 @@ def labels(cfg: Config) -> dict[str, str]:
     }
 
 
-def write_url(cfg: Config) -> str:
-    """The URL every batch is POSTed to (v2 API when influxdb_bucket is set)."""
+def base_url(cfg: Config) -> str:
     host = cfg.influxdb_address
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6 literal
-    base = f"{cfg.influxdb_protocol}://{host}:{cfg.influxdb_port}"
+    return f"{cfg.influxdb_protocol}://{host}:{cfg.influxdb_port}"
+
+
+def write_url(cfg: Config) -> str:
+    """The URL every batch is POSTed to (v2 API when influxdb_bucket is set); it never
+    holds credentials (they go in headers), so logs and dead letters may show it."""
+    base = base_url(cfg)
     params: dict[str, str]
     if cfg.influxdb_bucket:
         params = {"org": cfg.influxdb_org, "bucket": cfg.influxdb_bucket, "precision": "ns"}
@@ -261,33 +297,17 @@ def make_client(cfg: Config) -> httpx.AsyncClient:
     )
 
 
-def rejected_lines(body: bytes, lines: int) -> int:
-    """How many lines of a batch InfluxDB refused, from its 4xx answer.
-
-    A partial write ("partial write: ... dropped=N") kept the other lines; InfluxDB 1.x
-    reports each line it could not parse as "unable to parse '...'" with dropped=0.
-    Any other 4xx refused the whole batch.
-    """
-    if b"partial write" not in body:
-        return lines
-    # influxd says dropped=0 for unparsable lines; our listener_http counts them in dropped=N
-    dropped = max(body.count(_UNPARSABLE), sum(int(n) for n in _DROPPED.findall(body)))
-    return min(lines, dropped) if dropped else lines
-
-
 def error_text(body: bytes) -> str:
-    """InfluxDB's error message on one line, cut to MAX_ERROR_TEXT characters."""
-    text = body.decode("utf-8", "replace")
+    """InfluxDB's error message on one line, cut for a log line."""
+    return answers.one_line(answers.error_message(body), 300)
+
+
+def retry_after(value: str | None) -> float:
+    """Seconds a Retry-After header asks for (delta-seconds only; 0 when absent or a date)."""
     try:
-        answer = json.loads(text)
+        return min(MAX_RETRY_AFTER, max(0.0, float(value))) if value else 0.0
     except ValueError:
-        answer = None
-    if isinstance(answer, dict):  # 1.x {"error": ...}, 2.x {"code": ..., "message": ...}
-        text = str(answer.get("error") or answer.get("message") or text)
-    text = " ".join(text.split())
-    if len(text) > MAX_ERROR_TEXT:
-        text = text[:MAX_ERROR_TEXT] + "..."
-    return text or "(no message)"
+        return 0.0
 
 
 class PartsBody:
@@ -309,13 +329,92 @@ class PartsBody:
 
 
 @dataclass
-class Kept:
-    """A batch whose write failed and that waits for its next try."""
+class Answer:
+    """One write's answer, sorted: kind is what the writer does about it."""
 
-    batch: Parts
-    lines: int
-    first_failure: float  # clock() of the first failed write
-    next_try: float
+    kind: str  # written, partial, refused, too_large, not_utf8, unreadable, target, transient
+    status: int = 0  # 0: no HTTP answer (a connection error, a timeout)
+    message: str = ""  # InfluxDB's words, or what went wrong
+    retry_after: float = 0.0
+    maybe_stored: bool = False  # transient: the request was sent and its answer never came
+
+
+def sort_answer(status: int, body: bytes, headers: httpx.Headers) -> Answer:
+    """What an HTTP answer to a write means."""
+    if 200 <= status < 300:
+        return Answer("written", status)
+    message = answers.error_message(body)
+    if status == 400 and "partial write" in message:
+        return Answer("partial", status, message)
+    if status == 413:
+        return Answer("too_large", status, message)
+    if status in (401, 403, 404):
+        return Answer("target", status, message)
+    if status == 429 or status >= 500:
+        kind = "not_utf8" if "invalid UTF-8" in message else "transient"
+        return Answer(kind, status, message, retry_after(headers.get("Retry-After")))
+    return Answer("refused", status, message)  # any other 4xx: something in the lines
+
+
+def sort_failure(exc: Exception) -> Answer:
+    """What a write that raised means: a connection that failed, or an answer httpx could
+    not read (the server answered: never "resend the batch")."""
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, httpx.RemoteProtocolError) and "disconnected" not in str(exc):
+        said = answers.error_header(str(exc))  # still readable: what the lines did
+        if said is not None and "partial write" in said:
+            return Answer("partial", 400, said)
+        if said is not None and "unable to parse '" in said:
+            return Answer("refused", 400, said)
+        return Answer("unreadable", 0, f"InfluxDB's answer could not be read ({what})")
+    sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    return Answer("transient", 0, what, maybe_stored=sent)
+
+
+@dataclass
+class Job:
+    """One batch on its way to InfluxDB: the pieces still to write, and the tally of the
+    lines already settled. A batch's outcome is final once no piece is left."""
+
+    batch: Parts  # as the batcher gave it: the messages a durable input acknowledges
+    pieces: list[Parts]  # still to write, in order; empty until the job first runs
+    started: bool = False
+    first_failure: float | None = None  # clock() of the first failure of this outage
+    next_try: float = 0.0
+    failures: int = 0  # failed tries in a row, for the backoff
+    maybe_stored: bool = False  # a failed try of the current piece may have stored it
+    created_database: bool = False
+    settled: bool = False
+    written: int = 0
+    dead_lettered: int = 0
+    given_up: int = 0
+    unconfirmed: int = 0
+    tags: list[object] = field(default_factory=list)  # given to add() with its chunks
+
+    @property
+    def lines_left(self) -> int:
+        return sum(p.lines for p in self.pieces) if self.started else self.batch.lines
+
+
+Settled = Callable[[Job], Awaitable[None]]
+DeadLetter = Callable[[bytes, dict[str, str]], Awaitable[None]]
+
+
+def _piece(data: bytes) -> Parts:
+    return Parts([data], len(data), count_lines(data))
+
+
+def _tagged(tags: list[object]) -> list[object]:
+    return [t for t in tags if t is not None]
+
+
+def _size_left(job: Job) -> int:
+    """Bytes a kept job holds."""
+    return sum(p.size for p in job.pieces) if job.started else job.batch.size
+
+
+def _joined(piece: Parts) -> bytes:
+    return piece.parts[0] if len(piece.parts) == 1 else b"".join(piece.parts)
 
 
 class Writer:
@@ -323,6 +422,13 @@ class Writer:
 
     Feed it with add(); flush() writes what is batched now; close() writes out everything
     left within a deadline. WriterMode feeds it from NATS; tests feed it directly.
+    Each batch's outcome is final in one place, _settle: there `settled` (when given) is
+    awaited with its Job (the batch, the tags add() was given with its messages, the
+    tally), so that a durable input acknowledges them; a durable writer that stops
+    leaves what it did not write unsettled, for the stream to deliver again.
+    Refused lines go to `dead_letter` (data, NATS headers); without it they are given up.
+    `durable`: retry transient failures and target errors (401, 403, 404) for ever,
+    never give a batch up while running (the input's own limits bound what waits).
     """
 
     def __init__(
@@ -331,22 +437,32 @@ class Writer:
         stats: Stats,
         client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
+        dead_letter: DeadLetter | None = None,
+        settled: Settled | None = None,
+        durable: bool = False,
     ) -> None:
         self.cfg = cfg
         self.stats = stats
         self.url = write_url(cfg)
         self._client = client or make_client(cfg)
         self._clock = clock
+        self._dead_letter = dead_letter
+        self._settled = settled
+        self._durable = durable
         self._batcher = Batcher(
             cfg.batch_max_count, cfg.batch_max_size, cfg.batch_max_age, clock=clock
         )
         self._slots = asyncio.Semaphore(max(1, cfg.workers))
         self._tasks: set[asyncio.Task[None]] = set()
-        self._kept: list[Kept] = []
+        self._kept: list[Job] = []
+        self._open_tags: list[object] = []  # the tags of the open batch's chunks
         self._closing = False  # close() started: new input is written at once
         self._closed = False  # close() done: new input can only be given up
         self._ticker: asyncio.Task[None] | None = None
         self._in_tick = False
+        self._last_success = clock()  # a writer that has not written yet is not failing
+        self._failing_since: float | None = None  # the first failure of this outage
+        self._failures = 0  # failed writes of this outage
         self._rules: Any = None
         if cfg.rule:
             from influx_spout.rules import RuleSet
@@ -354,7 +470,8 @@ class Writer:
             self._rules = RuleSet(cfg.rule)
             stats.inc("dropped_by_rules", 0)
         # how often batch age and kept batches are checked
-        self._tick = min(1.0, max(0.005, min(cfg.batch_max_age, cfg.writer_retry_interval) / 4))
+        first = min(FIRST_RETRY, cfg.writer_retry_interval)
+        self._tick = min(1.0, max(0.005, min(cfg.batch_max_age, first) / 4))
 
     @property
     def in_flight(self) -> int:
@@ -364,6 +481,12 @@ class Writer:
     def kept(self) -> int:
         """Failed batches waiting for a retry."""
         return len(self._kept)
+
+    def healthy(self) -> bool:
+        """False while writes fail and none succeeded for influxdb_unready_after (/readyz)."""
+        if self._failing_since is None:
+            return True
+        return self._clock() - self._last_success < self.cfg.influxdb_unready_after
 
     def start(self) -> None:
         """Start the timer that writes aged batches and retries kept ones."""
@@ -377,24 +500,45 @@ class Writer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def add(self, data: bytes) -> None:
-        """Batch one chunk of lines; waits while all workers are busy."""
+    async def add(self, data: bytes, tag: object = None) -> None:
+        """Batch one chunk of lines; waits while all workers are busy.
+
+        tag (a durable input's message) comes back in Job.tags of the batch that holds
+        the chunk, once settled; a chunk over batch_max_size is split, its tag in each
+        batch holding a piece of it. An empty chunk is settled at once.
+        """
+        mine = [tag]
         if not data:
+            if tag is not None:
+                await self._settle(Job(Parts([], 0, 0), [], started=True, tags=mine))
             return
         data = ensure_newline(data)
         lines = count_lines(data)  # the only pass over the bytes without [[rule]] tables
         self.stats.inc("received", lines)
         if self._closing:  # late input while stopping is written at once
-            await self._submit(Parts([data], len(data), lines))
+            await self._submit(Job(Parts([data], len(data), lines), [], tags=_tagged(mine)))
             return
+        # the open batch's chunks and their tags, in step: the first batch made ready
+        # holds the open chunks (and this one, when it filled the batch), later ones
+        # pieces of this chunk
+        old: list[object] | None = self._open_tags
+        self._open_tags = []
         for batch in self._batcher.add(data, lines):
-            await self._submit(batch)
+            if old:
+                tags = old if len(batch.parts) == len(old) else old + mine
+                old = None
+            else:
+                tags = mine
+            await self._submit(Job(batch, [], tags=_tagged(tags)))
+        if self._batcher.count:
+            self._open_tags = ((old or []) + mine)[-self._batcher.count :]
 
     async def flush(self) -> None:
         """Start writing what is batched now."""
         batch = self._batcher.take()
+        tags, self._open_tags = self._open_tags, []
         if batch.size:
-            await self._submit(batch)
+            await self._submit(Job(batch, [], tags=_tagged(tags)))
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Write out the batch, wait for writes, give kept batches one last try; then stop.
@@ -419,9 +563,9 @@ class Writer:
             task.cancel()  # a cancelled write gives its lines up
         if self._tasks:
             await asyncio.wait(list(self._tasks))
-        for kept in self._kept:
-            self._give_up(kept.lines, "still failing at stop")
-        self._kept = []
+        kept, self._kept = self._kept, []
+        for job in kept:
+            await self._give_up(job, "still failing at stop")
         await self._client.aclose()
 
     async def _close_out(self) -> None:
@@ -432,8 +576,7 @@ class Writer:
         while self._tasks:
             await asyncio.wait(list(self._tasks))
         while self._kept:  # the last try: whatever fails now is given up
-            k = self._kept.pop(0)
-            await self._submit(k.batch, k)
+            await self._submit(self._kept.pop(0))
         while self._tasks:
             await asyncio.wait(list(self._tasks))
 
@@ -452,28 +595,36 @@ class Writer:
         if self._batcher.due():
             await self.flush()
         now = self._clock()
-        for k in list(self._kept):
-            if now - k.first_failure >= self.cfg.writer_retry_timeout:
-                self._kept.remove(k)
-                self._give_up(
-                    k.lines, f"still failing {self.cfg.writer_retry_timeout:g}s after the first try"
+        for job in list(self._kept):
+            if self._expired(job, now):
+                self._kept.remove(job)
+                await self._give_up(
+                    job, f"still failing {self.cfg.writer_retry_timeout:g}s after the first try"
                 )
-            elif now >= k.next_try:
-                self._kept.remove(k)
-                await self._submit(k.batch, k)
+            elif now >= job.next_try:
+                self._kept.remove(job)
+                await self._submit(job)
 
-    async def _submit(self, batch: Parts, kept: Kept | None = None) -> None:
-        """Start one write once a worker is free."""
+    def _expired(self, job: Job, now: float) -> bool:
+        first = job.first_failure
+        return (
+            not self._durable
+            and first is not None
+            and (now - first >= self.cfg.writer_retry_timeout)
+        )
+
+    async def _submit(self, job: Job) -> None:
+        """Start one job once a worker is free."""
         try:
             await self._slots.acquire()
         except asyncio.CancelledError:
-            self._give_up(kept.lines if kept else batch.lines, "stopped while waiting")
+            await self._give_up(job, "stopped while waiting")
             raise
         if self._closed:  # waited for a worker past the stop deadline
             self._slots.release()
-            self._give_up(kept.lines if kept else batch.lines, "arrived after the stop")
+            await self._give_up(job, "arrived after the stop")
             return
-        task = asyncio.create_task(self._write(batch, kept))
+        task = asyncio.create_task(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -483,24 +634,31 @@ class Writer:
         if not task.cancelled() and task.exception() is not None:
             log.error("write task failed: %s", task.exception())
 
-    async def _write(self, batch: Parts, kept: Kept | None) -> None:
-        lines = kept.lines if kept else batch.lines
+    async def _run(self, job: Job) -> None:
+        """Write a job's pieces in order until none is left (settled) or one fails in a
+        way that a retry may mend (kept)."""
         try:
-            if kept is None and self._rules is not None:
-                batch = await self._apply_rules(batch)
-                lines = batch.lines
-            if not batch.size:
-                return
-            await self._post(batch, lines, kept)
+            if not job.started:
+                job.started = True
+                batch = job.batch
+                if self._rules is not None:
+                    batch = await self._apply_rules(batch)
+                job.pieces = [batch] if batch.size else []
+            elif job.failures:
+                self.stats.inc("retries")
+            while job.pieces:
+                if not await self._write_first(job):
+                    return  # kept for a retry, or given up
+            await self._settle(job)
         except asyncio.CancelledError:
-            self._give_up(lines, "stopped before the write finished")
+            await self._give_up(job, "stopped before the write finished")
             raise
         except Exception as exc:  # a bug must not lose lines silently
-            self._give_up(lines, f"unexpected {type(exc).__name__}: {exc}")
+            await self._give_up(job, f"unexpected {type(exc).__name__}: {exc}")
 
     async def _apply_rules(self, batch: Parts) -> Parts:
         # CPU work on the whole batch, off the event loop
-        data = batch.parts[0] if len(batch.parts) == 1 else b"".join(batch.parts)
+        data = _joined(batch)
         routed = await asyncio.to_thread(self._rules.route, data, time.time_ns())
         del data
         outputs = routed.outputs
@@ -515,11 +673,9 @@ class Writer:
             self.stats.inc("dropped_by_rules", dropped)
         return Parts([kept], len(kept), lines)
 
-    async def _post(self, batch: Parts, lines: int, kept: Kept | None) -> None:
+    async def _post(self, piece: Parts) -> Answer:
         self.stats.inc("write_requests")
-        if kept is not None:
-            self.stats.inc("retries")
-        parts = batch.parts
+        parts = piece.parts
         try:
             if len(parts) == 1:
                 resp = await self._client.post(self.url, content=parts[0])
@@ -527,58 +683,274 @@ class Writer:
                 resp = await self._client.post(
                     self.url,
                     content=PartsBody(parts),
-                    headers={"Content-Length": str(batch.size)},
+                    headers={"Content-Length": str(piece.size)},
                 )
-            status = resp.status_code
         except (httpx.HTTPError, OSError) as exc:
+            answer = sort_failure(exc)
+        else:
+            answer = sort_answer(resp.status_code, resp.content, resp.headers)
+        if answer.kind != "written":
             self.stats.inc("failed_writes")
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self._keep(batch, lines, kept, reason)
-            return
-        if 200 <= status < 300:
-            self.stats.inc("lines_written", lines)
-            return
-        self.stats.inc("failed_writes")
-        text = error_text(resp.content)
-        if status == 429 or status >= 500:
-            self._keep(batch, lines, kept, f"HTTP {status}: {text}")
-            return
-        refused = rejected_lines(resp.content, lines) if status == 400 else lines
-        if refused < lines:
-            self.stats.inc("lines_written", lines - refused)
-        hint = _HINTS.get(status, "")
-        self._give_up(refused, f"InfluxDB refused them (HTTP {status}: {text}); not retried{hint}")
+        return answer
 
-    def _keep(self, batch: Parts, lines: int, kept: Kept | None, reason: str) -> None:
-        """Keep a failed batch for retry, or give it up when retries are off or stopping."""
+    async def _write_first(self, job: Job) -> bool:
+        """Write job.pieces[0] and act on the answer; False when the job stops here
+        (kept for a retry, or given up)."""
+        piece = job.pieces[0]
+        answer = await self._post(piece)
+        kind = answer.kind
+        if kind == "written":
+            self._answered(job)
+            self._count_written(job, piece.lines)
+            return True
+        if kind == "transient":
+            self._failed(answer)
+            return await self._keep(job, answer)
+        if kind == "target":
+            self._failed(answer)
+            if answer.status == 404 and await self._create_database(job, answer):
+                return True
+            if self._durable:
+                return await self._keep(job, answer)
+            hint = _HINTS.get(answer.status, "")
+            await self._give_up(
+                job,
+                f"InfluxDB refused them (HTTP {answer.status}: "
+                f"{answers.one_line(answer.message, 300)}); not retried{hint}",
+            )
+            return False
+        self._answered(job)  # InfluxDB works: it answered about the lines themselves
+        await self._sort_lines(job, piece, answer)
+        return True
+
+    def _answered(self, job: Job) -> None:
+        """job.pieces[0] got an answer about its lines: it is done, the outage is over."""
+        self._succeeded()
+        job.pieces.pop(0)
+        job.failures = 0
+        job.first_failure = None
+        job.maybe_stored = False
+
+    async def _sort_lines(self, job: Job, piece: Parts, answer: Answer) -> None:
+        """Act on an answer about the lines of a piece: count the written ones, dead-letter
+        the refused ones, put what is still to write in front of the job."""
+        data = _joined(piece)
+        kind = answer.kind
+        todo: list[bytes] = []
+        if kind == "partial":
+            partial = answers.partial_write(answer.message, data)
+            refused = len(partial.named) + partial.unnamed + count_lines(partial.suspects)
+            self._count_written(job, max(0, piece.lines - refused))
+            await self._dead_letter_lines(job, partial.named, answer)
+            if partial.unnamed:
+                said = answers.one_line(answer.message, 300)
+                why = f"InfluxDB dropped them without naming them ({said})"
+                self._count_given_up(job, partial.unnamed, why)
+            todo = [partial.suspects]
+        elif kind == "refused" and answers.parse_errors(answer.message):
+            refused_lines = answers.refused_whole(answer.message, data)
+            self._count_written(job, piece.lines - len(refused_lines))  # empty lines
+            await self._dead_letter_lines(job, refused_lines, answer)
+        else:
+            suspects, rest = b"", data
+            if kind == "not_utf8":
+                suspects, rest = answers.not_utf8(data)
+            elif kind == "unreadable":
+                suspects, rest = answers.header_breakers(data)
+            if kind == "not_utf8" and suspects:  # exactly the lines InfluxDB choked on
+                bad = [(line, answer.message) for line in answers.lines_of(suspects)]
+                await self._dead_letter_lines(job, bad, answer)
+                todo = [rest]
+            elif suspects and rest:
+                todo = [rest, suspects]
+            elif piece.lines > 1:  # halve until the bad lines are alone
+                todo = list(answers.halves(data))
+            else:
+                await self._dead_letter_lines(job, [(data, answer.message)], answer)
+        job.pieces[:0] = [_piece(d) for d in todo if d]
+
+    async def _create_database(self, job: Job, answer: Answer) -> bool:
+        """On "database not found", with influxdb_create_database: create it; True when
+        the piece is to be written again at once."""
+        if (
+            not self.cfg.influxdb_create_database
+            or self.cfg.influxdb_bucket
+            or job.created_database
+            or "database not found" not in answer.message
+        ):
+            return False
+        job.created_database = True
+        name = self.cfg.influxdb_dbname.replace("\\", "\\\\").replace('"', '\\"')
+        query = f'CREATE DATABASE "{name}"'
+        try:
+            resp = await self._client.post(base_url(self.cfg) + "/query", params={"q": query})
+        except (httpx.HTTPError, OSError) as exc:
+            log.error("could not create database %s: %s", self.cfg.influxdb_dbname, exc)
+            return False
+        if resp.status_code != 200 or b'"error"' in resp.content:
+            log.error(
+                "could not create database %s: HTTP %d: %s",
+                self.cfg.influxdb_dbname,
+                resp.status_code,
+                error_text(resp.content),
+            )
+            return False
+        log.warning("created database %s on %s", self.cfg.influxdb_dbname, self.url)
+        return True
+
+    async def _keep(self, job: Job, answer: Answer) -> bool:
+        """Keep a job that failed for a retry (backoff with jitter, at least Retry-After),
+        or give it up (plain mode: retries off, stopping, too old, list full). False."""
         now = self._clock()
-        log.warning("write of %d lines to %s failed: %s", lines, self.url, reason)
-        if self.cfg.writer_retry_batches <= 0:
-            self._give_up(lines, "retries are off (writer_retry_batches = 0)")
-            return
+        job.failures += 1
+        job.maybe_stored |= answer.maybe_stored  # an earlier try may have stored it
+        if job.first_failure is None:
+            job.first_failure = now
         if self._closing:
-            self._give_up(lines, f"still failing at stop ({reason})")
-            return
-        first = kept.first_failure if kept else now
-        if now - first >= self.cfg.writer_retry_timeout:
-            self._give_up(
-                lines, f"still failing {self.cfg.writer_retry_timeout:g}s after the first try"
-            )
-            return
-        while len(self._kept) >= self.cfg.writer_retry_batches:
-            oldest = min(self._kept, key=lambda k: k.first_failure)
-            self._kept.remove(oldest)
-            self._give_up(
-                oldest.lines,
-                f"retry list full (writer_retry_batches = {self.cfg.writer_retry_batches})",
-            )
-        self._kept.append(Kept(batch, lines, first, now + self.cfg.writer_retry_interval))
+            await self._give_up(job, f"still failing at stop ({answer.message})")
+            return False
+        if not self._durable:
+            limit = self.cfg.writer_retry_batches
+            if limit <= 0:
+                await self._give_up(job, "retries are off (writer_retry_batches = 0)")
+                return False
+            if self._expired(job, now):
+                await self._give_up(
+                    job, f"still failing {self.cfg.writer_retry_timeout:g}s after the first try"
+                )
+                return False
+            size, room = _size_left(job), self.cfg.writer_retry_max_size
+            if size > room:  # it could never be kept: the others stay
+                await self._give_up(job, self._full)
+                return False
+            held = sum(_size_left(k) for k in self._kept)
+            while self._kept and (len(self._kept) >= limit or held + size > room):
+                oldest = min(self._kept, key=lambda k: k.first_failure or now)
+                self._kept.remove(oldest)
+                held -= _size_left(oldest)
+                await self._give_up(oldest, self._full)
+        job.next_try = now + self._backoff(job.failures, answer.retry_after)
+        self._kept.append(job)
+        return False
 
-    def _give_up(self, lines: int, why: str) -> None:
+    @property
+    def _full(self) -> str:
+        return (
+            f"retry list full (writer_retry_batches = {self.cfg.writer_retry_batches},"
+            f" writer_retry_max_size = {self.cfg.writer_retry_max_size} bytes)"
+        )
+
+    def _backoff(self, failures: int, at_least: float) -> float:
+        """Exponential backoff with jitter, capped at writer_retry_interval."""
+        cap = self.cfg.writer_retry_interval
+        delay = min(cap, min(FIRST_RETRY, cap) * 2 ** min(failures - 1, 30))
+        return max(at_least, random.uniform(delay / 2, delay))
+
+    def _succeeded(self) -> None:
+        self._last_success = self._clock()
+        if self._failing_since is not None:
+            log.info(
+                "writes to %s work again, after %d failed writes in %.0fs",
+                self.url,
+                self._failures,
+                self._last_success - self._failing_since,
+            )
+            self._failing_since = None
+            self._failures = 0
+
+    def _failed(self, answer: Answer) -> None:
+        """Log the first failure of an outage (each one with debug); count it."""
+        self._failures += 1
+        what = answers.one_line(answer.message, 300)
+        if answer.status:
+            what = f"HTTP {answer.status}: {what}{_HINTS.get(answer.status, '')}"
+        if self._failing_since is None:
+            self._failing_since = self._clock()
+            log.warning("writes to %s fail: %s (logged once until one succeeds)", self.url, what)
+        elif self.cfg.debug:
+            log.warning("write to %s failed: %s", self.url, what)
+
+    def _count_written(self, job: Job, lines: int) -> None:
+        if lines > 0:
+            job.written += lines
+            self.stats.inc("lines_written", lines)
+
+    def _count_given_up(self, job: Job, lines: int, why: str) -> None:
         if lines <= 0:
             return
+        if job.maybe_stored:
+            job.unconfirmed += lines
+            self.stats.inc("lines_unconfirmed", lines)
+            log.error(
+                "gave up %d lines for %s, which InfluxDB may have stored (its answer never"
+                " came): %s",
+                lines,
+                self.url,
+                why,
+            )
+            return
+        job.given_up += lines
         self.stats.inc("lines_given_up", lines)
         log.error("gave up %d lines for %s: %s", lines, self.url, why)
+
+    async def _give_up(self, job: Job, why: str) -> None:
+        """Give up what is left of a job (counted and logged): its outcome is final."""
+        if self._durable and self._closing:
+            # unsettled: the stream delivers it again to the next writer
+            log.warning("left %d lines for redelivery: %s", job.lines_left, why)
+            return
+        self._count_given_up(job, job.lines_left, why)
+        job.started = True
+        job.pieces = []
+        await self._settle(job)
+
+    async def _dead_letter_lines(
+        self, job: Job, refused: list[answers.Refused], answer: Answer
+    ) -> None:
+        """Publish refused lines to nats_subject_dead_letter, one message per error; what
+        cannot be published is given up."""
+        if not refused:
+            return
+        by_error: dict[str, list[bytes]] = {}
+        for line, why in refused:
+            by_error.setdefault(why, []).append(line)
+        status = str(answer.status) if answer.status else "unreadable"
+        for why, lines in by_error.items():
+            error = answers.one_line(why)
+            headers = {"Error": error, "Influxdb-Status": status, "Influxdb-Target": self.url}
+            data = b"".join(lines)
+            if self._dead_letter is None:
+                self._count_given_up(
+                    job, len(lines), f"InfluxDB refused them ({error}); not retried"
+                )
+                continue
+            try:
+                await self._dead_letter(data, headers)
+            except Exception as exc:
+                self._count_given_up(
+                    job,
+                    len(lines),
+                    f"InfluxDB refused them ({error}) and the dead letter could not be"
+                    f" published ({type(exc).__name__}: {exc}); not retried",
+                )
+                continue
+            job.dead_lettered += len(lines)
+            self.stats.inc("lines_dead_lettered", len(lines))
+            log.warning(
+                "dead-lettered %d lines InfluxDB refused (HTTP %s: %s)",
+                len(lines),
+                status,
+                answers.one_line(why, 300),
+            )
+
+    async def _settle(self, job: Job) -> None:
+        """The one place where a batch's outcome is final: written, dead-lettered, given
+        up (or unconfirmed); a durable input acknowledges it here."""
+        if job.settled:
+            return
+        job.settled = True
+        if self._settled is not None:
+            await self._settled(job)
 
 
 class WriterMode:
@@ -594,7 +966,12 @@ class WriterMode:
     async def start(self, host: Host) -> None:
         """Read cfg.nats_subject and write it to InfluxDB."""
         cfg = self.cfg
-        writer = self.writer = Writer(cfg, host.stats)
+        bus = host.bus
+
+        async def dead_letter(data: bytes, headers: dict[str, str]) -> None:
+            await bus.publish_raw(cfg.nats_subject_dead_letter, data, headers)
+
+        writer = self.writer = Writer(cfg, host.stats, dead_letter=dead_letter)
         writer.start()
 
         async def on_message(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
@@ -611,6 +988,10 @@ class WriterMode:
             writer.url,
             cfg.workers,
         )
+
+    def healthy(self) -> bool:
+        """/readyz: false while InfluxDB writes fail for influxdb_unready_after."""
+        return self.writer is None or self.writer.healthy()
 
     async def drain(self) -> None:
         assert self.writer is not None

@@ -86,9 +86,9 @@ def test_base_defaults(tmp_path: Path) -> None:
     )
     assert cfg.influxdb_dbname == "influx-spout-junk"
     assert cfg.write_timeout == 30.0
-    assert cfg.writer_retry_batches == 1
+    assert cfg.writer_retry_batches == 1000  # rides out an InfluxDB restart
     assert cfg.writer_retry_interval == 10.0
-    assert cfg.writer_retry_timeout == 60.0
+    assert cfg.writer_retry_timeout == 300.0
 
 
 @pytest.mark.parametrize(

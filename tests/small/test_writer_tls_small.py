@@ -106,4 +106,7 @@ def test_the_client_certificate_is_shown_to_a_server_that_asks(
     assert good.get("lines_written") == 1 and len(peers) == 1 and peers[0]
     for cert, key in ((None, None), (certs.other_client_cert, certs.other_client_key)):
         refused = asyncio.run(main(cert, key))
-        assert refused.get("lines_given_up") == 1 and len(peers) == 1
+        # TLS 1.3: the server refuses the certificate after the client's handshake is done,
+        # so the client sees a failed read and cannot know the write was refused
+        assert refused.get("lines_unconfirmed") == 1 and refused.get("lines_written") == 0
+        assert len(peers) == 1
