@@ -296,6 +296,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.resume(_WRITES)
+        if self.active is None and self.waiting:
+            self.next_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -408,9 +410,8 @@ class _Connection(asyncio.BufferedProtocol):
         if not keep_alive:
             self.close()
         elif self.waiting:
-            self.start(self.waiting.popleft())
-            if not self.waiting and self.error is None:
-                self.resume(_PIPELINED)
+            if not self.paused & _WRITES:  # else once the client has read the answers
+                self.next_request()
         elif self.error is not None:
             self.write(self.server.head(None, self.error, keep_alive=False))
             self.close()
@@ -419,6 +420,11 @@ class _Connection(asyncio.BufferedProtocol):
         elif not self.begun:
             self.idle_since = time.monotonic()
         self._forget_when_done()
+
+    def next_request(self) -> None:
+        self.start(self.waiting.popleft())
+        if not self.waiting and self.error is None:
+            self.resume(_PIPELINED)
 
     def pause(self, why: int) -> None:
         if not self.paused and self.transport is not None:

@@ -10,6 +10,7 @@ import pytest
 from influx_spout.lineproto import HTTP_REASONS
 from influx_spout.modes.listener_http import (
     FORMAT_HINT,
+    GZIP_FEED,
     MAX_LISTED_LINES,
     MAX_SHOWN_LINE,
     Checked,
@@ -148,6 +149,22 @@ def test_gzip_exactly_at_the_limit_is_accepted() -> None:
     assert len(gunzip(gzip.compress(b"a" * 1000), 1000)) == 1000
     with pytest.raises(Reject):
         gunzip(gzip.compress(b"a" * 1001), 1000)
+
+
+def test_gzip_members_over_max_gzip_members_are_413() -> None:
+    member = gzip.compress(b"")
+    assert gunzip(member * 100 + gzip.compress(b"a v=1\n"), MB, 101) == b"a v=1\n"
+    with pytest.raises(Reject) as exc:
+        gunzip(member * 200_000, 4 * MB, 100)
+    assert exc.value.status == 413 and "max_gzip_members" in exc.value.message
+
+
+def test_gzip_members_across_the_feed_boundary_decode_as_gzip_does() -> None:
+    """Members of every size, so member ends fall on, before and after each GZIP_FEED cut."""
+    parts = [bytes(range(256)) * (n * 37 % 900) for n in range(60)]
+    body = b"".join(gzip.compress(p, compresslevel=0) for p in parts)
+    assert len(body) > 3 * GZIP_FEED
+    assert gunzip(body, 100 * MB, 60) == gzip.decompress(body) == b"".join(parts)
 
 
 def test_bad_and_truncated_gzip_are_400() -> None:
