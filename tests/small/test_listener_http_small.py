@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import zlib
 
 import pytest
+from support.servers import free_port
 
+from influx_spout.config import Config
 from influx_spout.lineproto import HTTP_REASONS
 from influx_spout.modes.listener_http import (
+    COUNTERS,
     FORMAT_HINT,
     GZIP_FEED,
     MAX_LISTED_LINES,
     MAX_SHOWN_LINE,
     Checked,
+    HttpListener,
     Reject,
     decode,
     error_response,
@@ -21,6 +26,7 @@ from influx_spout.modes.listener_http import (
     line_number,
     printable,
 )
+from influx_spout.stats import Stats
 
 MB = 1024 * 1024
 INVALID = HTTP_REASONS.invalid
@@ -217,3 +223,50 @@ def test_decode_speed(benchmark, gzipped: bool) -> None:
     d = benchmark(decode, data, gzipped, "s", 64 * MB, 64 * MB)
     assert d.valid_lines == 5000 and not d.rejected
     benchmark.extra_info["lines_per_second"] = round(5000 / benchmark.stats.stats.mean)
+
+
+# -- the busy check, with a stub bus (a real NATS client's pending bytes cannot be set) ----
+
+
+class StubBus:
+    max_payload = MB
+    connected = True
+    pending_bytes = 0
+
+
+class StubHost:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop = asyncio.Event()
+        self.bus = StubBus()
+        self.stats = Stats("listener_http", "t", COUNTERS)
+        self.ready = True
+
+
+def test_busy_writes_get_503_with_retry_after() -> None:
+    """Too much data waiting for NATS: writes get 503 before their body is read."""
+    cfg = Config(mode="listener_http", name="t", port=free_port(), batch_max_size=1000)
+    host = StubHost(cfg)
+
+    async def post() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", cfg.port)
+        writer.write(b"POST /write HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\nprobe v=1 1\n")
+        answer = await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+        return answer
+
+    async def main() -> None:
+        listener = HttpListener(cfg, host)  # type: ignore[arg-type]
+        await listener.open()
+        try:
+            host.bus.pending_bytes = listener.busy_limit + 1
+            answer = await post()
+            assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+            assert b"Retry-After: 1\r\n" in answer and b"busy" in answer
+            host.bus.pending_bytes = 0
+            assert (await post()).startswith(b"HTTP/1.1 204 No Content\r\n")
+        finally:
+            await listener.server.close(1)
+
+    asyncio.run(main())
+    assert host.stats.get("rejected_busy") == 1
