@@ -427,7 +427,7 @@ def run_listener_http(opts: Options, auth: bool = False) -> RunResult:
         headers: list[str] = []
         if auth:
             users = opts.workdir / "users.htpasswd"
-            hashed = bcrypt.hashpw(b"bench-password", bcrypt.gensalt(10)).decode()
+            hashed = bcrypt.hashpw(b"bench-password", bcrypt.gensalt(5)).decode()
             users.write_text(f"bench:{hashed}\n")
             options["auth_users_file"] = str(users)
             basic = base64.b64encode(b"bench:bench-password").decode()

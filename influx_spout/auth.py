@@ -146,6 +146,8 @@ class Authenticator:
         self.databases = {name: frozenset(dbs) for name, dbs in databases.items()}
         self._key = os.urandom(32)
         self._verified: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        # verifications under way: concurrent requests with the same pair wait for one
+        self._checking: dict[bytes, asyncio.Future[bool]] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bcrypt")
 
     @classmethod
@@ -185,12 +187,21 @@ class Authenticator:
         return found
 
     async def password_ok(self, user: str, password: str) -> bool:
-        key = hmac.digest(
-            self._key, f"{user}\0{password}".encode("utf-8", "surrogateescape"), "sha256"
-        )
+        pair = f"{user}\0{password}".encode("utf-8", "surrogateescape")
+        key = hashlib.blake2b(pair, key=self._key, digest_size=32).digest()
         if key in self._verified:
             self._verified.move_to_end(key)
             return True
+        checking = self._checking.get(key)
+        if checking is None:
+            checking = self._checking[key] = asyncio.ensure_future(
+                self._verify(key, user, password)
+            )
+            checking.add_done_callback(lambda _: self._checking.pop(key, None))
+        return await asyncio.shield(checking)
+
+    async def _verify(self, key: bytes, user: str, password: str) -> bool:
+        """bcrypt's verdict, in the pool (against a dummy hash for an unknown user)."""
         hashed = self.users.get(user)
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(

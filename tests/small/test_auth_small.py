@@ -185,3 +185,25 @@ def test_databases_limit_the_names_listed() -> None:
 
 def test_no_file_no_authenticator() -> None:
     assert Authenticator.from_files("", "", {}) is None
+
+
+def test_concurrent_requests_with_the_same_password_verify_it_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a = make_auth()
+    calls: list[str] = []
+    real = auth._checkpw
+
+    def counting(password: str, h: bytes) -> bool:
+        calls.append(password)
+        return real(password, h)
+
+    monkeypatch.setattr(auth, "_checkpw", counting)
+
+    async def main() -> list[bool]:
+        checks = [a.password_ok("bob", "pw") for _ in range(4)]
+        checks += [a.password_ok("nobody", "influx-spout") for _ in range(2)]
+        return await asyncio.gather(*checks)
+
+    assert asyncio.run(main()) == [True] * 4 + [False] * 2
+    assert calls == ["pw", "influx-spout"]
