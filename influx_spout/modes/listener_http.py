@@ -169,8 +169,9 @@ V2_PRECISIONS = ("ns", "us", "ms", "s")
 # the hop to the thread and back (bench/README.md: listener_http).
 THREAD_THRESHOLD = 1024 * 1024
 
-# Request bodies being read or checked, plus what the NATS client has not sent yet, may
-# reach BUSY_FACTOR * batch size (at least max_body_size) before writes get 503.
+# Whole request bodies being checked, plus what the NATS client has not sent yet, may
+# reach BUSY_FACTOR * batch size (at least max_body_size) before writes get 503; bodies
+# still arriving are not counted there (a stalled upload would make everyone busy).
 BUSY_FACTOR = 4
 RETRY_AFTER = "1"  # seconds, in 503 answers
 
