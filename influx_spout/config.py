@@ -176,6 +176,27 @@ class SharedOptions:
         modes=("listener", "listener_http", "monitor"),
         per_mode={"listener": 10001, "listener_http": 13337, "monitor": 9331},
     )
+    bind_address: str = option(
+        "str",
+        "",
+        "the address port and probe_port listen on; empty: every interface",
+        modes=MODES,
+    )
+    tls_cert: str = option(
+        "str",
+        "",
+        "PEM certificate (chain) file: serve HTTPS (TLS 1.2 or later) on port; with tls_key",
+        modes=("listener_http", "monitor"),
+    )
+    tls_key: str = option(
+        "str", "", "PEM private key file of tls_cert", modes=("listener_http", "monitor")
+    )
+    tls_client_ca: str = option(
+        "str",
+        "",
+        "PEM CA file: clients must present a certificate it signed",
+        modes=("listener_http", "monitor"),
+    )
     batch_max_count: int = option(
         "int",
         10,
@@ -714,6 +735,8 @@ def _convert(kind: str, raw: Any, file: str, key: str) -> Any:
         return _convert_rules(raw, file)
     if kind == "client":
         return _convert_client(raw, file, key)
+    if kind == "access":
+        return _convert_access(raw, file, key)
     if kind == "json_mapping":
         return _convert_json_mapping(raw, file, key)
     if kind == "time":
@@ -893,6 +916,19 @@ def _convert_client(raw: Any, file: str, key: str) -> dict[str, str | int | floa
                 file, where, f"expected a string, number or boolean, got {_describe(value)}", todo
             )
     return dict(raw)
+
+
+def _convert_access(raw: Any, file: str, key: str) -> dict[str, list[str]]:
+    """[auth_databases]: NAME = ["db", ...], the databases (buckets) a user or token may write."""
+    todo = f'write e.g. [{key}] then bob = ["telegraf"]'
+    if not isinstance(raw, dict):
+        raise fail(file, key, f"expected a table, got {_describe(raw)}", todo)
+    for name, value in raw.items():
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fail(
+                file, f"{key}.{name}", f"expected a list of strings, got {_describe(value)}", todo
+            )
+    return {name: list(value) for name, value in raw.items()}
 
 
 def _convert_json_mapping(raw: Any, file: str, key: str) -> JsonMapping:
@@ -1130,6 +1166,9 @@ def _validate_shared(c: Checker) -> None:
     _check_nats_address(c)
     _check_nats_auth(c)
     c.tls_files("nats_tls")
+    from influx_spout.listening import check_bind_address  # it imports config
+
+    check_bind_address(c)
     if cfg.queue_group and any(ch.isspace() for ch in cfg.queue_group):
         raise c.fail("queue_group", f"{quote(cfg.queue_group)} contains whitespace", "remove it")
 

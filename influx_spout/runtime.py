@@ -48,7 +48,7 @@ class Runtime:
 
     async def __aenter__(self) -> Runtime:
         if self.cfg.probe_port:
-            self._probes = Probes(self.cfg.probe_port, self.is_ready)
+            self._probes = Probes(self.cfg.probe_port, self.is_ready, self.cfg.bind_address or None)
             await self._probes.start()
         self.bus = await Bus.connect(self.cfg)
         self._stats_task = asyncio.create_task(

@@ -11,11 +11,18 @@ point at it unchanged:
                                            clients send at start; anything else is a 400
 
 Routing is done by the filter's rules, not here: db, rp, bucket and org are accepted and
-ignored (db may be missing, as with the Go influx-spout), and so are credentials.
+passed over (db may be missing, as with the Go influx-spout).
 
-HTTP itself (keep-alive, chunked bodies, "Expect: 100-continue", body limits, graceful
-stop) is influx_spout.httpserver: a write is refused before its body is read when its
-Content-Length is over max_body_size, its encoding unknown or the listener busy.
+With auth_users_file or auth_tokens_file set, every request but /ping and /health needs
+credentials (influx_spout.auth), checked once the head is read and before the body is
+(401 with WWW-Authenticate, or 403 for a database auth_databases does not give the name);
+without either, credentials are ignored.
+
+HTTP itself (keep-alive, chunked bodies, "Expect: 100-continue", body limits, deadlines,
+max_connections, graceful stop) is influx_spout.httpserver: a write is refused before
+its body is read when its credentials fail, its Content-Length is over max_body_size, its
+encoding unknown or the listener busy. TLS (tls_cert, tls_key, tls_client_ca) and
+bind_address are influx_spout.listening's.
 
 A write body (gzip or plain, at most max_body_size bytes once decompressed) is checked
 line by line (lineproto.check_body, one regex pass for a good body), its timestamps are
@@ -26,6 +33,8 @@ Batches that become ready are published before the request is answered, so:
   204  every line was accepted (handed to NATS, or batched for the next publish)
   400  some or all lines are not line protocol (InfluxDB's "unable to parse" and
        "partial write" errors): the valid lines of the request were still accepted
+  401  credentials missing or wrong; 403  the name may not write to that database
+  408  the request head did not come whole within read_header_timeout
   413  the body is over max_body_size (plain, or once decompressed: gzip bombs too)
   503  NATS is unreachable or too much data waits for it (Retry-After): nothing of
        the request was accepted unless publishing failed half-way; retry it
@@ -40,6 +49,12 @@ Counters:
                        precision, encoding or gzip data, over max_body_size, body unreadable)
   failed_nats_publish  valid lines that could not be published (NATS refused or down)
   rejected_busy        write requests answered 503 because too much data waits for NATS
+  auth_missing         requests answered 401 for want of credentials
+  auth_invalid         requests answered 401 for wrong or malformed credentials
+  auth_forbidden       requests answered 403: the name may not write to that database
+  connections_refused  connections closed at once because max_connections were open
+  header_timeouts      requests answered 408: the head was not whole in read_header_timeout
+  body_timeouts        connections closed: no byte of a body came for read_timeout
 """
 
 from __future__ import annotations
@@ -53,7 +68,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
-from influx_spout import lineproto
+from influx_spout import lineproto, listening
+from influx_spout.auth import REALM, Authenticator, AuthFileError, Denied, credentials
 from influx_spout.batching import (
     Batcher,
     ListenerMode,
@@ -67,6 +83,7 @@ from influx_spout.httpserver import (
     BodyError,
     BodyTooLarge,
     Handler,
+    Limits,
     Request,
     Response,
     Server,
@@ -83,16 +100,64 @@ class Options:
     max_body_size: int = option(
         "size", 25 * MB, "a larger request body (after decompression) gets 413"
     )
+    max_gzip_members: int = option(
+        "int", 100, "a gzip body of more members (concatenated streams) gets 413", at_least=1
+    )
+    read_header_timeout: float = option(
+        "duration", 10.0, "a request head not whole this long after it is due gets 408"
+    )
+    read_timeout: float = option(
+        "duration", 10.0, "a body that sends no byte for this long has its connection closed"
+    )
+    max_connections: int = option(
+        "int", 1024, "connections open at once; more are closed at once, and counted", at_least=1
+    )
+    auth_users_file: str = option(
+        "str", "", "htpasswd file of bcrypt users (htpasswd -B): writes need credentials"
+    )
+    auth_tokens_file: str = option(
+        "str", "", "file of NAME:SHA256-HEX tokens, one a line: writes need credentials"
+    )
+    auth_databases: dict[str, list[str]] = option(
+        "access", {}, "NAME = [databases or buckets]: all a user or token may write to"
+    )
 
 
 def validate(c: Checker) -> None:
     c.listening_port(shared_with_probes=True)
     c.output_subject()
+    listening.check_tls(c)
+    cfg = c.cfg
+    try:
+        Authenticator.from_files(cfg.auth_users_file, cfg.auth_tokens_file, cfg.auth_databases)
+    except AuthFileError as exc:
+        raise c.fail(exc.key, exc.problem, exc.todo) from None
+    if cfg.auth_databases and not (cfg.auth_users_file or cfg.auth_tokens_file):
+        raise c.fail(
+            "auth_databases",
+            "set without auth_users_file or auth_tokens_file: no request has a name",
+            "set one of them, or remove [auth_databases]",
+        )
 
 
 log = logging.getLogger("influx_spout.listener_http")
 
-COUNTERS = ("received", "sent", "read_errors", "failed_nats_publish", "rejected_busy")
+COUNTERS = (
+    "received",
+    "sent",
+    "read_errors",
+    "failed_nats_publish",
+    "rejected_busy",
+    "auth_missing",
+    "auth_invalid",
+    "auth_forbidden",
+    "connections_refused",
+    "header_timeouts",
+    "body_timeouts",
+)
+
+# gzip input fed to the decompressor at once: what it copies per member stays this small
+GZIP_FEED = 64 * 1024
 
 VERSION = "1.8.10-influx-spout"
 
@@ -104,8 +169,9 @@ V2_PRECISIONS = ("ns", "us", "ms", "s")
 # the hop to the thread and back (bench/README.md: listener_http).
 THREAD_THRESHOLD = 1024 * 1024
 
-# Request bodies being read or checked, plus what the NATS client has not sent yet, may
-# reach BUSY_FACTOR * batch size (at least max_body_size) before writes get 503.
+# Whole request bodies being checked, plus what the NATS client has not sent yet, may
+# reach BUSY_FACTOR * batch size (at least max_body_size) before writes get 503; bodies
+# still arriving are not counted there (a stalled upload would make everyone busy).
 BUSY_FACTOR = 4
 RETRY_AFTER = "1"  # seconds, in 503 answers
 
@@ -157,34 +223,53 @@ class Checked(NamedTuple):
 # -- checking a body (pure functions, run in a worker thread for large bodies) -------------
 
 
-def gunzip(data: bytes, limit: int) -> bytes:
-    """The decompressed gzip data (every member), refused with 413 beyond limit bytes."""
-    out = []
+def gunzip(data: bytes, limit: int, max_members: int = 100) -> bytes:
+    """The decompressed gzip data (every member), refused with 413 beyond limit bytes or
+    max_members members.
+
+    The input is fed GZIP_FEED bytes at a time, so what a member's end copies (zlib's
+    unused_data) is bounded: the work is linear in the body, whatever its members.
+    """
+    view = memoryview(data)
+    out: list[bytes] = []
     size = 0
-    while True:
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            # max_length stops a gzip bomb one byte past the limit
-            chunk = d.decompress(data, limit - size + 1)
-        except zlib.error as exc:
-            raise Reject(
-                400,
-                f"gzip: invalid data: {exc} (send a valid gzip body or no Content-Encoding)",
-            ) from None
-        size += len(chunk)
-        if size > limit:
+    pos = 0
+    members = 0
+    while pos < len(view):
+        members += 1
+        if members > max_members:
             raise Reject(
                 413,
-                f"request body over max_body_size ({limit} bytes) once decompressed "
-                "(send smaller batches)",
+                f"gzip: more than {max_members} members (max_gzip_members) "
+                "(compress the body as one gzip stream)",
                 "request too large",
             )
-        out.append(chunk)
-        if not d.eof:
-            raise Reject(400, "gzip: unexpected EOF (the gzip body is truncated; send all of it)")
-        data = d.unused_data
-        if not data:
-            return b"".join(out)
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        while not d.eof:
+            if pos >= len(view):
+                raise Reject(
+                    400, "gzip: unexpected EOF (the gzip body is truncated; send all of it)"
+                )
+            feed = view[pos : pos + GZIP_FEED]
+            try:
+                # max_length stops a gzip bomb one byte past the limit
+                chunk = d.decompress(feed, limit - size + 1)
+            except zlib.error as exc:
+                raise Reject(
+                    400,
+                    f"gzip: invalid data: {exc} (send a valid gzip body or no Content-Encoding)",
+                ) from None
+            size += len(chunk)
+            if size > limit:
+                raise Reject(
+                    413,
+                    f"request body over max_body_size ({limit} bytes) once decompressed "
+                    "(send smaller batches)",
+                    "request too large",
+                )
+            out.append(chunk)
+            pos += len(feed) - len(d.unused_data)
+    return b"".join(out)
 
 
 def decode(
@@ -194,6 +279,7 @@ def decode(
     limit: int,
     max_payload: int,
     piece_size: int = 0,
+    max_members: int = 100,
 ) -> Checked:
     """Check a write body: valid lines (in ns) to publish, invalid ones to report.
 
@@ -202,7 +288,7 @@ def decode(
     their line counts, so the event loop only hands them to the batcher.
     """
     if gzipped and body:
-        body = gunzip(body, limit)
+        body = gunzip(body, limit, max_members)
     valid, lines, rejected = lineproto.check_body(
         body, lineproto.HTTP_REASONS, precision, max_payload
     )
@@ -322,6 +408,11 @@ class HttpListener:
             VERSION_HEADERS,
             max_body_size=cfg.max_body_size,
             max_held=self.busy_limit + cfg.max_body_size,
+            limits=Limits(cfg.read_header_timeout, cfg.read_timeout, cfg.max_connections),
+            count=rt.stats.inc,
+        )
+        self.auth = Authenticator.from_files(
+            cfg.auth_users_file, cfg.auth_tokens_file, cfg.auth_databases
         )
         self.routes: dict[str, dict[str, Handler]] = {
             "/write": {"POST": self.write_v1},
@@ -330,26 +421,34 @@ class HttpListener:
             "/health": {"GET": self.health, "HEAD": self.health},
             "/query": {"GET": self.query, "HEAD": self.query, "POST": self.query},
         }
+        self.open_paths = {"/ping", "/health"}  # as in InfluxDB: no credentials needed
 
     async def open(self) -> None:
+        cfg = self.cfg
         try:
-            await self.server.start(self.cfg.port)
+            await self.server.start(cfg.port, listening.host(cfg), listening.server_context(cfg))
         except OSError as exc:
             raise RuntimeError(
-                f"cannot listen on TCP port {self.cfg.port}: {exc.strerror or exc} "
-                "(is another process using it? check port)"
+                f"cannot listen on TCP port {cfg.port} of {cfg.bind_address or 'every interface'}"
+                f": {exc.strerror or exc} (is another process using it? check port and "
+                "bind_address)"
             ) from exc
         log.info(
-            "listening on HTTP port %d, publishing to %s at %s",
-            self.cfg.port,
+            "listening on %s port %d%s%s, publishing to %s at %s",
+            "HTTPS" if cfg.tls_cert else "HTTP",
+            cfg.port,
+            f" of {cfg.bind_address}" if cfg.bind_address else "",
+            ", credentials required" if self.auth else "",
             self.subject,
-            self.cfg.nats_address,
+            cfg.nats_address,
         )
 
     async def close(self) -> None:
         """Stop taking requests (those in progress may finish), then publish the rest
         (raising what made the pump fail)."""
         await self.server.close(SHUTDOWN_TIMEOUT)
+        if self.auth is not None:
+            self.auth.close()
         await self.pump.close()
 
     async def publish(self, batch: Parts) -> int:
@@ -376,7 +475,29 @@ class HttpListener:
                 "method not allowed",
                 headers={"Allow": ",".join(sorted(methods))},
             )
+        if self.auth is not None and request.path not in self.open_paths:
+            try:
+                await self.authorize(request, self.auth)
+            except Denied as exc:
+                return self.deny(request, exc, v2)
         return await handler(request)
+
+    async def authorize(self, request: Request, auth: Authenticator) -> None:
+        """Denied unless the request's credentials name a user or token that may write to
+        its database (db, or bucket for /api/v2/write)."""
+        name = await auth.identify(credentials(request.headers.get("authorization"), request.query))
+        if request.path == "/write":
+            auth.check_database(name, request.query.get("db", ""))
+        elif request.path == "/api/v2/write":
+            auth.check_database(name, request.query.get("bucket", ""))
+
+    def deny(self, request: Request, exc: Denied, v2: bool) -> Response:
+        self.rt.stats.inc(f"auth_{exc.reason}")
+        if self.cfg.debug:
+            log.warning("refused a request from %s: %s", request.remote, exc.message)
+        headers = {"WWW-Authenticate": REALM} if exc.status == 401 else {}
+        code = "unauthorized" if exc.status == 401 else "forbidden"
+        return error_response(exc.status, exc.message, v2, code, headers)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -410,8 +531,10 @@ class HttpListener:
             length = request.content_length
             if length is not None and length > limit:
                 raise too_large(limit)
-            # what other requests' bodies and the NATS client hold
-            held = self.server.held - request.size
+            # what other requests' whole bodies and the NATS client hold (bodies still
+            # arriving are not waiting to be published: read_timeout bounds them)
+            server = self.server
+            held = server.held - server.arriving - (request.size if request.complete else 0)
             waiting = held + self.rt.bus.pending_bytes
             if waiting > self.busy_limit:
                 raise busy(waiting, self.busy_limit)
@@ -465,12 +588,15 @@ class HttpListener:
             chunks = await request.body()
         except BodyError as exc:
             raise body_reject(exc) from None
-        args = (gzipped, precision, self.cfg.max_body_size, self.rt.bus.max_payload)
+        cfg = self.cfg
+        args = (gzipped, precision, cfg.max_body_size, self.rt.bus.max_payload, self.batch_size)
         if gzipped or request.size > THREAD_THRESHOLD:
             # joining the chunks is per-byte work too: done in the thread
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, decode_chunks, chunks, *args, self.batch_size)
-        return decode_chunks(chunks, *args, self.batch_size)
+            return await loop.run_in_executor(
+                None, decode_chunks, chunks, *args, cfg.max_gzip_members
+            )
+        return decode_chunks(chunks, *args, cfg.max_gzip_members)
 
     def refuse(self, request: Request, exc: Reject, v2: bool) -> Response:
         """Answer a write refused as a whole, and count it."""

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import zlib
 
 import pytest
+from support.servers import free_port
 
+from influx_spout.config import Config
 from influx_spout.lineproto import HTTP_REASONS
 from influx_spout.modes.listener_http import (
+    COUNTERS,
     FORMAT_HINT,
+    GZIP_FEED,
     MAX_LISTED_LINES,
     MAX_SHOWN_LINE,
     Checked,
+    HttpListener,
     Reject,
     decode,
     error_response,
@@ -20,6 +26,7 @@ from influx_spout.modes.listener_http import (
     line_number,
     printable,
 )
+from influx_spout.stats import Stats
 
 MB = 1024 * 1024
 INVALID = HTTP_REASONS.invalid
@@ -150,6 +157,22 @@ def test_gzip_exactly_at_the_limit_is_accepted() -> None:
         gunzip(gzip.compress(b"a" * 1001), 1000)
 
 
+def test_gzip_members_over_max_gzip_members_are_413() -> None:
+    member = gzip.compress(b"")
+    assert gunzip(member * 100 + gzip.compress(b"a v=1\n"), MB, 101) == b"a v=1\n"
+    with pytest.raises(Reject) as exc:
+        gunzip(member * 200_000, 4 * MB, 100)
+    assert exc.value.status == 413 and "max_gzip_members" in exc.value.message
+
+
+def test_gzip_members_across_the_feed_boundary_decode_as_gzip_does() -> None:
+    """Members of every size, so member ends fall on, before and after each GZIP_FEED cut."""
+    parts = [bytes(range(256)) * (n * 37 % 900) for n in range(60)]
+    body = b"".join(gzip.compress(p, compresslevel=0) for p in parts)
+    assert len(body) > 3 * GZIP_FEED
+    assert gunzip(body, 100 * MB, 60) == gzip.decompress(body) == b"".join(parts)
+
+
 def test_bad_and_truncated_gzip_are_400() -> None:
     with pytest.raises(Reject) as exc:
         gunzip(b"plain text, not gzip", MB)
@@ -200,3 +223,50 @@ def test_decode_speed(benchmark, gzipped: bool) -> None:
     d = benchmark(decode, data, gzipped, "s", 64 * MB, 64 * MB)
     assert d.valid_lines == 5000 and not d.rejected
     benchmark.extra_info["lines_per_second"] = round(5000 / benchmark.stats.stats.mean)
+
+
+# -- the busy check, with a stub bus (a real NATS client's pending bytes cannot be set) ----
+
+
+class StubBus:
+    max_payload = MB
+    connected = True
+    pending_bytes = 0
+
+
+class StubHost:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop = asyncio.Event()
+        self.bus = StubBus()
+        self.stats = Stats("listener_http", "t", COUNTERS)
+        self.ready = True
+
+
+def test_busy_writes_get_503_with_retry_after() -> None:
+    """Too much data waiting for NATS: writes get 503 before their body is read."""
+    cfg = Config(mode="listener_http", name="t", port=free_port(), batch_max_size=1000)
+    host = StubHost(cfg)
+
+    async def post() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", cfg.port)
+        writer.write(b"POST /write HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\nprobe v=1 1\n")
+        answer = await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+        return answer
+
+    async def main() -> None:
+        listener = HttpListener(cfg, host)  # type: ignore[arg-type]
+        await listener.open()
+        try:
+            host.bus.pending_bytes = listener.busy_limit + 1
+            answer = await post()
+            assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+            assert b"Retry-After: 1\r\n" in answer and b"busy" in answer
+            host.bus.pending_bytes = 0
+            assert (await post()).startswith(b"HTTP/1.1 204 No Content\r\n")
+        finally:
+            await listener.server.close(1)
+
+    asyncio.run(main())
+    assert host.stats.get("rejected_busy") == 1
