@@ -65,6 +65,7 @@ from influx_spout.encoders import (
     Rejected,
     collectd_graphite,
     collectd_json,
+    guarded,
     json_mapping,
     line_protocol,
 )
@@ -254,7 +255,12 @@ class _Stopping(Exception):
 
 
 def make_decoder(cfg: Config) -> Decoder:
-    """The decoder kafka_encoder names."""
+    """The decoder kafka_encoder names, guarded: whatever a message holds, the consumer
+    goes on (what cannot be decoded is dead-lettered)."""
+    return guarded(_decoder(cfg))
+
+
+def _decoder(cfg: Config) -> Decoder:
     if cfg.kafka_encoder == "collectd_graphite":
         return collectd_graphite.make_decoder(cfg.kafka_graphite_tags)
     if cfg.kafka_encoder == "collectd_json":

@@ -411,3 +411,24 @@ def test_make_decoder_picks_the_encoder() -> None:
     assert kafka.make_decoder(cfg)(b"h.load 1 1").data == b"load,host=h value=1.0 1000000000\n"
     cfg = Config(mode="kafka", kafka_encoder="collectd_json")
     assert kafka.make_decoder(cfg)(b"[]").data == b""
+
+
+def test_a_message_no_encoder_can_read_is_dead_lettered_and_consuming_goes_on() -> None:
+    deep = b'{"a": ' * 300 + b"1" + b"}" * 300
+    cfg = Config(
+        mode="kafka",
+        nats_subject=["out"],
+        kafka_encoder="json",
+        kafka_json=JsonMapping(
+            measurement="m", tags=["a"], timestamp="ts", timestamp_precision="s"
+        ),
+        batch_max_count=1,
+    )
+    src = source(count=1)
+    src.decode = kafka.make_decoder(cfg)
+    feed(src, deep, b'{"ts": 1e300, "v": 1}', b'{"v": 2, "ts": 5}')
+    assert src.rt.bus.published == [b"m v=2i 5000000000\n"]
+    [(_, first, headers), (_, second, _)] = src.rt.bus.dead
+    assert deep.startswith(first) and headers["Truncated-From"] == str(len(deep))
+    assert second == b'{"ts":1e+300,"v":1}'
+    assert src.consumer.commits[-1] == {("t", 0): 3}
