@@ -5,18 +5,23 @@ batched as the listeners batch (count / size / age, never above the NATS max pay
 What could not be decoded goes to nats_subject_dead_letter with the message's topic,
 partition and offset in NATS headers.
 
+A consume() result is decoded in runs (the messages joined, one decoder call) where the
+encoder is line-based (JOINABLE); a run the decoder refuses any of is decoded again
+message by message, so that only the bad ones are dead-lettered, each with its offset.
+
 At-least-once: offsets are committed by hand (enable.auto.commit and
 enable.auto.offset.store are off), only for messages whose lines (and dead letters)
-NATS has confirmed: after a batch is published, a NATS flush (PING/PONG) must succeed
-before the offsets it covers are committed. A crash or a NATS outage therefore means the
-uncommitted messages are read again (duplicates, never loss). A rebalance may also
-redeliver what the old owner had batched but not committed.
+NATS has confirmed: after each batch is published, a NATS flush (PING/PONG) must succeed
+before the offsets it ends are committed; a consume() never reads past the open batch.
+A crash therefore re-reads at most the one batch being built or published; a NATS outage
+re-reads what was not committed (duplicates, never loss). A rebalance may also redeliver
+what the old owner had batched but not committed.
 
 kafka_error_policy, when NATS refuses a batch or a message cannot be decoded:
   retry  the batch is published again every kafka_retry_interval until NATS takes it
          (consuming waits meanwhile; nothing is committed); undecodable messages are
          dead-lettered and skipped, since decoding them again cannot succeed
-  skip   the batch is dropped and counted, its offsets committed with the next ones;
+  skip   the batch is dropped and counted, its offsets committed;
          undecodable messages are dead-lettered and skipped
   stop   the component stops (exit 1) without committing the failed batch or message,
          so a restart starts with it; what came before is published and committed
@@ -36,6 +41,8 @@ Counters:
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import re
 from collections.abc import Callable
@@ -237,6 +244,8 @@ COUNTERS = (
     "kafka_errors",
 )
 
+# encoders that decode messages joined by newlines as they decode each alone (line-based)
+JOINABLE = ("line_protocol", "collectd_graphite")
 CONSUME_MAX = 1000  # messages taken from the client at once
 POLL_TIMEOUT = 0.2  # seconds a consume call may wait: how soon a stop is noticed
 FLUSH_TIMEOUT = 2  # seconds NATS has to confirm what was published before a commit
@@ -310,7 +319,9 @@ class KafkaSource:
         self.batcher = Batcher(
             cfg.batch_max_count, min(cfg.batch_max_size, rt.bus.max_payload), cfg.batch_max_age
         )
-        self.marks: dict[Position, int] = {}  # next offsets of the messages in the open batch
+        self.marks: dict[Position, Message] = {}  # last message of each in the open batch
+        self.open_messages = 0  # messages read since everything was last published
+        self.joinable = cfg.kafka_encoder in JOINABLE
         self.published: dict[Position, int] = {}  # next offsets published, not yet committed
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kafka")
         self._unconfirmed = False  # NATS did not confirm the last flush
@@ -324,29 +335,82 @@ class KafkaSource:
     async def run(self) -> None:
         """Consume until stop; then publish what is batched, commit it and return."""
         while not self.rt.stop.is_set():
-            messages = await self.call(self.consumer.consume, CONSUME_MAX, POLL_TIMEOUT)
-            for msg in messages:
-                await self.handle(msg)
+            room = self.batcher.max_count - self.open_messages  # a consume never spans
+            messages = await self.call(self.consumer.consume, min(CONSUME_MAX, room), POLL_TIMEOUT)
+            await self.handle_all(messages)
             if self.batcher.due():
                 await self.flush()
-            await self.commit()
+            await self.commit()  # what an earlier commit could not (NATS or Kafka down)
         await self.flush()
-        await self.commit()
+
+    async def handle_all(self, messages: list[Message]) -> None:
+        """A consume() result: decoded in runs that fit the open batch where the encoder
+        reads a run as it reads each message, else message by message."""
+        if any(msg.error() is not None for msg in messages):
+            for msg in messages:
+                if msg.error() is not None:
+                    self._kafka_error(msg)
+            messages = [msg for msg in messages if msg.error() is None]
+        if not messages:
+            return
+        self.stats.inc("received", len(messages))
+        if not self.joinable:
+            for msg in messages:
+                await self._one(msg)
+            return
+        values = [msg.value() or b"" for msg in messages]
+        ends = list(itertools.accumulate(len(v) + 1 for v in values))
+        start = 0
+        while start < len(messages):
+            base = ends[start - 1] if start else 0
+            room = self.batcher.max_size - self.batcher.size
+            stop = bisect.bisect_right(ends, base + room, lo=start)
+            stop = min(stop, start + self.batcher.max_count - self.open_messages)
+            if stop <= start:
+                if self.batcher.count:
+                    await self.flush()  # the open batch ends before this message
+                    continue
+                stop = start + 1  # one message larger than a whole batch
+            await self._run(messages[start:stop], values[start:stop])
+            start = stop
+
+    async def _run(self, run: list[Message], values: list[bytes]) -> None:
+        """Decode a run of messages at once; when any of it is refused, each message again
+        alone, so that only the bad ones are dead-lettered, each with its own offset."""
+        decoded = self._fit(self.decode(b"\n".join(values)))
+        if decoded.rejected:
+            for msg in run:
+                await self._one(msg)
+            return
+        if decoded.lines:
+            self.stats.inc("lines", decoded.lines)
+            ready = self.batcher.add(decoded.data, decoded.lines)
+        else:
+            ready = []
+        self.marks.update({(m.topic() or "", m.partition() or 0): m for m in run})
+        self.open_messages += len(run)
+        await self._ship(ready)
 
     async def handle(self, msg: Message) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                self.on_error(err)
+        """One message (error or data)."""
+        if msg.error() is not None:
+            self._kafka_error(msg)
             return
         self.stats.inc("received")
-        position = (msg.topic() or "", msg.partition() or 0)
+        await self._one(msg)
+
+    def _kafka_error(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None and err.code() != KafkaError._PARTITION_EOF:
+            self.on_error(err)
+
+    async def _one(self, msg: Message) -> None:
+        """A message decoded alone: its refused lines are dead-lettered (with its offset)."""
         decoded = self._fit(self.decode(msg.value() or b""))
         if decoded.rejected:
             await self.dead_letter(msg, decoded.rejected)
             if self.cfg.kafka_error_policy == "stop":
                 await self.flush()
-                await self.commit()
                 raise PolicyStop(
                     f"{msg.topic()}[{msg.partition()}] offset {msg.offset()}: "
                     f"{decoded.rejected[0].reason} (kafka_error_policy is stop; the message "
@@ -359,11 +423,20 @@ class KafkaSource:
             ready = self.batcher.add(decoded.data, decoded.lines)
         else:
             ready = []
-        self.marks[position] = (msg.offset() or 0) + 1
+        self.marks[(msg.topic() or "", msg.partition() or 0)] = msg
+        self.open_messages += 1
+        await self._ship(ready)
+
+    async def _ship(self, ready: list[Parts]) -> None:
+        """Publish the batches that became ready, and the open one once it holds
+        batch_max_count messages; commit as soon as everything read is published."""
         for batch in ready:
             await self.publish(batch)
+        if self.open_messages >= self.batcher.max_count and self.batcher.count:
+            await self.publish(self.batcher.take())
         if not self.batcher.count:  # everything read so far is published
             self._settle()
+            await self.commit()
 
     def _fit(self, decoded: Decoded) -> Decoded:
         """Reject lines NATS could never carry (longer than its max payload): the body
@@ -373,13 +446,15 @@ class KafkaSource:
         )
 
     def _settle(self) -> None:
-        self.published.update(self.marks)
+        self.published.update({pos: (m.offset() or 0) + 1 for pos, m in self.marks.items()})
         self.marks.clear()
+        self.open_messages = 0
 
     async def flush(self) -> None:
-        """Publish the open batch; its messages' offsets become committable."""
+        """Publish the open batch and commit the offsets of every message it ends."""
         await self.publish(self.batcher.take())
         self._settle()
+        await self.commit()
 
     # -- NATS ------------------------------------------------------------------------------
 

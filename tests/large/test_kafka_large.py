@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import confluent_kafka
-from support.collect import Collector
+from support.collect import Collector, wait_until
 from support.servers import Component, KafkaServer, NatsServer, find_executable, free_port
 
 SUBJECT = "kafka-large"
@@ -107,4 +107,52 @@ def test_sigterm_commits_and_a_restart_resumes_at_the_committed_offset(
         finally:
             await collector.close()
 
+    asyncio.run(main())
+
+
+def test_sigkill_mid_stream_replays_at_most_one_batch(
+    tmp_path: Path,
+    nats_server: NatsServer,
+    kafka_server: KafkaServer,
+    component: Callable[..., Component],
+) -> None:
+    """Offsets are committed after each confirmed batch: a restart after a SIGKILL reads
+    again at most the batch that was being published (issue 12 item 5)."""
+    total, batch = 60_000, 500
+    lines = [b"cpu,host=k usage=%d 1700000000000000000" % i for i in range(total)]
+    kafka_server.produce(TOPIC, lines, partition=0, flush_timeout=60)
+    port = free_port()
+    toml = kafka_toml(nats_server.url, kafka_server.bootstrap, port).replace(
+        'batch_max_count = 100000\nbatch_max_age = "1h"',
+        f'batch_max_count = {batch}\nbatch_max_age = "1s"',
+    )
+
+    def received() -> list[bytes]:
+        return collector.published.splitlines()
+
+    def state() -> str:
+        return f"{len(received())} lines received, {len(set(received()))} distinct"
+
+    async def main() -> None:
+        await collector.start(nats_server.url)
+        try:
+            first = component(toml)
+            await wait_until(lambda: len(collector.messages) >= 20, 60, state)
+            first.proc.kill()
+            first.proc.wait()
+            at_kill = len(received())
+            again = component(toml)
+            again.wait_ready(port)
+            await wait_until(lambda: len(set(received())) == total, 60, state)
+            await asyncio.sleep(1)  # anything read twice after the last new line
+            assert again.stop() == 0
+        finally:
+            await collector.close()
+        got = received()
+        replayed = len(got) - len(set(got))
+        print(f"SIGKILL after {at_kill} of {total} lines: {replayed} lines replayed")
+        assert set(got) == set(lines)
+        assert replayed <= batch
+
+    collector = Collector(SUBJECT, MONITOR)
     asyncio.run(main())

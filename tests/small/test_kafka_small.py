@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError
+from hypothesis import given
+from hypothesis import strategies as st
 
 from influx_spout import cli
 from influx_spout.batching import Parts
@@ -325,7 +327,7 @@ def test_skip_drops_the_batch_counted_and_moves_on() -> None:
     src = source("skip", refuse=1)
     feed(src, b"a v=1", b"b v=2", b"c v=3", b"d v=4")
     assert src.rt.bus.published == [b"c v=3\nd v=4\n"]
-    assert src.consumer.commits == [{("t", 0): 4}]
+    assert src.consumer.commits == [{("t", 0): 2}, {("t", 0): 4}]  # after each batch
     assert counters(src)["failed_nats_publish"] == 2
 
 
@@ -432,3 +434,117 @@ def test_a_message_no_encoder_can_read_is_dead_lettered_and_consuming_goes_on() 
     assert deep.startswith(first) and headers["Truncated-From"] == str(len(deep))
     assert second == b'{"ts":1e+300,"v":1}'
     assert src.consumer.commits[-1] == {("t", 0): 3}
+
+
+# -- a consume() result decoded in runs --------------------------------------------------
+
+
+def feed_all(src: Any, *values: bytes, partitions: tuple[int, ...] = ()) -> None:
+    """values as one consume() result (partition i % len(partitions), else 0)."""
+
+    async def main() -> None:
+        messages = [
+            FakeMessage(offset, value, partitions[offset % len(partitions)] if partitions else 0)
+            for offset, value in enumerate(values)
+        ]
+        await src.handle_all(messages)
+        await src.commit()
+
+    asyncio.run(main())
+
+
+def counting(src: Any) -> list[bytes]:
+    """The values the source's decoder is called with, from now on."""
+    calls: list[bytes] = []
+    decode = src.decode
+
+    def spy(value: bytes) -> Any:
+        calls.append(value)
+        return decode(value)
+
+    src.decode = spy
+    return calls
+
+
+def test_a_consume_result_is_decoded_at_once_and_committed_per_batch() -> None:
+    src = source(count=3)
+    calls = counting(src)
+    feed_all(src, *(b"m v=%d" % i for i in range(7)))
+    assert calls == [b"m v=0\nm v=1\nm v=2", b"m v=3\nm v=4\nm v=5", b"m v=6"]
+    assert src.rt.bus.published == [b"m v=0\nm v=1\nm v=2\n", b"m v=3\nm v=4\nm v=5\n"]
+    assert src.consumer.commits == [{("t", 0): 3}, {("t", 0): 6}]  # m v=6 is still batched
+    assert counters(src) == {"received": 7, "lines": 7, "sent": 6, "commits": 2}
+
+
+def test_a_bad_message_in_a_run_is_isolated_with_its_own_offset() -> None:
+    src = source("skip", count=10)
+    feed_all(src, b"a v=1", b"not lp", b"b v=2\n# note\n", b"c v=3")
+    asyncio.run(src.flush())
+    assert src.rt.bus.published == [b"a v=1\nb v=2\nc v=3\n"]
+    [(_, data, headers)] = src.rt.bus.dead
+    assert (data, headers["Kafka-Offset"]) == (b"not lp", "1")
+    assert src.consumer.commits == [{("t", 0): 4}]
+    assert counters(src)["received"] == 4 and counters(src)["lines"] == 3
+
+
+def test_a_run_ends_where_the_batch_is_full_by_size() -> None:
+    src = source(count=100)  # FakeBus.max_payload is 1000 bytes
+    big = b"m v=" + b"1" * 395  # 400 bytes with its newline
+    feed_all(src, big, big, big, b"x v=1")
+    assert src.rt.bus.published == [big + b"\n" + big + b"\n"]
+    assert src.consumer.commits == [{("t", 0): 2}]
+    asyncio.run(src.flush())
+    assert src.rt.bus.published[1] == big + b"\nx v=1\n"
+    assert src.consumer.commits[-1] == {("t", 0): 4}
+
+
+def test_each_partition_commits_its_last_message_of_the_batch() -> None:
+    src = source(count=4)
+    feed_all(src, *(b"m v=%d" % i for i in range(4)), partitions=(0, 1))
+    assert src.consumer.commits == [{("t", 0): 3, ("t", 1): 4}]
+
+
+def test_a_run_is_not_committed_until_nats_confirms() -> None:
+    src = source(count=2)
+    src.rt.bus.connected = False
+    feed_all(src, b"a v=1", b"b v=2", b"c v=3")
+    assert src.consumer.commits == [] and len(src.rt.bus.published) == 1
+    src.rt.bus.connected = True
+    asyncio.run(src.commit())
+    assert src.consumer.commits == [{("t", 0): 2}]
+
+
+def test_json_messages_are_decoded_one_by_one() -> None:
+    src = source(count=10)
+    src.joinable = False
+    src.decode = kafka.make_decoder(
+        Config(mode="kafka", kafka_encoder="json", kafka_json=JsonMapping(measurement="m"))
+    )
+    calls = counting(src)
+    feed_all(src, b'{"v": 1}', b'{"v": 2}')
+    assert calls == [b'{"v": 1}', b'{"v": 2}']
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"a v=1", b"b,t=x v=2i 5", b"bad", b"", b"# c", b"c v=" + b"9" * 300]),
+        max_size=30,
+    ),
+    st.integers(1, 6),
+)
+def test_runs_publish_and_commit_what_messages_one_by_one_would(
+    values: list[bytes], count: int
+) -> None:
+    """The run path against the per-message path it replaces: the same lines in the same
+    order, the same dead letters, everything committed in the end."""
+    alone, runs = source("skip", count=count), source("skip", count=count)
+    feed(alone, *values)
+    feed_all(runs, *values)
+    for src in (alone, runs):
+        asyncio.run(src.flush())
+    assert b"".join(runs.rt.bus.published) == b"".join(alone.rt.bus.published)
+    assert runs.rt.bus.dead == alone.rt.bus.dead
+    assert runs.stats.get("received") == len(values)
+    assert not runs.published and (
+        not values or runs.consumer.commits[-1] == {("t", 0): len(values)}
+    )
