@@ -36,6 +36,10 @@ Counters:
   commits              offset commits that succeeded
   commit_failures      offset commits Kafka refused (retried with the next commit)
   kafka_errors         errors the Kafka client reported (broker down, auth failure...)
+
+Gauges, per assigned partition, refreshed every stats_interval:
+  kafka_lag{topic,partition}               high watermark minus the committed offset
+  kafka_committed_offset{topic,partition}  the group's committed offset (once there is one)
 """
 
 from __future__ import annotations
@@ -248,6 +252,7 @@ COUNTERS = (
 JOINABLE = ("line_protocol", "collectd_graphite")
 CONSUME_MAX = 1000  # messages taken from the client at once
 POLL_TIMEOUT = 0.2  # seconds a consume call may wait: how soon a stop is noticed
+POSITION_TIMEOUT = 1  # seconds a broker has to give a partition's offsets for kafka_lag
 FLUSH_TIMEOUT = 2  # seconds NATS has to confirm what was published before a commit
 DEAD_LETTER_ROOM = 4096  # bytes of a dead letter kept for its headers when it is cut
 
@@ -324,6 +329,8 @@ class KafkaSource:
         self.joinable = cfg.kafka_encoder in JOINABLE
         self.published: dict[Position, int] = {}  # next offsets published, not yet committed
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kafka")
+        # asking the brokers for offsets may wait a while: never in the way of consuming
+        self._positions_thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-lag")
         self._unconfirmed = False  # NATS did not confirm the last flush
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -334,6 +341,13 @@ class KafkaSource:
 
     async def run(self) -> None:
         """Consume until stop; then publish what is batched, commit it and return."""
+        positions = asyncio.create_task(self.refresh_positions())
+        try:
+            await self._consume()
+        finally:
+            positions.cancel()
+
+    async def _consume(self) -> None:
         while not self.rt.stop.is_set():
             room = self.batcher.max_count - self.open_messages  # a consume never spans
             messages = await self.call(self.consumer.consume, min(CONSUME_MAX, room), POLL_TIMEOUT)
@@ -553,6 +567,44 @@ class KafkaSource:
             if not bad and self.published.get(position) == offset:
                 del self.published[position]
 
+    async def refresh_positions(self) -> None:
+        """kafka_lag and kafka_committed_offset of each assigned partition, every
+        stats_interval; a partition no longer assigned leaves both."""
+        while True:
+            await asyncio.sleep(self.cfg.stats_interval)
+            try:
+                loop = asyncio.get_running_loop()
+                positions = await loop.run_in_executor(self._positions_thread, self._positions)
+            except KafkaException as exc:
+                self.stats.inc("kafka_errors")
+                log.warning("could not read the partitions' offsets for kafka_lag: %s", exc)
+                continue
+            lag, committed = [], []
+            for topic, partition, offset, low, high in positions:
+                labels = {"topic": topic, "partition": str(partition)}
+                if offset >= 0:
+                    committed.append((labels, offset))
+                    start = offset
+                else:  # nothing committed yet: the group starts where offset_reset says
+                    start = low if self.cfg.kafka_offset_reset == "earliest" else high
+                lag.append((labels, max(high - start, 0)))
+            self.stats.set_gauge("kafka_lag", lag)
+            self.stats.set_gauge("kafka_committed_offset", committed)
+
+    def _positions(self) -> list[tuple[str, int, int, int, int]]:
+        """(topic, partition, committed offset, low, high watermark) of each assigned
+        partition, asked of the brokers (in a thread of its own: librdkafka allows it)."""
+        assigned = self.consumer.assignment()
+        if not assigned:
+            return []
+        out = []
+        for tp in self.consumer.committed(assigned, timeout=POSITION_TIMEOUT):
+            low, high = self.consumer.get_watermark_offsets(
+                tp, timeout=POSITION_TIMEOUT, cached=False
+            )
+            out.append((tp.topic, tp.partition, tp.offset, low, high))
+        return out
+
     def on_error(self, err: KafkaError) -> None:
         """A message's error, or the client's (its error_cb, brought to the loop by in_loop)."""
         self.stats.inc("kafka_errors")
@@ -576,6 +628,7 @@ class KafkaSource:
             await self.call(self.consumer.close)
         finally:
             self._thread.shutdown(wait=False)
+            self._positions_thread.shutdown(wait=False)
 
 
 def _names(partitions: list[TopicPartition]) -> str:

@@ -548,3 +548,67 @@ def test_runs_publish_and_commit_what_messages_one_by_one_would(
     assert not runs.published and (
         not values or runs.consumer.commits[-1] == {("t", 0): len(values)}
     )
+
+
+# -- kafka_lag and kafka_committed_offset ----------------------------------------------
+
+
+class PositionsConsumer(FakeConsumer):
+    """Answers assignment, committed and the watermarks as a broker would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.assigned = [kafka.TopicPartition("t", 0), kafka.TopicPartition("t", 1)]
+        self.offsets = {0: 40, 1: -1001}  # partition 1: nothing committed yet
+        self.marks = {0: (0, 100), 1: (10, 25)}
+
+    def assignment(self) -> list[Any]:
+        return self.assigned
+
+    def committed(self, tps: list[Any], timeout: float) -> list[Any]:
+        return [
+            kafka.TopicPartition(tp.topic, tp.partition, self.offsets[tp.partition]) for tp in tps
+        ]
+
+    def get_watermark_offsets(self, tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
+        return self.marks[tp.partition]
+
+
+def refreshed(src: Any) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(src.refresh_positions())
+        await asyncio.sleep(src.cfg.stats_interval * 1.5)
+        task.cancel()
+
+    asyncio.run(main())
+
+
+def test_lag_and_committed_offset_per_assigned_partition() -> None:
+    src = source()
+    src.cfg.stats_interval = 0.05
+    src.consumer = PositionsConsumer()
+    refreshed(src)
+    assert src.stats.gauges["kafka_lag"] == {
+        (("partition", "0"), ("topic", "t")): 60,
+        (("partition", "1"), ("topic", "t")): 15,  # from the low watermark (earliest)
+    }
+    assert src.stats.gauges["kafka_committed_offset"] == {(("partition", "0"), ("topic", "t")): 40}
+    src.consumer.assigned = [kafka.TopicPartition("t", 1)]  # a rebalance took partition 0
+    refreshed(src)
+    assert list(src.stats.gauges["kafka_lag"]) == [(("partition", "1"), ("topic", "t"))]
+    assert src.stats.gauges["kafka_committed_offset"] == {}
+
+
+def test_offsets_the_broker_cannot_give_are_counted_and_the_gauges_kept() -> None:
+    src = source()
+    src.cfg.stats_interval = 0.05
+    src.consumer = PositionsConsumer()
+    refreshed(src)
+
+    def down(tps: list[Any], timeout: float) -> list[Any]:
+        raise kafka.KafkaException("broker gone")
+
+    src.consumer.committed = down
+    refreshed(src)
+    assert src.stats.get("kafka_errors") >= 1
+    assert src.stats.gauge("kafka_lag", topic="t", partition="0") == 60
