@@ -109,7 +109,7 @@ timestamp_precision = "s"
         ('mode = "kafka"\nkafka_topics = [1]', ["a list holding integer 1"]),
         (K + 'kafka_brokers = "kafka://k:9092"', ["is not host:port", "no scheme"]),
         (K + 'kafka_encoder = "graphite"', ['unknown value "graphite"', "collectd_graphite"]),
-        (K + 'kafka_error_policy = "noop"', ['unknown value "noop"', "retry, skip, stop"]),
+        (K + 'kafka_error_policy = "nope"', ['unknown value "nope"', "retry, skip, stop"]),
         (K + 'kafka_offset_reset = "begin"', ["use one of earliest, latest"]),
         (K + 'kafka_group = ""', ["kafka_group", "not usable"]),
         (K + 'nats_subject = ["a", "b"]', ["kafka needs exactly one output subject"]),
@@ -272,7 +272,7 @@ def source(policy: str = "retry", refuse: int = 0, fail_commits: int = 0, count:
         bus=FakeBus(refuse),
         stop=asyncio.Event(),
     )
-    return kafka.KafkaSource(cfg, rt, FakeConsumer(fail_commits), kafka.make_decoder(cfg))  # type: ignore[arg-type]
+    return kafka.KafkaSource(cfg, rt, FakeConsumer(fail_commits), kafka.make_decoders(cfg))  # type: ignore[arg-type]
 
 
 def feed(src: Any, *values: bytes) -> None:
@@ -427,7 +427,7 @@ def test_a_message_no_encoder_can_read_is_dead_lettered_and_consuming_goes_on() 
         batch_max_count=1,
     )
     src = source(count=1)
-    src.decode = kafka.make_decoder(cfg)
+    src.decoding = kafka.make_decoders(cfg)
     feed(src, deep, b'{"ts": 1e300, "v": 1}', b'{"v": 2, "ts": 5}')
     assert src.rt.bus.published == [b"m v=2i 5000000000\n"]
     [(_, first, headers), (_, second, _)] = src.rt.bus.dead
@@ -454,15 +454,20 @@ def feed_all(src: Any, *values: bytes, partitions: tuple[int, ...] = ()) -> None
 
 
 def counting(src: Any) -> list[bytes]:
-    """The values the source's decoder is called with, from now on."""
+    """The values the source's decoders are called with, from now on."""
     calls: list[bytes] = []
-    decode = src.decode
+    decoding = src.decoding
 
-    def spy(value: bytes) -> Any:
-        calls.append(value)
-        return decode(value)
+    def spying(topic: str) -> kafka.Decoding:
+        decode, joinable = decoding(topic)
 
-    src.decode = spy
+        def spy(value: bytes) -> Any:
+            calls.append(value)
+            return decode(value)
+
+        return kafka.Decoding(spy, joinable)
+
+    src.decoding = spying
     return calls
 
 
@@ -516,8 +521,7 @@ def test_a_run_is_not_committed_until_nats_confirms() -> None:
 
 def test_json_messages_are_decoded_one_by_one() -> None:
     src = source(count=10)
-    src.joinable = False
-    src.decode = kafka.make_decoder(
+    src.decoding = kafka.make_decoders(
         Config(mode="kafka", kafka_encoder="json", kafka_json=JsonMapping(measurement="m"))
     )
     calls = counting(src)
@@ -612,3 +616,124 @@ def test_offsets_the_broker_cannot_give_are_counted_and_the_gauges_kept() -> Non
     refreshed(src)
     assert src.stats.get("kafka_errors") >= 1
     assert src.stats.gauge("kafka_lag", topic="t", partition="0") == 60
+
+
+# -- several encoders in one consumer, seed 001's policy names, kafka_max_retries --------
+
+
+MIXED = (
+    K.replace('["metrics"]', '["lp", "gr", "cj", "payments", "^dc-.*"]')
+    + 'kafka_kcql = ["INSERT INTO pay SELECT amount AS a FROM payments WITHTAG (from)"]\n'
+    + 'kafka_graphite_tags = ["host"]\n'
+    + '[kafka_topic_encoders]\ngr = "collectd_graphite"\ncj = "collectd_json"\n'
+    + '"^dc-" = "collectd_graphite"\n'
+)
+
+
+def test_each_topic_gets_its_encoder(tmp_path: Path) -> None:
+    cfg = load(tmp_path, MIXED)
+    decoding = kafka.make_decoders(cfg)
+    assert decoding("lp").decode(b"cpu v=1").data == b"cpu v=1\n"
+    assert decoding("gr").decode(b"h.load 1 1").data == b"load,host=h value=1.0 1000000000\n"
+    assert decoding("dc-east").decode(b"h.load 1 1").lines == 1  # by the ^regex
+    cj = b'{"plugin": "cpu", "values": [1], "dsnames": ["v"], "host": "h"}'
+    assert decoding("cj").decode(cj).data == b"cpu,host=h v=1.0\n"
+    payment = b'{"amount": 3, "from": "ann"}'
+    assert decoding("payments").decode(payment).data == b"pay,from=ann a=3i\n"  # its KCQL
+    assert [decoding(t).joinable for t in ("lp", "gr", "cj", "payments")] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+def test_a_consume_result_of_several_topics_is_decoded_topic_by_topic(tmp_path: Path) -> None:
+    src = source(count=10)
+    src.decoding = kafka.make_decoders(load(tmp_path, MIXED))
+
+    class Topical(FakeMessage):
+        def __init__(self, offset: int, value: bytes, topic: str) -> None:
+            super().__init__(offset, value)
+            self._topic = topic
+
+        def topic(self) -> str:
+            return self._topic
+
+    async def main() -> None:
+        await src.handle_all(
+            [
+                Topical(0, b"cpu v=1", "lp"),
+                Topical(0, b"h.load 2 1", "gr"),
+                Topical(0, b'{"amount": 3, "from": "ann"}', "payments"),
+                Topical(1, b"cpu v=4", "lp"),
+            ]
+        )
+        await src.flush()
+
+    asyncio.run(main())
+    assert src.rt.bus.published == [
+        b"cpu v=1\nload,host=h value=2.0 1000000000\npay,from=ann a=3i\ncpu v=4\n"
+    ]
+    assert src.consumer.commits == [{("lp", 0): 2, ("gr", 0): 1, ("payments", 0): 1}]
+
+
+@pytest.mark.parametrize(
+    "text, parts",
+    [
+        (
+            MIXED.replace('"collectd_json"', '"collectd"'),
+            ['kafka_topic_encoders.cj: unknown encoder "collectd"', "collectd_json"],
+        ),
+        (
+            MIXED.replace('"^dc-"', '"^dc-("'),
+            ["kafka_topic_encoders.^dc-(: invalid regular expression"],
+        ),
+        (
+            K + '[kafka_topic_encoders]\nj = "json"\n',
+            ['json encoder of "j" needs a [kafka_json] table'],
+        ),
+        (
+            K + 'kafka_kcql = ["INSERT INTO a SELECT * FROM t", "INSERT INTO b SELECT * FROM t"]',
+            ['two statements read topic "t"'],
+        ),
+        (K + "kafka_max_retries = -1", ["kafka_max_retries: is negative"]),
+        (
+            K + "[kafka_topic_encoders]\nj = 1\n",
+            ["kafka_topic_encoders: expected a table of strings"],
+        ),
+    ],
+)
+def test_topic_encoder_and_kcql_errors(tmp_path: Path, text: str, parts: list[str]) -> None:
+    message = error_of(tmp_path, text)
+    for part in parts:
+        assert part in message
+
+
+def test_a_kcql_statement_is_the_mapping_of_its_topic_with_kafka_encoder_json(
+    tmp_path: Path,
+) -> None:
+    cfg = load(
+        tmp_path,
+        K + 'kafka_encoder = "json"\nkafka_kcql = ["INSERT INTO m SELECT * FROM metrics"]\n',
+    )
+    assert kafka.make_decoders(cfg)("metrics").decode(b'{"v": 1}').data == b"m v=1i\n"
+
+
+@pytest.mark.parametrize(
+    "given, policy", [("noop", "skip"), ("THROW", "stop"), ("Retry", "retry"), ("skip", "skip")]
+)
+def test_seed_001s_error_policy_names(tmp_path: Path, given: str, policy: str) -> None:
+    assert load(tmp_path, K + f'kafka_error_policy = "{given}"').kafka_error_policy == policy
+
+
+def test_retries_end_at_kafka_max_retries_with_the_batch_dead_lettered() -> None:
+    src = source("retry", refuse=3)
+    src.cfg.kafka_max_retries = 2
+    feed(src, b"a v=1", b"b v=2", b"c v=3", b"d v=4")
+    [(subject, data, headers)] = src.rt.bus.dead
+    assert (subject, data) == ("influx-spout-dead-letter", b"a v=1\nb v=2\n")
+    assert headers == {"Error": "NATS did not take the batch in 3 attempts (kafka_max_retries)"}
+    assert src.rt.bus.published == [b"c v=3\nd v=4\n"]
+    assert src.consumer.commits == [{("t", 0): 2}, {("t", 0): 4}]
+    assert counters(src)["retries_exhausted"] == 1 and counters(src)["dead_lettered"] == 1
