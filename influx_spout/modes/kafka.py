@@ -431,6 +431,7 @@ class KafkaSource:
         self.marks: dict[Position, Message] = {}  # last message of each in the open batch
         self.open_messages = 0  # messages read since everything was last published
         self.published: dict[Position, int] = {}  # next offsets published, not yet committed
+        self.committed: dict[Position, int] = {}  # what this member committed, for kafka_lag
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kafka")
         # asking the brokers for offsets may wait a while: never in the way of consuming
         self._positions_thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-lag")
@@ -453,7 +454,9 @@ class KafkaSource:
     async def _consume(self) -> None:
         while not self.rt.stop.is_set():
             room = self.batcher.max_count - self.open_messages  # a consume never spans
-            messages = await self.call(self.consumer.consume, min(CONSUME_MAX, room), POLL_TIMEOUT)
+            messages = await self.call(
+                self.consumer.consume, max(1, min(CONSUME_MAX, room)), POLL_TIMEOUT
+            )
             await self.handle_all(messages)
             if self.batcher.due():
                 await self.flush()
@@ -694,6 +697,8 @@ class KafkaSource:
         self.stats.inc("commit_failures" if failed else "commits")
         for position, offset in offsets.items():
             bad = any((tp.topic, tp.partition) == position for tp in failed)
+            if not bad:
+                self.committed[position] = offset
             if not bad and self.published.get(position) == offset:
                 del self.published[position]
 
@@ -723,16 +728,22 @@ class KafkaSource:
 
     def _positions(self) -> list[tuple[str, int, int, int, int]]:
         """(topic, partition, committed offset, low, high watermark) of each assigned
-        partition, asked of the brokers (in a thread of its own: librdkafka allows it)."""
+        partition whose high watermark the fetches have brought (cached: no request, so
+        a short stats_interval costs the brokers nothing); the committed offset is ours,
+        asked of the group only for a partition this member has not committed yet.
+        In a thread of its own (librdkafka allows it), never in the way of consuming."""
         assigned = self.consumer.assignment()
-        if not assigned:
-            return []
+        ours = dict(self.committed)
+        unknown = [tp for tp in assigned if (tp.topic, tp.partition) not in ours]
+        if unknown:
+            for tp in self.consumer.committed(unknown, timeout=POSITION_TIMEOUT):
+                ours[(tp.topic, tp.partition)] = tp.offset
         out = []
-        for tp in self.consumer.committed(assigned, timeout=POSITION_TIMEOUT):
-            low, high = self.consumer.get_watermark_offsets(
-                tp, timeout=POSITION_TIMEOUT, cached=False
-            )
-            out.append((tp.topic, tp.partition, tp.offset, low, high))
+        for tp in assigned:
+            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0:
+                position = (tp.topic, tp.partition)
+                out.append((tp.topic, tp.partition, ours.get(position, -1), max(low, 0), high))
         return out
 
     def on_error(self, err: KafkaError) -> None:
@@ -746,6 +757,7 @@ class KafkaSource:
         for tp in partitions:
             self.marks.pop((tp.topic, tp.partition), None)
             self.published.pop((tp.topic, tp.partition), None)
+            self.committed.pop((tp.topic, tp.partition), None)
         if partitions:
             log.info("partitions revoked: %s", _names(partitions))
 

@@ -574,7 +574,9 @@ class PositionsConsumer(FakeConsumer):
             kafka.TopicPartition(tp.topic, tp.partition, self.offsets[tp.partition]) for tp in tps
         ]
 
-    def get_watermark_offsets(self, tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
+    def get_watermark_offsets(
+        self, tp: Any, timeout: float = 1.0, cached: bool = False
+    ) -> tuple[int, int]:
         return self.marks[tp.partition]
 
 
@@ -737,3 +739,22 @@ def test_retries_end_at_kafka_max_retries_with_the_batch_dead_lettered() -> None
     assert src.rt.bus.published == [b"c v=3\nd v=4\n"]
     assert src.consumer.commits == [{("t", 0): 2}, {("t", 0): 4}]
     assert counters(src)["retries_exhausted"] == 1 and counters(src)["dead_lettered"] == 1
+
+
+def test_the_group_is_asked_only_for_partitions_this_member_has_not_committed() -> None:
+    src = source()
+    src.cfg.stats_interval = 0.05
+    src.consumer = PositionsConsumer()
+    asked: list[int] = []
+    answer = src.consumer.committed
+
+    def committed(tps: list[Any], timeout: float) -> list[Any]:
+        asked.extend(tp.partition for tp in tps)
+        return answer(tps, timeout)
+
+    src.consumer.committed = committed
+    src.committed[("t", 0)] = 90  # committed by this member since
+    refreshed(src)
+    assert set(asked) == {1}
+    assert src.stats.gauge("kafka_lag", topic="t", partition="0") == 10
+    assert src.stats.gauge("kafka_committed_offset", topic="t", partition="0") == 90
