@@ -1,7 +1,8 @@
 """archive to S3-compatible storage, as processes: moto's S3 server (tests/support/s3.py)
 behind the fault proxy, so that an outage keeps the objects. Files land in the bucket with
 their exact content and the local copies go; an outage is retried and loses nothing; a
-SIGKILLed archive's .part file is recovered and shipped at the next start; a replay with
+SIGKILLed archive's .part file is recovered and shipped at the next start, and the file
+open at SIGTERM is finished and shipped before exit; a replay with
 no local files reads the bucket and puts every archived message back on a subject."""
 
 from __future__ import annotations
@@ -128,10 +129,14 @@ def test_archive_ships_to_s3_survives_an_outage_and_a_kill_and_replays_from_the_
         while len(bucket_payloads(s3)) <= len(first + outage):
             assert time.monotonic() < deadline, again.log()
             time.sleep(0.2)
+        last = b"last v=1i 4\n"  # in a file only SIGTERM finishes (archive_max_age is 1h)
+        asyncio.run(publish([last]))
+        time.sleep(0.5)
         assert again.stop() == 0
         assert "recovered" in again.log()
         shipped = bucket_payloads(s3)
-        recovered = shipped[len(first + outage) :]
+        assert shipped[-1] == last
+        recovered = shipped[len(first + outage) : -1]
         assert shipped[: len(first + outage)] == first + outage
         assert recovered and recovered == killed[: len(recovered)]
         print(f"SIGKILL: {len(recovered)} of {len(killed)} messages recovered from the .part")
