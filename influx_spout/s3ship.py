@@ -6,7 +6,9 @@ server refuses a body damaged on the way), then the object's size and ETag (the 
 single-part upload) are checked against the file before the local copy is removed.
 Credentials come from boto3's standard chain (AWS_* environment variables, the shared
 credentials and config files, instance roles), never from the TOML. Blocking: every
-call runs in the caller's worker thread.
+call runs in the caller's worker thread. boto3 is imported only when a Shipper is made:
+every component imports the mode modules (for their options), and only an archive with
+archive_s3_bucket needs boto3's ~10 MB.
 """
 
 from __future__ import annotations
@@ -15,14 +17,24 @@ import base64
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import boto3
-from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
 
-# what one upload attempt may raise; each is counted and retried later
-SHIP_ERRORS = (BotoCoreError, ClientError, OSError)
+class ShipError(Exception):
+    """An upload, check or download that failed (boto3's error, or the file's); counted
+    and retried later by the caller."""
+
+
+@contextmanager
+def _as_ship_error() -> Iterator[None]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError, OSError) as exc:
+        raise ShipError(str(exc)) from exc
 
 
 class Shipper:
@@ -32,6 +44,9 @@ class Shipper:
     def __init__(self, bucket: str, prefix: str, endpoint: str = "", region: str = "") -> None:
         self.bucket = bucket
         self.prefix = prefix
+        import boto3
+        from botocore.config import Config as BotoConfig
+
         self.client: Any = boto3.client(
             "s3",
             endpoint_url=endpoint or None,
@@ -45,34 +60,45 @@ class Shipper:
         return self.prefix + os.path.basename(path)
 
     def ship(self, path: str) -> None:
-        """Upload path, check the object, remove path. Raises one of SHIP_ERRORS (counted
-        in upload_failures) when any step fails; the file is then kept."""
+        """Upload path, check the object, remove path. Raises ShipError (counted in
+        upload_failures) when any step fails; the file is then kept."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-            digest = hashlib.md5(data, usedforsecurity=False)
-            key = self.key(path)
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=data,
-                ContentMD5=base64.b64encode(digest.digest()).decode(),
-            )
-            head = self.client.head_object(Bucket=self.bucket, Key=key)
-            if head["ContentLength"] != len(data) or head["ETag"].strip('"') != digest.hexdigest():
-                raise OSError(
-                    f"s3://{self.bucket}/{key} holds {head['ContentLength']} bytes "
-                    f"(ETag {head['ETag']}), not the {len(data)} bytes of {path}"
-                )
-            os.remove(path)
-        except SHIP_ERRORS:
+            with _as_ship_error():
+                size = self._upload(path)
+                os.remove(path)
+        except ShipError:
             self.counts["upload_failures"] += 1
             raise
         self.counts["uploads"] += 1
-        self.counts["uploaded_bytes"] += len(data)
+        self.counts["uploaded_bytes"] += size
+
+    def _upload(self, path: str) -> int:
+        """Put path's bytes at its key and check the object holds them; their size."""
+        with open(path, "rb") as f:
+            data = f.read()
+        digest = hashlib.md5(data, usedforsecurity=False)
+        key = self.key(path)
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentMD5=base64.b64encode(digest.digest()).decode(),
+        )
+        head = self.client.head_object(Bucket=self.bucket, Key=key)
+        if head["ContentLength"] != len(data) or head["ETag"].strip('"') != digest.hexdigest():
+            raise OSError(
+                f"s3://{self.bucket}/{key} holds {head['ContentLength']} bytes "
+                f"(ETag {head['ETag']}), not the {len(data)} bytes of {path}"
+            )
+        return len(data)
 
     def download_all(self, directory: str) -> list[str]:
-        """Every archive object under prefix, downloaded into directory; their paths."""
+        """Every archive object under prefix, downloaded into directory; their paths.
+        Raises ShipError when the listing or a download fails."""
+        with _as_ship_error():
+            return self._download_all(directory)
+
+    def _download_all(self, directory: str) -> list[str]:
         paths = []
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self.prefix

@@ -90,7 +90,7 @@ from influx_spout.batching import Parts, count_lines
 from influx_spout.config import GB, MB, Checker, Config, option
 from influx_spout.mode import Host, Mode
 from influx_spout.runtime import publish_parts_counted
-from influx_spout.s3ship import SHIP_ERRORS, Shipper
+from influx_spout.s3ship import ShipError, Shipper
 from influx_spout.stats import Stats
 
 # -- options (the shared ones: config.SharedOptions) ---------------------------------------
@@ -636,7 +636,7 @@ class Ship:
         try:
             await loop.run_in_executor(self._thread, self.shipper.ship, path)
             ok = True
-        except SHIP_ERRORS as exc:
+        except ShipError as exc:
             if not self._failing:
                 log.warning(
                     "upload of %s to s3://%s failed: %s (retried with backoff; the file is kept)",
@@ -945,7 +945,7 @@ class ReplayMode:
         where = self._downloads.name
         try:
             await asyncio.to_thread(shipper.download_all, where)
-        except SHIP_ERRORS as exc:
+        except ShipError as exc:
             raise RuntimeError(
                 f"cannot read s3://{cfg.archive_s3_bucket}/{cfg.archive_s3_prefix}: {exc} "
                 "(check archive_s3_endpoint and the AWS credentials)"

@@ -56,10 +56,9 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import regex
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from influx_spout import lineproto
 from influx_spout.batching import Batcher, Parts
@@ -88,6 +87,11 @@ from influx_spout.encoders import (
 from influx_spout.encoders.json_mapping import JsonMapping
 from influx_spout.mode import Host, Mode
 from influx_spout.runtime import publish_parts_counted
+
+if TYPE_CHECKING:
+    # confluent_kafka is imported where it is used: every component imports this module
+    # for its options, and only the kafka mode needs librdkafka
+    from confluent_kafka import KafkaError, Message, TopicPartition
 
 # -- options (the shared ones, batch_* among them: config.SharedOptions) -------------------
 
@@ -276,6 +280,8 @@ def preflight(cfg: Config) -> None:
     """
     if not cfg.kafka_client:
         return
+    from confluent_kafka import Consumer, KafkaException
+
     props = {"group.id": "config-check", "log_level": 0, **cfg.kafka_client}
     props.update(kafka_secret_properties(cfg))
     try:
@@ -523,6 +529,8 @@ class KafkaSource:
         await self._one(msg)
 
     def _kafka_error(self, msg: Message) -> None:
+        from confluent_kafka import KafkaError
+
         err = msg.error()
         if err is not None and err.code() != KafkaError._PARTITION_EOF:
             self.on_error(err)
@@ -680,6 +688,8 @@ class KafkaSource:
         if self._unconfirmed:
             log.info("NATS confirmed the published lines: committing again")
             self._unconfirmed = False
+        from confluent_kafka import KafkaException, TopicPartition
+
         offsets = dict(self.published)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
@@ -702,6 +712,8 @@ class KafkaSource:
     async def refresh_positions(self) -> None:
         """kafka_lag and kafka_committed_offset of each assigned partition, every
         stats_interval; a partition no longer assigned leaves both."""
+        from confluent_kafka import KafkaException
+
         while True:
             await asyncio.sleep(self.cfg.stats_interval)
             try:
@@ -791,6 +803,8 @@ class KafkaMode:
 
     async def start(self, host: Host) -> asyncio.Future[None]:
         """Subscribe to the topics; the work consumes them until stop."""
+        from confluent_kafka import Consumer, KafkaException
+
         cfg = self.cfg
         holder: list[KafkaSource] = []
 

@@ -446,7 +446,7 @@ def test_the_local_file_goes_only_once_the_object_matches_it(tmp_path: Path) -> 
     assert s.counts == {"uploads": 1, "uploaded_bytes": 3}
     path.write_bytes(b"abc")
     s = shipper(FakeS3(length_delta=-1))
-    with pytest.raises(OSError, match="holds 2 bytes"):
+    with pytest.raises(archive.ShipError, match="holds 2 bytes"):
         s.ship(str(path))
     assert path.exists() and s.counts == {"upload_failures": 1}
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -166,7 +166,9 @@ def test_loading_constructs_no_client(tmp_path: Path, monkeypatch: pytest.Monkey
     def refuse(props: dict[str, Any]) -> None:
         raise AssertionError("a Consumer was constructed")
 
-    monkeypatch.setattr(kafka, "Consumer", refuse)
+    import confluent_kafka
+
+    monkeypatch.setattr(confluent_kafka, "Consumer", refuse)
     cfg = load(tmp_path, K + '[kafka_client]\n"session.timeout.ms" = 6000')
     assert cfg.kafka_client == {"session.timeout.ms": 6000}
     with pytest.raises(AssertionError):
@@ -226,7 +228,7 @@ class FakeConsumer:
     def commit(self, offsets: list[Any], asynchronous: bool) -> list[Any]:
         if self.fail_commits:
             self.fail_commits -= 1
-            raise kafka.KafkaException("broker gone")
+            raise KafkaException("broker gone")
         self.commits.append({(tp.topic, tp.partition): tp.offset for tp in offsets})
         return offsets
 
@@ -385,7 +387,7 @@ def test_revoked_partitions_are_not_committed() -> None:
     src = source(count=1)
     src.rt.bus.connected = False
     feed(src, b"a v=1")
-    src.on_revoke(None, [kafka.TopicPartition("t", 0)])
+    src.on_revoke(None, [TopicPartition("t", 0)])
     src.rt.bus.connected = True
     asyncio.run(src.commit())
     assert src.consumer.commits == []
@@ -562,7 +564,7 @@ class PositionsConsumer(FakeConsumer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.assigned = [kafka.TopicPartition("t", 0), kafka.TopicPartition("t", 1)]
+        self.assigned = [TopicPartition("t", 0), TopicPartition("t", 1)]
         self.offsets = {0: 40, 1: -1001}  # partition 1: nothing committed yet
         self.marks = {0: (0, 100), 1: (10, 25)}
 
@@ -571,7 +573,7 @@ class PositionsConsumer(FakeConsumer):
 
     def committed(self, tps: list[Any], timeout: float) -> list[Any]:
         return [
-            kafka.TopicPartition(tp.topic, tp.partition, self.offsets[tp.partition]) for tp in tps
+            TopicPartition(tp.topic, tp.partition, self.offsets[tp.partition]) for tp in tps
         ]
 
     def get_watermark_offsets(
@@ -599,7 +601,7 @@ def test_lag_and_committed_offset_per_assigned_partition() -> None:
         (("partition", "1"), ("topic", "t")): 15,  # from the low watermark (earliest)
     }
     assert src.stats.gauges["kafka_committed_offset"] == {(("partition", "0"), ("topic", "t")): 40}
-    src.consumer.assigned = [kafka.TopicPartition("t", 1)]  # a rebalance took partition 0
+    src.consumer.assigned = [TopicPartition("t", 1)]  # a rebalance took partition 0
     refreshed(src)
     assert list(src.stats.gauges["kafka_lag"]) == [(("partition", "1"), ("topic", "t"))]
     assert src.stats.gauges["kafka_committed_offset"] == {}
@@ -612,7 +614,7 @@ def test_offsets_the_broker_cannot_give_are_counted_and_the_gauges_kept() -> Non
     refreshed(src)
 
     def down(tps: list[Any], timeout: float) -> list[Any]:
-        raise kafka.KafkaException("broker gone")
+        raise KafkaException("broker gone")
 
     src.consumer.committed = down
     refreshed(src)
