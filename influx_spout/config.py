@@ -169,6 +169,15 @@ class SharedOptions:
         modes=("filter", "downsampler", "writer", "monitor", "archive"),
     )
     debug: bool = option("bool", False, "log each rejected line and failed publish", modes=MODES)
+    log_level: str = option(
+        "str",
+        "info",
+        "the least severe log lines shown: debug, info, warning or error",
+        modes=MODES,
+    )
+    log_format: str = option(
+        "str", "text", 'log lines as "text" or "json" (one object a line)', modes=MODES
+    )
     port: int = option(
         "int",
         0,
@@ -467,6 +476,26 @@ def load_config(
     _validate_shared(c)
     module(cfg.mode).validate(c)
     cfg.__dict__[_FILES] = {key: s.file for key, s in settings.items()}
+    return cfg
+
+
+def nats_only(
+    values: Mapping[str, Any], source: str, environ: Mapping[str, str] | None = None
+) -> Config:
+    """A Config holding only NATS options (values: option -> value as a file would write
+    it), checked as a component's are: for tools that connect as a component would."""
+    settings = {
+        key: _Setting(_convert(OPTIONS[key], raw, source, key), source, key, _show(raw))
+        for key, raw in values.items()
+    }
+    cfg = Config(mode="listener", source=source)
+    for key, setting in settings.items():
+        setattr(cfg, key, setting.value)
+    _read_environment(cfg, os.environ if environ is None else environ)
+    c = Checker(cfg, settings, source)
+    _check_nats_address(c)
+    _check_nats_auth(c)
+    c.tls_files("nats_tls")
     return cfg
 
 
@@ -1163,6 +1192,7 @@ def _validate_shared(c: Checker) -> None:
         elif opt.kind == "duration":
             c.positive(name, '"30s"')
 
+    _check_logging(c)
     _check_nats_address(c)
     _check_nats_auth(c)
     c.tls_files("nats_tls")
@@ -1182,6 +1212,15 @@ def _validate_shared(c: Checker) -> None:
             " and ".join(rule_modes),
         )
         cfg.rule = []
+
+
+def _check_logging(c: Checker) -> None:
+    from influx_spout.logs import FORMATS, LEVELS
+
+    for key, allowed in (("log_level", LEVELS), ("log_format", FORMATS)):
+        value = getattr(c.cfg, key)
+        if value not in allowed:
+            raise c.fail(key, f"unknown value {quote(value)}", one_of(value, allowed))
 
 
 def _check_nats_address(c: Checker) -> None:

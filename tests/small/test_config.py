@@ -679,8 +679,6 @@ ERRORS = [
     (W + 'nats_address = "nats://a:4222,nats//b"', "nats_address", ['"nats//b"']),
     (W + 'nats_address = "nats://a:99999"', "nats_address", ["invalid port"]),
     # filter and rules
-    (F, "rule", ["at least one [[rule]]"]),
-    (F + "rule = []", "rule", ["at least one [[rule]]"]),
     (F + '[rule]\ntype = "basic"', "rule", ["got a single [rule] table", "write [[rule]]"]),
     (F + "rule = 5", "rule", ["expected [[rule]] tables, got integer 5"]),
     (F + "rule = [1]", "rule[1]", ["expected a table, got integer 1"]),
