@@ -1169,7 +1169,7 @@ def test_a_filter_without_rules_sends_everything_to_the_junkyard(
 @pytest.mark.parametrize("value", ["-1", "65536", "99999999", '"4003"'])
 def test_pprof_port_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
     message = error_of(tmp_path, f'mode = "writer"\npprof_port = {value}')
-    assert message.endswith("pprof_port: " + message.split("pprof_port: ", 1)[1])
+    assert "spout.toml: pprof_port: " in message
     assert "is not a port (use 1 to 65535, or 0 to turn it off)" in message
 
 
@@ -1214,9 +1214,8 @@ def test_another_modes_option_is_named_in_the_given_file_only(
     cfg = load(tmp_path, 'mode = "writer"\nmax_time_delta = "5m"', etc=etc)
     assert cfg.mode == "writer"
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == [
-        f"{tmp_path / 'spout.toml'}: max_time_delta: ignored in writer mode (an option of filter only)"
-    ]
+    expected = "max_time_delta: ignored in writer mode (an option of filter only)"
+    assert messages == [f"{tmp_path / 'spout.toml'}: {expected}"]
 
 
 @pytest.mark.parametrize("key", ["log_level", "log_format"])
@@ -1224,6 +1223,6 @@ def test_log_options_take_known_values(tmp_path: Path, key: str) -> None:
     message = error_of(tmp_path, f'mode = "writer"\n{key} = "verbose"')
     assert f'spout.toml: {key}: unknown value "verbose" (' in message
     assert (
-        load(tmp_path, f'mode = "writer"\nlog_level = "debug"\nlog_format = "json"').log_format
+        load(tmp_path, 'mode = "writer"\nlog_level = "debug"\nlog_format = "json"').log_format
         == "json"
     )
