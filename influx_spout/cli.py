@@ -102,17 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     path = args.check or args.config
     if not path or (args.check and args.config):
         p.error("give one config file: influx-spout CONFIG.toml, or --check CONFIG.toml")
-    logs.setup("influx-spout")
+    held = logs.hold()
     try:
         cfg = load_config(path)
         preflight(cfg)
     except ConfigError as exc:
+        logs.setup("influx-spout")
+        logs.replay(held)
         print(f"influx-spout: configuration error: {exc}", file=sys.stderr)
         return 2
+    logs.setup(cfg.mode, cfg.name, cfg.log_level, cfg.log_format)
+    logs.replay(held)
     if args.check:
         print(f"{path}: valid ({cfg.mode} mode, name {cfg.name})")
         return 0
-    logs.setup(cfg.mode, cfg.name, cfg.log_level, cfg.log_format)
     # a hang-up before the event loop handles it (workers fork with this) is only logged
     signal.signal(signal.SIGHUP, _early_hangup)
     tune_malloc()

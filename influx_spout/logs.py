@@ -55,6 +55,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class Held(logging.Handler):
+    """Keeps the records logged before the config says how to format them (see hold)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def hold() -> Held:
+    """Keep every record until replay(): the config being loaded logs its warnings before
+    log_format is known, and a JSON log must not start with a text line."""
+    held = Held()
+    root = logging.getLogger()
+    root.handlers[:] = [held]
+    root.setLevel(logging.INFO)
+    return held
+
+
+def replay(held: Held) -> None:
+    """Log what hold() kept through the handler setup() installed since."""
+    for record in held.records:
+        logging.getLogger(record.name).handle(record)
+    held.records.clear()
+
+
 def setup(component: str, name: str = "", level: str = "info", fmt: str = "text") -> None:
     """Send every log record to stderr in fmt, from level up."""
     handler = logging.StreamHandler(sys.stderr)

@@ -184,6 +184,7 @@ def test_a_nats_outage_logs_its_start_and_its_end(
         comp = component(
             f'mode = "listener"\nport = {free_port(udp=True)}\nprobe_port = {probe}\n'
             f'nats_address = "{nats_server.url}"\nlog_format = "{fmt}"\n'
+            'max_time_delta = "5m"\n'  # a filter option: a warning while the file loads
         )
         comp.wait_ready(probe)
         before = len(comp.log().splitlines())
@@ -195,6 +196,7 @@ def test_a_nats_outage_logs_its_start_and_its_end(
     finally:
         nats_server.stop()
     lines = comp.log().splitlines()
+    assert "max_time_delta: ignored in listener mode" in lines[0]
     outage = lines[before:-2]  # the stop's two lines aside
     assert len(outage) == 2, outage
     if fmt == "json":

@@ -78,3 +78,16 @@ def test_an_exception_stays_inside_its_json_line() -> None:
         logging.getLogger("influx_spout").exception("failed")
     (line,) = out.getvalue().splitlines()
     assert "ValueError: boom" in json.loads(line)["exception"]
+
+
+def test_what_is_logged_before_the_format_is_known_comes_out_in_it() -> None:
+    held = logs.hold()
+    logging.getLogger("influx_spout.config").warning("a.toml: batch is deprecated")
+    emitted = emit("json")  # setup() then two records; the held one goes through it too
+    out = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(out)
+    logs.replay(held)
+    assert json.loads(out.getvalue())["message"] == "a.toml: batch is deprecated"
+    assert json.loads(emitted)["level"] == "warning"
