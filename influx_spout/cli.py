@@ -52,6 +52,9 @@ def tune_malloc() -> bool:
     )
 
 
+FLAGS = ("-h", "--help", "--check", "--version")  # every flag parser() takes
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="influx-spout",
@@ -78,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _unknown_flag(p: argparse.ArgumentParser, argv: list[str]) -> None:
     """Name a mistyped flag, with the nearest known one, before anything else is said."""
-    known = [flag for action in p._actions for flag in action.option_strings]
+    known = list(FLAGS)
     for arg in argv:
         if arg == "--":
             return

@@ -155,6 +155,7 @@ def _worker_main(
     for other in others:  # the parent's ends: closed here, so each side sees the other's EOF
         other.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent; it tells us
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # so does a reload (Pool.reload)
     try:
         asyncio.run(_worker_async(index, conn, cfg, counters, labels, make))
     except Exception as exc:

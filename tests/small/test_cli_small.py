@@ -103,3 +103,8 @@ def test_tap_prints_the_lines_its_regex_matches_up_to_count() -> None:
         return out.getvalue(), printer.done.is_set()
 
     assert asyncio.run(main()) == (b"cpu,host=a v=1\ncpu,host=a v=3\n", True)
+
+
+def test_flags_lists_every_flag_of_the_parser() -> None:
+    parser = cli.parser()
+    assert {f for a in parser._actions for f in a.option_strings} == set(cli.FLAGS)
