@@ -17,6 +17,7 @@ from pathlib import Path
 import nats
 import pytest
 from support.collect import wait_until
+from support.natsauth import users_config
 from support.servers import REPO_ROOT, Component, NatsServer, free_port
 
 RFC3339_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
@@ -63,6 +64,37 @@ def test_tap_prints_the_matching_lines_then_exits(nats_server: NatsServer) -> No
     assert tap.returncode == 0, err
     assert out == b"cpu,host=a v=1i\nmem,host=a v=3i\ncpu,host=a v=1i\n", err
     assert b"tapping t.*, other at nats://127.0.0.1" in err
+
+
+def test_tap_logs_in_as_a_component_does(tmp_path: Path) -> None:
+    server = NatsServer(workdir=tmp_path / "nats", config=users_config({"tap": "s3cret"})).start()
+    base = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "influx_spout", "tap", "--nats", server.url, "--count", "1"]
+    try:
+        refused = subprocess.run(cmd, capture_output=True, text=True, env=base, timeout=60)
+        assert refused.returncode == 1
+        assert "authentication failed" in refused.stderr
+        assert "NATS_USER" in refused.stderr
+        env = {**base, "NATS_USER": "tap", "NATS_PASS": "s3cret"}
+        tap = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+        async def publish() -> None:
+            nc = await nats.connect(server.url, user="tap", password="s3cret")
+            while tap.poll() is None:
+                await nc.publish("influx-spout", b"cpu v=1i\n")
+                await nc.flush()
+                await asyncio.sleep(0.1)
+            await nc.close()
+
+        try:
+            asyncio.run(asyncio.wait_for(publish(), 30))
+            out, err = tap.communicate(timeout=10)
+        finally:
+            tap.kill()
+        assert (tap.returncode, out) == (0, b"cpu v=1i\n"), err
+        assert b"s3cret" not in err
+    finally:
+        server.stop()
 
 
 def test_check_exits_0_or_2_without_connecting(tmp_path: Path) -> None:
