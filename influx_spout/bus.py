@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -19,6 +20,7 @@ from nats.errors import NoServersError, SlowConsumerError
 from influx_spout import redact
 from influx_spout.batching import Parts, count_lines, split_under
 from influx_spout.config import Config
+from influx_spout.natsconnect import UNREACHABLE as _UNREACHABLE
 from influx_spout.natsconnect import connect_kwargs, failure, uses_tls
 from influx_spout.natsfast import FastPath, require_tls
 
@@ -55,6 +57,10 @@ class Bus:
         self._read_ahead = False  # see read_ahead()
         # what was logged of the errors since the last (re)connection: once per outage
         self._logged: set[str] = set()
+        # the outage under way (see _outage_starts): since when, what it counted
+        self._down_since: float | None = None
+        self._outage_errors: Counter[str] = Counter()  # server out of reach, by message
+        self._outage_publishes = 0  # publishes that failed during it
         self._refused: list[str] = []  # permission violations the server sent
         self._subscribing = False  # subscribe() reports the refusals it meets itself
         # while connecting at start: errors are not logged, the last one is kept for the
@@ -130,19 +136,46 @@ class Bus:
             self._refused.append(what)
             if self._subscribing:
                 return
-        if what not in self._logged:  # reconnect attempts repeat the same error
+        if todo == _UNREACHABLE:  # the connection lost, or a reconnect attempt refused
+            self._outage_starts(what)
+            self._outage_errors[what] += 1
+            log.debug("NATS: %s", what)
+        elif what not in self._logged:  # reconnect attempts repeat the same error
             self._logged.add(what)
             log.warning("NATS: %s (%s)", what, todo)
 
+    def _outage_starts(self, cause: str) -> None:
+        """One line when the connection is lost; the reconnection logs what came between."""
+        if self._down_since is not None or self._closing:
+            return
+        self._down_since = time.monotonic()
+        log.warning(
+            "NATS connection to %s lost (%s): reconnecting every second (%s)",
+            self.cfg.nats_address,
+            cause,
+            _UNREACHABLE,
+        )
+
     async def _on_disconnect(self) -> None:
-        if not self._closing:
-            log.warning("disconnected from NATS, reconnecting")
+        self._outage_starts("disconnected")
 
     async def _on_reconnect(self) -> None:
         self._adopt_reader()
         self._logged.clear()
         url = self.nc.connected_url
-        log.info("reconnected to NATS at %s", redact.url(url.geturl()) if url else "?")
+        since, self._down_since = self._down_since, None
+        down = time.monotonic() - since if since is not None else 0.0
+        counted = [f"{n} x {what}" for what, n in self._outage_errors.most_common()]
+        if self._outage_publishes:
+            counted.append(f"{self._outage_publishes} failed publishes")
+        self._outage_errors.clear()
+        self._outage_publishes = 0
+        log.info(
+            "reconnected to NATS at %s after %.1fs down (%s)",
+            redact.url(url.geturl()) if url else "?",
+            down,
+            ", ".join(counted) or "no error seen",
+        )
 
     @property
     def connected(self) -> bool:
@@ -198,7 +231,10 @@ class Bus:
         try:
             await self.nc.publish(subject, parts[0] if len(parts) == 1 else b"".join(parts))
         except Exception as exc:
-            log.warning("publish to %s failed: %s", subject, exc)
+            if self._down_since is None:
+                log.warning("publish to %s failed: %s", subject, exc)
+            else:  # counted in the outage's end line
+                self._outage_publishes += 1
             return False
         return True
 

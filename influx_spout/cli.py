@@ -1,7 +1,8 @@
 """Entry point: args -> config -> run the chosen mode; signals; exit codes.
 
-Exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 when the component fails at
-run time (e.g. NATS unreachable), 2 for a bad command line or configuration.
+Exit status: 0 after a clean stop (SIGTERM/SIGINT) or a valid --check, 1 when the
+component fails at run time (e.g. NATS unreachable), 2 for a bad command line or
+configuration. SIGHUP reloads the [[rule]] tables of the filter and the writer.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
+import difflib
 import logging
 import signal
 import sys
 from typing import TYPE_CHECKING
 
-from influx_spout import __version__, modes
+from influx_spout import __version__, logs, modes
 from influx_spout.config import ConfigError, load_config, preflight
 
 if TYPE_CHECKING:
@@ -27,18 +29,6 @@ log = logging.getLogger("influx_spout")
 # of free heap is kept (see tune_malloc)
 MMAP_THRESHOLD = 8 << 20
 TRIM_THRESHOLD = 16 << 20
-
-
-def _setup_logging(component: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s {component} %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    # one line a request is noise in a component's log
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def tune_malloc() -> bool:
@@ -62,23 +52,75 @@ def tune_malloc() -> bool:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="influx-spout",
-        description="Route InfluxDB line protocol through NATS (the config picks the mode).",
-    )
-    parser.add_argument("config", help="path to the TOML configuration file")
-    parser.add_argument("--version", action="version", version=f"influx-spout {__version__}")
-    args = parser.parse_args(argv)
+FLAGS = ("-h", "--help", "--check", "--version")  # every flag parser() takes
 
-    _setup_logging("influx-spout")
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="influx-spout",
+        usage="influx-spout CONFIG.toml | --check CONFIG.toml | tap [--help] ...",
+        description="Route InfluxDB line protocol through NATS (the config picks the mode).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            f"modes (the config's mode = ...): {', '.join(modes.MODES)}\n"
+            "subcommands:\n"
+            "  tap    print the lines flowing on NATS subjects (influx-spout tap --help)\n"
+            "examples: configs/<mode>.toml, one commented file per mode, every option\n"
+            "with its default; configs/pipeline/ runs a whole local pipeline"
+        ),
+    )
+    p.add_argument("config", nargs="?", help="path to the TOML configuration file: run it")
+    p.add_argument(
+        "--check",
+        metavar="CONFIG.toml",
+        help="load and validate the config, connect nowhere; exit 0 (valid) or 2",
+    )
+    p.add_argument("--version", action="version", version=f"influx-spout {__version__}")
+    return p
+
+
+def _unknown_flag(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Name a mistyped flag, with the nearest known one, before anything else is said."""
+    known = list(FLAGS)
+    for arg in argv:
+        if arg == "--":
+            return
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("-") and len(flag) > 1 and flag not in known:
+            close = difflib.get_close_matches(flag, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see influx-spout --help"
+            p.error(f"unknown option {flag} ({hint})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tap"]:
+        from influx_spout import tap
+
+        logs.setup("influx-spout tap")
+        return tap.main(argv[1:])
+    p = parser()
+    _unknown_flag(p, argv)
+    args = p.parse_args(argv)
+    path = args.check or args.config
+    if not path or (args.check and args.config):
+        p.error("give one config file: influx-spout CONFIG.toml, or --check CONFIG.toml")
+    held = logs.hold()
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(path)
         preflight(cfg)
     except ConfigError as exc:
+        logs.setup("influx-spout")
+        logs.replay(held)
         print(f"influx-spout: configuration error: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(f"{cfg.mode}[{cfg.name}]")
+    logs.setup(cfg.mode, cfg.name, cfg.log_level, cfg.log_format)
+    logs.replay(held)
+    if args.check:
+        print(f"{path}: valid ({cfg.mode} mode, name {cfg.name})")
+        return 0
+    # a hang-up before the event loop handles it (workers fork with this) is only logged
+    signal.signal(signal.SIGHUP, _early_hangup)
     tune_malloc()
     try:
         import uvloop
@@ -96,16 +138,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def run(mode: Mode) -> None:
-    """Run mode until SIGTERM/SIGINT (or until its work is done); Runtime.serve stops it."""
+    """Run mode until SIGTERM/SIGINT (or until its work is done); Runtime.serve stops it.
+    SIGHUP reloads the rules of a mode that has them."""
     from influx_spout import runtime  # here: --version and config errors stay quick
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, reload, mode)
     await runtime.run(mode, stop)
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
     log.info("%s received: stopping", sig.name)
     stop.set()
+
+
+def _early_hangup(signum: int, frame: object) -> None:
+    log.info("SIGHUP received while starting: ignored")
+
+
+def reload(mode: Mode) -> None:
+    """SIGHUP: re-read the config file, hand its [[rule]] tables to the mode; a file that
+    no longer validates leaves the rules running as they are."""
+    cfg = mode.cfg
+    apply = getattr(mode, "reload", None)
+    if apply is None:
+        log.info("SIGHUP received: ignored (%s mode has no rules to reload)", cfg.mode)
+        return
+    try:
+        new = load_config(cfg.source)
+        if new.mode != cfg.mode:
+            raise ConfigError(
+                f"{cfg.source}: mode: now {new.mode}, was {cfg.mode} (restart to change mode)"
+            )
+        apply(new.rule)
+    except (ConfigError, ValueError) as exc:
+        log.error("SIGHUP: kept the rules running, the file does not validate: %s", exc)
+        return
+    log.info("SIGHUP: %d rules from %s now apply", len(new.rule), cfg.source)

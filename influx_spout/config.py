@@ -44,6 +44,10 @@ MB = 1024 * KB
 GB = 1024 * MB
 TB = 1024 * GB
 
+# Bounds of every integer and byte-size option: beyond them a value is a typo, not a setting.
+MAX_INT = 2**31 - 1
+MAX_SIZE = TB
+
 # The NATS server refuses larger messages whatever its max_payload says.
 NATS_MAX_PAYLOAD = 64 * MB
 
@@ -169,6 +173,15 @@ class SharedOptions:
         modes=("filter", "downsampler", "writer", "monitor", "archive"),
     )
     debug: bool = option("bool", False, "log each rejected line and failed publish", modes=MODES)
+    log_level: str = option(
+        "str",
+        "info",
+        "the least severe log lines shown: debug, info, warning or error",
+        modes=MODES,
+    )
+    log_format: str = option(
+        "str", "text", 'log lines as "text" or "json" (one object a line)', modes=MODES
+    )
     port: int = option(
         "int",
         0,
@@ -462,12 +475,49 @@ def load_config(
         settings.update(_read_layer(etc_path))
     settings.update(_read_layer(path))
     cfg = _build(settings, path)
+    _warn_other_modes(settings, cfg.mode, path)
     _read_environment(cfg, os.environ if environ is None else environ)
     c = Checker(cfg, settings, path)
     _validate_shared(c)
     module(cfg.mode).validate(c)
     cfg.__dict__[_FILES] = {key: s.file for key, s in settings.items()}
     return cfg
+
+
+def nats_only(
+    values: Mapping[str, Any], source: str, environ: Mapping[str, str] | None = None
+) -> Config:
+    """A Config holding only NATS options (values: option -> value as a file would write
+    it), checked as a component's are: for tools that connect as a component would."""
+    settings = {
+        key: _Setting(_convert(OPTIONS[key], raw, source, key), source, key, _show(raw))
+        for key, raw in values.items()
+    }
+    cfg = Config(mode="listener", source=source)
+    for key, setting in settings.items():
+        setattr(cfg, key, setting.value)
+    _read_environment(cfg, os.environ if environ is None else environ)
+    c = Checker(cfg, settings, source)
+    _check_nats_address(c)
+    _check_nats_auth(c)
+    c.tls_files("nats_tls")
+    return cfg
+
+
+def _warn_other_modes(settings: Mapping[str, _Setting], mode: str, path: str) -> None:
+    """Another mode's option in the given file is accepted (a Go config may hold one, and
+    a file may be copied from another mode's) but named, as this mode ignores it; the
+    /etc file serves every component, so its options are never named."""
+    for name, setting in settings.items():
+        modes = declarations()[name].modes
+        if setting.file == path and mode not in modes and name != "rule":
+            log.warning(
+                "%s: %s: ignored in %s mode (an option of %s only)",
+                path,
+                setting.key,
+                mode,
+                ", ".join(modes),
+            )
 
 
 def preflight(cfg: Config) -> None:
@@ -612,7 +662,7 @@ def _parse_toml(path: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror} (check the path)") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, as editors write
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: byte {exc.start}: not UTF-8 text (save the file as UTF-8)"
@@ -664,6 +714,7 @@ def _read_layer(path: str) -> dict[str, _Setting]:
             )
             out[new] = _Setting(value, path, key, _show(raw))
         elif key in IGNORED:
+            _check_ignored(raw, path, key)
             log.warning("%s: %s is ignored (%s)", path, key, IGNORED[key])
         elif key in _CREDENTIAL_KEYS:
             raise fail(
@@ -679,6 +730,14 @@ def _read_layer(path: str) -> dict[str, _Setting]:
         else:
             raise fail(path, key, "unknown key", _suggest(key, [*OPTIONS, *ALIASES, *IGNORED]))
     return out
+
+
+def _check_ignored(raw: Any, file: str, key: str) -> None:
+    """An ignored key's value is checked as the Go version checks it: pprof_port a port."""
+    if key == "pprof_port" and not (
+        isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw <= 65535
+    ):
+        raise fail(file, key, f"{_show(raw)} is not a port", "use 1 to 65535, or 0 to turn it off")
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -1057,6 +1116,10 @@ class Checker:
         if getattr(self.cfg, key) < low:
             raise self.fail(key, f"{self.shown(key)} is too small", f"use {low} or more")
 
+    def at_most(self, key: str, high: int, shown: str) -> None:
+        if getattr(self.cfg, key) > high:
+            raise self.fail(key, f"{self.shown(key)} is too large", f"use at most {shown}")
+
     def positive(self, key: str, example: str) -> None:
         if getattr(self.cfg, key) <= 0:
             raise self.fail(key, f"{self.shown(key)} must be above zero", f"use e.g. {example}")
@@ -1163,9 +1226,13 @@ def _validate_shared(c: Checker) -> None:
     for name, opt in declarations().items():
         if opt.kind == "size":
             c.positive(name, '"1MB"')
+            c.at_most(name, MAX_SIZE, "1TB")
         elif opt.kind == "duration":
             c.positive(name, '"30s"')
+        elif opt.kind == "int":
+            c.at_most(name, MAX_INT, str(MAX_INT))
 
+    _check_logging(c)
     _check_nats_address(c)
     _check_nats_auth(c)
     c.tls_files("nats_tls")
@@ -1185,6 +1252,15 @@ def _validate_shared(c: Checker) -> None:
             " and ".join(rule_modes),
         )
         cfg.rule = []
+
+
+def _check_logging(c: Checker) -> None:
+    from influx_spout.logs import FORMATS, LEVELS
+
+    for key, allowed in (("log_level", LEVELS), ("log_format", FORMATS)):
+        value = getattr(c.cfg, key)
+        if value not in allowed:
+            raise c.fail(key, f"unknown value {quote(value)}", one_of(value, allowed))
 
 
 def _check_nats_address(c: Checker) -> None:

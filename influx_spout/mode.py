@@ -33,7 +33,8 @@ class Mode(Protocol):
 
     Its plain attributes are read-only here, so that a class attribute can give them.
     A mode may also define `healthy() -> bool`: /readyz answers 503 while it is false
-    (the writer: while InfluxDB writes fail).
+    (the writer: while InfluxDB writes fail); and `reload(rules)`: SIGHUP hands it the
+    file's new [[rule]] tables, to apply from the next batch on (filter, writer).
     """
 
     @property

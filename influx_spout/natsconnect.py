@@ -14,6 +14,8 @@ from nats import errors
 
 from influx_spout.config import Config, nats_servers, tls_configured, tls_context
 
+# what to do when the server is out of reach (bus.py folds such errors into one line)
+UNREACHABLE = "is nats-server running there? check nats_address"
 _LOGIN = "check NATS_USER and NATS_PASS, NATS_TOKEN, nats_creds_file or nats_nkey_seed_file"
 
 
@@ -78,8 +80,8 @@ def failure(exc: BaseException, tls: bool = False) -> tuple[str, str]:
     if type(exc).__module__.startswith("nkeys") or "credentials" in lowered:
         return f"the NKey seed or .creds file cannot be used ({_short(text)})", _LOGIN
     if isinstance(exc, errors.NoServersError):
-        return "no server answered", "is nats-server running there? check nats_address"
-    return _short(text) or type(exc).__name__, "is nats-server running there? check nats_address"
+        return "no server answered", UNREACHABLE
+    return _short(text) or type(exc).__name__, UNREACHABLE
 
 
 def _reason(exc: ssl.SSLError) -> str:

@@ -48,7 +48,7 @@ from multiprocessing.process import BaseProcess
 from types import TracebackType
 
 from influx_spout.bus import Bus
-from influx_spout.config import Config
+from influx_spout.config import Config, Rule
 from influx_spout.mode import Host, Mode
 from influx_spout.runtime import lifecycle
 from influx_spout.stats import LabelKey, Stats
@@ -155,6 +155,7 @@ def _worker_main(
     for other in others:  # the parent's ends: closed here, so each side sees the other's EOF
         other.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent; it tells us
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # so does a reload (Pool.reload)
     try:
         asyncio.run(_worker_async(index, conn, cfg, counters, labels, make))
     except Exception as exc:
@@ -174,17 +175,26 @@ async def _worker_async(
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
+    mode = make(cfg)
+
     def from_parent() -> None:
-        # "stop", or EOF when the parent is gone: either way, stop
+        # ("reload", rules) from Pool.reload; else "stop", or EOF when the parent is gone:
+        # either way, stop
         try:
-            conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
-            pass
+            message = "stop"
+        if isinstance(message, tuple) and message[0] == "reload":
+            try:
+                mode.reload(message[1])  # type: ignore[attr-defined]
+            except Exception as exc:
+                log.error("worker %d: reload failed, old rules kept: %s", index, exc)
+            return
         loop.remove_reader(conn.fileno())
         stop.set()
 
     loop.add_reader(conn.fileno(), from_parent)
-    await WorkerHost(cfg, stop, counters, labels, conn).serve(make(cfg))
+    await WorkerHost(cfg, stop, counters, labels, conn).serve(mode)
 
 
 # --- the parent side -------------------------------------------------------------
@@ -292,6 +302,15 @@ class Pool:
             changed.cancel()
             stopping.cancel()
             self._changed.clear()
+
+    def reload(self, rules: list[Rule]) -> None:
+        """SIGHUP: pass the new rules (validated by the parent) on to every worker, which
+        routes by them from its next batch on."""
+        self.cfg.rule = rules
+        for w in self.workers:
+            if not w.exited:
+                with contextlib.suppress(OSError, ValueError):
+                    w.conn.send(("reload", rules))
 
     async def drain(self) -> None:
         """Stop the workers (they flush), take their last counters, kill what overran."""

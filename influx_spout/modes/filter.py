@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 
 from influx_spout import lineproto, workers
-from influx_spout.config import Alias, Checker, Config, option
+from influx_spout.config import Alias, Checker, Config, Rule, option
 from influx_spout.mode import Host, Mode
 from influx_spout.rules import Routed, RuleSet
 
@@ -59,10 +59,11 @@ def validate(c: Checker) -> None:
     c.input_subjects(exactly_one=True)
     c.subject("nats_subject_junkyard", cfg.nats_subject_junkyard, publish=True)
     if not cfg.rule:
-        raise c.fail(
-            "rule",
-            "a filter needs at least one [[rule]]",
-            "add [[rule]] tables with type, match and subject",
+        log.warning(
+            "%s: rule: no [[rule]] tables: every line goes to %s (add [[rule]] tables with "
+            "type, match and subject)",
+            c.where("rule")[0],
+            cfg.nats_subject_junkyard,
         )
     for n, rule in enumerate(cfg.rule, 1):
         if not rule.subject:
@@ -102,24 +103,33 @@ class Filter:
         self.inline = inline
         self.rt = rt
         self.stats = rt.stats
-        self.ruleset = RuleSet(cfg.rule)
-        self.subjects = [rule.subject for rule in cfg.rule]
+        self.routes = self._routes(cfg.rule)
         self.max_delta_ns = int(cfg.max_time_delta * 1e9)
         self.failure: BaseException | None = None  # what broke the routing, fatal
         self.yielded = 0.0  # when handle() last let the event loop run
-        for subject in self.subjects:
+
+    def _routes(self, rules: list[Rule]) -> tuple[RuleSet, list[str]]:
+        """The rules compiled, and the subject of each; triggered{rule} seeded at 0."""
+        subjects = [rule.subject for rule in rules]
+        for subject in subjects:
             self.stats.inc("triggered", 0, rule=subject)
+        return RuleSet(rules), subjects
+
+    def reload(self, rules: list[Rule]) -> None:
+        """Route by rules from the next batch on (SIGHUP): handle() takes both at once."""
+        self.routes = self._routes(rules)
 
     async def handle(self, subject: str, batch: bytes, headers: dict[str, str] | None) -> None:
         """The subscription callback (one message at a time): route, count, publish."""
         if self.failure is not None:
             return
+        ruleset, subjects = self.routes  # a reload applies from the next batch on
         try:
             if self.inline:
-                routed = self.ruleset.route(batch, lineproto.now_ns(), self.max_delta_ns)
+                routed = ruleset.route(batch, lineproto.now_ns(), self.max_delta_ns)
             else:
                 routed = await asyncio.to_thread(
-                    self.ruleset.route, batch, lineproto.now_ns(), self.max_delta_ns
+                    ruleset.route, batch, lineproto.now_ns(), self.max_delta_ns
                 )
         except Exception as exc:
             # route() takes any bytes: failing here is a bug, and the filter stops
@@ -127,9 +137,9 @@ class Filter:
             self.failure = exc
             self.rt.stop.set()
             return
-        self._count(routed)
+        self._count(routed, subjects)
         for index, data in routed.outputs.items():
-            await self._publish(self.subjects[index], data)
+            await self._publish(subjects[index], data)
         if routed.junk:
             await self._publish(self.cfg.nats_subject_junkyard, routed.junk)
         if self.inline and time.monotonic() - self.yielded >= YIELD_INTERVAL:
@@ -139,7 +149,7 @@ class Filter:
             await self.rt.bus.catch_up()
             self.yielded = time.monotonic()
 
-    def _count(self, routed: Routed) -> None:
+    def _count(self, routed: Routed, subjects: list[str]) -> None:
         inc = self.stats.inc
         inc("processed", routed.processed)
         inc("passed", routed.passed)
@@ -147,7 +157,7 @@ class Filter:
         inc("invalid", routed.invalid)
         inc("invalid_time", routed.invalid_time)
         for index, n in routed.triggered.items():
-            inc("triggered", n, rule=self.subjects[index])
+            inc("triggered", n, rule=subjects[index])
         if self.cfg.debug:
             for line in routed.invalid_lines:
                 log.info("rejected a line that is not line protocol: %s", lineproto.shown(line))
@@ -194,6 +204,13 @@ class FilterMode:
         await host.bus.subscribe(
             [self.cfg.nats_subject[0]], filt.handle, self.cfg.nats_max_pending_size
         )
+
+    def reload(self, rules: list[Rule]) -> None:
+        """SIGHUP (cli.reload, or the parent through workers): new rules, checked here."""
+        RuleSet(rules)  # a bad rule raises before anything changes
+        self.cfg.rule = rules
+        if self.filter is not None:
+            self.filter.reload(rules)
 
     async def drain(self) -> None:
         failure = self.filter.failure if self.filter else None

