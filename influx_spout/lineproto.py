@@ -214,6 +214,8 @@ _TIMESTAMP_AT_EOL = re.compile(rb"(?m) -?\d++$")
 # or '"' (a string field with a space). An empty line would take zeros too.
 _LINE_WITHOUT_TIMESTAMP = compile_batch(r'(?m)[="][^ \n]*$|\n\n|\A\n')
 
+_END_WITHOUT_TIMESTAMP = re.compile(rb'(?m)[="][^ \n]*+$')
+
 _BOOLS: dict[bytes, bool] = {
     b"t": True,
     b"T": True,
@@ -453,6 +455,14 @@ def escape_string_field(s: bytes) -> bytes:
 
 
 # --- time ----------------------------------------------------------------------------------
+
+
+def stamp_missing(valid: bytes, ts_ns: int) -> bytes:
+    """Valid lines, those without a timestamp given ts_ns (as InfluxDB stamps on arrival):
+    a line sent again then is the same point. One regex pass; unchanged when all have one."""
+    if _END_WITHOUT_TIMESTAMP.search(valid) is None:
+        return valid
+    return _END_WITHOUT_TIMESTAMP.sub(b"\\g<0> %d" % ts_ns, valid)
 
 
 def now_ns() -> int:

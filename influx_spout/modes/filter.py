@@ -14,6 +14,11 @@ With workers == 1 it all runs in one process. Each process routes one message at
 under overload messages wait in the NATS subscription, whose `nats_max_pending_size`
 bound drops and counts them (nats_dropped). A worker that dies stops the filter (exit 1).
 
+With durable = true the input is a durable JetStream consumer (named after queue_group
+or name; the workers pull from the same one) and the outputs go into JetStream: an input
+message is acknowledged only once every output made of it is stored (PubAck), else it is
+handed back and routed again later; a crash loses nothing, and may repeat outputs.
+
 Metrics (counters; lines unless said otherwise):
   processed            lines seen
   passed               lines sent to a rule's subject
@@ -31,11 +36,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from influx_spout import lineproto, workers
+from influx_spout import jetstream, lineproto, workers
 from influx_spout.config import Alias, Checker, Config, option
 from influx_spout.mode import Host, Mode
 from influx_spout.rules import Routed, RuleSet
+
+if TYPE_CHECKING:
+    from influx_spout.bus import Delivery
 
 # -- options (the shared ones, rule and workers among them: config.SharedOptions) ----------
 
@@ -73,6 +82,7 @@ def validate(c: Checker) -> None:
                 "filter rules need the subject that matching lines go to",
             )
         c.subject("rule", rule.subject, publish=True, written=f"rule[{n}].subject")
+    jetstream.validate(c)
 
 
 log = logging.getLogger("influx_spout.filter")
@@ -91,6 +101,11 @@ COUNTERS = (
 # messages wait (Bus.catch_up)
 YIELD_INTERVAL = 0.005
 
+# durable: input messages pulled and not yet acknowledged, per consumer; and how long
+# a message whose outputs JetStream did not all store waits before it comes again
+MAX_ACK_PENDING = 256
+RETRY_DELAY = 1.0
+
 
 class Filter:
     """Takes input messages, routes them, publishes the results and counts everything."""
@@ -106,6 +121,7 @@ class Filter:
         self.subjects = [rule.subject for rule in cfg.rule]
         self.max_delta_ns = int(cfg.max_time_delta * 1e9)
         self.failure: BaseException | None = None  # what broke the routing, fatal
+        self.unstored = 0  # lines of the current message that were not published
         self.yielded = 0.0  # when handle() last let the event loop run
         for subject in self.subjects:
             self.stats.inc("triggered", 0, rule=subject)
@@ -139,6 +155,18 @@ class Filter:
             await self.rt.bus.catch_up()
             self.yielded = time.monotonic()
 
+    async def handle_durable(
+        self, subject: str, batch: bytes, headers: dict[str, str] | None, delivery: Delivery
+    ) -> None:
+        """A message from the durable consumer: acknowledged once JetStream stored all that
+        was made of it; else handed back, to be routed again (the same lines, again)."""
+        self.unstored = 0
+        await self.handle(subject, batch, headers)
+        if self.failure is None and not self.unstored:
+            await delivery.ack()
+        else:
+            await delivery.nak(RETRY_DELAY)
+
     def _count(self, routed: Routed) -> None:
         inc = self.stats.inc
         inc("processed", routed.processed)
@@ -169,6 +197,7 @@ class Filter:
         """Publish whole lines (the bus splits them); count the lines NATS did not take."""
         lost = await self.rt.bus.publish(subject, data)
         if lost:
+            self.unstored += lost
             self.stats.inc("failed_nats_publish", lost)
             if self.cfg.debug:
                 log.info("could not publish %d lines to %s", lost, subject)
@@ -191,6 +220,11 @@ class FilterMode:
         filt = self.filter = Filter(self.cfg, host, self.inline)
         if filt.inline:
             host.bus.read_ahead()  # it routes in its event loop: see Bus.catch_up
+        if self.cfg.durable:
+            cfg = self.cfg
+            await host.bus.ensure_streams(filt.subjects + [cfg.nats_subject_junkyard])
+            await host.bus.consume([cfg.nats_subject[0]], filt.handle_durable, MAX_ACK_PENDING, 0)
+            return
         await host.bus.subscribe(
             [self.cfg.nats_subject[0]], filt.handle, self.cfg.nats_max_pending_size
         )

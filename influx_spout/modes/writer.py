@@ -13,6 +13,13 @@ fails), each retried every writer_retry_interval until writer_retry_timeout afte
 first failure. Other 4xx answers are not retried: InfluxDB keeps the good lines of a
 partial write and the rejected ones are given up. Nothing is given up silently.
 
+With durable = true the input is a durable JetStream consumer per subject (named after
+queue_group or name; at most 4 * workers * batch_max_count messages unacknowledged): a
+message is acknowledged once every batch holding its lines is written (or refused for
+good, counted); a batch that failed for now hands its messages back to the stream, which
+delivers them again after an exponential backoff with jitter (from writer_retry_interval
+up to a minute), however long the outage: the backlog stays in the stream, not here.
+
 Without [[rule]] tables the writer never looks inside a batch; with them only lines some
 rule matches are written.
 
@@ -40,18 +47,23 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from influx_spout import jetstream
 from influx_spout.batching import Batcher, Parts, count_lines, ensure_newline
 from influx_spout.config import Alias, Checker, Config, from_environment, option, quote
 from influx_spout.mode import Host, Mode
 from influx_spout.stats import Stats
+
+if TYPE_CHECKING:
+    from influx_spout.bus import Delivery
 
 # -- options (the shared ones, batch_*, rule and workers among them: config.SharedOptions) --
 
@@ -118,6 +130,7 @@ def validate(c: Checker) -> None:
         raise c.fail(
             "influxdb_bucket", "set without influxdb_org", "set the InfluxDB 2.x organization too"
         )
+    jetstream.validate(c)
 
 
 log = logging.getLogger("influx_spout.writer")
@@ -138,6 +151,12 @@ CLOSE_TIMEOUT = 2.5
 
 # longest InfluxDB error text quoted in a log line
 MAX_ERROR_TEXT = 300
+
+# durable: unacknowledged messages the consumer lets this writer hold, per batch a worker
+# writes (at least MIN_ACK_PENDING); and the longest delay before a failed one comes again
+ACK_PENDING_PER_BATCH = 4
+MIN_ACK_PENDING = 64
+MAX_RETRY_DELAY = 60.0
 
 # what to do about answers that will not change by retrying
 _HINTS = {
@@ -240,6 +259,22 @@ class PartsBody:
             yield part
 
 
+@dataclass(eq=False)
+class Held:
+    """A durable message whose lines are in batches: acknowledged once every batch holding
+    them is written (or finally refused), handed back once all settled and one failed."""
+
+    delivery: Delivery
+    batches: int = 0  # batches holding its lines, not settled yet
+    failed: bool = False
+
+
+def retry_delay(interval: float, delivered: int) -> float:
+    """Exponential backoff with jitter for a message delivered that many times."""
+    delay = min(MAX_RETRY_DELAY, interval * 2 ** min(delivered - 1, 16))
+    return delay * random.uniform(0.5, 1.0)
+
+
 @dataclass
 class Kept:
     """A batch whose write failed and that waits for its next try."""
@@ -279,6 +314,7 @@ class Writer:
         self._closed = False  # close() done: new input can only be given up
         self._ticker: asyncio.Task[None] | None = None
         self._in_tick = False
+        self._acks: set[asyncio.Future[None]] = set()  # acknowledgements being sent
         self._rules: Any = None
         if cfg.rule:
             from influx_spout.rules import RuleSet
@@ -309,17 +345,26 @@ class Writer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def add(self, data: bytes) -> None:
-        """Batch one chunk of lines; waits while all workers are busy."""
+    async def add(self, data: bytes, delivery: Delivery | None = None) -> None:
+        """Batch one chunk of lines; waits while all workers are busy. A durable message's
+        delivery is settled once the batches holding its lines are."""
+        held = None if delivery is None else Held(delivery)
         if not data:
+            if delivery is not None:
+                await delivery.ack()
             return
         data = ensure_newline(data)
         lines = count_lines(data)  # the only pass over the bytes without [[rule]] tables
         self.stats.inc("received", lines)
         if self._closing:  # late input while stopping is written at once
-            await self._submit(Parts([data], len(data), lines))
+            if held is not None:
+                held.batches = 1
+            await self._submit(Parts([data], len(data), lines, () if held is None else (held,)))
             return
-        for batch in self._batcher.add(data, lines):
+        batches = self._batcher.add(data, lines, held)
+        if held is not None:
+            held.batches = sum(held in b.tags for b in batches) + self._batcher.holds(held)
+        for batch in batches:
             await self._submit(batch)
 
     async def flush(self) -> None:
@@ -354,6 +399,8 @@ class Writer:
         for kept in self._kept:
             self._give_up(kept.lines, "still failing at stop")
         self._kept = []
+        if self._acks:
+            await asyncio.wait(list(self._acks))
         await self._client.aclose()
 
     async def _close_out(self) -> None:
@@ -399,11 +446,11 @@ class Writer:
         try:
             await self._slots.acquire()
         except asyncio.CancelledError:
-            self._give_up(kept.lines if kept else batch.lines, "stopped while waiting")
+            self._unwritten(batch, kept.lines if kept else batch.lines, "stopped while waiting")
             raise
         if self._closed:  # waited for a worker past the stop deadline
             self._slots.release()
-            self._give_up(kept.lines if kept else batch.lines, "arrived after the stop")
+            self._unwritten(batch, kept.lines if kept else batch.lines, "arrived after the stop")
             return
         task = asyncio.create_task(self._write(batch, kept))
         self._tasks.add(task)
@@ -422,13 +469,14 @@ class Writer:
                 batch = await self._apply_rules(batch)
                 lines = batch.lines
             if not batch.size:
+                self._settle(batch, written=True)
                 return
             await self._post(batch, lines, kept)
         except asyncio.CancelledError:
-            self._give_up(lines, "stopped before the write finished")
+            self._unwritten(batch, lines, "stopped before the write finished")
             raise
         except Exception as exc:  # a bug must not lose lines silently
-            self._give_up(lines, f"unexpected {type(exc).__name__}: {exc}")
+            self._unwritten(batch, lines, f"unexpected {type(exc).__name__}: {exc}")
 
     async def _apply_rules(self, batch: Parts) -> Parts:
         # CPU work on the whole batch, off the event loop
@@ -445,7 +493,7 @@ class Writer:
         dropped = batch.lines - lines
         if dropped:
             self.stats.inc("dropped_by_rules", dropped)
-        return Parts([kept], len(kept), lines)
+        return Parts([kept], len(kept), lines, batch.tags)
 
     async def _post(self, batch: Parts, lines: int, kept: Kept | None) -> None:
         self.stats.inc("write_requests")
@@ -469,6 +517,7 @@ class Writer:
             return
         if 200 <= status < 300:
             self.stats.inc("lines_written", lines)
+            self._settle(batch, written=True)
             return
         self.stats.inc("failed_writes")
         text = error_text(resp.content)
@@ -480,10 +529,14 @@ class Writer:
             self.stats.inc("lines_written", lines - refused)
         hint = _HINTS.get(status, "")
         self._give_up(refused, f"InfluxDB refused them (HTTP {status}: {text}); not retried{hint}")
+        self._settle(batch, written=True)  # final: sending it again would not change it
 
     def _keep(self, batch: Parts, lines: int, kept: Kept | None, reason: str) -> None:
         """Keep a failed batch for retry, or give it up when retries are off or stopping."""
         now = self._clock()
+        if batch.tags:  # durable: the stream keeps it, not this process's memory
+            self._unwritten(batch, lines, f"write failed: {reason}")
+            return
         log.warning("write of %d lines to %s failed: %s", lines, self.url, reason)
         if self.cfg.writer_retry_batches <= 0:
             self._give_up(lines, "retries are off (writer_retry_batches = 0)")
@@ -505,6 +558,35 @@ class Writer:
                 f"retry list full (writer_retry_batches = {self.cfg.writer_retry_batches})",
             )
         self._kept.append(Kept(batch, lines, first, now + self.cfg.writer_retry_interval))
+
+    def _settle(self, batch: Parts, written: bool) -> None:
+        """The outcome of a batch is final (written, or refused for good: written=True) or
+        it failed (durable: its messages come again later). Acknowledges what is done."""
+        for held in batch.tags:
+            assert isinstance(held, Held)
+            held.batches -= 1
+            held.failed |= not written
+            if held.batches > 0:
+                continue
+            if held.failed:
+                delay = retry_delay(self.cfg.writer_retry_interval, held.delivery.delivered)
+                self._settling(held.delivery.nak(delay))
+            else:
+                self._settling(held.delivery.ack())
+
+    def _settling(self, ack: Any) -> None:
+        task = asyncio.ensure_future(ack)
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
+
+    def _unwritten(self, batch: Parts, lines: int, why: str) -> None:
+        """Lines not written for now: durable, handed back to JetStream to come again;
+        plain, given up."""
+        if batch.tags:
+            log.warning("%d lines for %s come again later: %s", lines, self.url, why)
+            self._settle(batch, written=False)
+        else:
+            self._give_up(lines, why)
 
     def _give_up(self, lines: int, why: str) -> None:
         if lines <= 0:
@@ -532,8 +614,20 @@ class WriterMode:
         async def on_message(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
             await writer.add(data)
 
+        async def on_delivery(
+            subject: str, data: bytes, headers: dict[str, str] | None, delivery: Delivery
+        ) -> None:
+            await writer.add(data, delivery)
+
         try:
-            await host.bus.subscribe(cfg.nats_subject, on_message, cfg.nats_max_pending_size)
+            if cfg.durable:
+                pending = max(
+                    MIN_ACK_PENDING, ACK_PENDING_PER_BATCH * cfg.workers * cfg.batch_max_count
+                )
+                hold = cfg.batch_max_age + 2 * cfg.write_timeout
+                await host.bus.consume(cfg.nats_subject, on_delivery, pending, hold)
+            else:
+                await host.bus.subscribe(cfg.nats_subject, on_message, cfg.nats_max_pending_size)
         except BaseException:
             await writer.close()
             raise
