@@ -39,6 +39,8 @@ Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
   dropped_by_rules       lines no rule matched, or not valid line protocol (only with
                          [[rule]] tables)
   nats_dropped{subject}  messages NATS dropped because the input buffer was full
+  lines_handed_back      lines of failed writes handed back to JetStream, to be delivered
+                         again, never given up (only with durable = true)
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ MAX_ERROR_TEXT = 300
 ACK_PENDING_PER_BATCH = 4
 MIN_ACK_PENDING = 64
 MAX_RETRY_DELAY = 60.0
+WARN_INTERVAL = 10.0  # durable: at most one line this often about lines handed back
 
 # what to do about answers that will not change by retrying
 _HINTS = {
@@ -315,12 +318,16 @@ class Writer:
         self._ticker: asyncio.Task[None] | None = None
         self._in_tick = False
         self._acks: set[asyncio.Future[None]] = set()  # acknowledgements being sent
+        self._warned = -WARN_INTERVAL  # clock() of the last "come again later" line
+        self._handed_back = 0  # lines handed back since
         self._rules: Any = None
         if cfg.rule:
             from influx_spout.rules import RuleSet
 
             self._rules = RuleSet(cfg.rule)
             stats.inc("dropped_by_rules", 0)
+        if cfg.durable:
+            stats.inc("lines_handed_back", 0)
         # how often batch age and kept batches are checked
         self._tick = min(1.0, max(0.005, min(cfg.batch_max_age, cfg.writer_retry_interval) / 4))
 
@@ -583,7 +590,19 @@ class Writer:
         """Lines not written for now: durable, handed back to JetStream to come again;
         plain, given up."""
         if batch.tags:
-            log.warning("%d lines for %s come again later: %s", lines, self.url, why)
+            self.stats.inc("lines_handed_back", lines)
+            self._handed_back += lines
+            now = self._clock()
+            if now - self._warned >= WARN_INTERVAL or self.cfg.debug:
+                log.warning(
+                    "%d lines for %s come again later (%d since the last such line): %s",
+                    lines,
+                    self.url,
+                    self._handed_back,
+                    why,
+                )
+                self._warned = now
+                self._handed_back = 0
             self._settle(batch, written=False)
         else:
             self._give_up(lines, why)

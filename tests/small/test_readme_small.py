@@ -14,7 +14,7 @@ LABELLED = {
     "listener_http": set(),
     "filter": {"triggered", "nats_dropped"},
     "downsampler": {"nats_dropped"},
-    "writer": {"dropped_by_rules", "nats_dropped"},
+    "writer": {"dropped_by_rules", "nats_dropped", "lines_handed_back"},
     "monitor": {"nats_dropped"},
     "kafka": set(),
     "archive": {"nats_dropped"},
