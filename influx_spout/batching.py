@@ -181,6 +181,7 @@ class Pump:
         self._queued_n = 0
         self._published_n = 0
         self._waiters: dict[int, asyncio.Future[int]] = {}
+        self._confirming: set[asyncio.Task[None]] = set()  # confirmed batches publishing
 
     def add(self, chunk: bytes, lines: int) -> None:
         """Batch a chunk; the batches it makes ready wait in `ready` for the pump's task."""
@@ -200,6 +201,12 @@ class Pump:
             first = last
         loop = asyncio.get_running_loop()
         return [self._waiters.setdefault(n, loop.create_future()) for n in range(first, last + 1)]
+
+    def flush(self) -> None:
+        """Let the open batch go out now (its callers have nothing to wait for)."""
+        if self.batcher.count:
+            self._queue(self.batcher.take())
+            self._wake.set()
 
     async def add_now(self, chunk: bytes, lines: int) -> int:
         """Batch a chunk and publish the batches it makes ready; returns the lines lost."""
@@ -236,18 +243,28 @@ class Pump:
         batch goes out in one pass and the client's flusher writes them in one go.
         """
         ready = self.ready
-        if self.confirmed:
-            batches = list(ready)
-            ready.clear()
-            self.queued = 0
-            lost = await asyncio.gather(*(self._publish(b) for b in batches))
-            for n in lost:
-                self._settled(n)
+        if self.confirmed:  # each batch in a task: a PubAck awaited holds no other batch
+            while ready:
+                batch = ready.popleft()
+                self.queued -= batch.size
+                task = asyncio.create_task(self._publish_confirmed(batch, self._published_n))
+                self._published_n += 1
+                self._confirming.add(task)
+                task.add_done_callback(self._confirming.discard)
             return
         while ready:
             batch = ready.popleft()
             self.queued -= batch.size
             self._settled(await self._publish(batch))
+
+    async def _publish_confirmed(self, batch: Parts, number: int) -> None:
+        lost = batch.lines
+        try:
+            lost = await self._publish(batch)
+        finally:
+            waiter = self._waiters.pop(number, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(lost)
 
     def _settled(self, lost: int) -> None:
         """The next batch in order is published, lost lines not: tell who waits on it."""
@@ -266,6 +283,8 @@ class Pump:
         if self.batcher.count:
             self._queue(self.batcher.take())
         await self.publish_ready()
+        if self._confirming:
+            await asyncio.wait(list(self._confirming))
 
 
 class Listener(Protocol):

@@ -300,6 +300,14 @@ class Bus:
     async def _store(self, subject: str, data: bytes, lines: int | None = None) -> int:
         """publish() into JetStream: every message sent at once, then their PubAcks
         awaited together. Returns the lines not stored."""
+        return await (await self.store_soon(subject, data, lines))
+
+    async def store_soon(
+        self, subject: str, data: bytes, lines: int | None = None
+    ) -> asyncio.Future[int]:
+        """Send whole lines to JetStream now (split under the max payload); the future
+        gives the lines not stored once every PubAck came back (or timed out): a caller
+        may send more meanwhile."""
         limit = self.max_payload
         pieces = split_under(data, limit) if len(data) > limit else [data]
         lost = 0
@@ -314,19 +322,8 @@ class Bus:
             except Exception as exc:
                 log.warning("publish to JetStream %s failed: %s", subject, exc)
                 lost += _lines(piece)
-        if waits:
-            results = await asyncio.gather(
-                *(asyncio.wait_for(f, PUBACK_TIMEOUT) for f, _ in waits), return_exceptions=True
-            )
-            for result, (_, piece) in zip(results, waits, strict=True):
-                if isinstance(result, BaseException):
-                    log.warning(
-                        "JetStream did not store a message on %s: %s", subject, _why(result)
-                    )
-                    lost += _lines(piece)
-        if lines is not None and len(pieces) == 1 and lost:
-            return lines
-        return lost
+        whole = lines if lines is not None and len(pieces) == 1 else None
+        return asyncio.ensure_future(_confirmed(subject, waits, lost, whole))
 
     async def consume(
         self, subjects: Sequence[str], handler: DurableHandler, max_ack_pending: int, hold: float
@@ -467,6 +464,22 @@ class Bus:
             await self.nc.close()
         except Exception as exc:
             log.debug("close: %s", exc)
+
+
+async def _confirmed(
+    subject: str, waits: list[tuple[asyncio.Future[Any], bytes]], lost: int, whole: int | None
+) -> int:
+    """The lines not stored: lost already, plus those of the messages whose PubAck did not
+    come (all `whole` lines of a batch sent as one message)."""
+    if waits:
+        results = await asyncio.gather(
+            *(asyncio.wait_for(f, PUBACK_TIMEOUT) for f, _ in waits), return_exceptions=True
+        )
+        for result, (_, piece) in zip(results, waits, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("JetStream did not store a message on %s: %s", subject, _why(result))
+                lost += _lines(piece)
+    return whole if whole is not None and lost else lost
 
 
 def _why(exc: BaseException) -> str:

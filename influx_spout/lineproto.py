@@ -215,6 +215,7 @@ _TIMESTAMP_AT_EOL = re.compile(rb"(?m) -?\d++$")
 _LINE_WITHOUT_TIMESTAMP = compile_batch(r'(?m)[="][^ \n]*$|\n\n|\A\n')
 
 _END_WITHOUT_TIMESTAMP = re.compile(rb'(?m)[="][^ \n]*+$')
+_TIMESTAMP_AT_NEWLINE = re.compile(rb" -?\d++\n")
 
 _BOOLS: dict[bytes, bool] = {
     b"t": True,
@@ -458,9 +459,10 @@ def escape_string_field(s: bytes) -> bytes:
 
 
 def stamp_missing(valid: bytes, ts_ns: int) -> bytes:
-    """Valid lines, those without a timestamp given ts_ns (as InfluxDB stamps on arrival):
-    a line sent again then is the same point. One regex pass; unchanged when all have one."""
-    if _END_WITHOUT_TIMESTAMP.search(valid) is None:
+    """Valid lines (each ending with b"\\n"), those without a timestamp given ts_ns (as
+    InfluxDB stamps on arrival): a line sent again then is the same point. Unchanged, after
+    one quick pass (spaces, not every "="), when every line has one."""
+    if len(_TIMESTAMP_AT_NEWLINE.findall(valid)) == valid.count(b"\n"):
         return valid
     return _END_WITHOUT_TIMESTAMP.sub(b"\\g<0> %d" % ts_ns, valid)
 

@@ -105,6 +105,7 @@ YIELD_INTERVAL = 0.005
 # a message whose outputs JetStream did not all store waits before it comes again
 MAX_ACK_PENDING = 256
 RETRY_DELAY = 1.0
+MAX_SETTLING = 32  # messages routed whose outputs' PubAcks are awaited at once
 
 
 class Filter:
@@ -121,7 +122,11 @@ class Filter:
         self.subjects = [rule.subject for rule in cfg.rule]
         self.max_delta_ns = int(cfg.max_time_delta * 1e9)
         self.failure: BaseException | None = None  # what broke the routing, fatal
-        self.unstored = 0  # lines of the current message that were not published
+        # durable: the outputs of the message being routed, being stored; messages whose
+        # outputs are being stored (at most MAX_SETTLING)
+        self.storing: list[tuple[str, asyncio.Future[int]]] = []
+        self.settling = asyncio.Semaphore(MAX_SETTLING)
+        self._tasks: set[asyncio.Task[None]] = set()
         self.yielded = 0.0  # when handle() last let the event loop run
         for subject in self.subjects:
             self.stats.inc("triggered", 0, rule=subject)
@@ -144,10 +149,11 @@ class Filter:
             self.rt.stop.set()
             return
         self._count(routed)
-        for index, data in routed.outputs.items():
-            await self._publish(self.subjects[index], data)
+        outputs = [(self.subjects[index], data) for index, data in routed.outputs.items()]
         if routed.junk:
-            await self._publish(self.cfg.nats_subject_junkyard, routed.junk)
+            outputs.append((self.cfg.nats_subject_junkyard, routed.junk))
+        for s, data in outputs:
+            await self._publish(s, data)
         if self.inline and time.monotonic() - self.yielded >= YIELD_INTERVAL:
             # routing keeps the event loop busy: let it read the socket now and then, or
             # under overload the backlog would pile up in nats-server (which cuts a slow
@@ -160,12 +166,32 @@ class Filter:
     ) -> None:
         """A message from the durable consumer: acknowledged once JetStream stored all that
         was made of it; else handed back, to be routed again (the same lines, again)."""
-        self.unstored = 0
+        self.storing = []
         await self.handle(subject, batch, headers)
-        if self.failure is None and not self.unstored:
-            await delivery.ack()
-        else:
+        if self.failure is not None:
             await delivery.nak(RETRY_DELAY)
+            return
+        # the next message is routed while JetStream stores this one's outputs
+        await self.settling.acquire()
+        task = asyncio.create_task(self._settle(self.storing, delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(
+        self, storing: list[tuple[str, asyncio.Future[int]]], delivery: Delivery
+    ) -> None:
+        try:
+            lost = 0
+            for subject, future in storing:
+                lost += self._count_lost(subject, await future)
+            await (delivery.nak(RETRY_DELAY) if lost else delivery.ack())
+        finally:
+            self.settling.release()
+
+    async def drain(self) -> None:
+        """Wait for the outputs of the messages routed to be stored, and settle them."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
 
     def _count(self, routed: Routed) -> None:
         inc = self.stats.inc
@@ -194,13 +220,19 @@ class Filter:
                     )
 
     async def _publish(self, subject: str, data: bytes) -> None:
-        """Publish whole lines (the bus splits them); count the lines NATS did not take."""
-        lost = await self.rt.bus.publish(subject, data)
+        """Publish whole lines (the bus splits them); count the lines NATS did not take.
+        Durable: sent now, their PubAcks awaited by _settle."""
+        if self.cfg.durable:
+            self.storing.append((subject, await self.rt.bus.store_soon(subject, data)))
+            return
+        self._count_lost(subject, await self.rt.bus.publish(subject, data))
+
+    def _count_lost(self, subject: str, lost: int) -> int:
         if lost:
-            self.unstored += lost
             self.stats.inc("failed_nats_publish", lost)
             if self.cfg.debug:
                 log.info("could not publish %d lines to %s", lost, subject)
+        return lost
 
 
 class FilterMode:
@@ -230,6 +262,8 @@ class FilterMode:
         )
 
     async def drain(self) -> None:
+        if self.filter is not None:
+            await self.filter.drain()
         failure = self.filter.failure if self.filter else None
         if failure is not None:
             raise RuntimeError(

@@ -347,6 +347,7 @@ class HttpListener:
         self.pump = Pump(batcher, self.publish, confirmed=cfg.durable)
         self.busy_limit = max(BUSY_FACTOR * self.batch_size, cfg.max_body_size)
         self.databases: set[str] = set()
+        self.writing = 0  # write requests between their start and their answer
         # bodies being read or checked count in server.held until they are answered;
         # reading stops with a 503 past busy_limit + max_body_size
         self.server = Server(
@@ -439,6 +440,13 @@ class HttpListener:
         return await self.write(request, precision, v2=True)
 
     async def write(self, request: Request, precision: str, v2: bool) -> Response:
+        self.writing += 1
+        try:
+            return await self._write(request, precision, v2)
+        finally:
+            self.writing -= 1
+
+    async def _write(self, request: Request, precision: str, v2: bool) -> Response:
         arrival = lineproto.now_ns() if self.cfg.durable else 0
         try:
             encoding = content_encoding(request)
@@ -495,7 +503,8 @@ class HttpListener:
     async def accept(self, decoded: Decoded) -> int:
         """Batch the valid lines; returns how many were lost. Plain: the batches they made
         ready are published first. Durable: once JetStream stored (PubAck) every batch that
-        holds them; many requests wait on one batch."""
+        holds them; many requests wait on one batch, which lingers only while other requests
+        are on their way (durable_linger at most)."""
         lost = 0
         if not self.pump.confirmed:
             for piece, lines in decoded.pieces:
@@ -504,6 +513,8 @@ class HttpListener:
         waits = []
         for piece, lines in decoded.pieces:
             waits += self.pump.add_confirmed(piece, lines)
+        if self.writing <= 1:  # no other request would join the batch: no need to linger
+            self.pump.flush()
         # shielded: a client that goes away must not cancel what other requests wait on
         return sum(await asyncio.gather(*(asyncio.shield(w) for w in waits)))
 
