@@ -138,6 +138,32 @@ def test_a_full_stream_answers_503_with_retry_after(jetstream_server: NatsServer
     assert statuses[0] == 204 and 503 in statuses and set(statuses) == {204, 503}
 
 
+def test_a_nats_outage_answers_503_and_then_204_again(jetstream_server: NatsServer) -> None:
+    async def main() -> list[int]:
+        cfg = http_config(jetstream_server.url)
+        async with running(cfg, listener_http.make):
+            await wait_port(cfg.port)
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{cfg.port}", timeout=20
+            ) as http:
+                body = b"cpu v=1i %d\n" % TS
+                statuses = [(await http.post("/write", content=body)).status_code]
+                jetstream_server.kill()
+                r = await http.post("/write", content=body)
+                statuses.append(r.status_code)
+                assert r.status_code != 503 or r.headers["Retry-After"]
+                jetstream_server.start()
+                for _ in range(100):  # the listener reconnects
+                    r = await http.post("/write", content=body)
+                    if r.status_code == 204:
+                        break
+                    await asyncio.sleep(0.2)
+                statuses.append(r.status_code)
+                return statuses
+
+    assert asyncio.run(main()) == [204, 503, 204]
+
+
 def test_stream_settings_that_differ_stop_the_component_with_one_line(
     jetstream_server: NatsServer,
 ) -> None:

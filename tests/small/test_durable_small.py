@@ -4,12 +4,15 @@ pump, batch tags, and when the writer acknowledges (with a fake delivery and Inf
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
 
 import httpx
+import pytest
 
 from influx_spout import jetstream
 from influx_spout.batching import Batcher, Parts, Pump
-from influx_spout.config import Config
+from influx_spout.config import Config, ConfigError, load_config
 from influx_spout.lineproto import stamp_missing
 from influx_spout.modes import writer as writer_mode
 from influx_spout.stats import Stats
@@ -148,3 +151,24 @@ def test_the_backoff_doubles_up_to_a_minute_with_jitter() -> None:
     delays = [writer_mode.retry_delay(10.0, n) for n in (1, 2, 3, 30)]
     assert 5 <= delays[0] <= 10 and 10 <= delays[1] <= 20 and 20 <= delays[2] <= 40
     assert 30 <= delays[3] <= 60
+
+
+def test_durable_in_a_mode_without_a_durable_path_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ds.toml"
+    path.write_text('mode = "downsampler"\ndurable = true\n')
+    caplog.set_level(logging.WARNING, logger="influx_spout.config")
+    cfg = load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
+    assert cfg.durable is False
+    assert any("durable: ignored in downsampler mode" in r.message for r in caplog.records)
+
+
+def test_durable_options_are_checked_when_loading(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('mode = "writer"\ndurable = true\nnats_subject = ["a.*"]\n')
+    with pytest.raises(ConfigError, match=r"nats_subject: .* is a wildcard"):
+        load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
+    path.write_text('mode = "writer"\njetstream_storage = "disk"\n')
+    with pytest.raises(ConfigError, match="jetstream_storage"):
+        load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
