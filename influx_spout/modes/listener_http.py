@@ -347,7 +347,7 @@ class HttpListener:
         self.pump = Pump(batcher, self.publish, confirmed=cfg.durable)
         self.busy_limit = max(BUSY_FACTOR * self.batch_size, cfg.max_body_size)
         self.databases: set[str] = set()
-        self.writing = 0  # write requests between their start and their answer
+        self.arriving = 0  # write requests whose body is being read or checked
         # bodies being read or checked count in server.held until they are answered;
         # reading stops with a 503 past busy_limit + max_body_size
         self.server = Server(
@@ -440,13 +440,6 @@ class HttpListener:
         return await self.write(request, precision, v2=True)
 
     async def write(self, request: Request, precision: str, v2: bool) -> Response:
-        self.writing += 1
-        try:
-            return await self._write(request, precision, v2)
-        finally:
-            self.writing -= 1
-
-    async def _write(self, request: Request, precision: str, v2: bool) -> Response:
         arrival = lineproto.now_ns() if self.cfg.durable else 0
         try:
             encoding = content_encoding(request)
@@ -459,7 +452,13 @@ class HttpListener:
             waiting = held + self.rt.bus.pending_bytes
             if waiting > self.busy_limit:
                 raise busy(waiting, self.busy_limit)
-            decoded = await self.read_and_decode(request, encoding == "gzip", precision, arrival)
+            self.arriving += 1
+            try:
+                decoded = await self.read_and_decode(
+                    request, encoding == "gzip", precision, arrival
+                )
+            finally:
+                self.arriving -= 1
         except Reject as exc:
             return self.refuse(request, exc, v2)
 
@@ -513,7 +512,7 @@ class HttpListener:
         waits = []
         for piece, lines in decoded.pieces:
             waits += self.pump.add_confirmed(piece, lines)
-        if self.writing <= 1:  # no other request would join the batch: no need to linger
+        if not self.arriving:  # no other request would join the batch: no need to linger
             self.pump.flush()
         # shielded: a client that goes away must not cancel what other requests wait on
         return sum(await asyncio.gather(*(asyncio.shield(w) for w in waits)))
