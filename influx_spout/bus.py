@@ -472,20 +472,23 @@ async def _confirmed(
     """The lines not stored: lost already, plus those of the messages whose PubAck did not
     come (all `whole` lines of a batch sent as one message)."""
     if waits:
-        results = await asyncio.gather(
-            *(asyncio.wait_for(f, PUBACK_TIMEOUT) for f, _ in waits), return_exceptions=True
-        )
-        for result, (_, piece) in zip(results, waits, strict=True):
-            if isinstance(result, BaseException):
-                log.warning("JetStream did not store a message on %s: %s", subject, _why(result))
-                lost += _lines(piece)
+        # one wait for them all: a wait_for each would cost a task each
+        await asyncio.wait([f for f, _ in waits], timeout=PUBACK_TIMEOUT)
+        for future, piece in waits:
+            if not future.done():
+                future.cancel()
+                why = f"no PubAck within {PUBACK_TIMEOUT:g}s"
+            elif future.exception() is not None:
+                why = _why(future.exception())
+            else:
+                continue
+            log.warning("JetStream did not store a message on %s: %s", subject, why)
+            lost += _lines(piece)
     return whole if whole is not None and lost else lost
 
 
-def _why(exc: BaseException) -> str:
-    """A failed PubAck, readable (a timeout has no message of its own)."""
-    if isinstance(exc, TimeoutError | nats.errors.TimeoutError):
-        return f"no PubAck within {PUBACK_TIMEOUT:g}s"
+def _why(exc: BaseException | None) -> str:
+    """A refused publish, readable."""
     return str(getattr(exc, "description", None) or exc or type(exc).__name__)
 
 
