@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
 import nats
 import nats.js.errors
 import pytest
-from support.servers import NatsServer, free_port
+from support.servers import Component, NatsServer, free_port
 
 from influx_spout import jetstream, runtime
 from influx_spout.config import Config, Rule
@@ -308,3 +308,33 @@ def test_filter_keeps_its_input_while_an_output_stream_is_full(
     held, left, out = asyncio.run(main())
     assert held == 1 and left == 0
     assert out == [b"cpu v=1i %d\n" % NOW]
+
+
+def test_a_second_consumer_group_on_a_subject_is_one_clear_error(
+    jetstream_server: NatsServer,
+) -> None:
+    """Work-queue streams have one consumer per subject: another group is refused."""
+
+    async def main() -> str:
+        async with running(filter_config(jetstream_server.url), filter_mode.make):
+            other = filter_config(jetstream_server.url, name="another-filter")
+            with pytest.raises(jetstream.JetStreamError) as err:
+                async with running(other, filter_mode.make):
+                    pass
+        return str(err.value)
+
+    message = asyncio.run(main())
+    assert "as another-filter" in message and "same queue_group" in message
+    assert "\n" not in message
+
+
+def test_a_component_on_a_server_without_jetstream_exits_1_with_one_line(
+    nats_server: NatsServer, component: Callable[..., Component]
+) -> None:
+    comp = component(
+        f'mode = "listener_http"\nport = {free_port()}\ndurable = true\n'
+        f'nats_address = "{nats_server.url}"\n'
+    )
+    assert comp.wait(20) == 1
+    errors = [line for line in comp.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "no JetStream" in errors[0], comp.log()
