@@ -317,6 +317,7 @@ def test_a_second_consumer_group_on_a_subject_is_one_clear_error(
 
     async def main() -> str:
         async with running(filter_config(jetstream_server.url), filter_mode.make):
+            await asyncio.sleep(1.0)  # the first has made its consumer
             other = filter_config(jetstream_server.url, name="another-filter")
             with pytest.raises(jetstream.JetStreamError) as err:
                 async with running(other, filter_mode.make):
