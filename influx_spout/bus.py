@@ -52,8 +52,11 @@ Handler = Callable[[str, bytes, dict[str, str] | None], Awaitable[None]]
 # how long a durable publish waits for its PubAck before its lines count as not stored
 PUBACK_TIMEOUT = 5.0
 # messages asked for in one fetch from a durable consumer, and how long a fetch waits
+# (short: a stopping component waits for the fetch in progress); the pause after a
+# failed fetch, and before a message whose handler failed comes again
 FETCH_BATCH = 64
-FETCH_WAIT = 1.0
+FETCH_WAIT = 0.25
+RETRY_PAUSE = 1.0
 
 
 class Delivery:
@@ -360,7 +363,7 @@ class Bus:
             except Exception as exc:
                 if self._consuming:
                     log.warning("fetching from JetStream failed: %s", exc or type(exc).__name__)
-                    await asyncio.sleep(FETCH_WAIT)
+                    await asyncio.sleep(RETRY_PAUSE)
                 continue
             for n, msg in enumerate(msgs):
                 if not self._consuming:  # stopping: what was not handled comes again
@@ -372,7 +375,7 @@ class Bus:
                     await handler(msg.subject, msg.data, msg.headers, delivery)
                 except Exception as exc:
                     log.error("handling a message failed (it will come again): %r", exc)
-                    await delivery.nak(FETCH_WAIT)
+                    await delivery.nak(RETRY_PAUSE)
 
     async def confirm(self, timeout: int) -> None:
         """Return once nats-server has answered a PING sent after everything published;
