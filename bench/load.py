@@ -213,6 +213,7 @@ class HttpLoad:
         self.head = (
             f"POST {args.path} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
             f"Content-Type: text/plain; charset=utf-8\r\n"
+            + "".join(f"{header}\r\n" for header in args.header)
         ).encode()
 
     def _take(self, t0: float) -> int | None:
@@ -646,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", default="/write?db=bench&precision=ns")
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--per-body", type=int, default=1000)
+    p.add_argument("--header", action="append", default=[], help="a header sent with each")
     p.add_argument("--rate", type=float, default=0.0, help="lines/s offered (0: as fast as it can)")
     budget(p)
 

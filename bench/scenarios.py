@@ -22,6 +22,7 @@ the kafka component consumes a backlog produced into the broker before it starts
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 from support.sample import telegraf_lines
 from support.servers import Component, InfluxServer, KafkaServer, NatsServer, free_port
 
@@ -421,15 +423,25 @@ def run_filter(opts: Options, durable: bool = False) -> RunResult:
         )
 
 
-def run_listener_http(opts: Options, durable: bool = False) -> RunResult:
+def run_listener_http(opts: Options, durable: bool = False, auth: bool = False) -> RunResult:
     """4 keep-alive connections POST 1,000-line bodies -> listener_http -> counted subject.
 
     lines_in is what was answered 204: a line answered 204 must reach NATS (durable: be
-    stored in JetStream first).
+    stored in JetStream first). With auth, every request carries HTTP Basic credentials of
+    a user in auth_users_file.
     """
     with Procs(opts.workdir) as procs:
         nats = procs.nats(jetstream=durable)
         port = free_port()
+        options: dict[str, Any] = {}
+        headers: list[str] = []
+        if auth:
+            users = opts.workdir / "users.htpasswd"
+            hashed = bcrypt.hashpw(b"bench-password", bcrypt.gensalt(5)).decode()
+            users.write_text(f"bench:{hashed}\n")
+            options["auth_users_file"] = str(users)
+            basic = base64.b64encode(b"bench:bench-password").decode()
+            headers = ["--header", f"Authorization: Basic {basic}"]
         procs.component(
             "listener_http",
             "bench-listener-http",
@@ -438,9 +450,10 @@ def run_listener_http(opts: Options, durable: bool = False) -> RunResult:
             nats_subject=[SUBJECT_IN],
             batch_max_age="200ms",
             **_durable(durable),
+            **options,
         )
         counter = procs.child("count", ["--nats", nats.url, "--subject", SUBJECT_IN])
-        args = ["--port", str(port), "--connections", "4", *_budget(opts, 1_000_000)]
+        args = ["--port", str(port), "--connections", "4", *_budget(opts, 1_000_000), *headers]
         if opts.rate:
             args += ["--rate", str(opts.rate)]
         load = procs.child("http", args)
@@ -910,6 +923,13 @@ SCENARIOS: dict[str, Scenario] = {
             False,
             run_listener_http,
             "1,000-line bodies over 4 keep-alive connections -> listener_http -> NATS",
+        ),
+        Scenario(
+            "listener_http-auth",
+            ("listener_http",),
+            False,
+            functools.partial(run_listener_http, auth=True),
+            "the same, each request with HTTP Basic credentials checked against bcrypt users",
         ),
         Scenario(
             "listener",

@@ -24,12 +24,13 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import SlowConsumerError
+from nats.errors import NoServersError, SlowConsumerError
 
-from influx_spout import jetstream
+from influx_spout import jetstream, redact
 from influx_spout.batching import Parts, count_lines, split_under
-from influx_spout.config import Config, nats_servers
-from influx_spout.natsfast import FastPath
+from influx_spout.config import Config
+from influx_spout.natsconnect import connect_kwargs, failure, uses_tls
+from influx_spout.natsfast import FastPath, require_tls
 
 log = logging.getLogger("influx_spout.bus")
 
@@ -42,7 +43,7 @@ STARTUP_CONNECT_ATTEMPTS = 3
 # (64 MB) and loses those messages uncounted. With this limit the backlog moves into the
 # subscription's own buffer, bounded by nats_max_pending_size, where overflow is counted
 # (nats_dropped). Modes whose loop stays free (the writer) keep nats-py's limit: more
-# read-ahead would only hold more of a backlog in memory (~40 MB in bench writer-null).
+# read-ahead would only hold more of a backlog in memory (bench/README.md: writer-null).
 SOCKET_READ_LIMIT = 8 * 1024 * 1024
 CATCH_UP_TURNS = 64  # of the event loop, at most, in one catch_up()
 
@@ -85,6 +86,13 @@ class Delivery:
             await self._msg.nak(delay)
         except Exception as exc:
             log.warning("could not hand a message back (it will come again): %s", exc)
+
+    async def in_progress(self) -> None:
+        """Still being worked on: JetStream waits another ack_wait before it redelivers."""
+        try:
+            await self._msg.in_progress()
+        except Exception as exc:
+            log.warning("could not report a message in progress (it may come again): %s", exc)
 
 
 class JetStreamRefused(Exception):
@@ -157,6 +165,14 @@ class Bus:
         self._acks: PubAcks | None = None
         self._consuming = False
         self._consumers: list[asyncio.Task[None]] = []
+        # what was logged of the errors since the last (re)connection: once per outage
+        self._logged: set[str] = set()
+        self._refused: list[str] = []  # permission violations the server sent
+        self._subscribing = False  # subscribe() reports the refusals it meets itself
+        # while connecting at start: errors are not logged, the last one is kept for the
+        # one line that says why the start failed
+        self._starting = True
+        self._last_error: Exception | None = None
 
     @classmethod
     async def connect(cls, cfg: Config) -> Bus:
@@ -164,11 +180,15 @@ class Bus:
         try:
             await bus._connect()
         except Exception as exc:
+            cause = bus._last_error if isinstance(exc, NoServersError) else exc
+            what, todo = failure(cause or exc, uses_tls(cfg))
             raise RuntimeError(
-                f"cannot connect to NATS at {cfg.nats_address}: {exc or type(exc).__name__} "
-                "(is nats-server running there? check nats_address)"
+                f"cannot connect to NATS at {cfg.nats_address}: {what} ({todo})"
             ) from exc
+        bus._starting = False
+        # once connected, retry forever
         bus.nc.options["max_reconnect_attempts"] = -1
+        bus.nc.options["allow_reconnect"] = True
         bus._adopt_reader()
         return bus
 
@@ -186,13 +206,18 @@ class Bus:
 
     async def _connect(self) -> None:
         cfg = self.cfg
+        if uses_tls(cfg) and not require_tls(self.nc):
+            log.warning("NATS: cannot check that the server asks for TLS (nats-py changed)")
         await self.nc.connect(
-            servers=nats_servers(cfg),
+            **connect_kwargs(cfg),
             name=f"influx-spout-{cfg.mode}-{cfg.name}",
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnect,
             reconnected_cb=self._on_reconnect,
-            # a few tries at start-up, then a clear failure; once connected, retry forever
+            # at start-up, a few tries of servers out of reach, then a clear failure; a
+            # certificate or login the server refuses fails at once (nats-py would retry it,
+            # and after a failed TLS handshake wait forever)
+            allow_reconnect=False,
             max_reconnect_attempts=STARTUP_CONNECT_ATTEMPTS,
             reconnect_time_wait=1,
             connect_timeout=5,
@@ -208,8 +233,18 @@ class Bus:
             self.dropped[subject] += 1
             if self.cfg.debug:
                 log.warning("dropped a message on %s: input buffer full", exc.subject)
-        else:
-            log.warning("NATS error: %s", exc)
+            return
+        if self._starting:
+            self._last_error = exc
+            return
+        what, todo = failure(exc)
+        if what.startswith("authorisation failed"):
+            self._refused.append(what)
+            if self._subscribing:
+                return
+        if what not in self._logged:  # reconnect attempts repeat the same error
+            self._logged.add(what)
+            log.warning("NATS: %s (%s)", what, todo)
 
     async def _on_disconnect(self) -> None:
         if not self._closing:
@@ -217,7 +252,9 @@ class Bus:
 
     async def _on_reconnect(self) -> None:
         self._adopt_reader()
-        log.info("reconnected to NATS at %s", self.nc.connected_url)
+        self._logged.clear()
+        url = self.nc.connected_url
+        log.info("reconnected to NATS at %s", redact.url(url.geturl()) if url else "?")
 
     @property
     def connected(self) -> bool:
@@ -421,6 +458,7 @@ class Bus:
         async def deliver(msg: Msg) -> None:
             await handler(msg.subject, msg.data, msg.headers)
 
+        self._subscribing = True
         for subject in subjects:
             self.dropped[subject] += 0  # nats_dropped{subject} is published from the start
             sub = await self.nc.subscribe(
@@ -432,7 +470,23 @@ class Bus:
             )
             self._subs.append(sub)
         # the server has the subscriptions once this returns: only then is the mode ready
+        await self._confirm_subscriptions()
+
+    async def _confirm_subscriptions(self) -> None:
+        """Return once the server has answered the SUBs sent; raise if it refused one.
+
+        nats-py writes flush()'s PING ahead of the SUBs it still holds, so the first PONG
+        may come before the server saw them; the second comes after its answer to them.
+        """
         await self.nc.flush()
+        await self.nc.flush()
+        self._subscribing = False
+        refused = [what for what in self._refused if "subscription" in what.lower()]
+        if refused:
+            raise RuntimeError(
+                f"NATS refused a subscription: {refused[0]} (grant the NATS user subscribe "
+                "permission on the subjects in nats_subject)"
+            )
 
     async def unsubscribe(self, timeout: float | None = None, then: str = "") -> None:
         """Stop taking input (messages already received are still handled).

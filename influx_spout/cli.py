@@ -46,7 +46,7 @@ def tune_malloc() -> bool:
 
     Every message is a few hundred KB: by default glibc maps such a block from the kernel
     and unmaps it on free (or trims the heap back), and the page faults of the next one
-    cost about 5% of the filter's CPU. Fixed thresholds keep up to TRIM_THRESHOLD of free
+    cost the filter CPU (bench/README.md). Fixed thresholds keep up to TRIM_THRESHOLD of free
     heap for reuse; blocks above MMAP_THRESHOLD (large writer batches) are still given
     back at once. Returns False where the C library is not glibc (nothing changes).
     """

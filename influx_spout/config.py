@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import regex
 
+from influx_spout import redact, tlsclient
 from influx_spout.encoders.json_mapping import MAPPING_KEYS, PRECISIONS, JsonMapping
 from influx_spout.modes import MODES, module
 
@@ -114,8 +116,9 @@ def option(
 
 
 def from_environment(variable: str) -> Any:
-    """Declare a field read from the environment variable only, never from a file."""
-    return field(default="", metadata={"environment": variable})
+    """Declare a field read from the environment variable only, never from a file; a
+    secret, so it is left out of the Config's repr."""
+    return field(default="", repr=False, metadata={"environment": variable})
 
 
 # the modes with a durable path (influx_spout.jetstream)
@@ -131,6 +134,22 @@ class SharedOptions:
     nats_address: str = option(
         "str", "nats://localhost:4222", "NATS server(s), comma-separated", modes=MODES
     )
+    nats_creds_file: str = option(
+        "str", "", "NATS user JWT and NKey seed (a .creds file), for operator mode", modes=MODES
+    )
+    nats_nkey_seed_file: str = option(
+        "str", "", "file holding the NKey seed of a NATS user", modes=MODES
+    )
+    nats_tls_ca: str = option(
+        "str",
+        "",
+        "CA certificates (PEM) the NATS servers' certificates are checked with",
+        modes=MODES,
+    )
+    nats_tls_cert: str = option(
+        "str", "", "client certificate (PEM) shown to NATS, with nats_tls_key", modes=MODES
+    )
+    nats_tls_key: str = option("str", "", "its private key (PEM)", modes=MODES)
     nats_subject: list[str] = option(
         "subjects",
         ["influx-spout"],
@@ -160,6 +179,27 @@ class SharedOptions:
         "the port it listens on: UDP (listener), HTTP (listener_http, monitor)",
         modes=("listener", "listener_http", "monitor"),
         per_mode={"listener": 10001, "listener_http": 13337, "monitor": 9331},
+    )
+    bind_address: str = option(
+        "str",
+        "",
+        "the address port and probe_port listen on; empty: every interface",
+        modes=MODES,
+    )
+    tls_cert: str = option(
+        "str",
+        "",
+        "PEM certificate (chain) file: serve HTTPS (TLS 1.2 or later) on port; with tls_key",
+        modes=("listener_http", "monitor"),
+    )
+    tls_key: str = option(
+        "str", "", "PEM private key file of tls_cert", modes=("listener_http", "monitor")
+    )
+    tls_client_ca: str = option(
+        "str",
+        "",
+        "PEM CA file: clients must present a certificate it signed",
+        modes=("listener_http", "monitor"),
     )
     batch_max_count: int = option(
         "int",
@@ -208,6 +248,12 @@ class SharedOptions:
         "[[rule]] tables: the filter's routes; the writer's selection (rules without subject)",
         modes=("filter", "writer"),
     )
+    nats_subject_dead_letter: str = option(
+        "str",
+        "influx-spout-dead-letter",
+        "where lines go that cannot be decoded (kafka) or that InfluxDB refused (writer)",
+        modes=("kafka", "writer"),
+    )
     durable: bool = option(
         "bool",
         False,
@@ -234,6 +280,15 @@ class SharedOptions:
     )
 
 
+@dataclass(kw_only=True)
+class SharedSecrets:
+    """The NATS credentials every mode reads from the environment (or from nats_address)."""
+
+    nats_user: str = from_environment("NATS_USER")
+    nats_pass: str = from_environment("NATS_PASS")
+    nats_token: str = from_environment("NATS_TOKEN")
+
+
 if TYPE_CHECKING:
     # Every mode's options, typed: at run time Config gets the same fields on first use.
     from influx_spout.modes import (
@@ -250,6 +305,7 @@ if TYPE_CHECKING:
     @dataclass(kw_only=True)
     class Config(
         SharedOptions,
+        SharedSecrets,
         listener.Options,
         listener_http.Options,
         filter_mode.Options,
@@ -303,13 +359,14 @@ def _complete_config() -> None:
 
 def _copy(f: dataclasses.Field[Any]) -> Any:
     if f.default_factory is not MISSING:
-        return field(default_factory=f.default_factory, metadata=f.metadata)
-    return field(default=f.default, metadata=f.metadata)
+        return field(default_factory=f.default_factory, repr=f.repr, metadata=f.metadata)
+    return field(default=f.default, repr=f.repr, metadata=f.metadata)
 
 
 def _option_classes() -> list[tuple[str, type]]:
-    """(mode, the dataclass declaring its options); mode "" for SharedOptions."""
-    return [("", SharedOptions), *((mode, module(mode).Options) for mode in MODES)]
+    """(mode, the dataclass declaring its options); mode "" for those of every mode."""
+    shared = [("", SharedOptions), ("", SharedSecrets)]
+    return [*shared, *((mode, module(mode).Options) for mode in MODES)]
 
 
 @functools.cache
@@ -329,7 +386,8 @@ def declarations() -> dict[str, Option]:
 
 @functools.cache
 def environment() -> dict[str, tuple[str, str]]:
-    """Fields read from the environment only: name -> (its mode, the variable)."""
+    """Fields read from the environment only: name -> (its mode, "" for every mode; the
+    variable)."""
     return {
         f.name: (mode, f.metadata["environment"])
         for mode, cls in _option_classes()
@@ -400,6 +458,10 @@ _CREDENTIAL_KEYS: dict[str, str] = {
     "influxdb_pass": "INFLUXDB_PASS",
     "influxdb_password": "INFLUXDB_PASS",
     "influxdb_token": "INFLUXDB_TOKEN",
+    "nats_user": "NATS_USER",
+    "nats_pass": "NATS_PASS",
+    "nats_password": "NATS_PASS",
+    "nats_token": "NATS_TOKEN",
 }
 
 # Names from the Go version's first releases, renamed before its README of seed 002.
@@ -437,9 +499,12 @@ def load_config(
 
 
 def preflight(cfg: Config) -> None:
-    """The mode's checks that construct something (a client), run after loading and before
-    connecting anywhere; they raise ConfigError too. Only kafka has one ([kafka_client]).
+    """Checks that construct something (a TLS context, a client), run after loading and
+    before connecting anywhere; they raise ConfigError too. Every mode's NATS TLS, then
+    the mode's own (kafka: [kafka_client]; writer: its TLS).
     """
+    if tls_configured(cfg, "nats_tls"):
+        tls_context(cfg, "nats_tls")
     check = getattr(module(cfg.mode), "preflight", None)
     if check is not None:
         check(cfg)
@@ -449,6 +514,26 @@ def file_of(cfg: Config, key: str) -> str:
     """The file that set key in cfg (cfg.source when none did), for messages after loading."""
     files: dict[str, str] = cfg.__dict__.get(_FILES, {})
     return files.get(key, cfg.source)
+
+
+def tls_configured(cfg: Config, prefix: str) -> bool:
+    """Whether any of the options prefix_ca, prefix_cert, prefix_key is set."""
+    return any(getattr(cfg, f"{prefix}_{part}") for part in ("ca", "cert", "key"))
+
+
+def tls_context(cfg: Config, prefix: str, verify: bool = True) -> ssl.SSLContext:
+    """The client TLS context of prefix_ca, prefix_cert and prefix_key; a ConfigError
+    naming the option whose file cannot be used."""
+    try:
+        return tlsclient.client_context(
+            getattr(cfg, f"{prefix}_ca"),
+            getattr(cfg, f"{prefix}_cert"),
+            getattr(cfg, f"{prefix}_key"),
+            verify,
+        )
+    except tlsclient.TlsFileError as exc:
+        key = f"{prefix}_{exc.which}"
+        raise fail(file_of(cfg, key), key, exc.problem, exc.todo) from None
 
 
 _FILES = "_files"  # on a loaded Config, beside its fields: key -> the file that set it
@@ -678,6 +763,8 @@ def _convert(kind: str, raw: Any, file: str, key: str) -> Any:
         return _convert_rules(raw, file)
     if kind == "client":
         return _convert_client(raw, file, key)
+    if kind == "access":
+        return _convert_access(raw, file, key)
     if kind == "json_mapping":
         return _convert_json_mapping(raw, file, key)
     if kind == "time":
@@ -859,6 +946,19 @@ def _convert_client(raw: Any, file: str, key: str) -> dict[str, str | int | floa
     return dict(raw)
 
 
+def _convert_access(raw: Any, file: str, key: str) -> dict[str, list[str]]:
+    """[auth_databases]: NAME = ["db", ...], the databases (buckets) a user or token may write."""
+    todo = f'write e.g. [{key}] then bob = ["telegraf"]'
+    if not isinstance(raw, dict):
+        raise fail(file, key, f"expected a table, got {_describe(raw)}", todo)
+    for name, value in raw.items():
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fail(
+                file, f"{key}.{name}", f"expected a list of strings, got {_describe(value)}", todo
+            )
+    return {name: list(value) for name, value in raw.items()}
+
+
 def _convert_json_mapping(raw: Any, file: str, key: str) -> JsonMapping:
     """[kafka_json]: how the json encoder maps a record to a line."""
     _check_table(raw, file, key, MAPPING_KEYS, "write [kafka_json]")
@@ -948,9 +1048,9 @@ def _build(settings: dict[str, _Setting], path: str) -> Config:
 
 
 def _read_environment(cfg: Config, environ: Mapping[str, str]) -> None:
-    """The mode's credentials; other modes' stay empty."""
+    """The mode's credentials and the shared ones; other modes' stay empty."""
     for name, (mode, variable) in environment().items():
-        if mode == cfg.mode:
+        if mode in ("", cfg.mode):
             setattr(cfg, name, environ.get(variable, ""))
 
 
@@ -991,6 +1091,25 @@ class Checker:
         if not low <= value <= 65535:
             todo = "use 1 to 65535, or 0 to turn it off" if low == 0 else "use 1 to 65535"
             raise self.fail(key, f"{self.shown(key)} is not a port", todo)
+
+    def readable_file(self, key: str, todo: str) -> None:
+        """The file `key` names, when set, exists and can be read."""
+        path = getattr(self.cfg, key)
+        if path and not os.access(path, os.R_OK):
+            problem = "cannot be read" if os.path.exists(path) else "no such file"
+            raise self.fail(key, f"{quote(path)}: {problem}", todo)
+
+    def tls_files(self, prefix: str) -> None:
+        """prefix_ca, prefix_cert and prefix_key: readable, the certificate with its key."""
+        cfg = self.cfg
+        cert, key = f"{prefix}_cert", f"{prefix}_key"
+        if getattr(cfg, cert) and not getattr(cfg, key):
+            raise self.fail(cert, f"set without {key}", f"set {key} to its private key too")
+        if getattr(cfg, key) and not getattr(cfg, cert):
+            raise self.fail(key, f"set without {cert}", f"set {cert} to the certificate too")
+        self.readable_file(f"{prefix}_ca", "give the path of a PEM file of CA certificates")
+        self.readable_file(cert, "give the path of a PEM certificate")
+        self.readable_file(key, "give the path of its PEM private key")
 
     def subject(self, key: str, value: str, publish: bool, written: str = "") -> None:
         """Check one NATS subject; `written` names a key inside a rule, e.g. rule[2].subject."""
@@ -1073,6 +1192,11 @@ def _validate_shared(c: Checker) -> None:
             c.positive(name, '"30s"')
 
     _check_nats_address(c)
+    _check_nats_auth(c)
+    c.tls_files("nats_tls")
+    from influx_spout.listening import check_bind_address  # it imports config
+
+    check_bind_address(c)
     if cfg.queue_group and any(ch.isspace() for ch in cfg.queue_group):
         raise c.fail("queue_group", f"{quote(cfg.queue_group)} contains whitespace", "remove it")
 
@@ -1107,9 +1231,75 @@ def _check_nats_address(c: Checker) -> None:
             r"(nats|tls)://(?:[^@/\s]+@)?([^/\s:@]+|\[[0-9A-Fa-f:.]+\])(:[0-9]+)?/?", server
         )
         if m is None:
-            raise c.fail("nats_address", f"{quote(server)} is not a nats:// or tls:// URL", todo)
+            shown = quote(redact.url(server))
+            raise c.fail("nats_address", f"{shown} is not a nats:// or tls:// URL", todo)
         if m.group(3) and not 1 <= int(m.group(3)[1:]) <= 65535:
-            raise c.fail("nats_address", f"{quote(server)} has an invalid port", todo)
+            raise c.fail("nats_address", f"{quote(redact.url(server))} has an invalid port", todo)
+
+
+_NATS_LOGINS = {
+    "nats_user": "NATS_USER and NATS_PASS",
+    "nats_token": "NATS_TOKEN",
+    "nats_creds_file": "nats_creds_file",
+    "nats_nkey_seed_file": "nats_nkey_seed_file",
+}
+
+
+def _check_nats_auth(c: Checker) -> None:
+    """One way of logging in to NATS, its files readable; credentials written in
+    nats_address are moved out of it (see _take_address_credentials)."""
+    cfg = c.cfg
+    if cfg.nats_user and not cfg.nats_pass:
+        raise c.fail("NATS_USER", "set without NATS_PASS", "set both or neither")
+    if cfg.nats_pass and not cfg.nats_user:
+        raise c.fail("NATS_PASS", "set without NATS_USER", "set both or neither")
+    _take_address_credentials(c)
+    chosen = [shown for name, shown in _NATS_LOGINS.items() if getattr(cfg, name)]
+    if len(chosen) > 1:
+        key = next(n for n in reversed(_NATS_LOGINS) if getattr(cfg, n))
+        raise c.fail(
+            key if key.endswith("_file") else key.upper(),
+            f"{' and '.join(chosen)} are both set",
+            "a NATS connection logs in one way: keep one",
+        )
+    c.readable_file("nats_creds_file", "give the path of the NATS user's .creds file")
+    c.readable_file("nats_nkey_seed_file", "give the path of a file holding an NKey seed")
+
+
+def _take_address_credentials(c: Checker) -> None:
+    """Move credentials written in nats_address (nats://user:pass@host, nats://token@host)
+    to nats_user/nats_pass or nats_token, so nats_address can be shown anywhere."""
+    cfg = c.cfg
+    servers = [redact.split_userinfo(server) for server in nats_servers(cfg)]
+    found = {userinfo for _, userinfo in servers if userinfo is not None}
+    if not found:
+        return
+    if len(found) > 1:
+        raise c.fail(
+            "nats_address",
+            "its servers hold different credentials",
+            "give one set, in NATS_USER and NATS_PASS or in NATS_TOKEN",
+        )
+    if cfg.nats_user or cfg.nats_token:
+        env = "NATS_USER" if cfg.nats_user else "NATS_TOKEN"
+        raise c.fail(
+            "nats_address",
+            f"holds credentials, and {env} is set too",
+            "keep those of the environment",
+        )
+    file, key = c.where("nats_address")
+    log.warning(
+        "%s: %s: holds credentials: accepted, never shown (set NATS_USER and NATS_PASS, "
+        "or NATS_TOKEN, in the environment instead)",
+        file,
+        key,
+    )
+    user, colon, password = found.pop().partition(":")
+    if colon:
+        cfg.nats_user, cfg.nats_pass = user, password
+    else:
+        cfg.nats_token = user
+    cfg.nats_address = ",".join(url for url, _ in servers)
 
 
 # -- formatting values for messages -------------------------------------------------

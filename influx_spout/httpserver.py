@@ -14,8 +14,16 @@ Response once:
 - Bodies are bounded: one request's at max_body_size, and all the bytes of bodies held
   at once (received, and their request not answered yet) at max_held; past either,
   body() raises BodyTooLarge or ServerBusy and the rest of that body is discarded.
-- Keep-alive, pipelining (answers in order), chunked bodies and HTTP/1.0 are handled;
-  protocol upgrades (h2c) are ignored, as RFC 9110 allows.
+  Bytes of bodies still arriving are kept apart (`arriving`), so a stalled upload is
+  not counted as work waiting, and read_timeout bounds how long it is held.
+- Every phase has a deadline (Limits): the request head must come whole within
+  read_header_timeout of the connection or of its first byte (408), a body must make
+  progress every read_timeout (else the connection is closed), an idle keep-alive
+  connection is closed after KEEPALIVE_TIMEOUT; connections over max_connections are
+  closed at once. Reading pauses while the kernel's send buffer is full (pause_writing).
+- Keep-alive, pipelining (answers in order), chunked bodies (trailers kept apart from
+  the headers) and HTTP/1.0 are handled; protocol upgrades (h2c) are ignored, as RFC
+  9110 allows. TLS is the transport's: start() takes an ssl context.
 - close() stops listening, closes idle connections, lets requests in progress finish
   within a timeout, then aborts what is left.
 """
@@ -26,6 +34,7 @@ import asyncio
 import collections
 import email.utils
 import logging
+import ssl as ssl_module
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,6 +79,22 @@ class ServerBusy(BodyError):
 
 Handler = Callable[["Request"], Awaitable[Response]]
 ErrorPage = Callable[[int, str, str], Response]  # (status, message, path) -> response
+Count = Callable[[str], None]  # told each connections_refused, header_timeouts, body_timeouts
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may take: time for each phase, and connections at once."""
+
+    read_header_timeout: float = 10.0  # seconds for a request's head (408 after)
+    read_timeout: float = 10.0  # seconds a body may go without a byte (closed after)
+    max_connections: int = 1024  # connections open at once; more are closed at once
+
+
+# why reading is paused (Connection.paused is a mask of them)
+_PIPELINED = 1  # a request waits for the one before it to be answered
+_WRITES = 2  # the kernel's send buffer is full
+_BROKEN = 4  # the bytes are not HTTP: nothing more is read
 
 
 class Request:
@@ -80,6 +105,7 @@ class Request:
         "path",
         "query",
         "headers",
+        "trailers",
         "version",
         "keep_alive",
         "remote",
@@ -90,6 +116,7 @@ class Request:
         "_waiter",
         "_conn",
         "_held",
+        "_arriving",
         "_discard",
         "_continue",
     )
@@ -112,6 +139,7 @@ class Request:
                 query.setdefault(key, value)
         self.query = query  # the first value of each parameter
         self.headers = headers  # lower-case names; the first value of each header
+        self.trailers: dict[str, str] = {}  # those sent after a chunked body, the same way
         self.version = version  # "1.1" or "1.0"
         self.keep_alive = keep_alive
         self.remote = conn.remote
@@ -122,6 +150,7 @@ class Request:
         self._waiter: asyncio.Future[None] | None = None
         self._conn = conn
         self._held = 0  # bytes of this body counted in the server's held
+        self._arriving = 0  # of which counted in the server's arriving (body not whole yet)
         self._discard = False
         # "100 Continue" still owed to a client waiting for it
         self._continue = version != "1.0" and headers.get("expect", "").lower() == "100-continue"
@@ -153,8 +182,10 @@ class Request:
         n = len(chunk)
         self.size += n
         self._held += n
+        self._arriving += n
         server = self._conn.server
         server.held += n
+        server.arriving += n
         if self.size > server.max_body_size:
             self._fail(BodyTooLarge(server.max_body_size))
         elif server.held > server.max_held:
@@ -164,6 +195,8 @@ class Request:
 
     def _done(self) -> None:
         self.complete = True
+        self._conn.server.arriving -= self._arriving
+        self._arriving = 0
         self._wake()
 
     def _fail(self, error: BodyError) -> None:
@@ -175,8 +208,11 @@ class Request:
 
     def _release(self) -> None:
         """Drop the body and its count in the server's held bytes."""
-        self._conn.server.held -= self._held
+        server = self._conn.server
+        server.held -= self._held
+        server.arriving -= self._arriving
         self._held = 0
+        self._arriving = 0
         self._chunks = []
         self._discard = True
 
@@ -203,6 +239,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.waiting: collections.deque[Request] = collections.deque()  # pipelined
         self.begun = False  # a request's head has begun to arrive
         self.idle_since: float | None = None
+        self.head_since: float | None = None  # when the head being waited for was due to begin
+        self.last_read = 0.0  # when bytes last came
+        self.paused = 0  # why reading is paused: _PIPELINED, _WRITES, _BROKEN
+        self.refused = False  # over max_connections: closed at once
         self.closing = False  # close once the requests in progress are answered
         self.lost = False  # the transport is gone
         self.error: Response | None = None  # to answer once the requests before it are
@@ -217,8 +257,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if isinstance(peer, tuple) else ""
-        self.idle_since = time.monotonic()
-        self.server.connections.add(self)
+        server = self.server
+        if len(server.connections) >= server.limits.max_connections:
+            self.refused = True
+            server.count("connections_refused")
+            self.transport.close()
+            return
+        self.head_since = self.last_read = time.monotonic()
+        server.connections.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.server.buffer
@@ -227,6 +273,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.data_received(self.server.buffer[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
+        if self.refused:
+            return
+        self.last_read = time.monotonic()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -241,6 +290,14 @@ class _Connection(asyncio.BufferedProtocol):
                 self.bad_request(500, "internal error while parsing the request")
         except httptools.HttpParserError as exc:
             self.bad_request(400, f"malformed HTTP request: {exc} (send HTTP/1.1)")
+
+    def pause_writing(self) -> None:
+        self.pause(_WRITES)
+
+    def resume_writing(self) -> None:
+        self.resume(_WRITES)
+        if self.active is None and self.waiting:
+            self.next_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -257,6 +314,8 @@ class _Connection(asyncio.BufferedProtocol):
     def on_message_begin(self) -> None:
         self.begun = True
         self.idle_since = None
+        if self.head_since is None:
+            self.head_since = self.last_read
         self._url = b""
         self._headers = {}
         self._head_size = 0
@@ -267,7 +326,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._grow(len(name) + len(value))
-        self._headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        # after the head, a header is a chunked body's trailer
+        into = self.receiving.trailers if self.receiving is not None else self._headers
+        into.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -285,12 +346,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._problem = (400, f"malformed URL {url!r} (percent-encode it)")
             raise
         self.receiving = request
+        self.head_since = None
         if self.active is None:
             self.start(request)
         else:
             self.waiting.append(request)
-            assert self.transport is not None
-            self.transport.pause_reading()
+            self.pause(_PIPELINED)
 
     def on_body(self, body: bytes) -> None:
         assert self.receiving is not None
@@ -349,9 +410,8 @@ class _Connection(asyncio.BufferedProtocol):
         if not keep_alive:
             self.close()
         elif self.waiting:
-            self.start(self.waiting.popleft())
-            if not self.waiting and self.error is None and self.transport is not None:
-                self.transport.resume_reading()
+            if not self.paused & _WRITES:  # else once the client has read the answers
+                self.next_request()
         elif self.error is not None:
             self.write(self.server.head(None, self.error, keep_alive=False))
             self.close()
@@ -361,10 +421,29 @@ class _Connection(asyncio.BufferedProtocol):
             self.idle_since = time.monotonic()
         self._forget_when_done()
 
+    def next_request(self) -> None:
+        self.start(self.waiting.popleft())
+        if not self.waiting and self.error is None:
+            self.resume(_PIPELINED)
+
+    def pause(self, why: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= why
+
+    def resume(self, why: int) -> None:
+        was = self.paused
+        self.paused &= ~why
+        if was and not self.paused and self.transport is not None and not self.lost:
+            self.transport.resume_reading()
+        if was & ~self.paused:  # the deadlines start again from now
+            self.last_read = time.monotonic()
+            if self.head_since is not None:
+                self.head_since = self.last_read
+
     def bad_request(self, status: int, message: str) -> None:
         """The bytes are not HTTP: answer the requests before them, then this, and close."""
-        if self.transport is not None:
-            self.transport.pause_reading()  # nothing after this can be parsed
+        self.pause(_BROKEN)  # nothing after this can be parsed
         request = self.receiving
         if request is not None:  # its body is broken
             self.closing = True
@@ -381,6 +460,44 @@ class _Connection(asyncio.BufferedProtocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    # -- deadlines ------------------------------------------------------------------------
+
+    def check_deadlines(self, now: float, limits: Limits) -> None:
+        """Time out a head or a body that is late; close an idle keep-alive connection.
+
+        Reading paused by the server stops the clocks: the client is not the one late.
+        """
+        if self.idle_since is not None:
+            if now - self.idle_since > KEEPALIVE_TIMEOUT:
+                self.close()
+            return
+        if self.paused or self.lost:
+            return
+        if self.receiving is not None:
+            if now - self.last_read > limits.read_timeout:
+                self.body_timed_out(limits.read_timeout)
+        elif self.head_since is not None:
+            if now - self.head_since > limits.read_header_timeout:
+                self.server.count("header_timeouts")
+                self.head_since = None
+                self.bad_request(
+                    408,
+                    f"the request head did not come whole within {limits.read_header_timeout:g}s "
+                    "(read_header_timeout; send it at once)",
+                )
+
+    def body_timed_out(self, timeout: float) -> None:
+        """No byte of the body came for timeout seconds: its request fails, and the
+        connection is closed (once its handler, if still running, has answered)."""
+        request = self.receiving
+        assert request is not None
+        self.server.count("body_timeouts")
+        self.closing = True
+        self.pause(_BROKEN)
+        request._fail(BodyError(f"no byte of the body came for {timeout:g}s (read_timeout)"))
+        if request is not self.active and request not in self.waiting:
+            self.close()
 
     # -- closing --------------------------------------------------------------------------
 
@@ -409,7 +526,7 @@ class _Connection(asyncio.BufferedProtocol):
 
 
 class Server:
-    """Serves handler on a TCP port (every interface) until close()."""
+    """Serves handler on a TCP port until close()."""
 
     def __init__(
         self,
@@ -418,12 +535,17 @@ class Server:
         headers: dict[str, str],
         max_body_size: int,
         max_held: int,
+        limits: Limits | None = None,
+        count: Count | None = None,
     ) -> None:
         self.handler = handler
         self.error_page = error_page  # answers for requests the handler never saw
         self.max_body_size = max_body_size
         self.max_held = max_held
         self.held = 0  # bytes of request bodies received and not answered yet
+        self.arriving = 0  # of which bodies not received whole yet
+        self.limits = limits or Limits()
+        self.count: Count = count or (lambda event: None)
         self.buffer = memoryview(bytearray(READ_BUFFER))  # every connection reads into it
         self.connections: set[_Connection] = set()
         self._extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
@@ -433,10 +555,19 @@ class Server:
         self._date = b""
         self._date_second = 0
 
-    async def start(self, port: int) -> None:
+    async def start(
+        self, port: int, host: str | None = None, ssl: ssl_module.SSLContext | None = None
+    ) -> None:
+        """Listen on host (None: every interface) and port, over TLS when ssl is given."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), port=port, reuse_address=True, backlog=BACKLOG
+            lambda: _Connection(self),
+            host=host,
+            port=port,
+            reuse_address=True,
+            backlog=BACKLOG,
+            ssl=ssl,
+            ssl_handshake_timeout=self.limits.read_header_timeout if ssl else None,
         )
         self._sweeper = asyncio.create_task(self._sweep_idle())
 
@@ -466,12 +597,14 @@ class Server:
         self._changed.set()
 
     async def _sweep_idle(self) -> None:
+        """Check every connection's deadlines, often enough to be late by a quarter at most."""
+        limits = self.limits
+        shortest = min(KEEPALIVE_TIMEOUT, limits.read_header_timeout, limits.read_timeout)
         while True:
-            await asyncio.sleep(KEEPALIVE_TIMEOUT / 4)
+            await asyncio.sleep(min(shortest / 4, 1.0))
             now = time.monotonic()
             for conn in list(self.connections):
-                if conn.idle_since is not None and now - conn.idle_since > KEEPALIVE_TIMEOUT:
-                    conn.close()
+                conn.check_deadlines(now, limits)
 
     def head(self, request: Request | None, response: Response, keep_alive: bool) -> bytes:
         """The response's bytes: status line, headers and (except for HEAD) body."""

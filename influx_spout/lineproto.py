@@ -4,6 +4,12 @@ Every mode goes through this one module, so its hot paths work on whole batches 
 C-speed primitives (one compiled regular expression over the whole batch, ``bytes.split``,
 ``bytes.replace``) and keep per-line Python for the rare invalid line.
 
+What modes call: check_body (a body from a source: split, validate, precision, lines NATS
+could not carry), split_valid and valid_in_window (a batch already in ns); parse,
+parse_tags, parse_fields_raw (values as written) and parse_fields (values as Python
+numbers, booleans and strings) for one line; timestamp, shown; the escape_* and
+unescape* functions; to_nanoseconds; compile_batch for a mode's own whole-batch pattern.
+
 Grammar (InfluxDB 1.x), one line::
 
     measurement[,tagk=tagv...] fieldk=fieldv[,fieldk=fieldv...] [timestamp]
@@ -34,7 +40,9 @@ import re
 import time
 from typing import Any, NamedTuple
 
-try:  # optional accelerator: a DFA makes the whole-batch check ~5x faster
+from influx_spout import batching
+
+try:  # optional accelerator: a DFA runs the whole-batch check several times faster
     import re2 as re2_engine
 except ImportError:  # pragma: no cover - depends on the environment
     re2_engine = None
@@ -80,11 +88,11 @@ class TimestampOverflowError(ValueError):
 # --- the grammar ------------------------------------------------------------------------------
 #
 # One grammar, spelled for two engines. RE2 (google-re2) runs it as a DFA over a whole
-# batch at several hundred MB/s; the stdlib re engine, with possessive quantifiers so that
-# nothing backtracks across a token, runs the per-line matches that need capture groups,
-# and the whole-batch check when RE2 is not installed. The third-party regex engine is
-# 4-5x slower than re on this grammar (see tests/small/test_lineproto_bench.py). RE2
-# releases the GIL while it matches, so threads check batches in parallel.
+# batch; the stdlib re engine, with possessive quantifiers so that nothing backtracks
+# across a token, runs the per-line matches that need capture groups, and the whole-batch
+# check when RE2 is not installed. The third-party regex engine is slower than re on this
+# grammar (bench/README.md, tests/small/test_lineproto_bench.py). RE2 releases the GIL
+# while it matches, so threads check batches in parallel.
 
 
 def _digits_at_most(bound: int) -> str:
@@ -195,7 +203,6 @@ def compile_batch(pattern: str) -> Any:
 _LINE = re.compile(_line_grammar(re2=False, capture=True).encode())
 _line_fullmatch = _LINE.fullmatch
 _new_parsed = functools.partial(tuple.__new__, Parsed)  # skips NamedTuple's Python __new__
-_LINE_NOCAP = re.compile(_line_grammar(re2=False, capture=False).encode())
 # The longest run of valid lines from a position: split_valid's single pass.
 _VALID_RUN_RE = re.compile(f"(?:{_line_grammar(re2=False, capture=False)}\\n)*+".encode())
 _VALID_RUN: Any = (
@@ -247,14 +254,6 @@ def _normalise(batch: bytes) -> bytes:
     if batch and not batch.endswith(b"\n"):
         batch += b"\n"
     return batch
-
-
-def split_lines(batch: bytes) -> list[bytes]:
-    """The lines of a batch that carry data: not empty, not comments, no ``\\n``/``\\r``."""
-    lines = list(filter(None, _normalise(batch).split(b"\n")))
-    if b"#" in batch:
-        lines = [line for line in lines if line[0] != 35]  # 35 == ord("#")
-    return lines
 
 
 def split_valid(batch: bytes) -> tuple[bytes, list[bytes]]:
@@ -319,11 +318,6 @@ def valid_in_window(batch: bytes, now_ns: int, max_delta_ns: int) -> bytes | Non
     return None
 
 
-def is_valid(line: bytes) -> bool:
-    """Whether one line, as split_lines returns it (no ``\\n``, no final ``\\r``), is valid."""
-    return _LINE_NOCAP.fullmatch(line) is not None
-
-
 # --- one line --------------------------------------------------------------------------------
 
 
@@ -362,9 +356,10 @@ def _field_value(raw: bytes) -> object:
 def parse_fields(raw_fields: bytes) -> list[tuple[bytes, object]]:
     """Unescaped (key, value) pairs of a raw field section (Parsed.fields) of a valid line.
 
-    Values are float, int (for ``i`` and ``u``), bool, or str; strings are decoded as
-    UTF-8 with surrogateescape so that any byte survives a round trip. Raises ValueError
-    on a malformed number.
+    For a mode that needs the values themselves (to compute with them or write another
+    format); parse_fields_raw keeps them as written. Values are float, int (for ``i`` and
+    ``u``), bool, or str; strings are decoded as UTF-8 with surrogateescape so that any
+    byte survives a round trip. Raises ValueError on a malformed number.
     """
     return [(unescape(k), _field_value(v)) for k, v in _FIELD_PAIR.findall(raw_fields)]
 
@@ -548,3 +543,87 @@ def to_nanoseconds_or_set_aside(batch: bytes, precision: str) -> tuple[bytes, li
             line + b"\n" for line in batch.split(b"\n")[:-1] if line not in out_of_range
         )
         return to_nanoseconds(kept, precision), exc.lines
+
+
+# --- checking a body ---------------------------------------------------------------------------
+
+
+class Rejected(NamedTuple):
+    """A piece of input that is not passed on (a line, a record, or a whole message), and why."""
+
+    data: bytes
+    reason: str
+
+
+class Decoded(NamedTuple):
+    """A body once checked: the lines that go on, and what was rejected."""
+
+    data: bytes  # valid line protocol in ns, every line ending with b"\n" (b"" when none)
+    lines: int  # lines in data
+    rejected: list[Rejected]
+
+
+class Reasons(NamedTuple):
+    """How a source words why it rejects a line: each keeps the words its answers and dead
+    letters have always had."""
+
+    invalid: str
+    # str.format()ted with size (bytes of the line without its b"\n"), size_with_newline
+    # and limit (max_line)
+    overlong: str
+
+
+OUT_OF_RANGE = "timestamp out of range once converted from precision {precision!r} to ns"
+HTTP_REASONS = Reasons(
+    "invalid line protocol",
+    "line of {size} bytes is above the NATS max payload ({limit} bytes)",
+)
+KAFKA_REASONS = Reasons(
+    "not valid line protocol",
+    "a line of {size_with_newline} bytes is over the NATS max payload ({limit})",
+)
+# lines a Kafka decoder built from another format
+CONVERTED_REASONS = KAFKA_REASONS._replace(invalid="not valid line protocol once converted")
+
+
+def check_body(
+    body: bytes, reasons: Reasons, precision: str = "ns", max_line: int = 0, arrival_ns: int = 0
+) -> Decoded:
+    """The one check of a body of line protocol, whatever its source: split, validate,
+    convert its timestamps from precision to ns, stamp the lines without one with
+    arrival_ns when given (durable listener_http: stamp_missing), and reject lines over
+    max_line bytes (the NATS max payload: NATS could never carry them; 0 for no limit).
+
+    A body of valid lines costs one pass of the whole-batch grammar (split_valid) and is
+    passed on without a copy when it needs no conversion.
+    """
+    valid, bad = split_valid(body)
+    rejected = [Rejected(line, reasons.invalid) for line in bad]
+    if valid and PRECISIONS[precision] != 1:
+        valid, out_of_range = to_nanoseconds_or_set_aside(valid, precision)
+        reason = OUT_OF_RANGE.format(precision=precision)
+        rejected += [Rejected(line, reason) for line in out_of_range]
+    if arrival_ns and valid:  # before the size check: a stamp makes a line longer
+        valid = stamp_missing(valid, arrival_ns)
+    decoded = Decoded(valid, batching.count_lines(valid), rejected)
+    if max_line and len(valid) > max_line:  # else no line can be over it
+        return drop_overlong(decoded, max_line, reasons)
+    return decoded
+
+
+def drop_overlong(decoded: Decoded, max_line: int, reasons: Reasons, keep: int = 0) -> Decoded:
+    """decoded without its lines over max_line bytes, each rejected with reasons.overlong.
+
+    check_body's last step, for sources whose lines were checked when they were built.
+    keep, when given, is how many bytes of a rejected line its Rejected holds (a dead
+    letter could not carry the whole line either).
+    """
+    data, too_long = batching.without_overlong(decoded.data, max_line)
+    if not too_long:
+        return decoded
+    rejected = list(decoded.rejected)
+    for line in too_long:  # each ends with its b"\n"
+        size = len(line) - 1
+        reason = reasons.overlong.format(size=size, size_with_newline=size + 1, limit=max_line)
+        rejected.append(Rejected(line[:keep] if keep else line[:-1], reason))
+    return Decoded(data, decoded.lines - len(too_long), rejected)

@@ -32,6 +32,8 @@ class Mode(Protocol):
     """One mode's work in one process, made by its module's make(cfg).
 
     Its plain attributes are read-only here, so that a class attribute can give them.
+    A mode may also define `healthy() -> bool`: /readyz answers 503 while it is false
+    (the writer: while InfluxDB writes fail).
     """
 
     @property

@@ -11,7 +11,7 @@ each way. It leans on nats-py 2.x and CPython internals, so it is fenced:
 - INFLUX_SPOUT_NATS_STOCK=1 forces the stock path (nats-py's parser, reader and publish).
 
 Interface: FastPath(nc) installs it on a client; adopt_reader() after each (re)connect;
-send() writes one message made of parts.
+send() writes one message made of parts. Apart from the fast path: require_tls(nc).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.errors import ProtocolError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE, Parser
 
@@ -414,3 +415,24 @@ class _LeanParser(Parser):
         if self.state == AWAITING_CONTROL_LINE and self.buf and b"\r\n" not in self.buf:
             self._head = bytes(self.buf)  # a cut control line: back to parse()
             self.buf.clear()
+
+
+SECURE_REQUIRED = "nats: secure connection required, but the server does not ask for TLS"
+
+
+def require_tls(nc: Client) -> bool:
+    """Never log in to a server that does not ask for TLS: nats-py speaks plain text to
+    it, credentials included, even at a tls:// address. Its CONNECT is refused before it
+    is written (as the Go client's "secure connection required"). False when nats-py's
+    internals differ, so that this cannot be checked."""
+    build = getattr(nc, "_connect_command", None)
+    if not callable(build) or not isinstance(getattr(nc, "_server_info", None), dict):
+        return False
+
+    def connect_command() -> bytes:
+        if not nc._server_info.get("tls_required"):
+            raise NatsError(SECURE_REQUIRED)
+        return bytes(build())
+
+    setattr(nc, "_connect_command", connect_command)  # noqa: B010 (an instance's method)
+    return True

@@ -275,10 +275,10 @@ class RuleSet:
         """Append each line, none with a backslash, to the bucket of its rule (see _rule_of).
 
         The filter's hot loop: a partition and a subscript of a plain dict a line (a call,
-        of .get() or of a dict subclass, would cost 3% more of route()). A key that dict
-        lacks raises KeyError and is learnt. After a line without tags (its key is new
-        each time) or many new names, the rest is keyed without exceptions, which cost
-        some 2,000 instructions each.
+        of .get() or of a dict subclass, would cost more of route(): bench/README.md). A
+        key that dict lacks raises KeyError and is learnt. After a line without tags (its
+        key is new each time) or many new names, the rest is keyed without exceptions,
+        which are costly.
         """
         rule_of_key = self._rule_of_key
         rest = iter(lines)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -41,13 +41,14 @@ class Runtime:
         self.ready = False  # set by lifecycle once the mode started, until stop
         self._probes: Probes | None = None
         self._stats_task: asyncio.Task | None = None
+        self._healthy: Callable[[], bool] = lambda: True  # a mode's own healthy(), if any
 
     def is_ready(self) -> bool:
-        return self.ready and self.bus.connected
+        return self.ready and self.bus.connected and self._healthy()
 
     async def __aenter__(self) -> Runtime:
         if self.cfg.probe_port:
-            self._probes = Probes(self.cfg.probe_port, self.is_ready)
+            self._probes = Probes(self.cfg.probe_port, self.is_ready, self.cfg.bind_address or None)
             await self._probes.start()
         self.bus = await Bus.connect(self.cfg)
         self._stats_task = asyncio.create_task(
@@ -63,6 +64,7 @@ class Runtime:
     async def serve(self, mode: Mode) -> None:
         """Connect, run mode through its lifecycle, close; "stopped" once a stop signal
         ended it (a replay that ran to its end just returns)."""
+        self._healthy = getattr(mode, "healthy", self._healthy)
         async with self:
             await lifecycle(self, mode)
         if self.stop.is_set():

@@ -2,31 +2,16 @@
 bytes -> Decoded (line protocol + what was rejected), no I/O, so every format can be
 tested exhaustively without a broker.
 
-Every decoder's output goes through lineproto's batch validator before it leaves
-(`checked`), so what reaches NATS is valid line protocol whatever the input held.
+Every decoder's output goes through lineproto's body check before it leaves (`checked`),
+so what reaches NATS is valid line protocol whatever the input held.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
-from influx_spout.batching import count_lines
-from influx_spout.lineproto import split_valid
-
-
-class Rejected(NamedTuple):
-    """A piece of a message that could not be decoded: a line, a record, or the whole."""
-
-    data: bytes
-    reason: str
-
-
-class Decoded(NamedTuple):
-    data: bytes  # valid line protocol, every line ending with b"\n" (b"" when none)
-    lines: int  # lines in data
-    rejected: list[Rejected]
-
+# a decoder returns lineproto's Decoded, the one result of a body check, and its Rejected
+from influx_spout.lineproto import CONVERTED_REASONS, Decoded, Rejected, check_body
 
 Decoder = Callable[[bytes], Decoded]
 
@@ -35,7 +20,7 @@ ENCODERS = ("line_protocol", "collectd_graphite", "collectd_json", "json")
 
 
 def checked(lines: list[bytes], rejected: list[Rejected]) -> Decoded:
-    """Decoded of lines built by a decoder, each checked by lineproto's validator.
+    """Decoded of lines built by a decoder, each checked by lineproto.check_body.
 
     A line the decoder built but the grammar refuses (e.g. a name ending in a
     backslash) is rejected rather than passed on; so is one starting with "#", which
@@ -50,9 +35,9 @@ def checked(lines: list[bytes], rejected: list[Rejected]) -> Decoded:
         lines = [line for line in lines if not line.startswith(b"#")]
     if not lines:
         return Decoded(b"", 0, rejected)
-    good, bad = split_valid(b"\n".join(lines))
-    rejected.extend(Rejected(line, "not valid line protocol once converted") for line in bad)
-    return Decoded(good, count_lines(good), rejected)
+    good, count, bad = check_body(b"\n".join(lines), CONVERTED_REASONS)
+    rejected.extend(bad)
+    return Decoded(good, count, rejected)
 
 
 def _broken(line: bytes) -> bool:

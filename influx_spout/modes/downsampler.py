@@ -51,11 +51,11 @@ instances' inputs hold different series.
 Speed: each message is checked whole by lineproto's validator. A batch without
 backslashes or double quotes is then taken apart with bytes.split (no regex, nothing to
 unescape), and a line of a series the period holds, with the field keys of its last line
-and only numbers, adds each value to the field at its position: about 3 us a line of 4
-fields, some 330,000 lines a second (tests/small/test_downsampler_bench.py). The first
-line of a series in a period takes about 8 us; a line with a string field or an escape
-goes through lineproto's per-line regex, about 10 us. Beyond that, run one downsampler
-per filter subject (or group of subjects).
+and only numbers, adds each value to the field at its position: the fast path. The first
+line of a series in a period costs more, and a line with a string field or an escape
+goes through lineproto's per-line regex (figures: bench/README.md and
+tests/small/test_downsampler_bench.py). Beyond what one process takes, run one
+downsampler per filter subject (or group of subjects).
 
 Counters (lines unless said otherwise):
   received               lines received, valid or not

@@ -47,7 +47,7 @@ import regex
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from influx_spout import lineproto
-from influx_spout.batching import Batcher, Parts, count_lines, without_overlong
+from influx_spout.batching import Batcher, Parts
 from influx_spout.config import (
     Checker,
     Config,
@@ -112,9 +112,6 @@ class Options:
     )
     kafka_client: dict[str, str | int | float | bool] = option(
         "client", {}, "librdkafka properties passed to the consumer as they are"
-    )
-    nats_subject_dead_letter: str = option(
-        "str", "influx-spout-dead-letter", "where undecodable lines, records or messages go"
     )
     kafka_sasl_username: str = from_environment("KAFKA_SASL_USERNAME")
     kafka_sasl_password: str = from_environment("KAFKA_SASL_PASSWORD")
@@ -280,6 +277,16 @@ def consumer_config(cfg: Config, on_error: Callable[[KafkaError], None]) -> dict
     return conf
 
 
+def in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[T], None]) -> Callable[[T], None]:
+    """fn for a caller in another thread, run in loop: librdkafka calls error_cb in its own
+    thread, and the counters belong to the event loop."""
+
+    def call(arg: T) -> None:
+        loop.call_soon_threadsafe(fn, arg)
+
+    return call
+
+
 class KafkaSource:
     """Consumes, decodes, batches, publishes and commits; every consumer call runs in one
     worker thread (librdkafka blocks), one at a time."""
@@ -350,16 +357,11 @@ class KafkaSource:
             self._settle()
 
     def _fit(self, decoded: Decoded) -> Decoded:
-        """Reject lines NATS could never carry (longer than its max payload)."""
-        limit = self.rt.bus.max_payload
-        data, too_long = without_overlong(decoded.data, limit)
-        if not too_long:
-            return decoded
-        rejected = list(decoded.rejected)
-        for line in too_long:
-            reason = f"a line of {len(line)} bytes is over the NATS max payload ({limit})"
-            rejected.append(Rejected(line[: lineproto.LOG_LINE_BYTES], reason))
-        return Decoded(data, count_lines(data), rejected)
+        """Reject lines NATS could never carry (longer than its max payload): the body
+        check's last step, which decoders cannot take (they do not know the bus)."""
+        return lineproto.drop_overlong(
+            decoded, self.rt.bus.max_payload, lineproto.KAFKA_REASONS, lineproto.LOG_LINE_BYTES
+        )
 
     def _settle(self) -> None:
         self.published.update(self.marks)
@@ -468,7 +470,7 @@ class KafkaSource:
                 del self.published[position]
 
     def on_error(self, err: KafkaError) -> None:
-        """The client's error_cb (worker thread) and message errors."""
+        """A message's error, or the client's (its error_cb, brought to the loop by in_loop)."""
         self.stats.inc("kafka_errors")
         log.warning("Kafka: %s", err.str())
 
@@ -517,7 +519,8 @@ class KafkaMode:
                 holder[0].on_error(err)
 
         try:
-            consumer = Consumer(consumer_config(cfg, on_error), logger=log)
+            error_cb = in_loop(asyncio.get_running_loop(), on_error)
+            consumer = Consumer(consumer_config(cfg, error_cb), logger=log)
         except (KafkaException, ValueError, TypeError) as exc:
             raise RuntimeError(
                 f"cannot create the Kafka consumer: {exc} (check [kafka_client])"

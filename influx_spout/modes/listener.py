@@ -73,30 +73,46 @@ MAX_QUEUED_BYTES = 4 * 1024 * 1024
 QUEUED_BATCHES = 4
 
 
-def open_socket(port: int, read_buffer_size: int) -> socket.socket:
-    """A UDP socket bound to port on every interface, with the receive buffer asked for.
+def open_socket(port: int, read_buffer_size: int, host: str = "") -> socket.socket:
+    """A UDP socket bound to port of host ("": every interface), with the receive buffer
+    asked for.
 
     A receive buffer smaller than asked (the kernel caps it at net.core.rmem_max) is
     logged, since datagrams that overflow it are lost without a trace.
     """
-    try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        address: tuple = ("::", port)
-    except OSError:  # no IPv6 on this host
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        address = ("0.0.0.0", port)
+    sock, address = _unbound_socket(port, host)
     try:
         _set_receive_buffer(sock, read_buffer_size)
         sock.bind(address)
     except OSError as exc:
         sock.close()
         raise RuntimeError(
-            f"cannot listen on UDP port {port}: {exc.strerror or exc} "
-            "(is another process using it? check port)"
+            f"cannot listen on UDP port {port} of {host or 'every interface'}: "
+            f"{exc.strerror or exc} (is another process using it? check port and bind_address)"
         ) from exc
     sock.setblocking(False)
     return sock
+
+
+def _unbound_socket(port: int, host: str) -> tuple[socket.socket, tuple]:
+    """A UDP socket for host and port, and the address to bind it to."""
+    if host:
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_DGRAM
+            )[0]
+        except socket.gaierror as exc:
+            raise RuntimeError(
+                f"cannot listen on UDP port {port} of {host}: {exc.strerror or exc} "
+                "(check bind_address)"
+            ) from exc
+        return socket.socket(family, kind, proto), address
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        return sock, ("::", port)
+    except OSError:  # no IPv6 on this host
+        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("0.0.0.0", port)
 
 
 def _set_receive_buffer(sock: socket.socket, size: int) -> None:
@@ -170,7 +186,7 @@ class UdpListener(asyncio.DatagramProtocol):
         cfg = self.cfg
         if cfg.durable:
             await self.rt.bus.ensure_streams([self.subject])
-        sock = open_socket(cfg.port, cfg.read_buffer_size)
+        sock = open_socket(cfg.port, cfg.read_buffer_size, cfg.bind_address)
         await asyncio.get_running_loop().create_datagram_endpoint(lambda: self, sock=sock)
         log.info(
             "listening on UDP port %d, publishing to %s at %s",

@@ -11,14 +11,21 @@ point at it unchanged:
                                            clients send at start; anything else is a 400
 
 Routing is done by the filter's rules, not here: db, rp, bucket and org are accepted and
-ignored (db may be missing, as with the Go influx-spout), and so are credentials.
+passed over (db may be missing, as with the Go influx-spout).
 
-HTTP itself (keep-alive, chunked bodies, "Expect: 100-continue", body limits, graceful
-stop) is influx_spout.httpserver: a write is refused before its body is read when its
-Content-Length is over max_body_size, its encoding unknown or the listener busy.
+With auth_users_file or auth_tokens_file set, every request but /ping and /health needs
+credentials (influx_spout.auth), checked once the head is read and before the body is
+(401 with WWW-Authenticate, or 403 for a database auth_databases does not give the name);
+without either, credentials are ignored.
+
+HTTP itself (keep-alive, chunked bodies, "Expect: 100-continue", body limits, deadlines,
+max_connections, graceful stop) is influx_spout.httpserver: a write is refused before
+its body is read when its credentials fail, its Content-Length is over max_body_size, its
+encoding unknown or the listener busy. TLS (tls_cert, tls_key, tls_client_ca) and
+bind_address are influx_spout.listening's.
 
 A write body (gzip or plain, at most max_body_size bytes once decompressed) is checked
-line by line (lineproto.split_valid, one regex pass for a good body), its timestamps are
+line by line (lineproto.check_body, one regex pass for a good body), its timestamps are
 converted to nanoseconds, and the valid lines go into one Batcher (batch_max_count
 requests, batch_max_size bytes, never above the NATS max payload, batch_max_age).
 Batches that become ready are published before the request is answered, so:
@@ -28,6 +35,8 @@ Batches that become ready are published before the request is answered, so:
        them came back; many requests share a batch, which waits durable_linger at most)
   400  some or all lines are not line protocol (InfluxDB's "unable to parse" and
        "partial write" errors): the valid lines of the request were still accepted
+  401  credentials missing or wrong; 403  the name may not write to that database
+  408  the request head did not come whole within read_header_timeout
   413  the body is over max_body_size (plain, or once decompressed: gzip bombs too)
   503  NATS is unreachable or too much data waits for it (Retry-After): nothing of
        the request was accepted unless publishing failed half-way; retry it. Durable:
@@ -47,6 +56,12 @@ Counters:
                        precision, encoding or gzip data, over max_body_size, body unreadable)
   failed_nats_publish  valid lines that could not be published (NATS refused or down)
   rejected_busy        write requests answered 503 because too much data waits for NATS
+  auth_missing         requests answered 401 for want of credentials
+  auth_invalid         requests answered 401 for wrong or malformed credentials
+  auth_forbidden       requests answered 403: the name may not write to that database
+  connections_refused  connections closed at once because max_connections were open
+  header_timeouts      requests answered 408: the head was not whole in read_header_timeout
+  body_timeouts        connections closed: no byte of a body came for read_timeout
 """
 
 from __future__ import annotations
@@ -56,11 +71,12 @@ import json
 import logging
 import re
 import zlib
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
-from influx_spout import jetstream, lineproto
+from influx_spout import jetstream, lineproto, listening
+from influx_spout.auth import REALM, Authenticator, AuthFileError, Denied, credentials
 from influx_spout.batching import (
     Batcher,
     ListenerMode,
@@ -68,13 +84,13 @@ from influx_spout.batching import (
     Pump,
     count_lines,
     split_under,
-    without_overlong,
 )
 from influx_spout.config import MB, Checker, Config, option
 from influx_spout.httpserver import (
     BodyError,
     BodyTooLarge,
     Handler,
+    Limits,
     Request,
     Response,
     Server,
@@ -91,17 +107,65 @@ class Options:
     max_body_size: int = option(
         "size", 25 * MB, "a larger request body (after decompression) gets 413"
     )
+    max_gzip_members: int = option(
+        "int", 100, "a gzip body of more members (concatenated streams) gets 413", at_least=1
+    )
+    read_header_timeout: float = option(
+        "duration", 10.0, "a request head not whole this long after it is due gets 408"
+    )
+    read_timeout: float = option(
+        "duration", 10.0, "a body that sends no byte for this long has its connection closed"
+    )
+    max_connections: int = option(
+        "int", 1024, "connections open at once; more are closed at once, and counted", at_least=1
+    )
+    auth_users_file: str = option(
+        "str", "", "htpasswd file of bcrypt users (htpasswd -B): writes need credentials"
+    )
+    auth_tokens_file: str = option(
+        "str", "", "file of NAME:SHA256-HEX tokens, one a line: writes need credentials"
+    )
+    auth_databases: dict[str, list[str]] = option(
+        "access", {}, "NAME = [databases or buckets]: all a user or token may write to"
+    )
 
 
 def validate(c: Checker) -> None:
     c.listening_port(shared_with_probes=True)
     c.output_subject()
     jetstream.validate(c)
+    listening.check_tls(c)
+    cfg = c.cfg
+    try:
+        Authenticator.from_files(cfg.auth_users_file, cfg.auth_tokens_file, cfg.auth_databases)
+    except AuthFileError as exc:
+        raise c.fail(exc.key, exc.problem, exc.todo) from None
+    if cfg.auth_databases and not (cfg.auth_users_file or cfg.auth_tokens_file):
+        raise c.fail(
+            "auth_databases",
+            "set without auth_users_file or auth_tokens_file: no request has a name",
+            "set one of them, or remove [auth_databases]",
+        )
 
 
 log = logging.getLogger("influx_spout.listener_http")
 
-COUNTERS = ("received", "sent", "read_errors", "failed_nats_publish", "rejected_busy")
+COUNTERS = (
+    "received",
+    "sent",
+    "read_errors",
+    "failed_nats_publish",
+    "rejected_busy",
+    "auth_missing",
+    "auth_invalid",
+    "auth_forbidden",
+    "connections_refused",
+    "header_timeouts",
+    "body_timeouts",
+)
+
+# gzip input fed to the decompressor at once: what it copies per member stays this small
+GZIP_FEED = 64 * 1024
 
 VERSION = "1.8.10-influx-spout"
 
@@ -109,13 +173,13 @@ V1_PRECISIONS = ("n", "ns", "u", "us", "ms", "s", "m", "h")
 V2_PRECISIONS = ("ns", "us", "ms", "s")
 
 # Plain bodies above this, and every gzip body, are checked in a worker thread so the
-# event loop keeps serving; smaller ones are checked in the loop (a 1 MB body holds it
-# ~1.6 ms), which costs less than the hop to the thread and back: with Telegraf-sized
-# bodies (~180 KB) the thread hop took ~0.1 CPU-s per 1M lines (bench listener_http).
+# event loop keeps serving; smaller ones are checked in the loop, which costs less than
+# the hop to the thread and back (bench/README.md: listener_http).
 THREAD_THRESHOLD = 1024 * 1024
 
-# Request bodies being read or checked, plus what the NATS client has not sent yet, may
-# reach BUSY_FACTOR * batch size (at least max_body_size) before writes get 503.
+# Whole request bodies being checked, plus what the NATS client has not sent yet, may
+# reach BUSY_FACTOR * batch size (at least max_body_size) before writes get 503; bodies
+# still arriving are not counted there (a stalled upload would make everyone busy).
 BUSY_FACTOR = 4
 RETRY_AFTER = "1"  # seconds, in 503 answers
 
@@ -127,7 +191,6 @@ MAX_SHOWN_LINE = 200  # characters of an invalid line quoted
 MAX_ERROR_HEADER = 1000  # characters of the X-Influxdb-Error header
 MAX_DATABASES = 1000  # database names remembered for SHOW DATABASES
 
-INVALID = "invalid line protocol"
 FORMAT_HINT = "(a line is: measurement[,tag=value...] field=value[,field=value...] [timestamp])"
 
 _CREATE_DATABASE = re.compile(r'(?is)\s*CREATE\s+DATABASE\s+("(?:[^"\\]|\\.)+"|[^\s;]+)')
@@ -153,54 +216,68 @@ class Reject(Exception):
         self.headers = headers or {}
 
 
-@dataclass
-class Decoded:
-    """A write body once checked: what can be published and what cannot."""
+class Checked(NamedTuple):
+    """A write body once checked (lineproto.check_body), cut for the batcher and described
+    for the answer."""
 
     # the valid lines (timestamps in ns, each ending with "\n") in pieces of at most the
     # batch size, each with its line count: ready for Batcher.add as they are
-    pieces: list[tuple[bytes, int]] = field(default_factory=list)
-    valid_lines: int = 0
-    rejected: list[tuple[bytes, str]] = field(default_factory=list)  # (line, reason)
-    problem: str = ""  # InfluxDB-style description of the rejected lines
-
-    @property
-    def valid(self) -> bytes:
-        """Every valid line, joined."""
-        return b"".join(piece for piece, _ in self.pieces)
+    pieces: list[tuple[bytes, int]]
+    valid_lines: int  # in all the pieces
+    rejected: list[lineproto.Rejected]
+    problem: str  # InfluxDB-style description of the rejected lines, "" when none
 
 
 # -- checking a body (pure functions, run in a worker thread for large bodies) -------------
 
 
-def gunzip(data: bytes, limit: int) -> bytes:
-    """The decompressed gzip data (every member), refused with 413 beyond limit bytes."""
-    out = []
+def gunzip(data: bytes, limit: int, max_members: int = 100) -> bytes:
+    """The decompressed gzip data (every member), refused with 413 beyond limit bytes or
+    max_members members.
+
+    The input is fed GZIP_FEED bytes at a time, so what a member's end copies (zlib's
+    unused_data) is bounded: the work is linear in the body, whatever its members.
+    """
+    view = memoryview(data)
+    out: list[bytes] = []
     size = 0
-    while True:
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            # max_length stops a gzip bomb one byte past the limit
-            chunk = d.decompress(data, limit - size + 1)
-        except zlib.error as exc:
-            raise Reject(
-                400,
-                f"gzip: invalid data: {exc} (send a valid gzip body or no Content-Encoding)",
-            ) from None
-        size += len(chunk)
-        if size > limit:
+    pos = 0
+    members = 0
+    while pos < len(view):
+        members += 1
+        if members > max_members:
             raise Reject(
                 413,
-                f"request body over max_body_size ({limit} bytes) once decompressed "
-                "(send smaller batches)",
+                f"gzip: more than {max_members} members (max_gzip_members) "
+                "(compress the body as one gzip stream)",
                 "request too large",
             )
-        out.append(chunk)
-        if not d.eof:
-            raise Reject(400, "gzip: unexpected EOF (the gzip body is truncated; send all of it)")
-        data = d.unused_data
-        if not data:
-            return b"".join(out)
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        while not d.eof:
+            if pos >= len(view):
+                raise Reject(
+                    400, "gzip: unexpected EOF (the gzip body is truncated; send all of it)"
+                )
+            feed = view[pos : pos + GZIP_FEED]
+            try:
+                # max_length stops a gzip bomb one byte past the limit
+                chunk = d.decompress(feed, limit - size + 1)
+            except zlib.error as exc:
+                raise Reject(
+                    400,
+                    f"gzip: invalid data: {exc} (send a valid gzip body or no Content-Encoding)",
+                ) from None
+            size += len(chunk)
+            if size > limit:
+                raise Reject(
+                    413,
+                    f"request body over max_body_size ({limit} bytes) once decompressed "
+                    "(send smaller batches)",
+                    "request too large",
+                )
+            out.append(chunk)
+            pos += len(feed) - len(d.unused_data)
+    return b"".join(out)
 
 
 def decode(
@@ -210,8 +287,9 @@ def decode(
     limit: int,
     max_payload: int,
     piece_size: int = 0,
+    max_members: int = 100,
     arrival_ns: int = 0,
-) -> Decoded:
+) -> Checked:
     """Check a write body: valid lines (in ns) to publish, invalid ones to report.
 
     Every pass over the bytes happens here (in a worker thread for large bodies): the
@@ -220,40 +298,27 @@ def decode(
     (durable mode), lines without a timestamp get that one.
     """
     if gzipped and body:
-        body = gunzip(body, limit)
-    valid, bad = lineproto.split_valid(body)
-    rejected = [(line, INVALID) for line in bad]
-    if valid and lineproto.PRECISIONS[precision] != 1:
-        valid, out_of_range = lineproto.to_nanoseconds_or_set_aside(valid, precision)
-        reason = f"timestamp out of range once converted from precision {precision!r} to ns"
-        rejected += [(line, reason) for line in out_of_range]
-    if arrival_ns and valid:
-        valid = lineproto.stamp_missing(valid, arrival_ns)
-    valid, too_long = without_overlong(valid, max_payload)
-    rejected += [
-        (p[:-1], f"line of {len(p) - 1} bytes is above the NATS max payload ({max_payload} bytes)")
-        for p in too_long
-    ]
+        body = gunzip(body, limit, max_members)
+    valid, lines, rejected = lineproto.check_body(
+        body, lineproto.HTTP_REASONS, precision, max_payload, arrival_ns
+    )
     piece_size = piece_size or max_payload
-    cut: list[tuple[bytes, int]] = []
+    pieces: list[tuple[bytes, int]] = []
     if len(valid) > piece_size:
-        cut = [(p, count_lines(p)) for p in split_under(valid, piece_size)]
+        pieces = [(p, count_lines(p)) for p in split_under(valid, piece_size)]
     elif valid:
-        cut = [(valid, count_lines(valid))]
-    decoded = Decoded(cut, sum(n for _, n in cut), rejected)
-    if rejected:
-        decoded.problem = describe(body, rejected)
-    return decoded
+        pieces = [(valid, lines)]
+    return Checked(pieces, lines, rejected, describe(body, rejected) if rejected else "")
 
 
-def decode_chunks(chunks: list[bytes], *args: Any) -> Decoded:
+def decode_chunks(chunks: list[bytes], *args: Any) -> Checked:
     """decode() of a body read in chunks (joined here, in the worker thread)."""
     body = b"".join(chunks)
     chunks.clear()
     return decode(body, *args)
 
 
-def describe(body: bytes, rejected: list[tuple[bytes, str]]) -> str:
+def describe(body: bytes, rejected: list[lineproto.Rejected]) -> str:
     """InfluxDB's "unable to parse '<line>': <reason>" for the first rejected lines."""
     parts = []
     for line, reason in rejected[:MAX_LISTED_LINES]:
@@ -266,7 +331,7 @@ def describe(body: bytes, rejected: list[tuple[bytes, str]]) -> str:
     more = len(rejected) - MAX_LISTED_LINES
     if more > 0:
         parts.append(f"and {more} more lines could not be parsed")
-    if any(reason == INVALID for _, reason in rejected):
+    if any(reason == lineproto.HTTP_REASONS.invalid for _, reason in rejected):
         parts.append(FORMAT_HINT)
     return "\n".join(parts)
 
@@ -356,6 +421,11 @@ class HttpListener:
             VERSION_HEADERS,
             max_body_size=cfg.max_body_size,
             max_held=self.busy_limit + cfg.max_body_size,
+            limits=Limits(cfg.read_header_timeout, cfg.read_timeout, cfg.max_connections),
+            count=rt.stats.inc,
+        )
+        self.auth = Authenticator.from_files(
+            cfg.auth_users_file, cfg.auth_tokens_file, cfg.auth_databases
         )
         self.routes: dict[str, dict[str, Handler]] = {
             "/write": {"POST": self.write_v1},
@@ -364,28 +434,36 @@ class HttpListener:
             "/health": {"GET": self.health, "HEAD": self.health},
             "/query": {"GET": self.query, "HEAD": self.query, "POST": self.query},
         }
+        self.open_paths = {"/ping", "/health"}  # as in InfluxDB: no credentials needed
 
     async def open(self) -> None:
+        cfg = self.cfg
         if self.cfg.durable:
             await self.rt.bus.ensure_streams([self.subject])
         try:
-            await self.server.start(self.cfg.port)
+            await self.server.start(cfg.port, listening.host(cfg), listening.server_context(cfg))
         except OSError as exc:
             raise RuntimeError(
-                f"cannot listen on TCP port {self.cfg.port}: {exc.strerror or exc} "
-                "(is another process using it? check port)"
+                f"cannot listen on TCP port {cfg.port} of {cfg.bind_address or 'every interface'}"
+                f": {exc.strerror or exc} (is another process using it? check port and "
+                "bind_address)"
             ) from exc
         log.info(
-            "listening on HTTP port %d, publishing to %s at %s",
-            self.cfg.port,
+            "listening on %s port %d%s%s, publishing to %s at %s",
+            "HTTPS" if cfg.tls_cert else "HTTP",
+            cfg.port,
+            f" of {cfg.bind_address}" if cfg.bind_address else "",
+            ", credentials required" if self.auth else "",
             self.subject,
-            self.cfg.nats_address,
+            cfg.nats_address,
         )
 
     async def close(self) -> None:
         """Stop taking requests (those in progress may finish), then publish the rest
         (raising what made the pump fail)."""
         await self.server.close(SHUTDOWN_TIMEOUT)
+        if self.auth is not None:
+            self.auth.close()
         await self.pump.close()
 
     async def publish(self, batch: Parts) -> int:
@@ -412,7 +490,29 @@ class HttpListener:
                 "method not allowed",
                 headers={"Allow": ",".join(sorted(methods))},
             )
+        if self.auth is not None and request.path not in self.open_paths:
+            try:
+                await self.authorize(request, self.auth)
+            except Denied as exc:
+                return self.deny(request, exc, v2)
         return await handler(request)
+
+    async def authorize(self, request: Request, auth: Authenticator) -> None:
+        """Denied unless the request's credentials name a user or token that may write to
+        its database (db, or bucket for /api/v2/write)."""
+        name = await auth.identify(credentials(request.headers.get("authorization"), request.query))
+        if request.path == "/write":
+            auth.check_database(name, request.query.get("db", ""))
+        elif request.path == "/api/v2/write":
+            auth.check_database(name, request.query.get("bucket", ""))
+
+    def deny(self, request: Request, exc: Denied, v2: bool) -> Response:
+        self.rt.stats.inc(f"auth_{exc.reason}")
+        if self.cfg.debug:
+            log.warning("refused a request from %s: %s", request.remote, exc.message)
+        headers = {"WWW-Authenticate": REALM} if exc.status == 401 else {}
+        code = "unauthorized" if exc.status == 401 else "forbidden"
+        return error_response(exc.status, exc.message, v2, code, headers)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -447,8 +547,10 @@ class HttpListener:
             length = request.content_length
             if length is not None and length > limit:
                 raise too_large(limit)
-            # what other requests' bodies and the NATS client hold
-            held = self.server.held - request.size
+            # what other requests' whole bodies and the NATS client hold (bodies still
+            # arriving are not waiting to be published: read_timeout bounds them)
+            server = self.server
+            held = server.held - server.arriving - (request.size if request.complete else 0)
             waiting = held + self.rt.bus.pending_bytes
             if waiting > self.busy_limit:
                 raise busy(waiting, self.busy_limit)
@@ -499,18 +601,18 @@ class HttpListener:
             return error_response(400, message, v2)
         return NO_CONTENT
 
-    async def accept(self, decoded: Decoded) -> int:
+    async def accept(self, checked: Checked) -> int:
         """Batch the valid lines; returns how many were lost. Plain: the batches they made
         ready are published first. Durable: once JetStream stored (PubAck) every batch that
         holds them; many requests wait on one batch, which lingers only while other requests
         are on their way (durable_linger at most)."""
         lost = 0
         if not self.pump.confirmed:
-            for piece, lines in decoded.pieces:
+            for piece, lines in checked.pieces:
                 lost += await self.pump.add_now(piece, lines)
             return lost
         waits = []
-        for piece, lines in decoded.pieces:
+        for piece, lines in checked.pieces:
             waits += self.pump.add_confirmed(piece, lines)
         if not self.arriving:  # no other request would join the batch: no need to linger
             self.pump.flush()
@@ -519,21 +621,22 @@ class HttpListener:
 
     async def read_and_decode(
         self, request: Request, gzipped: bool, precision: str, arrival_ns: int = 0
-    ) -> Decoded:
+    ) -> Checked:
         """Read the body (the server keeps it within max_body_size and the busy limit),
         then check it."""
         try:
             chunks = await request.body()
         except BodyError as exc:
             raise body_reject(exc) from None
-        args = (gzipped, precision, self.cfg.max_body_size, self.rt.bus.max_payload)
+        cfg = self.cfg
+        args = (gzipped, precision, cfg.max_body_size, self.rt.bus.max_payload, self.batch_size)
         if gzipped or request.size > THREAD_THRESHOLD:
             # joining the chunks is per-byte work too: done in the thread
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
-                None, decode_chunks, chunks, *args, self.batch_size, arrival_ns
+                None, decode_chunks, chunks, *args, cfg.max_gzip_members, arrival_ns
             )
-        return decode_chunks(chunks, *args, self.batch_size, arrival_ns)
+        return decode_chunks(chunks, *args, cfg.max_gzip_members, arrival_ns)
 
     def refuse(self, request: Request, exc: Reject, v2: bool) -> Response:
         """Answer a write refused as a whole, and count it."""

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from influx_spout import lineproto
+from influx_spout import lineproto, listening
 from influx_spout.config import Checker, Config
 from influx_spout.mode import Host, Mode
 from influx_spout.probes import serve_http
@@ -68,6 +68,7 @@ class Options:
 def validate(c: Checker) -> None:
     """The monitor reads nats_subject_monitor; it has no nats_subject."""
     c.listening_port(shared_with_probes=True)
+    listening.check_tls(c)
 
 
 log = logging.getLogger("influx_spout.monitor")
@@ -238,7 +239,15 @@ class Monitor:
 
     async def start_http(self) -> None:
         routes = {"/metrics": self._metrics}
-        self._runner = await serve_http(self.cfg.port, routes, "port", HTTP_SHUTDOWN_TIMEOUT)
+        cfg = self.cfg
+        self._runner = await serve_http(
+            cfg.port,
+            routes,
+            "port",
+            HTTP_SHUTDOWN_TIMEOUT,
+            listening.host(cfg),
+            listening.server_context(cfg),
+        )
 
     async def stop_http(self) -> None:
         if self._runner is not None:
@@ -323,7 +332,8 @@ class MonitorMode:
             await monitor.stop_http()
             raise
         log.info(
-            "serving /metrics on HTTP port %d from %s at %s",
+            "serving /metrics on %s port %d from %s at %s",
+            "HTTPS" if cfg.tls_cert else "HTTP",
             cfg.port,
             cfg.nats_subject_monitor,
             cfg.nats_address,

@@ -7,6 +7,8 @@ writer's counters from the monitor subject.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +16,8 @@ from typing import Any
 import httpx
 import nats
 from aiohttp import web
-from support.servers import Component, InfluxServer, NatsServer, free_port
+from support.faultproxy import FaultProxy
+from support.servers import Component, InfluxServer, NatsServer, free_port, wait_for_http
 
 TS0 = 1_700_000_000_123_456_789
 
@@ -36,7 +39,9 @@ def writer_toml(nats_url: str, port: int, db: str, subjects: list[str], **extra:
     values.update(extra)
     out = []
     for key, value in values.items():
-        if isinstance(value, str):
+        if isinstance(value, bool):
+            out.append(f"{key} = {str(value).lower()}")
+        elif isinstance(value, str):
             out.append(f'{key} = "{value}"')
         elif isinstance(value, list):
             out.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
@@ -333,3 +338,390 @@ def test_overload_is_taken_by_nats_pending_limit_and_counted(
         await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+# --- every InfluxDB answer, against a real influxd (issue 9, item 3) ------------------------
+
+DEAD = "influx-spout-dead-letter"
+
+
+class DeadLetters:
+    """The dead letters published while it listens: (payload, NATS headers)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, dict[str, str]]] = []
+        self._nc: Any = None
+
+    async def start(self, url: str) -> DeadLetters:
+        self._nc = await nats.connect(url)
+        await self._nc.subscribe(DEAD, cb=self._on_message)
+        await self._nc.flush()
+        return self
+
+    async def _on_message(self, msg: Any) -> None:
+        self.messages.append((msg.data, dict(msg.headers or {})))
+
+    @property
+    def lines(self) -> list[bytes]:
+        return sorted(line for data, _ in self.messages for line in data.splitlines(True))
+
+    def error_of(self, line: bytes) -> str:
+        return next(h["Error"] for data, h in self.messages if line in data.splitlines(True))
+
+    async def close(self) -> None:
+        await self._nc.close()
+
+
+def tagged(measurement: str, prefix: str, n: int) -> list[bytes]:
+    """n points without a timestamp, each its own series: a point stored twice shows as a
+    second row (InfluxDB stamps each write with its own arrival time)."""
+    name = measurement.encode()
+    return [b"%s,id=%s%d value=%d.5\n" % (name, prefix.encode(), i, i) for i in range(n)]
+
+
+async def answers_scenario(
+    nats_url: str,
+    influxd: InfluxServer,
+    db: str,
+    messages: list[bytes],
+    expected_written: int,
+    expected_dead: list[bytes],
+) -> tuple[Monitor, DeadLetters]:
+    """Publish messages (one batch each), wait for every line to be settled; check the
+    counters and the dead letters' lines."""
+    monitor = await Monitor().start(nats_url)
+    dead = await DeadLetters().start(nats_url)
+    await publish(nats_url, "answers", messages)
+    total = sum(m.count(b"\n") for m in messages)
+
+    def settled(m: Monitor) -> bool:
+        done = m.get("lines_written") + m.get("lines_dead_lettered") + m.get("lines_given_up")
+        return m.get("received") == total and done + m.get("lines_unconfirmed") >= total
+
+    await monitor.wait(settled, timeout=30)
+    assert monitor.get("lines_written") == expected_written
+    assert monitor.get("lines_dead_lettered") == len(expected_dead)
+    assert monitor.get("lines_given_up") == 0
+    assert monitor.get("lines_unconfirmed") == 0
+    await asyncio.sleep(0.2)  # a dead letter published just before the counters
+    assert dead.lines == sorted(expected_dead)
+    for _, headers in dead.messages:
+        assert headers["Influxdb-Target"] == (
+            f"http://127.0.0.1:{influxd.port}/write?db={db}&precision=ns"
+        )
+    return monitor, dead
+
+
+def test_refused_lines_are_dead_lettered_and_good_lines_stored_once(
+    nats_server: NatsServer, influxd: InfluxServer, component: Callable[..., Component]
+) -> None:
+    db = "writer_refused"
+    influxd.create_database(db)
+    influxd.write(db, "conflict,id=seed value=1.5 1\n")  # value is a float from now on
+    start_writer(
+        component,
+        writer_toml(nats_server.url, influxd.port, db, ["answers"], batch_max_count=1),
+    )
+    conflicts = [b'conflict,id=c%d value="text"\n' % i for i in range(2)]
+    # a type conflict hides the parse error of the same write: found all the same
+    mixed = tagged("conflict", "g", 5) + conflicts + [b"bad line\n"]
+    unparsable = tagged("parse", "g", 4) + [b"worse\n", b"parse,id=x value=\n"]
+    # influxd echoes the refused line, NUL byte included, in a header httpx cannot read
+    nul = tagged("nul", "g", 5) + [b"n\x00ul value\n"]
+    refused_whole = [b"nothing here\n", b"parses\n"]
+    messages = [b"".join(mixed), b"".join(unparsable), b"".join(nul), b"".join(refused_whole)]
+    expected_dead = conflicts + [b"bad line\n"] + unparsable[4:] + nul[5:] + refused_whole
+
+    async def scenario() -> None:
+        monitor, dead = await answers_scenario(
+            nats_server.url, influxd, db, messages, 14, expected_dead
+        )
+        assert "field type conflict" in dead.error_of(conflicts[0])
+        assert 'on measurement "conflict"' in dead.error_of(conflicts[0])
+        assert dead.error_of(b"bad line\n") == ("unable to parse 'bad line': invalid field format")
+        assert "unable to parse 'n\\x00ul value'" in dead.error_of(nul[5])
+        assert {h["Influxdb-Status"] for _, h in dead.messages} == {"400"}
+        await monitor.close()
+        await dead.close()
+
+    asyncio.run(scenario())
+    for measurement, n in (("conflict", 6), ("parse", 4), ("nul", 5)):
+        rows = influxd.query(db, f"SELECT * FROM {measurement}")
+        assert len(rows) == n, (measurement, rows)  # each good point once
+        assert len({r["id"] for r in rows}) == n
+
+
+def test_invalid_utf8_500_dead_letters_the_line_and_writes_the_rest(
+    nats_server: NatsServer, influxd: InfluxServer, component: Callable[..., Component]
+) -> None:
+    db = "writer_utf8"
+    influxd.create_database(db)
+    start_writer(
+        component,
+        writer_toml(nats_server.url, influxd.port, db, ["answers"], batch_max_count=1),
+    )
+    ts = 1_000_000_000_000_000_000  # 2001: a new shard, where influxd 1.6 answers 500
+    good = [b"utf8,id=g%d value=%d %d\n" % (i, i, ts + i) for i in range(5)]
+    bad = [b"m\xff\xfe,id=b value=1 %d\n" % ts]
+
+    async def scenario() -> None:
+        monitor, dead = await answers_scenario(
+            nats_server.url, influxd, db, [b"".join(good[:2] + bad + good[2:])], 5, bad
+        )
+        assert "invalid UTF-8" in dead.error_of(bad[0])
+        assert dead.messages[0][1]["Influxdb-Status"] == "500"
+        await monitor.close()
+        await dead.close()
+
+    asyncio.run(scenario())
+    assert sorted(r["time"] for r in influxd.query(db, "SELECT * FROM utf8")) == [
+        ts + i for i in range(5)
+    ]
+
+
+def test_missing_database_is_created_when_asked(
+    nats_server: NatsServer, influxd: InfluxServer, component: Callable[..., Component]
+) -> None:
+    db = "writer_created"
+    writer = start_writer(
+        component,
+        writer_toml(
+            nats_server.url,
+            influxd.port,
+            db,
+            ["answers"],
+            batch_max_count=1,
+            influxdb_create_database=True,
+        ),
+    )
+
+    async def scenario() -> None:
+        monitor, _ = await answers_scenario(
+            nats_server.url, influxd, db, [point("answers", i) for i in range(3)], 3, []
+        )
+        await monitor.close()
+
+    asyncio.run(scenario())
+    assert influxd.count(db, "spout_w") == 3
+    assert "created database writer_created" in writer.log()
+
+
+def test_missing_database_is_given_up_and_logged_once_per_outage(
+    nats_server: NatsServer, influxd: InfluxServer, component: Callable[..., Component]
+) -> None:
+    db = "writer_missing"
+    writer = start_writer(
+        component,
+        writer_toml(nats_server.url, influxd.port, db, ["answers"], batch_max_count=1),
+    )
+
+    async def scenario() -> None:
+        monitor = await Monitor().start(nats_server.url)
+        await publish(nats_server.url, "answers", [point("answers", i) for i in range(4)])
+        await monitor.wait(lambda m: m.get("lines_given_up") == 4)
+        assert monitor.get("lines_written") == 0
+        await monitor.close()
+
+    asyncio.run(scenario())
+    log = writer.log()
+    assert log.count('fail: HTTP 404: database not found: "writer_missing"') == 1  # per outage
+    assert "influxdb_create_database = true" in log
+
+
+def test_413_halves_the_batch_down_to_single_lines(
+    nats_server: NatsServer, component: Callable[..., Component], tmp_path: Any
+) -> None:
+    db = "writer_413"
+    with InfluxServer(workdir=tmp_path / "influxd-small", max_body_size=2000) as small:
+        small.create_database(db)
+        start_writer(
+            component,
+            writer_toml(nats_server.url, small.port, db, ["answers"], batch_max_count=5),
+        )
+        points = [point("answers", i) for i in range(100)]  # ~90 bytes each
+        huge = b'spout_w,subject=huge value=1,note="%s" %d\n' % (b"x" * 3000, TS0)
+        messages = [b"".join(points[20 * m : 20 * m + 20]) for m in range(4)]
+        messages.append(b"".join(points[80:]) + huge)
+
+        async def scenario() -> None:
+            monitor, dead = await answers_scenario(
+                nats_server.url, small, db, messages, 100, [huge]
+            )
+            assert dead.messages[0][1]["Influxdb-Status"] == "413"
+            assert monitor.get("write_requests") > 3
+            await monitor.close()
+            await dead.close()
+
+        asyncio.run(scenario())
+        rows = small.query(db, "SELECT * FROM spout_w")
+        assert sorted(rows, key=lambda r: r["time"]) == [
+            expected_row("answers", i) for i in range(100)
+        ]
+
+
+def test_5xx_with_retry_after_is_retried_and_each_batch_stored_once(
+    nats_server: NatsServer,
+    influxd: InfluxServer,
+    influx_proxy: FaultProxy,
+    component: Callable[..., Component],
+) -> None:
+    db = "writer_503"
+    influxd.create_database(db)
+    influx_proxy.answer(503, count=3, retry_after=0.5)
+    start_writer(
+        component,
+        writer_toml(nats_server.url, influx_proxy.port, db, ["answers"], batch_max_count=1),
+    )
+    messages = [b"".join(point("answers", 10 * m + k) for k in range(10)) for m in range(3)]
+
+    async def scenario() -> None:
+        monitor = await Monitor().start(nats_server.url)
+        await publish(nats_server.url, "answers", messages)
+        await monitor.wait(lambda m: m.get("lines_written") == 30, timeout=30)
+        assert monitor.get("failed_writes") == 3
+        assert monitor.get("lines_given_up") + monitor.get("lines_unconfirmed") == 0
+        await monitor.close()
+
+    asyncio.run(scenario())
+    assert influx_proxy.counts["answered"] == 3
+    assert influx_proxy.counts["forwarded"] == 3  # each batch reached influxd once
+    assert influxd.count(db, "spout_w") == 30
+
+
+def test_a_stalled_write_is_retried_and_never_counted_lost(
+    nats_server: NatsServer,
+    influxd: InfluxServer,
+    influx_proxy: FaultProxy,
+    component: Callable[..., Component],
+) -> None:
+    db = "writer_stall"
+    influxd.create_database(db)
+    influx_proxy.stall(count=1)
+    start_writer(
+        component,
+        writer_toml(
+            nats_server.url,
+            influx_proxy.port,
+            db,
+            ["answers"],
+            batch_max_count=1,
+            write_timeout="1s",
+        ),
+    )
+
+    async def scenario() -> None:
+        monitor = await Monitor().start(nats_server.url)
+        await publish(
+            nats_server.url, "answers", [b"".join(point("answers", i) for i in range(10))]
+        )
+        await monitor.wait(lambda m: m.get("lines_written") == 10, timeout=30)
+        assert monitor.get("failed_writes") == 1
+        assert monitor.get("retries") == 1
+        assert monitor.get("lines_given_up") + monitor.get("lines_unconfirmed") == 0
+        await monitor.close()
+
+    asyncio.run(scenario())
+    assert influx_proxy.counts["stalled"] == 1
+    assert influxd.count(db, "spout_w") == 10
+
+
+def test_writes_whose_answer_never_came_are_counted_unconfirmed_not_lost(
+    nats_server: NatsServer,
+    influxd: InfluxServer,
+    influx_proxy: FaultProxy,
+    component: Callable[..., Component],
+) -> None:
+    influx_proxy.stall()
+    start_writer(
+        component,
+        writer_toml(
+            nats_server.url,
+            influx_proxy.port,
+            "writer_stalled",
+            ["answers"],
+            batch_max_count=1,
+            write_timeout="300ms",
+            writer_retry_timeout="1s",
+        ),
+    )
+
+    async def scenario() -> None:
+        monitor = await Monitor().start(nats_server.url)
+        await publish(nats_server.url, "answers", [b"".join(point("answers", i) for i in range(7))])
+        await monitor.wait(lambda m: m.get("lines_unconfirmed") == 7, timeout=30)
+        assert monitor.get("lines_given_up") == 0
+        assert monitor.get("lines_written") == 0
+        await monitor.close()
+
+    asyncio.run(scenario())
+
+
+def test_readyz_turns_503_while_writes_fail_and_200_after_the_next_success(
+    nats_server: NatsServer,
+    influxd: InfluxServer,
+    influx_proxy: FaultProxy,
+    component: Callable[..., Component],
+) -> None:
+    db = "writer_readyz"
+    influxd.create_database(db)
+    probe = free_port()
+    writer = start_writer(
+        component,
+        writer_toml(
+            nats_server.url,
+            influx_proxy.port,
+            db,
+            ["answers"],
+            batch_max_count=1,
+            probe_port=probe,
+            influxdb_unready_after="1s",
+        ),
+    )
+    writer.wait_ready(probe)
+    influx_proxy.answer(500)
+    asyncio.run(publish(nats_server.url, "answers", [point("answers", 1)]))
+    ready = f"http://127.0.0.1:{probe}/readyz"
+    wait_for_http(ready, 503, 15.0, writer.proc, writer.log_path)
+    influx_proxy.pass_through()
+    wait_for_http(ready, 200, 15.0, writer.proc, writer.log_path)
+    assert influxd.count(db, "spout_w") == 1
+    assert "work again, after" in writer.log()
+
+
+def test_a_frozen_influxd_loses_nothing_and_counts_nothing_lost(
+    nats_server: NatsServer, component: Callable[..., Component], tmp_path: Any
+) -> None:
+    """SIGSTOP influxd: writes time out (InfluxDB may store them once it runs again); they
+    are retried, never counted lost, and each point is stored once."""
+    db = "writer_frozen"
+    with InfluxServer(workdir=tmp_path / "influxd-frozen") as frozen:
+        frozen.create_database(db)
+        start_writer(
+            component,
+            writer_toml(
+                nats_server.url,
+                frozen.port,
+                db,
+                ["answers"],
+                batch_max_count=1,
+                write_timeout="1s",
+            ),
+        )
+        messages = [b"".join(point("answers", 10 * m + k) for k in range(10)) for m in range(5)]
+
+        async def scenario() -> None:
+            monitor = await Monitor().start(nats_server.url)
+            assert frozen.pid is not None
+            os.kill(frozen.pid, signal.SIGSTOP)
+            try:
+                await publish(nats_server.url, "answers", messages)
+                await monitor.wait(lambda m: m.get("failed_writes") >= 5, timeout=30)
+            finally:
+                os.kill(frozen.pid, signal.SIGCONT)
+            await monitor.wait(lambda m: m.get("lines_written") == 50, timeout=60)
+            assert monitor.get("lines_given_up") + monitor.get("lines_unconfirmed") == 0
+            await monitor.close()
+
+        asyncio.run(scenario())
+        rows = frozen.query(db, "SELECT * FROM spout_w")
+        assert sorted(r["time"] for r in rows) == [TS0 + i for i in range(50)]

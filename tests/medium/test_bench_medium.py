@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.lineref import split_lines
 from support.servers import KafkaServer
 
 from influx_spout import lineproto
@@ -115,7 +116,7 @@ def test_load_lines_are_valid_fresh_and_unique() -> None:
         msg = tpl.message(k)
         valid, invalid = lineproto.split_valid(msg)
         assert not invalid and valid == msg
-        lines = lineproto.split_lines(msg)
+        lines = split_lines(msg)
         assert len(lines) == 1000
         for line in lines:
             ts = lineproto.timestamp(line)

@@ -18,6 +18,7 @@ from typing import Any
 import nats
 import pytest
 from support.collect import Collector
+from support.lineref import is_valid
 from support.servers import NatsServer
 
 from influx_spout import lineproto, runtime
@@ -73,7 +74,7 @@ async def publish(url: str, subject: str, *lines: bytes) -> None:
 
 def lines_of(col: Collector) -> list[bytes]:
     out = col.published.splitlines()
-    assert all(lineproto.is_valid(line) for line in out), out
+    assert all(is_valid(line) for line in out), out
     return out
 
 

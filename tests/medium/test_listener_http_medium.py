@@ -441,7 +441,11 @@ def test_batches_never_exceed_the_nats_max_payload(tmp_path: Path) -> None:
 # -- overload and NATS down ---------------------------------------------------------------
 
 
-def test_busy_writes_get_503_with_retry_after(nats_server: NatsServer) -> None:
+def test_bodies_still_arriving_do_not_make_other_writes_busy(nats_server: NatsServer) -> None:
+    """Stalled uploads are not data waiting for NATS (issue 10: three stalled uploads made
+    every other write 503): other writes are answered 204 meanwhile, and read_timeout
+    bounds how long the stalled bodies are held. The 503 for data waiting for NATS:
+    tests/small/test_listener_http_small.py::test_busy_writes_get_503_with_retry_after."""
     line = b"slow v=1 1\n"  # 11 bytes
 
     async def body(h: Harness) -> None:
@@ -453,21 +457,13 @@ def test_busy_writes_get_503_with_retry_after(nats_server: NatsServer) -> None:
             yield line * 2
 
         slow = [asyncio.create_task(h.http.post("/write", content=slow_body())) for _ in range(3)]
-        deadline = time.monotonic() + 5
-        while True:
+        await asyncio.sleep(0.2)
+        for _ in range(10):
             resp = await h.http.post("/write", content=b"probe v=1 1\n")
-            if resp.status_code == 503:
-                break
-            assert resp.status_code == 204
-            assert time.monotonic() < deadline, "never busy"
-            await asyncio.sleep(0.01)
-        assert_json_error(resp, 503, "busy")
-        assert resp.headers["Retry-After"] == "1"
+            assert resp.status_code == 204, resp.text
         gate.set()
         assert [r.status_code for r in await asyncio.gather(*slow)] == [204, 204, 204]
-        # no longer busy
-        assert (await h.http.post("/write", content=b"probe v=1 1\n")).status_code == 204
-        await h.col.wait_counters(rejected_busy=1)
+        await h.col.wait_counters(rejected_busy=0, received=10 + 48)
         assert h.col.published.count(line) == 48
 
     run_test(nats_server.url, body, batch_max_size=100, max_body_size=300)

@@ -86,9 +86,9 @@ def test_base_defaults(tmp_path: Path) -> None:
     )
     assert cfg.influxdb_dbname == "influx-spout-junk"
     assert cfg.write_timeout == 30.0
-    assert cfg.writer_retry_batches == 1
+    assert cfg.writer_retry_batches == 1000  # rides out an InfluxDB restart
     assert cfg.writer_retry_interval == 10.0
-    assert cfg.writer_retry_timeout == 60.0
+    assert cfg.writer_retry_timeout == 300.0
 
 
 @pytest.mark.parametrize(
@@ -148,6 +148,7 @@ def test_options_cover_every_config_field() -> None:
     credentials_and_origin = {"influxdb_user", "influxdb_pass", "influxdb_token", "source"}
     credentials_and_origin |= {"kafka_sasl_username", "kafka_sasl_password"}
     credentials_and_origin |= {"kafka_ssl_key_password"}
+    credentials_and_origin |= {"nats_user", "nats_pass", "nats_token"}
     assert set(OPTIONS) == fields - credentials_and_origin
     for old, (new, _unit, _factor) in ALIASES.items():
         assert new in OPTIONS, old
@@ -316,7 +317,7 @@ def test_writer_input_subjects_may_be_wildcards(tmp_path: Path) -> None:
         ("nats://localhost:4222", ["nats://localhost:4222"]),
         ("nats://a:4222, nats://b:4222", ["nats://a:4222", "nats://b:4222"]),
         ("tls://nats.example.com:4443", ["tls://nats.example.com:4443"]),
-        ("nats://user:secret@a:4222", ["nats://user:secret@a:4222"]),
+        ("nats://user:secret@a:4222", ["nats://a:4222"]),  # the credentials moved out
         ("nats://a", ["nats://a"]),
         ("nats://[::1]:4222", ["nats://[::1]:4222"]),
     ],

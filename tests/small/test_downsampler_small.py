@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.lineref import is_valid
 
 from influx_spout import lineproto as lp
 from influx_spout.batching import Parts
@@ -47,7 +48,7 @@ def feed(agg: Aggregator, *lines: bytes, subject: str = SUBJECT):  # type: ignor
 def emitted(agg: Aggregator) -> list[bytes]:
     """Every open period's lines of SUBJECT (as at stop), each checked valid."""
     lines = [line.rstrip(b"\n") for line in agg.take_all().get(SUBJECT, [])]
-    assert all(lp.is_valid(line) for line in lines), lines
+    assert all(is_valid(line) for line in lines), lines
     return lines
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -79,10 +81,11 @@ def test_a_confirmed_pump_tells_each_caller_how_its_batch_went() -> None:
 
 
 class FakeDelivery:
-    def __init__(self) -> None:
+    def __init__(self, delivered: int = 1) -> None:
         self.acked = 0
         self.naked: list[float | None] = []
-        self.delivered = 1
+        self.progressed = 0
+        self.delivered = delivered
 
     async def ack(self) -> None:
         self.acked += 1
@@ -90,67 +93,182 @@ class FakeDelivery:
     async def nak(self, delay: float | None = None) -> None:
         self.naked.append(delay)
 
-
-def writer_config() -> Config:
-    return Config(
-        mode="writer",
-        name="w",
-        durable=True,
-        batch_max_count=2,
-        batch_max_age=60.0,
-        writer_retry_interval=1.0,
-        workers=2,
-    )
+    async def in_progress(self) -> None:
+        self.progressed += 1
 
 
-def run_writer(statuses: list[int], messages: int) -> tuple[list[FakeDelivery], Stats]:
-    answers = iter(statuses)
+def writer_config(**options: Any) -> Config:
+    settings: dict[str, Any] = {
+        "mode": "writer",
+        "name": "w",
+        "durable": True,
+        "batch_max_count": 2,
+        "batch_max_age": 60.0,
+        "writer_retry_interval": 1.0,
+        "workers": 2,
+    }
+    return Config(**(settings | options))
+
+
+# an answer: an HTTP status, -1 for a refused connection, or (status, body, headers)
+Reply = int | tuple[int, bytes, dict[str, str]]
+
+
+def run_writer(
+    replies: list[Reply],
+    deliveries: list[FakeDelivery],
+    chunks: list[bytes] | None = None,
+    **options: Any,
+) -> tuple[list[FakeDelivery], Stats, list[bytes]]:
+    """Each delivery's chunk (by default one line each) through a durable WriterMode's
+    writer; InfluxDB gives replies in order; returns the bodies it was sent."""
+    replies_left = iter(replies)
+    bodies: list[bytes] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
-        status = next(answers)
-        if status < 0:
+        bodies.append(request.read())
+        reply = next(replies_left)
+        if isinstance(reply, tuple):
+            status, body, headers = reply
+            return httpx.Response(status, content=body, headers=headers)
+        if reply < 0:
             raise httpx.ConnectError("refused")
-        return httpx.Response(status, json={"error": "no"} if status >= 400 else None)
+        return httpx.Response(reply, json={"error": "no"} if reply >= 400 else None)
 
-    async def main() -> list[FakeDelivery]:
+    async def main() -> None:
         client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
-        w = writer_mode.Writer(cfg, stats, client)
-        deliveries = [FakeDelivery() for _ in range(messages)]
+        mode = writer_mode.WriterMode(cfg)
+        w = mode.writer = writer_mode.Writer(
+            cfg, stats, client, settled=mode._settled, durable=True
+        )
+        data = chunks or [b"m v=%di %d\n" % (i, i) for i in range(len(deliveries))]
         async with w:
-            for i, d in enumerate(deliveries):
-                await w.add(b"m v=%di %d\n" % (i, i), d)  # type: ignore[arg-type]
+            for chunk, d in zip(data, deliveries, strict=True):
+                await w.add(chunk, tag=d)
             await w.flush()
-        return deliveries
+            for _ in range(500):  # until every message is settled (a retry waits ~1 s)
+                if all(d.acked or d.naked for d in deliveries):
+                    break
+                await asyncio.sleep(0.01)
 
-    cfg = writer_config()
+    cfg = writer_config(**options)
     stats = Stats("writer", "w", writer_mode.COUNTERS)
-    return asyncio.run(main()), stats
+    asyncio.run(main())
+    return deliveries, stats, bodies
+
+
+def count(stats: Stats, name: str) -> int:
+    return stats.values.get((name, ()), 0)
 
 
 def test_the_writer_acknowledges_a_message_once_its_batch_is_written() -> None:
-    deliveries, stats = run_writer([204, 204], 4)
-    assert [d.acked for d in deliveries] == [1, 1, 1, 1]
-    assert stats.values[("lines_written", ())] == 4
+    deliveries, stats, _ = run_writer([204, 204], [FakeDelivery() for _ in range(4)])
+    assert [(d.acked, d.naked) for d in deliveries] == [(1, [])] * 4
+    assert count(stats, "lines_written") == 4
 
 
 def test_a_failed_write_hands_its_messages_back_and_gives_nothing_up() -> None:
-    deliveries, stats = run_writer([-1, 503], 4)
+    deliveries, stats, _ = run_writer([-1, 503], [FakeDelivery() for _ in range(4)])
     assert [d.acked for d in deliveries] == [0, 0, 0, 0]
     assert all(len(d.naked) == 1 and 0.5 <= (d.naked[0] or 0) <= 1.0 for d in deliveries)
-    assert stats.values[("lines_given_up", ())] == 0
-    assert stats.values[("lines_handed_back", ())] == 4
+    assert count(stats, "lines_given_up") == 0
+    assert count(stats, "lines_handed_back") == 4
+    assert count(stats, "retries") == 0  # the stream keeps them, not the writer
+
+
+def test_401_403_404_hand_back_too() -> None:
+    deliveries, stats, _ = run_writer([401, 403, 404], [FakeDelivery() for _ in range(6)])
+    assert all(d.acked == 0 and len(d.naked) == 1 for d in deliveries)
+    assert count(stats, "lines_handed_back") == 6
+    assert count(stats, "lines_given_up") == 0
 
 
 def test_a_final_refusal_is_acknowledged_and_counted() -> None:
-    deliveries, stats = run_writer([400, 204], 4)
-    assert [d.acked for d in deliveries] == [1, 1, 1, 1]
-    assert stats.values[("lines_given_up", ())] == 2
+    partial = b'{"error":"partial write: unable to parse \'m v=0i 0\': bad dropped=0"}'
+    deliveries, stats, _ = run_writer([(400, partial, {}), 204], [FakeDelivery() for _ in range(4)])
+    assert [(d.acked, d.naked) for d in deliveries] == [(1, [])] * 4
+    assert count(stats, "lines_given_up") == 1  # no dead-letter subject in this test
+    assert count(stats, "lines_written") == 3
 
 
-def test_the_backoff_doubles_up_to_a_minute_with_jitter() -> None:
-    delays = [writer_mode.retry_delay(10.0, n) for n in (1, 2, 3, 30)]
-    assert 5 <= delays[0] <= 10 and 10 <= delays[1] <= 20 and 20 <= delays[2] <= 40
-    assert 30 <= delays[3] <= 60
+def test_the_delay_grows_with_the_deliveries_and_honours_retry_after() -> None:
+    deliveries, _, _ = run_writer(
+        [503, (503, b"{}", {"Retry-After": "7"})],
+        [FakeDelivery(1), FakeDelivery(3), FakeDelivery(30), FakeDelivery(1)],
+        writer_retry_interval=10.0,
+    )
+    first, third, thirtieth, told = (d.naked[0] or 0 for d in deliveries)
+    assert 0.5 <= first <= 1.0 and 2.0 <= third <= 4.0 and 5.0 <= thirtieth <= 10.0
+    assert told == 7.0
+
+
+def test_a_batch_partly_written_is_retried_here_not_handed_back() -> None:
+    # 413: halved; the first half is written, the second fails for now. Handing the
+    # messages back would write the first half again: the second is retried instead.
+    deliveries, stats, bodies = run_writer(
+        [413, 204, 503, 204], [FakeDelivery(), FakeDelivery()], batch_max_count=2
+    )
+    assert [(d.acked, d.naked) for d in deliveries] == [(1, [])] * 2
+    assert bodies == [b"m v=0i 0\nm v=1i 1\n", b"m v=0i 0\n", b"m v=1i 1\n", b"m v=1i 1\n"]
+    assert count(stats, "lines_written") == 2
+    assert count(stats, "lines_handed_back") == 0
+    assert count(stats, "retries") == 1
+
+
+def test_a_message_split_over_batches_is_retried_here_not_handed_back() -> None:
+    # one message of 4 lines over batch_max_size: 2 batches; the second fails for now
+    big = b"".join(b"m v=%di %d\n" % (i, i) for i in range(4))
+    deliveries, stats, bodies = run_writer(
+        [204, 503, 204], [FakeDelivery()], [big], batch_max_size=len(big) // 2
+    )
+    assert [(d.acked, d.naked) for d in deliveries] == [(1, [])]
+    assert b"".join(bodies[:1] + bodies[2:]) == big  # each line written once
+    assert count(stats, "lines_handed_back") == 0
+
+
+def test_a_stopping_writer_hands_back_what_is_unwritten() -> None:
+    async def main() -> tuple[FakeDelivery, Stats]:
+        calls = 0
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            nonlocal calls
+            calls += 1
+            return httpx.Response({1: 413, 2: 204}.get(calls, 503))
+
+        cfg = writer_config(batch_max_count=1)
+        stats = Stats("writer", "w", writer_mode.COUNTERS)
+        mode = writer_mode.WriterMode(cfg)
+        client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+        w = mode.writer = writer_mode.Writer(
+            cfg, stats, client, settled=mode._settled, durable=True
+        )
+        d = FakeDelivery()
+        async with w:
+            # 413: halved, the first half written, the second kept (it fails for now)
+            await w.add(b"m v=1i 1\nm v=2i 2\n", tag=d)
+            while w.kept == 0:
+                await asyncio.sleep(0.01)
+        return d, stats
+
+    d, stats = asyncio.run(main())
+    assert d.acked == 0 and len(d.naked) == 1
+    assert count(stats, "lines_given_up") == 0
+    assert count(stats, "lines_handed_back") == 1  # the half still to write
+
+
+def test_messages_held_long_are_reported_in_progress() -> None:
+    async def main() -> tuple[FakeDelivery, FakeDelivery]:
+        mode = writer_mode.WriterMode(writer_config())
+        old, new = FakeDelivery(), FakeDelivery()
+        now = time.monotonic()
+        mode._held = {old: now - 1.0, new: now + 1.0}  # type: ignore[dict-item]
+        beat = asyncio.create_task(mode._beat(0.05))
+        await asyncio.sleep(0.08)
+        beat.cancel()
+        return old, new
+
+    old, new = asyncio.run(main())
+    assert old.progressed == 1 and new.progressed == 0
 
 
 def test_durable_in_a_mode_without_a_durable_path_is_ignored_with_a_warning(

@@ -4,6 +4,7 @@ malformed input, graceful close), with small handlers instead of the listener's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +17,7 @@ from influx_spout.httpserver import (
     MAX_HEAD,
     BodyError,
     BodyTooLarge,
+    Limits,
     Request,
     Response,
     Server,
@@ -55,9 +57,14 @@ async def echo(request: Request) -> Response:
 
 @asynccontextmanager
 async def serving(
-    handler: Handler = echo, max_body_size: int = 1000, max_held: int = 10_000
+    handler: Handler = echo,
+    max_body_size: int = 1000,
+    max_held: int = 10_000,
+    limits: Limits | None = None,
+    events: list[str] | None = None,
 ) -> AsyncIterator[tuple[Server, int]]:
-    server = Server(handler, error_page, {"X-Test": "yes"}, max_body_size, max_held)
+    count = events.append if events is not None else None
+    server = Server(handler, error_page, {"X-Test": "yes"}, max_body_size, max_held, limits, count)
     port = free_port()
     await server.start(port)
     try:
@@ -440,5 +447,168 @@ def test_close_aborts_what_outlasts_the_timeout(run: Run) -> None:
             assert not server.connections
             assert await c.closed()
             assert server.held == 0
+
+    run(main())
+
+
+# -- limits: deadlines, connections, trailers, back-pressure -----------------------------
+
+SHORT = Limits(read_header_timeout=0.3, read_timeout=0.3, max_connections=4)
+
+
+def test_a_slow_head_gets_408_and_close(run: Run) -> None:
+    events: list[str] = []
+
+    async def main() -> None:
+        async with serving(limits=SHORT, events=events) as (_, port), client(port) as c:
+            await c.send(b"POST /w HTTP/1.1\r\nHost: x\r\n")
+            status, headers, body = await c.response()
+            assert status == "HTTP/1.1 408 Request Timeout"
+            assert headers["connection"] == "close"
+            assert b"read_header_timeout" in body
+            assert await c.closed()
+
+    run(main())
+    assert events == ["header_timeouts"]
+
+
+def test_a_connection_that_sends_nothing_gets_408(run: Run) -> None:
+    async def main() -> None:
+        async with serving(limits=SHORT) as (_, port), client(port) as c:
+            status, _, _ = await c.response()
+            assert status == "HTTP/1.1 408 Request Timeout"
+            assert await c.closed()
+
+    run(main())
+
+
+def test_a_head_dripped_a_byte_at_a_time_is_timed_out_all_the_same(run: Run) -> None:
+    """The deadline is for the whole head, not each byte. The 408 may be lost to the reset
+    the next dripped byte causes; the connection ends either way."""
+    events: list[str] = []
+
+    async def main() -> None:
+        async with serving(limits=SHORT, events=events) as (_, port), client(port) as c:
+            request = post("/w", b"x")
+            ended = asyncio.create_task(c.reader.read())
+            for byte in request[:40]:
+                if ended.done():
+                    break
+                c.writer.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+            with contextlib.suppress(ConnectionResetError):
+                data = await asyncio.wait_for(ended, 5)
+                assert data == b"" or data.startswith(b"HTTP/1.1 408 Request Timeout")
+
+    run(main())
+    assert events == ["header_timeouts"]
+
+
+def test_a_stalled_body_fails_its_request_and_closes_the_connection(run: Run) -> None:
+    events: list[str] = []
+    errors: list[BodyError] = []
+
+    async def keep_error(request: Request) -> Response:
+        try:
+            await request.body()
+        except BodyError as exc:
+            errors.append(exc)
+            return Response(400, str(exc).encode())
+        return Response(204)
+
+    async def main() -> None:
+        async with serving(keep_error, limits=SHORT, events=events) as (server, port):
+            async with client(port) as c:
+                await c.send(post("/w", b"0123456789")[:-4])  # 6 of its 10 bytes
+                status, headers, _ = await c.response()
+                assert (status, headers["connection"]) == ("HTTP/1.1 400 Bad Request", "close")
+                assert await c.closed()
+            assert server.held == 0 and server.arriving == 0
+
+    run(main())
+    assert events == ["body_timeouts"]
+    assert "read_timeout" in str(errors[0])
+
+
+def test_a_body_that_keeps_coming_is_not_timed_out(run: Run) -> None:
+    async def main() -> None:
+        async with serving(limits=SHORT) as (_, port), client(port) as c:
+            body = b"x" * 8
+            request = post("/w", body)
+            head = len(request) - len(body)
+            await c.send(request[:head])
+            for i in range(len(body)):  # 8 x 0.1 s: longer than read_timeout in all
+                await asyncio.sleep(0.1)
+                await c.send(body[i : i + 1])
+            status, _, answer = await c.response()
+            assert (status, answer) == ("HTTP/1.1 200 OK", body)
+
+    run(main())
+
+
+def test_connections_over_max_connections_are_closed_and_counted(run: Run) -> None:
+    events: list[str] = []
+    limits = Limits(read_header_timeout=5, read_timeout=5, max_connections=3)
+
+    async def main() -> None:
+        async with serving(limits=limits, events=events) as (server, port):
+            opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+            await asyncio.sleep(0.1)
+            assert len(server.connections) == 3
+            closed = 0
+            for reader, writer in opened:
+                writer.write(post("/w", b"ok"))
+                data = await asyncio.wait_for(reader.read(100), 5)
+                closed += data == b""
+                writer.close()
+            assert closed == 2
+
+    run(main())
+    assert events == ["connections_refused"] * 2
+
+
+def test_trailers_are_kept_apart_from_the_headers(run: Run) -> None:
+    seen: list[Request] = []
+
+    async def keep(request: Request) -> Response:
+        await request.body()
+        seen.append(request)
+        return Response(204)
+
+    async def main() -> None:
+        async with serving(keep) as (_, port), client(port) as c:
+            await c.send(
+                b"POST /w HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\nAuthorization: Token x\r\nContent-Encoding: gzip\r\n\r\n"
+            )
+            status, _, _ = await c.response()
+            assert status == "HTTP/1.1 204 No Content"
+
+    run(main())
+    r = seen[0]
+    assert "authorization" not in r.headers and "content-encoding" not in r.headers
+    assert r.trailers == {"authorization": "Token x", "content-encoding": "gzip"}
+
+
+def test_reading_pauses_while_the_send_buffer_is_full(run: Run) -> None:
+    """A client that sends requests and never reads the answers: the server stops
+    reading from it once the kernel's buffers are full, so its answers cannot pile up."""
+    answered = 0
+
+    async def big(request: Request) -> Response:
+        nonlocal answered
+        answered += 1
+        return Response(200, b"x" * 1_000_000, "text/plain")
+
+    async def main() -> None:
+        async with serving(big) as (server, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            request = b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n"
+            writer.write(request * 200)
+            await asyncio.sleep(0.5)
+            conn = next(iter(server.connections))
+            assert conn.paused  # by the full send buffer (then by the pipelined requests)
+            assert answered < 200
+            writer.close()
 
     run(main())

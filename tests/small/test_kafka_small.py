@@ -4,11 +4,13 @@ when NATS refuses a batch, under each error policy (a fake consumer and a fake b
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError
 
 from influx_spout import cli
 from influx_spout.batching import Parts
@@ -385,6 +387,21 @@ def test_revoked_partitions_are_not_committed() -> None:
     src.rt.bus.connected = True
     asyncio.run(src.commit())
     assert src.consumer.commits == []
+
+
+def test_client_errors_from_librdkafkas_thread_are_counted_in_the_event_loop() -> None:
+    src = source()
+
+    async def main() -> None:
+        error_cb = kafka.in_loop(asyncio.get_running_loop(), src.on_error)
+        thread = threading.Thread(target=error_cb, args=(KafkaError(KafkaError._TRANSPORT),))
+        thread.start()
+        thread.join()
+        assert src.stats.get("kafka_errors") == 0  # not counted in librdkafka's thread
+        await asyncio.sleep(0)
+        assert src.stats.get("kafka_errors") == 1
+
+    asyncio.run(main())
 
 
 def test_make_decoder_picks_the_encoder() -> None:

@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support.lineref import is_valid, split_lines
 from support.sample import telegraf_lines
 
 from influx_spout import lineproto as lp
@@ -147,14 +148,14 @@ INVALID = [
 
 @pytest.mark.parametrize("line", VALID)
 def test_valid_lines(line: bytes) -> None:
-    assert lp.is_valid(line)
+    assert is_valid(line)
     assert lp.parse(line) is not None
     assert _run_accepts(line)
 
 
 @pytest.mark.parametrize("line", INVALID)
 def test_invalid_lines(line: bytes) -> None:
-    assert not lp.is_valid(line)
+    assert not is_valid(line)
     assert lp.parse(line) is None
     if b"\n" not in line:
         assert not _run_accepts(line)
@@ -172,11 +173,11 @@ def _run_accepts(line: bytes) -> bool:
 def test_huge_lines() -> None:
     big_value = b"v" * (1 << 20)
     line = b"m,t=" + big_value + b" f=1 1"
-    assert lp.is_valid(line)
+    assert is_valid(line)
     assert lp.split_valid(line) == (line + b"\n", [])
     assert lp.parse_tags(lp.parse(line).tags) == [(b"t", big_value)]  # type: ignore[union-attr]
     fields = b",".join(b"f%d=%di" % (i, i) for i in range(50_000))
-    assert lp.is_valid(b"m " + fields)
+    assert is_valid(b"m " + fields)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +196,7 @@ def test_huge_lines() -> None:
 )
 def test_garbage_is_rejected_in_linear_time(impl: ModuleType, garbage: bytes) -> None:
     # Catastrophic backtracking would hit the test timeout long before finishing.
-    assert not lp.is_valid(garbage)
+    assert not is_valid(garbage)
     good, bad = impl.split_valid(garbage)
     assert good == b""
     assert bad == [line for line in garbage.split(b"\n") if line and line[0] != 35]
@@ -206,10 +207,10 @@ def test_garbage_is_rejected_in_linear_time(impl: ModuleType, garbage: bytes) ->
 
 def test_split_lines() -> None:
     batch = b"a f=1\r\n\n# comment\nbad line\n  \nb f=2 3\r\nc f=3\r"
-    assert lp.split_lines(batch) == [b"a f=1", b"bad line", b"  ", b"b f=2 3", b"c f=3"]
-    assert lp.split_lines(b"") == []
-    assert lp.split_lines(b"\n\n#x\n") == []
-    assert lp.split_lines(b"a f=1") == [b"a f=1"]
+    assert split_lines(batch) == [b"a f=1", b"bad line", b"  ", b"b f=2 3", b"c f=3"]
+    assert split_lines(b"") == []
+    assert split_lines(b"\n\n#x\n") == []
+    assert split_lines(b"a f=1") == [b"a f=1"]
 
 
 def test_split_valid_keeps_valid_and_reports_invalid_in_order(impl: ModuleType) -> None:
@@ -263,7 +264,7 @@ def test_parse_tags() -> None:
     assert lp.parse_tags(b"") == []
     assert lp.parse_tags(b"a=1,b=2") == [(b"a", b"1"), (b"b", b"2")]
     raw = b"a\\ b=c\\,d,e\\==f\\\\g,h=i\\\\,j\\=k"
-    assert lp.is_valid(b"m," + raw + b" f=1")
+    assert is_valid(b"m," + raw + b" f=1")
     assert lp.parse_tags(raw) == [(b"a b", b"c,d"), (b"e=", b"f\\\\g"), (b"h", b"i\\,j=k")]
 
 
@@ -342,8 +343,8 @@ def test_to_nanoseconds_every_unit(impl: ModuleType, precision: str, ts: int) ->
     )
     assert impl.split_valid(out) == (out, [])
     # Zeros are appended to the digits, so "0" may come out as "0000": the same value.
-    assert [lp.parse(line) for line in lp.split_lines(out)] == [
-        lp.parse(line) for line in lp.split_lines(expected)
+    assert [lp.parse(line) for line in split_lines(out)] == [
+        lp.parse(line) for line in split_lines(expected)
     ]
     if ts != 0:
         assert out == expected
@@ -405,6 +406,52 @@ def test_now_ns() -> None:
     import time
 
     assert abs(lp.now_ns() - time.time_ns()) < 10**9
+
+
+# --- checking a body --------------------------------------------------------------------------
+
+
+def test_check_body_passes_a_valid_body_without_a_copy() -> None:
+    body = b"a v=1 1\nb v=2 2\n"
+    decoded = lp.check_body(body, lp.HTTP_REASONS)
+    assert decoded == lp.Decoded(body, 2, [])
+    assert decoded.data is body
+
+
+def test_check_body_rejects_invalid_out_of_range_and_overlong_lines_in_that_order() -> None:
+    big = b"big v=" + b"9" * 40 + b" 1"
+    body = b"a v=1 5\nnot lp\n" + big + b"\nb v=2 %d\n" % (10**18)
+    decoded = lp.check_body(body, lp.HTTP_REASONS, "s", max_line=30)
+    assert decoded.data == b"a v=1 5000000000\n" and decoded.lines == 1
+    assert decoded.rejected == [
+        lp.Rejected(b"not lp", "invalid line protocol"),
+        lp.Rejected(
+            b"b v=2 %d" % (10**18),
+            "timestamp out of range once converted from precision 's' to ns",
+        ),
+        lp.Rejected(
+            big + b"000000000",
+            f"line of {len(big) + 9} bytes is above the NATS max payload (30 bytes)",
+        ),
+    ]
+
+
+def test_each_source_keeps_its_words() -> None:
+    line = b"big v=" + b"9" * 40
+    kafka = lp.check_body(line + b"\nbad\n", lp.KAFKA_REASONS, max_line=30)
+    assert [r.reason for r in kafka.rejected] == [
+        "not valid line protocol",
+        f"a line of {len(line) + 1} bytes is over the NATS max payload (30)",
+    ]
+
+
+def test_drop_overlong_keeps_what_it_is_asked_to() -> None:
+    line = b"big v=" + b"9" * 40 + b"\n"
+    decoded = lp.Decoded(b"a v=1\n" + line, 2, [lp.Rejected(b"x", "earlier")])
+    fitted = lp.drop_overlong(decoded, 30, lp.KAFKA_REASONS, keep=10)
+    assert fitted.data == b"a v=1\n" and fitted.lines == 1
+    assert [r.data for r in fitted.rejected] == [b"x", line[:10]]
+    assert lp.drop_overlong(fitted, 30, lp.KAFKA_REASONS) is fitted  # nothing over: as is
 
 
 # --- properties -------------------------------------------------------------------------------
@@ -475,7 +522,7 @@ def _typed(pairs: list) -> list:
 @settings(suppress_health_check=[HealthCheck.too_slow])
 def test_round_trip(point: tuple[bytes, bytes, list, list, int | None]) -> None:
     line, measurement, tags, fields, ts = point
-    assert lp.is_valid(line), line
+    assert is_valid(line), line
     assert _run_accepts(line)
     parsed = lp.parse(line)
     assert parsed is not None
@@ -498,9 +545,9 @@ def test_round_trip(point: tuple[bytes, bytes, list, list, int | None]) -> None:
 @settings(suppress_health_check=[HealthCheck.too_slow])
 def test_split_valid_mixed_with_garbage(impl: ModuleType, lines: list[bytes]) -> None:
     batch = b"\n".join(lines)
-    data = lp.split_lines(batch)
-    expected_good = [line for line in data if lp.is_valid(line)]
-    expected_bad = [line for line in data if not lp.is_valid(line)]
+    data = split_lines(batch)
+    expected_good = [line for line in data if is_valid(line)]
+    expected_bad = [line for line in data if not is_valid(line)]
     good, bad = impl.split_valid(batch)
     assert good == b"".join(line + b"\n" for line in expected_good)
     assert bad == expected_bad
@@ -527,7 +574,7 @@ def _mutants(draw: st.DrawFn) -> bytes:
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
 def test_whole_batch_grammar_agrees_with_per_line_grammar(line: bytes) -> None:
     # The grammar is spelled twice (for RE2 and for re): both must accept the same lines.
-    valid = lp.is_valid(line)
+    valid = is_valid(line)
     assert _run_accepts(line) == valid
     assert (lp.parse(line) is not None) == valid
 

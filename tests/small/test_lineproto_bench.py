@@ -73,19 +73,9 @@ def test_bench_parse(benchmark: BenchmarkFixture) -> None:
 
 
 @pytest.mark.benchmark(group="per line")
-def test_bench_is_valid(benchmark: BenchmarkFixture) -> None:
-    assert all(_run(benchmark, lambda: list(map(lp.is_valid, LINES))))
-
-
-@pytest.mark.benchmark(group="per line")
 def test_bench_timestamp(benchmark: BenchmarkFixture) -> None:
     stamps = _run(benchmark, lambda: list(map(lp.timestamp, LINES)))
     assert None not in stamps
-
-
-@pytest.mark.benchmark(group="per line")
-def test_bench_split_lines(benchmark: BenchmarkFixture) -> None:
-    assert _run(benchmark, lp.split_lines, BATCH) == LINES
 
 
 @pytest.mark.benchmark(group="to_nanoseconds")

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import zlib
 
 import pytest
+from support.servers import free_port
 
+from influx_spout.config import Config
+from influx_spout.lineproto import HTTP_REASONS
 from influx_spout.modes.listener_http import (
+    COUNTERS,
     FORMAT_HINT,
-    INVALID,
+    GZIP_FEED,
     MAX_LISTED_LINES,
     MAX_SHOWN_LINE,
+    Checked,
+    HttpListener,
     Reject,
     decode,
     error_response,
@@ -19,21 +26,28 @@ from influx_spout.modes.listener_http import (
     line_number,
     printable,
 )
+from influx_spout.stats import Stats
 
 MB = 1024 * 1024
+INVALID = HTTP_REASONS.invalid
+
+
+def valid(d: Checked) -> bytes:
+    """Every valid line of a checked body, its pieces joined."""
+    return b"".join(piece for piece, _ in d.pieces)
 
 
 def test_valid_body_passes_unchanged() -> None:
     body = b"cpu,host=a v=1 1700000000000000000\nmem free=2i\n"
     d = decode(body, False, "ns", MB, MB)
-    assert d.valid == body
+    assert valid(d) == body
     assert d.valid_lines == 2
     assert d.rejected == [] and d.problem == ""
 
 
 def test_missing_final_newline_and_crlf_are_normalised() -> None:
     d = decode(b"a v=1 1\r\nb v=2 2", False, "n", MB, MB)
-    assert d.valid == b"a v=1 1\nb v=2 2\n"
+    assert valid(d) == b"a v=1 1\nb v=2 2\n"
 
 
 @pytest.mark.parametrize(
@@ -51,13 +65,13 @@ def test_missing_final_newline_and_crlf_are_normalised() -> None:
 )
 def test_timestamps_converted_to_ns(precision: str, factor: int) -> None:
     d = decode(b'a v=1 17\nb v=2\nc s="x 5" 3\n', False, precision, MB, MB)
-    assert d.valid == b'a v=1 %d\nb v=2\nc s="x 5" %d\n' % (17 * factor, 3 * factor)
+    assert valid(d) == b'a v=1 %d\nb v=2\nc s="x 5" %d\n' % (17 * factor, 3 * factor)
 
 
 def test_invalid_lines_are_rejected_and_described() -> None:
     body = b"good v=1 1\nbad\ngood v=2 2\nworse v= 3\n"
     d = decode(body, False, "ns", MB, MB)
-    assert d.valid == b"good v=1 1\ngood v=2 2\n"
+    assert valid(d) == b"good v=1 1\ngood v=2 2\n"
     assert d.valid_lines == 2
     assert d.rejected == [(b"bad", INVALID), (b"worse v= 3", INVALID)]
     assert d.problem.splitlines() == [
@@ -69,7 +83,7 @@ def test_invalid_lines_are_rejected_and_described() -> None:
 
 def test_binary_garbage_is_rejected_with_a_printable_message() -> None:
     d = decode(b"\x00\x01\xff\xfe garbage\n", False, "ns", MB, MB)
-    assert d.valid == b"" and d.valid_lines == 0
+    assert valid(d) == b"" and d.valid_lines == 0
     assert "unable to parse '\\x00\\x01\\xff\\xfe garbage'" in d.problem
 
 
@@ -94,7 +108,7 @@ def test_line_number_finds_whole_lines_only() -> None:
 def test_timestamp_overflow_rejects_only_that_line() -> None:
     body = b"a v=1 1\nb v=2 9999999999999\n"
     d = decode(body, False, "h", MB, MB)
-    assert d.valid == b"a v=1 %d\n" % (3600 * 10**9)
+    assert valid(d) == b"a v=1 %d\n" % (3600 * 10**9)
     assert len(d.rejected) == 1 and d.rejected[0][0] == b"b v=2 9999999999999"
     assert "out of range" in d.problem
 
@@ -103,7 +117,7 @@ def test_line_above_the_nats_max_payload_is_rejected() -> None:
     long_line = b'big s="' + b"x" * 300 + b'" 1'
     body = b"a v=1 1\n" + long_line + b"\nb v=2 2\n"
     d = decode(body, False, "ns", MB, 100)
-    assert d.valid == b"a v=1 1\nb v=2 2\n"
+    assert valid(d) == b"a v=1 1\nb v=2 2\n"
     assert d.rejected[0][0] == long_line
     assert "above the NATS max payload (100 bytes)" in d.rejected[0][1]
 
@@ -111,7 +125,7 @@ def test_line_above_the_nats_max_payload_is_rejected() -> None:
 def test_body_above_the_batch_size_comes_in_counted_pieces() -> None:
     body = b"".join(b"cpu,host=h%d v=%d %d\n" % (i % 7, i, i) for i in range(50))
     d = decode(body, False, "ns", MB, MB, 100)
-    assert d.valid == body
+    assert valid(d) == body
     assert d.valid_lines == 50
     assert len(d.pieces) > 1
     for piece, lines in d.pieces:
@@ -121,7 +135,7 @@ def test_body_above_the_batch_size_comes_in_counted_pieces() -> None:
 
 def test_gzip_body() -> None:
     body = b"cpu v=1 1\n" * 100
-    assert decode(gzip.compress(body), True, "ns", MB, MB).valid == body
+    assert valid(decode(gzip.compress(body), True, "ns", MB, MB)) == body
 
 
 def test_gzip_multi_member() -> None:
@@ -141,6 +155,22 @@ def test_gzip_exactly_at_the_limit_is_accepted() -> None:
     assert len(gunzip(gzip.compress(b"a" * 1000), 1000)) == 1000
     with pytest.raises(Reject):
         gunzip(gzip.compress(b"a" * 1001), 1000)
+
+
+def test_gzip_members_over_max_gzip_members_are_413() -> None:
+    member = gzip.compress(b"")
+    assert gunzip(member * 100 + gzip.compress(b"a v=1\n"), MB, 101) == b"a v=1\n"
+    with pytest.raises(Reject) as exc:
+        gunzip(member * 200_000, 4 * MB, 100)
+    assert exc.value.status == 413 and "max_gzip_members" in exc.value.message
+
+
+def test_gzip_members_across_the_feed_boundary_decode_as_gzip_does() -> None:
+    """Members of every size, so member ends fall on, before and after each GZIP_FEED cut."""
+    parts = [bytes(range(256)) * (n * 37 % 900) for n in range(60)]
+    body = b"".join(gzip.compress(p, compresslevel=0) for p in parts)
+    assert len(body) > 3 * GZIP_FEED
+    assert gunzip(body, 100 * MB, 60) == gzip.decompress(body) == b"".join(parts)
 
 
 def test_bad_and_truncated_gzip_are_400() -> None:
@@ -193,3 +223,50 @@ def test_decode_speed(benchmark, gzipped: bool) -> None:
     d = benchmark(decode, data, gzipped, "s", 64 * MB, 64 * MB)
     assert d.valid_lines == 5000 and not d.rejected
     benchmark.extra_info["lines_per_second"] = round(5000 / benchmark.stats.stats.mean)
+
+
+# -- the busy check, with a stub bus (a real NATS client's pending bytes cannot be set) ----
+
+
+class StubBus:
+    max_payload = MB
+    connected = True
+    pending_bytes = 0
+
+
+class StubHost:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop = asyncio.Event()
+        self.bus = StubBus()
+        self.stats = Stats("listener_http", "t", COUNTERS)
+        self.ready = True
+
+
+def test_busy_writes_get_503_with_retry_after() -> None:
+    """Too much data waiting for NATS: writes get 503 before their body is read."""
+    cfg = Config(mode="listener_http", name="t", port=free_port(), batch_max_size=1000)
+    host = StubHost(cfg)
+
+    async def post() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", cfg.port)
+        writer.write(b"POST /write HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\nprobe v=1 1\n")
+        answer = await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+        return answer
+
+    async def main() -> None:
+        listener = HttpListener(cfg, host)  # type: ignore[arg-type]
+        await listener.open()
+        try:
+            host.bus.pending_bytes = listener.busy_limit + 1
+            answer = await post()
+            assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+            assert b"Retry-After: 1\r\n" in answer and b"busy" in answer
+            host.bus.pending_bytes = 0
+            assert (await post()).startswith(b"HTTP/1.1 204 No Content\r\n")
+        finally:
+            await listener.server.close(1)
+
+    asyncio.run(main())
+    assert host.stats.get("rejected_busy") == 1

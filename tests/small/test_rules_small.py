@@ -10,6 +10,7 @@ import pickle
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.lineref import split_lines
 from support.sample import telegraf_lines
 
 from influx_spout import lineproto
@@ -395,7 +396,7 @@ def oracle(rules: list[Rule], data: bytes, now: int, delta: int | None) -> Route
     buckets: dict[int, list[bytes]] = {}
     junk: list[bytes] = []
     r = Routed({}, b"")
-    for line in lineproto.split_lines(data):
+    for line in split_lines(data):
         r.processed += 1
         parsed = lineproto.parse(line)
         if parsed is None:

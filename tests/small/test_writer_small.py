@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -17,13 +18,14 @@ import httpx
 import pytest
 from aiohttp import web
 
+from influx_spout import answers as influx_answers
 from influx_spout.config import Config, Rule
 from influx_spout.modes.writer import (
     COUNTERS,
     Writer,
     error_text,
     labels,
-    rejected_lines,
+    retry_after,
     write_url,
 )
 from influx_spout.stats import Stats
@@ -361,7 +363,9 @@ def test_retries_succeed_after_500s() -> None:
             "failed_writes": 2,
             "retries": 2,
             "lines_written": 7,
+            "lines_dead_lettered": 0,
             "lines_given_up": 0,
+            "lines_unconfirmed": 0,
         }
 
     run(scenario())
@@ -514,12 +518,19 @@ def test_unexpected_error_gives_up_the_batch_and_counts_it() -> None:
     run(scenario())
 
 
-def test_rejected_lines_from_influxdb_answers() -> None:
-    assert rejected_lines(PARTIAL_UNPARSABLE, 4) == 2
-    assert rejected_lines(PARTIAL_CONFLICT, 2) == 1
-    assert rejected_lines(NOTHING_PARSED, 1) == 1
-    assert rejected_lines(b'{"error":"partial write: dropped=50"}', 3) == 3
-    assert rejected_lines(b"", 7) == 7
+def test_refused_lines_from_influxdb_answers() -> None:
+    def partial(body: bytes, data: bytes) -> influx_answers.Partial:
+        return influx_answers.partial_write(influx_answers.error_message(body), data)
+
+    got = partial(PARTIAL_UNPARSABLE, b"a f=1 1\nbad line\nb f=2 2\nworse\n")
+    assert [line for line, _ in got.named] == [b"bad line\n", b"worse\n"]
+    assert got.named[0][1] == "unable to parse 'bad line': invalid field format"
+    assert (got.unnamed, got.suspects) == (0, b"")
+    got = partial(PARTIAL_CONFLICT, b'a f=1 1\na f="s" 2\n')
+    assert [line for line, _ in got.named] == [b'a f="s" 2\n']
+    assert (got.unnamed, got.suspects) == (0, b"")
+    got = partial(b'{"error":"partial write: dropped=50"}', b"a f=1 1\n")
+    assert (got.named, got.unnamed) == ([], 50)
 
 
 def test_error_text_is_one_short_line() -> None:
@@ -573,9 +584,10 @@ def test_timeout_without_retries_gives_up(caplog: pytest.LogCaptureFixture) -> N
         writer, stats = new_writer(cfg)
         async with writer:
             await writer.add(lines(2))
-            await until(lambda: stats.get("lines_given_up") == 2)
+            await until(lambda: stats.get("lines_unconfirmed") == 2)
         await influx.stop()
         assert stats.get("failed_writes") == 1
+        assert stats.get("lines_given_up") == 0  # not known to be lost: InfluxDB may have them
 
     run(scenario())
     assert "ReadTimeout" in caplog.text
@@ -714,3 +726,465 @@ def test_batch_all_dropped_by_rules_is_not_written() -> None:
         assert stats.get("write_requests") == 0
 
     run(scenario())
+
+
+# --- every answer's outcome ----------------------------------------------------------------
+
+
+class DeadLetterBox:
+    """Plays the bus's publish_raw to the dead-letter subject."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.messages: list[tuple[bytes, dict[str, str]]] = []
+        self.fail = fail
+
+    async def __call__(self, data: bytes, headers: dict[str, str]) -> None:
+        if self.fail:
+            raise ConnectionError("nats: connection closed")
+        self.messages.append((data, headers))
+
+    @property
+    def lines(self) -> list[bytes]:
+        return sorted(line for data, _ in self.messages for line in data.splitlines(True))
+
+
+def writer_with(cfg: Config, **kwargs: Any) -> tuple[Writer, Stats]:
+    stats = Stats("writer", cfg.name, COUNTERS, labels(cfg), host="h")
+    return Writer(cfg, stats, **kwargs), stats
+
+
+def refusing(bad: bytes, status: int, message: bytes = b'{"error":"no"}') -> Answer:
+    """Answer status to any body holding bad, 204 to the others."""
+
+    async def answer(req: Request) -> web.Response:
+        if bad in req.body:
+            return web.Response(status=status, body=message, content_type="application/json")
+        return web.Response(status=204)
+
+    return answer
+
+
+def written_lines(influx: FakeInflux) -> list[bytes]:
+    """Every line of the writes that got 204 (FakeInflux records all of them)."""
+    return sorted(line for body in influx.bodies for line in body.splitlines(True))
+
+
+def test_partial_write_dead_letters_the_named_lines_with_headers() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(400, PARTIAL_UNPARSABLE)).start()
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(influx.port, batch_max_count=1), dead_letter=box)
+        async with writer:
+            await writer.add(b"a f=1 1\nbad line\nb f=2 2\nworse\n")
+        await influx.stop()
+        assert len(influx.requests) == 1  # nothing written again
+        assert box.lines == [b"bad line\n", b"worse\n"]
+        data, headers = box.messages[0]
+        assert headers == {
+            "Error": "unable to parse 'bad line': invalid field format",
+            "Influxdb-Status": "400",
+            "Influxdb-Target": f"http://127.0.0.1:{influx.port}/write?db=db&precision=ns",
+        }
+        assert (stats.get("lines_written"), stats.get("lines_dead_lettered")) == (2, 2)
+        assert stats.get("lines_given_up") == 0
+
+    run(scenario())
+
+
+def test_dropped_lines_influxdb_does_not_name_are_given_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        body = b'{"error":"partial write: points beyond retention policy dropped=2"}'
+        influx = await FakeInflux(always(400, body)).start()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=DeadLetterBox())
+        async with writer:
+            await writer.add(lines(5))
+        await influx.stop()
+        assert (stats.get("lines_written"), stats.get("lines_given_up")) == (3, 2)
+
+    run(scenario())
+    assert "without naming them" in caplog.text
+
+
+def test_other_4xx_halves_the_batch_until_the_bad_line_is_alone() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(refusing(b"bad", 422)).start()
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=box)
+        good = lines(7)
+        async with writer:
+            await writer.add(lines(3) + b"bad f=1 1\n" + lines(4, start=3))
+        await influx.stop()
+        accepted = [r.body for r in influx.requests if b"bad" not in r.body]
+        assert sorted(b"".join(accepted).splitlines(True)) == sorted(good.splitlines(True))
+        assert box.lines == [b"bad f=1 1\n"]
+        assert box.messages[0][1]["Influxdb-Status"] == "422"
+        assert stats.get("lines_written") == 7
+        assert stats.get("lines_dead_lettered") == 1
+        assert stats.get("failed_writes") == len(influx.requests) - len(accepted)
+
+    run(scenario())
+
+
+def test_413_halves_and_dead_letters_a_line_still_too_large() -> None:
+    async def scenario() -> None:
+        async def small_bodies(req: Request) -> web.Response:
+            return web.Response(status=413 if len(req.body) > 200 else 204)
+
+        influx = await FakeInflux(small_bodies).start()
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=box)
+        huge = b"big f=%s 1\n" % (b"1" * 300)
+        async with writer:
+            await writer.add(lines(20) + huge)
+        await influx.stop()
+        assert [line for body, _ in box.messages for line in [body]] == [huge]
+        assert box.messages[0][1]["Influxdb-Status"] == "413"
+        accepted = [b for b in influx.bodies if len(b) <= 200]
+        assert sorted(b"".join(accepted).splitlines(True)) == sorted(lines(20).splitlines(True))
+        assert (stats.get("lines_written"), stats.get("lines_dead_lettered")) == (20, 1)
+
+    run(scenario())
+
+
+def test_invalid_utf8_500_dead_letters_exactly_those_lines() -> None:
+    async def scenario() -> None:
+        message = (
+            b'{"error":"proto: field \\"tsdb.MeasurementFields.Name\\" contains invalid UTF-8"}'
+        )
+        influx = await FakeInflux(refusing(b"\xff", 500, message)).start()
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=box)
+        async with writer:
+            await writer.add(lines(3) + b"m\xff f=1 1\n")
+        await influx.stop()
+        assert len(influx.requests) == 2  # the batch, then its good lines
+        assert influx.bodies[1] == lines(3)
+        assert box.lines == [b"m\xff f=1 1\n"]
+        assert "invalid UTF-8" in box.messages[0][1]["Error"]
+        assert (stats.get("lines_written"), stats.get("lines_dead_lettered")) == (3, 1)
+
+    run(scenario())
+
+
+async def raw_http(answer_for: Callable[[bytes], bytes]) -> tuple[asyncio.Server, int]:
+    """An HTTP/1.1 server that writes answer_for(body) as it is: headers httpx rejects."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                writer.write(answer_for(body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()  # the client went, or the test ended: nothing to report
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_an_unreadable_answer_is_never_a_resent_batch() -> None:
+    bodies: list[bytes] = []
+
+    def answer_for(body: bytes) -> bytes:
+        bodies.append(body)
+        if b"\x00" in body:  # an illegal header, and not InfluxDB's error header
+            return b"HTTP/1.1 400 Bad Request\r\nX-Other: a\x00b\r\nContent-Length: 0\r\n\r\n"
+        return b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    async def scenario() -> None:
+        server, port = await raw_http(answer_for)
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(port), dead_letter=box)
+        async with writer:
+            await writer.add(lines(4) + b"c\x00 f=1 1\n")
+        server.close()
+        # the batch, its lines that could not break a header, then the suspect alone
+        assert bodies == [lines(4) + b"c\x00 f=1 1\n", lines(4), b"c\x00 f=1 1\n"]
+        assert box.lines == [b"c\x00 f=1 1\n"]
+        assert box.messages[0][1]["Influxdb-Status"] == "unreadable"
+        assert "could not be read" in box.messages[0][1]["Error"]
+        assert (stats.get("lines_written"), stats.get("lines_dead_lettered")) == (4, 1)
+
+    run(scenario())
+
+
+def test_an_illegal_influxdb_error_header_is_read_as_the_answer() -> None:
+    bodies: list[bytes] = []
+
+    def answer_for(body: bytes) -> bytes:
+        bodies.append(body)
+        return (
+            b"HTTP/1.1 400 Bad Request\r\nX-Influxdb-Error: partial write: unable to parse "
+            b"'n\x00ul': invalid field format dropped=0\r\nContent-Length: 0\r\n\r\n"
+        )
+
+    async def scenario() -> None:
+        server, port = await raw_http(answer_for)
+        box = DeadLetterBox()
+        writer, stats = writer_with(writer_config(port), dead_letter=box)
+        async with writer:
+            await writer.add(lines(5) + b"n\x00ul\n")
+        server.close()
+        assert len(bodies) == 1  # the 5 good lines were stored: never sent again
+        assert box.lines == [b"n\x00ul\n"]
+        assert box.messages[0][1]["Error"] == "unable to parse 'n\\x00ul': invalid field format"
+        assert (stats.get("lines_written"), stats.get("lines_dead_lettered")) == (5, 1)
+
+    run(scenario())
+
+
+def test_dead_letters_nats_does_not_take_are_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(400, NOTHING_PARSED)).start()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=DeadLetterBox(True))
+        async with writer:
+            await writer.add(b"bad\n")
+        await influx.stop()
+        assert (stats.get("lines_given_up"), stats.get("lines_dead_lettered")) == (1, 0)
+
+    run(scenario())
+    assert "dead letter could not be published" in caplog.text
+
+
+def test_missing_database_is_created_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        created: list[str] = []
+
+        async def answer(req: Request) -> web.Response:
+            if req.path == "/query":
+                created.append(req.query)
+                return web.json_response({"results": [{"statement_id": 0}]})
+            if not created:
+                return web.json_response({"error": 'database not found: "db"'}, status=404)
+            return web.Response(status=204)
+
+        influx = await FakeInflux(answer).start()
+        cfg = writer_config(influx.port, influxdb_create_database=True)
+        writer, stats = writer_with(cfg)
+        async with writer:
+            await writer.add(lines(3))
+        await influx.stop()
+        assert created == ["q=CREATE+DATABASE+%22db%22"]
+        assert stats.get("lines_written") == 3
+        assert stats.get("retries") == 0
+
+    run(scenario())
+    assert "created database db" in caplog.text
+
+
+def test_a_database_that_cannot_be_created_is_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async def answer(req: Request) -> web.Response:
+            if req.path == "/query":
+                return web.json_response({"error": "requires admin privilege"}, status=403)
+            return web.json_response({"error": 'database not found: "db"'}, status=404)
+
+        influx = await FakeInflux(answer).start()
+        writer, stats = writer_with(writer_config(influx.port, influxdb_create_database=True))
+        async with writer:
+            await writer.add(lines(2))
+        await influx.stop()
+        assert stats.get("lines_given_up") == 2
+
+    run(scenario())
+    assert "could not create database db: HTTP 403: requires admin privilege" in caplog.text
+
+
+def test_durable_retries_target_errors_and_settles_each_batch_once() -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(
+            answers(401, 403, body=b'{"error":"authorization failed"}')
+        ).start()
+        settled: list[tuple[int, int, int]] = []
+
+        async def on_settled(job: Any) -> None:
+            settled.append((job.batch.lines, job.written, job.given_up))
+
+        cfg = writer_config(influx.port, batch_max_count=1)
+        writer, stats = writer_with(cfg, durable=True, settled=on_settled)
+        async with writer:
+            await writer.add(lines(3))
+            await until(lambda: stats.get("lines_written") == 3)
+            await writer.add(lines(2, start=3))
+        await influx.stop()
+        assert settled == [(3, 3, 0), (2, 2, 0)]
+        assert stats.get("retries") == 2
+        assert stats.get("lines_given_up") == 0
+
+    run(scenario())
+
+
+def test_backoff_doubles_up_to_the_interval_and_honours_retry_after() -> None:
+    writer, _ = new_writer(writer_config(1, writer_retry_interval=10.0))
+    assert [0.5 <= writer._backoff(1, 0) <= 1.0 for _ in range(20)] == [True] * 20
+    assert 2.0 <= writer._backoff(3, 0) <= 4.0
+    assert 5.0 <= writer._backoff(30, 0) <= 10.0
+    assert writer._backoff(1, 7.5) == 7.5
+    assert writer._backoff(1, 0) <= 1.0
+
+
+def test_healthy_turns_false_after_unready_after_of_failures_and_back_on_success() -> None:
+    async def scenario() -> None:
+        now = [100.0]
+        influx = await FakeInflux(answers(500, 500)).start()
+        cfg = writer_config(
+            influx.port, batch_max_count=1, influxdb_unready_after=30.0, writer_retry_interval=60.0
+        )
+        stats = Stats("writer", cfg.name, COUNTERS, labels(cfg), host="h")
+        writer = Writer(cfg, stats, clock=lambda: now[0])
+        async with writer:
+            assert writer.healthy()
+            await writer.add(lines(1))
+            await until(lambda: writer.kept == 1)
+            assert writer.healthy()  # failing, but the last success is recent
+            now[0] += 31
+            assert not writer.healthy()
+            await writer.add(lines(1, start=1))  # fails too
+            await until(lambda: stats.get("failed_writes") == 2)
+            assert not writer.healthy()
+            await writer.add(lines(1, start=2))  # 204
+            await until(lambda: stats.get("lines_written") == 1)
+            assert writer.healthy()
+        await influx.stop()
+
+    run(scenario())
+
+
+def test_an_outage_is_logged_once_and_its_end_too(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "influx_spout.writer")
+
+    async def scenario() -> None:
+        influx = await FakeInflux(answers(503, 503, 503)).start()
+        cfg = writer_config(influx.port, batch_max_count=1, writer_retry_batches=5)
+        writer, stats = new_writer(cfg)
+        async with writer:
+            for i in range(3):
+                await writer.add(lines(1, start=i))
+            await until(lambda: stats.get("lines_written") == 3)
+        await influx.stop()
+
+    run(scenario())
+    assert caplog.text.count("fail: HTTP 503") == 1
+    assert caplog.text.count("work again, after 3 failed writes") == 1
+
+
+def test_retry_list_is_bounded_in_bytes_too(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(503)).start()
+        size = len(lines(10, start=20))  # the largest of the three
+        cfg = writer_config(
+            influx.port,
+            batch_max_count=1,
+            workers=1,
+            writer_retry_batches=100,
+            writer_retry_max_size=2 * size + 10,
+            writer_retry_interval=60.0,
+        )
+        writer, stats = new_writer(cfg)
+        writer.start()
+        for i in range(3):
+            await writer.add(lines(10, start=10 * i))
+            await until(lambda n=i + 1: writer.kept + stats.get("lines_given_up") // 10 == n)
+        assert writer.kept == 2  # two batches fit in writer_retry_max_size
+        assert stats.get("lines_given_up") == 10  # the oldest went
+        await writer.add(b"x" * (3 * size) + b"\n")  # larger than the whole list
+        await until(lambda: stats.get("lines_given_up") == 11)
+        assert writer.kept == 2
+        await writer.close(timeout=0.5)
+        await influx.stop()
+
+    run(scenario())
+    assert "writer_retry_max_size" in caplog.text
+
+
+def test_a_batch_that_once_timed_out_stays_unconfirmed_when_given_up() -> None:
+    async def scenario() -> None:
+        calls = 0
+
+        async def slow_then_down(req: Request) -> web.Response:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await asyncio.sleep(2.0)  # times out: InfluxDB may store it
+            return web.Response(status=503)
+
+        influx = await FakeInflux(slow_then_down).start()
+        cfg = writer_config(
+            influx.port,
+            batch_max_count=1,
+            write_timeout=0.2,
+            writer_retry_interval=0.02,
+            writer_retry_timeout=0.5,
+        )
+        writer, stats = new_writer(cfg)
+        async with writer:
+            await writer.add(lines(4))
+            await until(lambda: stats.get("lines_unconfirmed") == 4)
+        await influx.stop()
+        assert calls >= 2
+        assert stats.get("lines_given_up") == 0
+
+    run(scenario())
+
+
+def test_each_message_tag_comes_back_once_its_batch_is_settled() -> None:
+    async def scenario() -> None:
+        partial = b'{"error":"partial write: unable to parse \'bad\': missing fields dropped=0"}'
+        influx = await FakeInflux(refusing(b"bad", 400, partial)).start()
+        settled: list[tuple[list[object], int, int]] = []
+
+        async def on_settled(job: Any) -> None:
+            settled.append((job.tags, job.written, job.dead_lettered))
+
+        one = lines(1)
+        cfg = writer_config(influx.port, batch_max_count=3, batch_max_size=4 * len(one))
+        writer, stats = writer_with(cfg, settled=on_settled, dead_letter=DeadLetterBox())
+        async with writer:
+            await writer.add(one, tag="m1")
+            await writer.add(one)  # untagged (plain input)
+            await writer.add(b"bad\n", tag="m3")  # the third message: a batch
+            await writer.add(b"", tag="empty")  # nothing to write: settled at once
+            await writer.add(one, tag="m5")
+            await writer.add(lines(10), tag="big")  # over batch_max_size: split
+            await writer.add(one, tag="m7")
+        await influx.stop()
+        # batches are written at once, so they settle in any order
+        assert (["empty"], 0, 0) in settled  # at once
+        assert (["m1", "m3"], 2, 1) in settled
+        assert (["m5"], 1, 0) in settled
+        pieces = [s for s in settled if "big" in s[0]]
+        assert len(pieces) >= 3  # one for each batch holding a piece of it
+        assert [s[0] for s in pieces].count(["big", "m7"]) == 1
+        assert sum(s[1] for s in settled) == stats.get("lines_written") == 14
+        assert len(settled) == 3 + len(pieces)
+
+    run(scenario())
+
+
+def test_retry_after_is_read_in_seconds_and_bounded() -> None:
+    assert retry_after("5") == 5.0
+    assert retry_after("0.5") == 0.5
+    assert retry_after(None) == retry_after("") == 0.0
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date: the backoff decides
+    assert retry_after("-3") == 0.0
+    assert retry_after("86400") == 300.0
+
+
+def test_401_in_plain_mode_is_given_up_with_what_to_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        influx = await FakeInflux(always(401, b'{"error":"authorization failed"}')).start()
+        writer, stats = new_writer(writer_config(influx.port))
+        async with writer:
+            await writer.add(lines(2))
+        await influx.stop()
+        assert len(influx.requests) == 1
+        assert (stats.get("lines_given_up"), stats.get("lines_dead_lettered")) == (2, 0)
+
+    run(scenario())
+    assert "check INFLUXDB_USER/INFLUXDB_PASS" in caplog.text
