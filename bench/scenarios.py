@@ -839,9 +839,19 @@ def produce_backlog(kafka: KafkaServer, messages: int, per_msg: int) -> dict[str
 
 
 def run_kafka(opts: Options) -> RunResult:
+    return _run_kafka(opts, KAFKA_LINES_PER_MESSAGE)
+
+
+def run_kafka_one_line(opts: Options) -> RunResult:
+    """kafka with one-line messages (Telegraf's kafka output, kafka-influxdb's users): the
+    per-message cost is the whole story."""
+    return _run_kafka(opts, 1)
+
+
+def _run_kafka(opts: Options, per_msg: int) -> RunResult:
     """A backlog in a fresh Tansu broker -> kafka component -> counted NATS subject.
 
-    The backlog (--lines, as messages of KAFKA_LINES_PER_MESSAGE lines) is produced
+    The backlog (--lines, as messages of per_msg lines) is produced
     before the component starts, so what is timed is consume -> decode -> batch ->
     publish -> commit. --seconds and --rate do not apply. The run starts when the
     component is ready (subscribed): the overall rate includes joining the consumer
@@ -849,11 +859,11 @@ def run_kafka(opts: Options) -> RunResult:
     """
     name = "bench-kafka"
     lines = opts.lines or 1_000_000
-    messages = -(-lines // KAFKA_LINES_PER_MESSAGE)
+    messages = -(-lines // per_msg)
     with Procs(opts.workdir) as procs:
         nats = procs.nats()
         kafka = procs.kafka()
-        produced = produce_backlog(kafka, messages, KAFKA_LINES_PER_MESSAGE)
+        produced = produce_backlog(kafka, messages, per_msg)
         counter = procs.child(
             "count",
             ["--nats", nats.url, "--subject", KAFKA_SUBJECT, "--idle", str(KAFKA_COUNT_IDLE)],
@@ -993,6 +1003,13 @@ SCENARIOS: dict[str, Scenario] = {
             False,
             run_kafka,
             f"a backlog of {KAFKA_LINES_PER_MESSAGE}-line messages in Tansu -> kafka -> NATS",
+        ),
+        Scenario(
+            "kafka-1",
+            ("kafka",),
+            False,
+            run_kafka_one_line,
+            "a backlog of one-line messages in Tansu -> kafka -> NATS",
         ),
     )
 }

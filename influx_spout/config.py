@@ -731,6 +731,7 @@ _EXPECTED = {
     "bool": ("true or false", "write true or false without quotes"),
     "subjects": ("a list of strings", 'write e.g. ["influx-spout"]'),
     "strings": ("a list of strings", 'write e.g. ["a", "b"]'),
+    "table": ("a table of strings", 'write e.g. a table [NAME] then key = "value"'),
 }
 
 
@@ -755,6 +756,8 @@ def _convert(kind: str, raw: Any, file: str, key: str) -> Any:
                 f"expected a list of strings, got a list holding {_describe(bad)}",
                 _EXPECTED[kind][1],
             )
+    if kind == "table" and isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values()):
+        return dict(raw)
     if kind == "size":
         return _convert_size(raw, file, key)
     if kind == "duration":

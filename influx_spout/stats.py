@@ -16,13 +16,16 @@ log = logging.getLogger("influx_spout.stats")
 
 LabelKey = tuple[tuple[str, str], ...]
 
+# the metrics that are gauges (a value now, not a count since start); the monitor types them
+GAUGES = frozenset({"kafka_lag", "kafka_committed_offset"})
+
 
 def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 class Stats:
-    """Monotonic counters; plain and labelled (e.g. triggered{rule="..."})."""
+    """Monotonic counters, plain and labelled (e.g. triggered{rule="..."}), and gauges."""
 
     def __init__(
         self,
@@ -37,6 +40,7 @@ class Stats:
         self.base_labels = base
         # every listed counter is published from the start, even at zero
         self.values: dict[tuple[str, LabelKey], int] = {(c, ()): 0 for c in counters}
+        self.gauges: dict[str, dict[LabelKey, int]] = {}  # name (one of GAUGES) -> its series
 
     def inc(self, counter: str, n: int = 1, **labels: str) -> None:
         key = (counter, tuple(sorted(labels.items())))
@@ -51,12 +55,22 @@ class Stats:
     def get(self, counter: str, **labels: str) -> int:
         return self.values.get((counter, tuple(sorted(labels.items()))), 0)
 
+    def set_gauge(self, name: str, series: Iterable[tuple[dict[str, str], int]]) -> None:
+        """Replace every series of gauge name by (labels, value) pairs: a series left out
+        disappears (a Kafka partition a rebalance took away)."""
+        assert name in GAUGES, name
+        self.gauges[name] = {tuple(sorted(labels.items())): value for labels, value in series}
+
+    def gauge(self, name: str, **labels: str) -> int | None:
+        return self.gauges.get(name, {}).get(tuple(sorted(labels.items())))
+
     def render(self, now_ms: int | None = None) -> bytes:
         """All counters as Prometheus text lines."""
         ts = int(time.time() * 1000) if now_ms is None else now_ms
         base = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(self.base_labels.items()))
         lines = []
-        for (counter, extra), value in sorted(self.values.items()):
+        gauges = [((name, key), v) for name, g in self.gauges.items() for key, v in g.items()]
+        for (counter, extra), value in sorted(self.values.items()) + sorted(gauges):
             labels = base
             if extra:
                 labels += "," + ",".join(f'{k}="{_escape_label(v)}"' for k, v in extra)

@@ -9,6 +9,9 @@ so what reaches NATS is valid line protocol whatever the input held.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+import orjson
 
 # a decoder returns lineproto's Decoded, the one result of a body check, and its Rejected
 from influx_spout.lineproto import CONVERTED_REASONS, Decoded, Rejected, check_body
@@ -17,6 +20,34 @@ Decoder = Callable[[bytes], Decoded]
 
 # the kafka_encoder names (config.py validates against this)
 ENCODERS = ("line_protocol", "collectd_graphite", "collectd_json", "json")
+
+
+# what a decoder may raise on a message or record it cannot read (orjson's recursion limit
+# is a TypeError; 1e300 seconds as nanoseconds an OverflowError)
+UNREADABLE = (ValueError, TypeError, OverflowError, RecursionError)
+
+
+def guarded(decode: Decoder) -> Decoder:
+    """decode, with whatever it raises on a message turned into the message's rejection:
+    a consumer must go on past any bytes (the message is dead-lettered, never retried)."""
+
+    def safe(value: bytes) -> Decoded:
+        try:
+            return decode(value)
+        except Exception as exc:
+            reason = f"could not be decoded ({type(exc).__name__}: {exc})"
+            return Decoded(b"", 0, [Rejected(value, reason)])
+
+    return safe
+
+
+def record_bytes(record: Any, message: bytes) -> bytes:
+    """A rejected JSON record as text for its dead letter; the whole message when orjson
+    cannot write the record back (nested deeper than it writes)."""
+    try:
+        return orjson.dumps(record)
+    except orjson.JSONEncodeError:
+        return message
 
 
 def checked(lines: list[bytes], rejected: list[Rejected]) -> Decoded:

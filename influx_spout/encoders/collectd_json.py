@@ -20,11 +20,13 @@ from typing import Any
 import orjson
 
 from influx_spout.encoders import (
+    UNREADABLE,
     Decoded,
     Rejected,
     checked,
     name_bytes,
     number_token,
+    record_bytes,
     seconds_to_ns,
 )
 from influx_spout.lineproto import escape_measurement, escape_tag
@@ -35,7 +37,7 @@ TAG_KEYS = ("host", "plugin_instance", "type", "type_instance")
 def decode(value: bytes) -> Decoded:
     try:
         doc = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
+    except UNREADABLE as exc:
         return Decoded(b"", 0, [Rejected(value, f"not JSON: {exc}")])
     entries = doc if isinstance(doc, list) else [doc]
     lines: list[bytes] = []
@@ -43,8 +45,8 @@ def decode(value: bytes) -> Decoded:
     for entry in entries:
         try:
             lines.append(_line(entry))
-        except ValueError as exc:
-            rejected.append(Rejected(orjson.dumps(entry), str(exc)))
+        except UNREADABLE as exc:
+            rejected.append(Rejected(record_bytes(entry, value), str(exc)))
     return checked(lines, rejected)
 
 

@@ -34,7 +34,16 @@ from typing import Any
 import orjson
 
 from influx_spout import lineproto
-from influx_spout.encoders import Decoded, Decoder, Rejected, checked, name_bytes, number_token
+from influx_spout.encoders import (
+    UNREADABLE,
+    Decoded,
+    Decoder,
+    Rejected,
+    checked,
+    name_bytes,
+    number_token,
+    record_bytes,
+)
 from influx_spout.lineproto import escape_measurement, escape_string_field, escape_tag
 
 # the precisions a mapping's timestamp may be written in (their factors: lineproto's)
@@ -110,15 +119,15 @@ def make_decoder(mapping: JsonMapping) -> Decoder:
     def decode(value: bytes) -> Decoded:
         try:
             doc = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
+        except UNREADABLE as exc:
             return Decoded(b"", 0, [Rejected(value, f"not JSON: {exc}")])
         lines: list[bytes] = []
         rejected: list[Rejected] = []
         for record in doc if isinstance(doc, list) else [doc]:
             try:
                 lines.append(line(record))
-            except ValueError as exc:
-                rejected.append(Rejected(orjson.dumps(record), str(exc)))
+            except UNREADABLE as exc:
+                rejected.append(Rejected(record_bytes(record, value), str(exc)))
         return checked(lines, rejected)
 
     return decode
@@ -169,6 +178,8 @@ def _to_ns(stamp: Any, factor: int) -> int:
     if isinstance(stamp, float):
         if stamp != stamp or abs(stamp) == float("inf"):
             raise ValueError(f"timestamp {stamp!r} is not a time")
+        if abs(stamp * factor) >= 2.0**63:
+            raise ValueError(f"timestamp {stamp!r} is out of range (int64 nanoseconds)")
         return round(stamp * factor)
     if isinstance(stamp, str):
         if stamp.lstrip("-").isdigit():

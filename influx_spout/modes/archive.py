@@ -39,6 +39,12 @@ the messages whose subject matches `nats_subject` and whose arrival time is with
 `archive_replay_rate` lines a second, then exits 0. A damaged file is counted
 (replay_errors) and logged; the messages before the damage are replayed.
 
+S3 (archive_s3_bucket, influx_spout/s3ship.py): each finished file is uploaded, checked
+and removed here; uploads are retried with backoff (SHIP_BACKOFF) while writing goes on.
+At start, .part files a crash left are closed into valid files and uploaded with any
+finished file an earlier run could not upload; at stop the queue is uploaded once. A
+replay with no local file reads the bucket's files (downloaded to a temporary directory).
+
 Counters (archiving):
   received               messages received
   lines                  lines in them
@@ -47,6 +53,11 @@ Counters (archiving):
   write_errors           messages that could not be written, and files that could not be
                          finished (left as .part)
   nats_dropped{subject}  messages NATS dropped because the input buffer was full
+  uploads                files uploaded to archive_s3_bucket, checked, removed here
+  uploaded_bytes         bytes of those files
+  upload_failures        upload attempts that failed (retried with backoff)
+  local_budget_reached   times the files waiting for upload passed archive_max_local_bytes
+  parts_recovered        .part files of a crashed run closed into valid files (with S3)
 Counters (replay):
   replayed_messages      archived messages published
   replayed_lines         lines in them
@@ -58,11 +69,13 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import collections
 import contextlib
 import gzip
 import logging
 import os
 import re
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -74,9 +87,10 @@ from typing import BinaryIO
 from urllib.parse import quote
 
 from influx_spout.batching import Parts, count_lines
-from influx_spout.config import MB, Checker, Config, option
+from influx_spout.config import GB, MB, Checker, Config, option
 from influx_spout.mode import Host, Mode
 from influx_spout.runtime import publish_parts_counted
+from influx_spout.s3ship import SHIP_ERRORS, Shipper
 from influx_spout.stats import Stats
 
 # -- options (the shared ones: config.SharedOptions) ---------------------------------------
@@ -104,6 +118,17 @@ class Options:
         "time", None, "replay the messages received before this time"
     )
     archive_replay_rate: int = option("int", 100_000, "lines replayed per second, at most")
+    archive_s3_bucket: str = option(
+        "str", "", "S3 bucket finished files are uploaded to (then removed here); empty = none"
+    )
+    archive_s3_prefix: str = option("str", "", "S3 key prefix of the uploaded files")
+    archive_s3_endpoint: str = option(
+        "str", "", "S3-compatible endpoint URL (MinIO, Ceph...); empty = AWS"
+    )
+    archive_s3_region: str = option("str", "", "S3 region; empty = boto3's default")
+    archive_max_local_bytes: int = option(
+        "size", 10 * GB, "S3: finished files waiting for upload above this are reported"
+    )
 
 
 def validate(c: Checker) -> None:
@@ -121,6 +146,17 @@ def validate(c: Checker) -> None:
     c.at_least("archive_replay_rate", 1)
     if cfg.archive_replay_subject:
         c.subject("archive_replay_subject", cfg.archive_replay_subject, publish=True)
+    if not cfg.archive_s3_bucket:
+        for key in ("archive_s3_prefix", "archive_s3_endpoint", "archive_s3_region"):
+            if getattr(cfg, key):
+                raise c.fail(key, "set without archive_s3_bucket", "set the bucket, or remove it")
+    endpoint = cfg.archive_s3_endpoint
+    if endpoint and not re.match(r"https?://[^/\s]+", endpoint):
+        raise c.fail(
+            "archive_s3_endpoint",
+            f"{c.shown('archive_s3_endpoint')} is not an http(s) URL",
+            'write e.g. "http://minio:9000"',
+        )
     start, end = cfg.archive_replay_from, cfg.archive_replay_to
     if start is not None and end is not None and start >= end:
         raise c.fail(
@@ -133,8 +169,15 @@ def validate(c: Checker) -> None:
 log = logging.getLogger("influx_spout.archive")
 
 ARCHIVE_COUNTERS = ("received", "lines", "bytes_written", "files_written", "write_errors")
+S3_COUNTERS = (
+    "uploads",
+    "uploaded_bytes",
+    "upload_failures",
+    "local_budget_reached",
+    "parts_recovered",
+)
 REPLAY_COUNTERS = ("replayed_messages", "replayed_lines", "failed_nats_publish", "replay_errors")
-COUNTERS = ARCHIVE_COUNTERS + REPLAY_COUNTERS  # the mode publishes one set or the other
+COUNTERS = ARCHIVE_COUNTERS + S3_COUNTERS + REPLAY_COUNTERS  # archiving or replay counters
 
 MAGIC = b"#influx-spout-archive-1 "
 SUFFIX = ".lp.gz"
@@ -144,6 +187,7 @@ MAX_HEADER = 1024  # bytes of a record header line; NATS subjects are far shorte
 BUFFER_LIMIT = 8 * 1024 * 1024  # bytes waiting for the writer thread
 MAX_OPEN_FILES = 256
 RETRY_INTERVAL = 1.0  # seconds after a write failure before a file is opened again
+SHIP_BACKOFF = (1.0, 60.0)  # seconds before an upload is tried again: first, at most
 REPLAY_CHUNK = 4 * 1024 * 1024  # bytes of records read from a file at a time
 
 # time allowed after a stop to stop taking input; the rest of runtime.STOP_GRACE finishes files
@@ -273,6 +317,7 @@ class Archiver:
         self.level = level
         self.clock = clock
         self.counts: Counter[str] = Counter()
+        self.finished: list[str] = []  # files finished since the caller last took them
         self._files: dict[str, _OpenFile] = {}  # by subject, least recently written first
         self._failing = False  # in an outage: one log line at its start, one at its end
         self._lost = 0  # messages lost in the current outage
@@ -299,14 +344,31 @@ class Archiver:
         for f in list(self._files.values()):
             self._finish(f)
 
-    def leftovers(self) -> list[str]:
-        """Unfinished files of this instance from an earlier run (killed, or disk errors)."""
-        tail = f"_{_name_part(self.name)}{SUFFIX}{PART}"
+    def leftovers(self, tail: str = PART) -> list[str]:
+        """Unfinished files of this instance from an earlier run (killed, or disk errors);
+        with tail "", its finished files."""
+        end = f"_{_name_part(self.name)}{SUFFIX}{tail}"
         try:
             names = os.listdir(self.directory)
         except OSError:
             return []
-        return sorted(os.path.join(self.directory, n) for n in names if n.endswith(tail))
+        return sorted(os.path.join(self.directory, n) for n in names if n.endswith(end))
+
+    def recover(self, part: str) -> str:
+        """Close a .part file a crash left into a valid archive file holding its complete
+        records (what a torn end held is dropped); returns the finished file's path."""
+        data = _readable_prefix(part)
+        final = part[: -len(PART)]
+        with open(final + ".recovering", "wb") as raw:
+            with gzip.GzipFile(filename="", mode="wb", compresslevel=self.level, fileobj=raw) as gz:
+                gz.write(data[: _complete_records(data)])
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.rename(final + ".recovering", final)
+        os.remove(part)
+        _fsync_dir(self.directory)
+        self.counts["parts_recovered"] += 1
+        return final
 
     def _write_one(self, record: Record) -> None:
         if self._failing and self.clock() < self._retry_at:
@@ -369,6 +431,7 @@ class Archiver:
             return
         self.counts["bytes_written"] += size - f.size
         self.counts["files_written"] += 1
+        self.finished.append(f.final)
 
     def _abandon(self, f: _OpenFile) -> None:
         """Close a file that failed (its callers have taken it out of _files)."""
@@ -400,6 +463,44 @@ class Archiver:
             self._lost = 0
 
 
+def _readable_prefix(path: str) -> bytes:
+    """What a gzip file cut short holds up to where it is cut or damaged."""
+    out = []
+    inflate = zlib.decompressobj(31)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                out.append(inflate.decompress(chunk))
+            except zlib.error:
+                break
+            if inflate.eof:
+                break
+    return b"".join(out)
+
+
+def _complete_records(data: bytes) -> int:
+    """The length of data's leading complete records (header, payload, newline)."""
+    end = pos = 0
+    while pos < len(data):
+        eol = data.find(b"\n", pos, pos + MAX_HEADER)
+        fields = data[pos + len(MAGIC) : eol].split(b" ")
+        if eol < 0 or not data.startswith(MAGIC, pos) or len(fields) != 3:
+            break
+        try:
+            length = int(fields[2])
+        except ValueError:
+            break
+        stop = eol + 1 + length
+        if stop > len(data):
+            break
+        if length == 0 or not data.endswith(b"\n", 0, stop):
+            stop += 1
+            if stop > len(data):
+                break
+        end = pos = stop
+    return end
+
+
 def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -429,6 +530,7 @@ class Archive:
         self._stopping = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="archive")
         self._tick = min(1.0, cfg.archive_max_age / 4)
+        self.ship = Ship(cfg, stats) if cfg.archive_s3_bucket else None
 
     async def handle(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         self.stats.inc("received")
@@ -448,6 +550,10 @@ class Archive:
             for counter, n in self.archiver.counts.items():
                 self.stats.inc(counter, n)
             self.archiver.counts.clear()
+            finished, self.archiver.finished = self.archiver.finished, []
+            if self.ship is not None:
+                for path in finished:
+                    self.ship.add(path)
 
     async def write_forever(self) -> None:
         """Hand what arrived to the writer thread, and rotate aged files, until close()."""
@@ -479,8 +585,107 @@ class Archive:
             self._thread.shutdown(wait=False)
 
 
+class Ship:
+    """The event-loop side of shipping: finished files queued, uploaded one at a time in a
+    thread of their own, each retried with backoff until the bucket holds it."""
+
+    def __init__(self, cfg: Config, stats: Stats) -> None:
+        self.cfg = cfg
+        self.stats = stats
+        self.shipper = Shipper(
+            cfg.archive_s3_bucket,
+            cfg.archive_s3_prefix,
+            cfg.archive_s3_endpoint,
+            cfg.archive_s3_region,
+        )
+        self.queue: collections.deque[tuple[str, int]] = collections.deque()  # path, bytes
+        self.local_bytes = 0  # of the queued files
+        self._over_budget = False
+        self._wake = asyncio.Event()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="archive-s3")
+        self._failing = False
+
+    def add(self, path: str) -> None:
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = 0
+        self.queue.append((path, size))
+        self.local_bytes += size
+        self._budget()
+        self._wake.set()
+
+    def _budget(self) -> None:
+        budget = self.cfg.archive_max_local_bytes
+        over = self.local_bytes > budget
+        if over and not self._over_budget:
+            self.stats.inc("local_budget_reached")
+            log.warning(
+                "%d bytes of archive files wait for upload to s3://%s, above "
+                "archive_max_local_bytes (%d): check the bucket's endpoint and credentials",
+                self.local_bytes,
+                self.cfg.archive_s3_bucket,
+                budget,
+            )
+        self._over_budget = over
+
+    async def ship_one(self) -> bool:
+        """Upload the oldest queued file; False when it failed (it stays queued)."""
+        path, size = self.queue[0]
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._thread, self.shipper.ship, path)
+            ok = True
+        except SHIP_ERRORS as exc:
+            if not self._failing:
+                log.warning(
+                    "upload of %s to s3://%s failed: %s (retried with backoff; the file is kept)",
+                    path,
+                    self.cfg.archive_s3_bucket,
+                    exc,
+                )
+            self._failing = True
+            ok = False
+        finally:
+            for counter, n in self.shipper.counts.items():
+                self.stats.inc(counter, n)
+            self.shipper.counts.clear()
+        if ok:
+            if self._failing:
+                log.info("uploads to s3://%s work again", self.cfg.archive_s3_bucket)
+            self._failing = False
+            self.queue.popleft()
+            self.local_bytes -= size
+            self._budget()
+        return ok
+
+    async def ship_forever(self, stop: asyncio.Event) -> None:
+        """Upload what is queued, waiting longer after each failure, until cancelled."""
+        delay = SHIP_BACKOFF[0]
+        while True:
+            if not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if await self.ship_one():
+                delay = SHIP_BACKOFF[0]
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, SHIP_BACKOFF[1])
+            if stop.is_set():
+                return
+
+    async def finish(self) -> None:
+        """At stop: upload what is queued, once each (what fails is shipped at next start)."""
+        for _ in range(len(self.queue)):
+            if not await self.ship_one():
+                break
+        self._thread.shutdown(wait=False)
+
+
 class ArchiveMode:
-    counters = ARCHIVE_COUNTERS
+    counters = ARCHIVE_COUNTERS + S3_COUNTERS
     labels = None
     unsubscribe_timeout = UNSUBSCRIBE_TIMEOUT
     draining = ""
@@ -490,6 +695,7 @@ class ArchiveMode:
         self.archive: Archive | None = None
         self.writer: asyncio.Task[None] | None = None
         self.stats: Stats | None = None
+        self.shipping: asyncio.Task[None] | None = None
 
     async def start(self, host: Host) -> asyncio.Future[None]:
         """Archive cfg.nats_subject; the work hands what arrives to the writer thread."""
@@ -497,7 +703,9 @@ class ArchiveMode:
         self.stats = host.stats
         archive = self.archive = Archive(cfg, host.stats)
         leftovers = await asyncio.to_thread(archive.archiver.leftovers)
-        if leftovers:
+        if archive.ship is not None:
+            await self._ship_leftovers(archive, archive.ship, leftovers, host)
+        elif leftovers:
             log.warning(
                 "%d unfinished archive files from an earlier run, e.g. %s: zcat reads what "
                 "they hold; check them and remove .part from their names to replay them",
@@ -505,6 +713,8 @@ class ArchiveMode:
                 leftovers[0],
             )
         self.writer = asyncio.create_task(archive.write_forever())
+        if archive.ship is not None:
+            self.shipping = asyncio.create_task(archive.ship.ship_forever(host.stop))
         try:
             await host.bus.subscribe(cfg.nats_subject, archive.handle, cfg.nats_max_pending_size)
         except BaseException:
@@ -519,11 +729,35 @@ class ArchiveMode:
         )
         return self.writer
 
+    async def _ship_leftovers(
+        self, archive: Archive, ship: Ship, parts: list[str], host: Host
+    ) -> None:
+        """Close the .part files a crash left into valid files, and queue them with the
+        finished files an earlier run could not upload."""
+        for part in parts:
+            try:
+                final = await asyncio.to_thread(archive.archiver.recover, part)
+            except OSError as exc:
+                host.stats.inc("write_errors")
+                log.error("cannot recover %s: %s (left as it is)", part, exc)
+                continue
+            log.warning("recovered %s, left by an earlier run, as %s", part, final)
+        for counter, n in archive.archiver.counts.items():
+            host.stats.inc(counter, n)
+        archive.archiver.counts.clear()
+        for path in await asyncio.to_thread(archive.archiver.leftovers, ""):
+            ship.add(path)
+
     async def drain(self) -> None:
-        """Write what is pending and finish every file."""
+        """Write what is pending, finish every file and upload what is queued."""
         assert self.archive is not None and self.writer is not None and self.stats is not None
         try:
             await self.archive.close(self.writer)
+            if self.archive.ship is not None:
+                if self.shipping is not None:
+                    self.shipping.cancel()
+                    await asyncio.gather(self.shipping, return_exceptions=True)
+                await self.archive.ship.finish()
         finally:
             log.info(
                 "all files finished: %d written, %d write errors in all",
@@ -673,6 +907,7 @@ class ReplayMode:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.replaying: asyncio.Task[None] | None = None
+        self._downloads: tempfile.TemporaryDirectory[str] | None = None
 
     async def start(self, host: Host) -> asyncio.Future[None]:
         """Find the files to replay; the work replays them, and the mode ends with it."""
@@ -682,14 +917,40 @@ class ReplayMode:
         try:
             files = await asyncio.to_thread(list_files, path, replay.start_ns, replay.end_ns)
         except OSError as exc:
-            raise RuntimeError(
-                f"archive_replay_path {path}: {exc.strerror or exc} (give an archive file "
-                "or a directory of them)"
-            ) from None
+            if not cfg.archive_s3_bucket:
+                raise RuntimeError(
+                    f"archive_replay_path {path}: {exc.strerror or exc} (give an archive file "
+                    "or a directory of them)"
+                ) from None
+            files = []
+        if not files and cfg.archive_s3_bucket:
+            path = f"s3://{cfg.archive_s3_bucket}/{cfg.archive_s3_prefix}"
+            files = await self._from_bucket(replay)
         target = cfg.archive_replay_subject or "their own subjects"
         log.info("replaying %d archive files from %s onto %s", len(files), path, target)
         self.replaying = asyncio.create_task(self._replay(replay, files, host))
         return self.replaying
+
+    async def _from_bucket(self, replay: Replay) -> list[str]:
+        """No local files: the bucket's, downloaded to a temporary directory (removed at
+        the end), then chosen as local ones are."""
+        cfg = self.cfg
+        self._downloads = tempfile.TemporaryDirectory(prefix="influx-spout-replay-")
+        shipper = Shipper(
+            cfg.archive_s3_bucket,
+            cfg.archive_s3_prefix,
+            cfg.archive_s3_endpoint,
+            cfg.archive_s3_region,
+        )
+        where = self._downloads.name
+        try:
+            await asyncio.to_thread(shipper.download_all, where)
+        except SHIP_ERRORS as exc:
+            raise RuntimeError(
+                f"cannot read s3://{cfg.archive_s3_bucket}/{cfg.archive_s3_prefix}: {exc} "
+                "(check archive_s3_endpoint and the AWS credentials)"
+            ) from None
+        return await asyncio.to_thread(list_files, where, replay.start_ns, replay.end_ns)
 
     async def _replay(self, replay: Replay, files: list[str], host: Host) -> None:
         stop = host.stop
@@ -709,6 +970,8 @@ class ReplayMode:
         """Let the replay notice the stop and publish what it was at."""
         assert self.replaying is not None
         await asyncio.wait([self.replaying])  # what made it fail is raised by the lifecycle
+        if self._downloads is not None:
+            self._downloads.cleanup()
 
 
 def make(cfg: Config) -> Mode:

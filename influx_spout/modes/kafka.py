@@ -5,18 +5,26 @@ batched as the listeners batch (count / size / age, never above the NATS max pay
 What could not be decoded goes to nats_subject_dead_letter with the message's topic,
 partition and offset in NATS headers.
 
+A consume() result is decoded in runs (the messages joined, one decoder call) where the
+encoder is line-based (JOINABLE); a run the decoder refuses any of is decoded again
+message by message, so that only the bad ones are dead-lettered, each with its offset.
+
 At-least-once: offsets are committed by hand (enable.auto.commit and
 enable.auto.offset.store are off), only for messages whose lines (and dead letters)
-NATS has confirmed: after a batch is published, a NATS flush (PING/PONG) must succeed
-before the offsets it covers are committed. A crash or a NATS outage therefore means the
-uncommitted messages are read again (duplicates, never loss). A rebalance may also
-redeliver what the old owner had batched but not committed.
+NATS has confirmed: after each batch is published, a NATS flush (PING/PONG) must succeed
+before the offsets it ends are committed; a consume() never reads past the open batch.
+A crash therefore re-reads at most the one batch being built or published; a NATS outage
+re-reads what was not committed (duplicates, never loss). A rebalance may also redeliver
+what the old owner had batched but not committed.
 
-kafka_error_policy, when NATS refuses a batch or a message cannot be decoded:
+kafka_error_policy (seed 001's noop = skip, throw = stop), when NATS refuses a batch or a
+message cannot be decoded:
   retry  the batch is published again every kafka_retry_interval until NATS takes it
-         (consuming waits meanwhile; nothing is committed); undecodable messages are
-         dead-lettered and skipped, since decoding them again cannot succeed
-  skip   the batch is dropped and counted, its offsets committed with the next ones;
+         (consuming waits meanwhile; nothing is committed), or, with kafka_max_retries,
+         until that many retries failed: then it is dead-lettered and skipped;
+         undecodable messages are dead-lettered and skipped, since decoding them again
+         cannot succeed
+  skip   the batch is dropped and counted, its offsets committed;
          undecodable messages are dead-lettered and skipped
   stop   the component stops (exit 1) without committing the failed batch or message,
          so a restart starts with it; what came before is published and committed
@@ -31,17 +39,24 @@ Counters:
   commits              offset commits that succeeded
   commit_failures      offset commits Kafka refused (retried with the next commit)
   kafka_errors         errors the Kafka client reported (broker down, auth failure...)
+  retries_exhausted    batches dead-lettered and skipped after kafka_max_retries attempts
+
+Gauges, per assigned partition, refreshed every stats_interval:
+  kafka_lag{topic,partition}               high watermark minus the committed offset
+  kafka_committed_offset{topic,partition}  the group's committed offset (once there is one)
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import regex
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -65,7 +80,9 @@ from influx_spout.encoders import (
     Rejected,
     collectd_graphite,
     collectd_json,
+    guarded,
     json_mapping,
+    kcql,
     line_protocol,
 )
 from influx_spout.encoders.json_mapping import JsonMapping
@@ -75,6 +92,8 @@ from influx_spout.runtime import publish_parts_counted
 # -- options (the shared ones, batch_* among them: config.SharedOptions) -------------------
 
 KAFKA_ERROR_POLICIES = ("retry", "skip", "stop")
+# seed 001's (Stream Reactor's) names for them
+SEED_POLICIES = {"noop": "skip", "throw": "stop", "retry": "retry"}
 _KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
@@ -97,7 +116,12 @@ class Options:
         "str", "ns", "line_protocol: the precision of the messages' timestamps"
     )
     kafka_error_policy: str = option(
-        "str", "retry", "when NATS refuses a batch: retry, skip or stop"
+        "str",
+        "retry",
+        "when NATS refuses a batch: retry, skip or stop (seed 001's noop = skip, throw = stop)",
+    )
+    kafka_max_retries: int = option(
+        "int", 0, "retry: publish attempts of a refused batch before it is skipped; 0 = no end"
     )
     kafka_retry_interval: float = option(
         "duration", 5.0, "retry: how often a refused batch is published again"
@@ -109,6 +133,12 @@ class Options:
     )
     kafka_json: JsonMapping | None = option(
         "json_mapping", None, "json: the [kafka_json] table mapping a record to a line"
+    )
+    kafka_kcql: list[str] = option(
+        "strings", [], "json: KCQL statements, one per topic (FROM), each read as a [kafka_json]"
+    )
+    kafka_topic_encoders: dict[str, str] = option(
+        "table", {}, "topic name or ^regex -> encoder, for topics not using kafka_encoder"
     )
     kafka_client: dict[str, str | int | float | bool] = option(
         "client", {}, "librdkafka properties passed to the consumer as they are"
@@ -138,34 +168,85 @@ def validate(c: Checker) -> None:
     _validate_topics(c)
     if not cfg.kafka_group or any(ch.isspace() for ch in cfg.kafka_group):
         raise c.fail("kafka_group", f"{quote(cfg.kafka_group)} is not usable", 'use e.g. "spout"')
+    cfg.kafka_error_policy = SEED_POLICIES.get(
+        cfg.kafka_error_policy.lower(), cfg.kafka_error_policy
+    )
     for key, value, allowed in (
         ("kafka_offset_reset", cfg.kafka_offset_reset, ("earliest", "latest")),
         ("kafka_encoder", cfg.kafka_encoder, ENCODERS),
         ("kafka_precision", cfg.kafka_precision, tuple(lineproto.PRECISIONS)),
-        ("kafka_error_policy", cfg.kafka_error_policy, KAFKA_ERROR_POLICIES),
+        ("kafka_error_policy", cfg.kafka_error_policy, KAFKA_ERROR_POLICIES + tuple(SEED_POLICIES)),
     ):
         if value not in allowed:
             raise c.fail(key, f"unknown value {quote(value)}", one_of(value, allowed))
     c.subject("nats_subject_dead_letter", cfg.nats_subject_dead_letter, publish=True)
-    if cfg.kafka_encoder == "collectd_graphite":
+    if cfg.kafka_max_retries < 0:
+        raise c.fail("kafka_max_retries", "is negative", "write 0 (no end) or a count")
+    kcql_topics = _validate_kcql(c)
+    _validate_topic_encoders(c)
+    used = {cfg.kafka_encoder, *cfg.kafka_topic_encoders.values()}
+    if "collectd_graphite" in used:
         if not cfg.kafka_graphite_tags or not all(cfg.kafka_graphite_tags):
             raise c.fail(
                 "kafka_graphite_tags",
                 "needs at least one non-empty tag name",
                 'write e.g. ["datacenter", "host"] or ["host"]',
             )
-    if cfg.kafka_precision not in ("n", "ns") and cfg.kafka_encoder != "line_protocol":
+    if cfg.kafka_precision not in ("n", "ns") and "line_protocol" not in used:
         raise c.fail(
             "kafka_precision",
             f"applies to the line_protocol encoder, not {quote(cfg.kafka_encoder)}",
             "remove it (the other encoders know their own timestamps' precision)",
         )
-    if cfg.kafka_encoder == "json" and cfg.kafka_json is None:
-        raise c.fail(
-            "kafka_json",
-            "the json encoder needs a [kafka_json] table",
-            'add [kafka_json] with at least measurement = "..."',
-        )
+    if "json" in used and cfg.kafka_json is None:
+        json_topics = [t for t, e in cfg.kafka_topic_encoders.items() if e == "json"]
+        if cfg.kafka_encoder == "json" and not kcql_topics:
+            json_topics.append("(kafka_encoder)")
+        for topic in json_topics:
+            if topic not in kcql_topics:
+                raise c.fail(
+                    "kafka_json",
+                    f"the json encoder of {quote(topic)} needs a [kafka_json] table "
+                    "or a kafka_kcql statement reading that topic",
+                    'add [kafka_json] with at least measurement = "...", or a KCQL statement',
+                )
+
+
+def _validate_kcql(c: Checker) -> set[str]:
+    """Parse every statement now, so that one that does not parse stops the start (exit 2)."""
+    topics: set[str] = set()
+    for statement in c.cfg.kafka_kcql:
+        try:
+            topic = kcql.parse(statement).topic
+        except kcql.KcqlError as exc:
+            raise c.fail(
+                "kafka_kcql",
+                f"{quote(statement)}: {exc.problem} at {exc.token}",
+                "write INSERT INTO measure SELECT ... FROM topic [WITHTIMESTAMP f] [WITHTAG (...)]",
+            ) from None
+        if topic in topics:
+            raise c.fail(
+                "kafka_kcql", f"two statements read topic {quote(topic)}", "keep one per topic"
+            )
+        topics.add(topic)
+    return topics
+
+
+def _validate_topic_encoders(c: Checker) -> None:
+    for topic, encoder in c.cfg.kafka_topic_encoders.items():
+        if encoder not in ENCODERS:
+            raise c.fail(
+                f"kafka_topic_encoders.{topic}",
+                f"unknown encoder {quote(encoder)}",
+                one_of(encoder, ENCODERS),
+            )
+        if topic.startswith("^"):
+            try:
+                regex.compile(topic)
+            except regex.error as exc:
+                raise c.fail(
+                    f"kafka_topic_encoders.{topic}", f"invalid regular expression: {exc}", "fix it"
+                ) from None
 
 
 def _validate_topics(c: Checker) -> None:
@@ -231,10 +312,14 @@ COUNTERS = (
     "commits",
     "commit_failures",
     "kafka_errors",
+    "retries_exhausted",
 )
 
+# encoders that decode messages joined by newlines as they decode each alone (line-based)
+JOINABLE = ("line_protocol", "collectd_graphite")
 CONSUME_MAX = 1000  # messages taken from the client at once
 POLL_TIMEOUT = 0.2  # seconds a consume call may wait: how soon a stop is noticed
+POSITION_TIMEOUT = 1  # seconds a broker has to give a partition's offsets for kafka_lag
 FLUSH_TIMEOUT = 2  # seconds NATS has to confirm what was published before a commit
 DEAD_LETTER_ROOM = 4096  # bytes of a dead letter kept for its headers when it is cut
 
@@ -250,15 +335,52 @@ class _Stopping(Exception):
     """Asked to stop while retrying a batch: it stays uncommitted in Kafka."""
 
 
-def make_decoder(cfg: Config) -> Decoder:
-    """The decoder kafka_encoder names."""
-    if cfg.kafka_encoder == "collectd_graphite":
+class Decoding(NamedTuple):
+    """How one topic's messages are decoded."""
+
+    decode: Decoder
+    joinable: bool  # a run of messages joined by newlines decodes as each alone
+
+
+def make_decoder(cfg: Config, encoder: str = "", mapping: JsonMapping | None = None) -> Decoder:
+    """The decoder an encoder name (by default kafka_encoder) gives, guarded: whatever a
+    message holds, the consumer goes on (what cannot be decoded is dead-lettered)."""
+    return guarded(_decoder(cfg, encoder or cfg.kafka_encoder, mapping or cfg.kafka_json))
+
+
+def _decoder(cfg: Config, encoder: str, mapping: JsonMapping | None) -> Decoder:
+    if encoder == "collectd_graphite":
         return collectd_graphite.make_decoder(cfg.kafka_graphite_tags)
-    if cfg.kafka_encoder == "collectd_json":
+    if encoder == "collectd_json":
         return collectd_json.decode
-    if cfg.kafka_encoder == "json":
-        return json_mapping.make_decoder(cfg.kafka_json or json_mapping.JsonMapping())
+    if encoder == "json":
+        return json_mapping.make_decoder(mapping or json_mapping.JsonMapping())
     return line_protocol.make_decoder(cfg.kafka_precision)
+
+
+def make_decoders(cfg: Config) -> Callable[[str], Decoding]:
+    """Each topic's Decoding: its [kafka_topic_encoders] entry (a name, then the ^regexes in
+    order), else json when a kafka_kcql statement reads it, else kafka_encoder. A json
+    topic's mapping is its statement's, else [kafka_json]. Kept per topic once found."""
+    statements = {q.topic: q.mapping for q in map(kcql.parse, cfg.kafka_kcql)}
+    names = {t: e for t, e in cfg.kafka_topic_encoders.items() if not t.startswith("^")}
+    patterns = [
+        (regex.compile(t), e) for t, e in cfg.kafka_topic_encoders.items() if t.startswith("^")
+    ]
+    known: dict[str, Decoding] = {}
+
+    def for_topic(topic: str) -> Decoding:
+        found = known.get(topic)
+        if found is None:
+            encoder = names.get(topic) or next(
+                (e for p, e in patterns if p.search(topic)),
+                "json" if topic in statements else cfg.kafka_encoder,
+            )
+            decode = make_decoder(cfg, encoder, statements.get(topic))
+            found = known[topic] = Decoding(decode, encoder in JOINABLE)
+        return found
+
+    return for_topic
 
 
 def consumer_config(cfg: Config, on_error: Callable[[KafkaError], None]) -> dict[str, Any]:
@@ -291,19 +413,25 @@ class KafkaSource:
     """Consumes, decodes, batches, publishes and commits; every consumer call runs in one
     worker thread (librdkafka blocks), one at a time."""
 
-    def __init__(self, cfg: Config, rt: Host, consumer: Any, decoder: Decoder) -> None:
+    def __init__(
+        self, cfg: Config, rt: Host, consumer: Any, decoding: Callable[[str], Decoding]
+    ) -> None:
         self.cfg = cfg
         self.rt = rt
         self.stats = rt.stats
         self.consumer = consumer
-        self.decode = decoder
+        self.decoding = decoding  # of a topic
         self.subject = cfg.nats_subject[0]
         self.batcher = Batcher(
             cfg.batch_max_count, min(cfg.batch_max_size, rt.bus.max_payload), cfg.batch_max_age
         )
-        self.marks: dict[Position, int] = {}  # next offsets of the messages in the open batch
+        self.marks: dict[Position, Message] = {}  # last message of each in the open batch
+        self.open_messages = 0  # messages read since everything was last published
         self.published: dict[Position, int] = {}  # next offsets published, not yet committed
+        self.committed: dict[Position, int] = {}  # what this member committed, for kafka_lag
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kafka")
+        # asking the brokers for offsets may wait a while: never in the way of consuming
+        self._positions_thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-lag")
         self._unconfirmed = False  # NATS did not confirm the last flush
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -314,30 +442,98 @@ class KafkaSource:
 
     async def run(self) -> None:
         """Consume until stop; then publish what is batched, commit it and return."""
+        positions = asyncio.create_task(self.refresh_positions())
+        try:
+            await self._consume()
+        finally:
+            positions.cancel()
+
+    async def _consume(self) -> None:
         while not self.rt.stop.is_set():
-            messages = await self.call(self.consumer.consume, CONSUME_MAX, POLL_TIMEOUT)
-            for msg in messages:
-                await self.handle(msg)
+            room = self.batcher.max_count - self.open_messages  # a consume never spans
+            messages = await self.call(
+                self.consumer.consume, max(1, min(CONSUME_MAX, room)), POLL_TIMEOUT
+            )
+            await self.handle_all(messages)
             if self.batcher.due():
                 await self.flush()
-            await self.commit()
+            await self.commit()  # what an earlier commit could not (NATS or Kafka down)
         await self.flush()
-        await self.commit()
+
+    async def handle_all(self, messages: list[Message]) -> None:
+        """A consume() result: decoded in runs that fit the open batch where the encoder
+        reads a run as it reads each message, else message by message."""
+        if any(msg.error() is not None for msg in messages):
+            for msg in messages:
+                if msg.error() is not None:
+                    self._kafka_error(msg)
+            messages = [msg for msg in messages if msg.error() is None]
+        if not messages:
+            return
+        self.stats.inc("received", len(messages))
+        for topic, same in itertools.groupby(messages, key=_topic):
+            decoding = self.decoding(topic)
+            if decoding.joinable:
+                await self._runs(list(same), decoding.decode)
+            else:
+                for msg in same:
+                    await self._one(msg)
+
+    async def _runs(self, messages: list[Message], decode: Decoder) -> None:
+        """Messages of one topic in runs that fit the open batch, each decoded at once."""
+        values = [msg.value() or b"" for msg in messages]
+        ends = list(itertools.accumulate(len(v) + 1 for v in values))
+        start = 0
+        while start < len(messages):
+            base = ends[start - 1] if start else 0
+            room = self.batcher.max_size - self.batcher.size
+            stop = bisect.bisect_right(ends, base + room, lo=start)
+            stop = min(stop, start + self.batcher.max_count - self.open_messages)
+            if stop <= start:
+                if self.batcher.count:
+                    await self.flush()  # the open batch ends before this message
+                    continue
+                stop = start + 1  # one message larger than a whole batch
+            await self._run(messages[start:stop], values[start:stop], decode)
+            start = stop
+
+    async def _run(self, run: list[Message], values: list[bytes], decode: Decoder) -> None:
+        """Decode a run of messages at once; when any of it is refused, each message again
+        alone, so that only the bad ones are dead-lettered, each with its own offset."""
+        decoded = self._fit(decode(b"\n".join(values)))
+        if decoded.rejected:
+            for msg in run:
+                await self._one(msg)
+            return
+        if decoded.lines:
+            self.stats.inc("lines", decoded.lines)
+            ready = self.batcher.add(decoded.data, decoded.lines)
+        else:
+            ready = []
+        self.marks.update({(m.topic() or "", m.partition() or 0): m for m in run})
+        self.open_messages += len(run)
+        await self._ship(ready)
 
     async def handle(self, msg: Message) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                self.on_error(err)
+        """One message (error or data)."""
+        if msg.error() is not None:
+            self._kafka_error(msg)
             return
         self.stats.inc("received")
-        position = (msg.topic() or "", msg.partition() or 0)
-        decoded = self._fit(self.decode(msg.value() or b""))
+        await self._one(msg)
+
+    def _kafka_error(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None and err.code() != KafkaError._PARTITION_EOF:
+            self.on_error(err)
+
+    async def _one(self, msg: Message) -> None:
+        """A message decoded alone: its refused lines are dead-lettered (with its offset)."""
+        decoded = self._fit(self.decoding(_topic(msg)).decode(msg.value() or b""))
         if decoded.rejected:
             await self.dead_letter(msg, decoded.rejected)
             if self.cfg.kafka_error_policy == "stop":
                 await self.flush()
-                await self.commit()
                 raise PolicyStop(
                     f"{msg.topic()}[{msg.partition()}] offset {msg.offset()}: "
                     f"{decoded.rejected[0].reason} (kafka_error_policy is stop; the message "
@@ -350,11 +546,20 @@ class KafkaSource:
             ready = self.batcher.add(decoded.data, decoded.lines)
         else:
             ready = []
-        self.marks[position] = (msg.offset() or 0) + 1
+        self.marks[(msg.topic() or "", msg.partition() or 0)] = msg
+        self.open_messages += 1
+        await self._ship(ready)
+
+    async def _ship(self, ready: list[Parts]) -> None:
+        """Publish the batches that became ready, and the open one once it holds
+        batch_max_count messages; commit as soon as everything read is published."""
         for batch in ready:
             await self.publish(batch)
+        if self.open_messages >= self.batcher.max_count and self.batcher.count:
+            await self.publish(self.batcher.take())
         if not self.batcher.count:  # everything read so far is published
             self._settle()
+            await self.commit()
 
     def _fit(self, decoded: Decoded) -> Decoded:
         """Reject lines NATS could never carry (longer than its max payload): the body
@@ -364,21 +569,28 @@ class KafkaSource:
         )
 
     def _settle(self) -> None:
-        self.published.update(self.marks)
+        self.published.update({pos: (m.offset() or 0) + 1 for pos, m in self.marks.items()})
         self.marks.clear()
+        self.open_messages = 0
 
     async def flush(self) -> None:
-        """Publish the open batch; its messages' offsets become committable."""
+        """Publish the open batch and commit the offsets of every message it ends."""
         await self.publish(self.batcher.take())
         self._settle()
+        await self.commit()
 
     # -- NATS ------------------------------------------------------------------------------
 
     async def publish(self, batch: Parts) -> None:
         """Publish a batch, applying kafka_error_policy when NATS does not take it."""
+        attempts = 0
         while await publish_parts_counted(self.rt, self.subject, batch):
+            attempts += 1
             policy = self.cfg.kafka_error_policy
             if policy == "skip":
+                return
+            if policy == "retry" and attempts > self.cfg.kafka_max_retries > 0:
+                await self._give_up(batch, attempts)
                 return
             if policy == "stop":
                 raise PolicyStop(
@@ -392,6 +604,22 @@ class KafkaSource:
             )
             if await self._stopped_within(self.cfg.kafka_retry_interval):
                 raise _Stopping
+
+    async def _give_up(self, batch: Parts, attempts: int) -> None:
+        """kafka_max_retries reached: the batch goes to the dead-letter subject and is
+        skipped (committed), as Stream Reactor's retry policy does after its max.retries."""
+        self.stats.inc("retries_exhausted")
+        reason = f"NATS did not take the batch in {attempts} attempts (kafka_max_retries)"
+        log.warning("%s: %d lines dead-lettered and skipped", reason, batch.lines)
+        try:
+            await self.rt.bus.publish_raw(
+                self.cfg.nats_subject_dead_letter, b"".join(batch.parts), {"Error": reason}
+            )
+        except Exception as exc:
+            self.stats.inc("failed_nats_publish")
+            log.warning("could not dead-letter the batch either (%s): it is skipped", exc)
+            return
+        self.stats.inc("dead_lettered")
 
     async def _stopped_within(self, seconds: float) -> bool:
         try:
@@ -466,8 +694,54 @@ class KafkaSource:
         self.stats.inc("commit_failures" if failed else "commits")
         for position, offset in offsets.items():
             bad = any((tp.topic, tp.partition) == position for tp in failed)
+            if not bad:
+                self.committed[position] = offset
             if not bad and self.published.get(position) == offset:
                 del self.published[position]
+
+    async def refresh_positions(self) -> None:
+        """kafka_lag and kafka_committed_offset of each assigned partition, every
+        stats_interval; a partition no longer assigned leaves both."""
+        while True:
+            await asyncio.sleep(self.cfg.stats_interval)
+            try:
+                loop = asyncio.get_running_loop()
+                positions = await loop.run_in_executor(self._positions_thread, self._positions)
+            except KafkaException as exc:
+                self.stats.inc("kafka_errors")
+                log.warning("could not read the partitions' offsets for kafka_lag: %s", exc)
+                continue
+            lag, committed = [], []
+            for topic, partition, offset, low, high in positions:
+                labels = {"topic": topic, "partition": str(partition)}
+                if offset >= 0:
+                    committed.append((labels, offset))
+                    start = offset
+                else:  # nothing committed yet: the group starts where offset_reset says
+                    start = low if self.cfg.kafka_offset_reset == "earliest" else high
+                lag.append((labels, max(high - start, 0)))
+            self.stats.set_gauge("kafka_lag", lag)
+            self.stats.set_gauge("kafka_committed_offset", committed)
+
+    def _positions(self) -> list[tuple[str, int, int, int, int]]:
+        """(topic, partition, committed offset, low, high watermark) of each assigned
+        partition whose high watermark the fetches have brought (cached: no request, so
+        a short stats_interval costs the brokers nothing); the committed offset is ours,
+        asked of the group only for a partition this member has not committed yet.
+        In a thread of its own (librdkafka allows it), never in the way of consuming."""
+        assigned = self.consumer.assignment()
+        ours = dict(self.committed)
+        unknown = [tp for tp in assigned if (tp.topic, tp.partition) not in ours]
+        if unknown:
+            for tp in self.consumer.committed(unknown, timeout=POSITION_TIMEOUT):
+                ours[(tp.topic, tp.partition)] = tp.offset
+        out = []
+        for tp in assigned:
+            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0:
+                position = (tp.topic, tp.partition)
+                out.append((tp.topic, tp.partition, ours.get(position, -1), max(low, 0), high))
+        return out
 
     def on_error(self, err: KafkaError) -> None:
         """A message's error, or the client's (its error_cb, brought to the loop by in_loop)."""
@@ -480,6 +754,7 @@ class KafkaSource:
         for tp in partitions:
             self.marks.pop((tp.topic, tp.partition), None)
             self.published.pop((tp.topic, tp.partition), None)
+            self.committed.pop((tp.topic, tp.partition), None)
         if partitions:
             log.info("partitions revoked: %s", _names(partitions))
 
@@ -492,6 +767,11 @@ class KafkaSource:
             await self.call(self.consumer.close)
         finally:
             self._thread.shutdown(wait=False)
+            self._positions_thread.shutdown(wait=False)
+
+
+def _topic(msg: Message) -> str:
+    return msg.topic() or ""
 
 
 def _names(partitions: list[TopicPartition]) -> str:
@@ -525,7 +805,7 @@ class KafkaMode:
             raise RuntimeError(
                 f"cannot create the Kafka consumer: {exc} (check [kafka_client])"
             ) from exc
-        source = self.source = KafkaSource(cfg, host, consumer, make_decoder(cfg))
+        source = self.source = KafkaSource(cfg, host, consumer, make_decoders(cfg))
         holder.append(source)
         try:
             await source.call(

@@ -4,7 +4,7 @@ Components publish their counters every stats_interval as Prometheus text lines
 (`name{labels} value timestamp_ms`, influx_spout.stats). The monitor keeps the latest value
 of each series (metric name + label set) and serves them all on `port` at GET /metrics
 (text/plain; version=0.0.4, gzip when the scraper asks), sorted by name then labels, with
-one `# TYPE name counter` line per name: every metric a component publishes is a counter.
+one `# TYPE name counter` line per name (`gauge` for the few in stats.GAUGES).
 A component that restarts starts its counters again from zero: the new value simply
 replaces the old one, and Prometheus' rate() sees a counter reset, as it should.
 
@@ -56,6 +56,7 @@ from influx_spout import lineproto, listening
 from influx_spout.config import Checker, Config
 from influx_spout.mode import Host, Mode
 from influx_spout.probes import serve_http
+from influx_spout.stats import GAUGES
 
 # -- options (all shared, port among them: config.SharedOptions) ---------------------------
 
@@ -220,7 +221,7 @@ class SeriesStore:
         for key in self._order:
             name, labels = key
             if name != last_name:
-                out.append(f"# TYPE {name} counter\n")
+                out.append(f"# TYPE {name} {'gauge' if name in GAUGES else 'counter'}\n")
                 last_name = name
             out.append(f"{name}{labels} {store[key].value}\n")
         return "".join(out).encode()

@@ -15,8 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import confluent_kafka
-from support.collect import Collector
-from support.servers import Component, KafkaServer, NatsServer, find_executable, free_port
+from support.collect import Collector, wait_until
+from support.servers import (
+    Component,
+    InfluxServer,
+    KafkaServer,
+    NatsServer,
+    find_executable,
+    free_port,
+)
 
 SUBJECT = "kafka-large"
 MONITOR = "kafka-large-monitor"
@@ -24,7 +31,7 @@ TOPIC = "telegraf"
 GROUP = "spout-large"
 
 
-def kcat_produce(tmp_path: Path, bootstrap: str, lines: list[bytes]) -> None:
+def kcat_produce(tmp_path: Path, bootstrap: str, lines: list[bytes], topic: str = TOPIC) -> None:
     """Produce one message per line to partition 0 with kcat.
 
     Debian's kcat fails against Tansu with its own old librdkafka; it works with the
@@ -40,7 +47,7 @@ def kcat_produce(tmp_path: Path, bootstrap: str, lines: list[bytes]) -> None:
         link.symlink_to(lib)
     env = {**os.environ, "LD_LIBRARY_PATH": str(libdir)}
     out = subprocess.run(
-        [kcat, "-b", bootstrap, "-t", TOPIC, "-P", "-p", "0"],
+        [kcat, "-b", bootstrap, "-t", topic, "-P", "-p", "0"],
         input=b"\n".join(lines) + b"\n",
         env=env,
         capture_output=True,
@@ -108,3 +115,159 @@ def test_sigterm_commits_and_a_restart_resumes_at_the_committed_offset(
             await collector.close()
 
     asyncio.run(main())
+
+
+def test_sigkill_mid_stream_replays_at_most_one_batch(
+    tmp_path: Path,
+    nats_server: NatsServer,
+    kafka_server: KafkaServer,
+    component: Callable[..., Component],
+) -> None:
+    """Offsets are committed after each confirmed batch: a restart after a SIGKILL reads
+    again at most the batch that was being published (issue 12 item 5)."""
+    total, batch = 60_000, 500
+    lines = [b"cpu,host=k usage=%d 1700000000000000000" % i for i in range(total)]
+    kafka_server.produce(TOPIC, lines, partition=0, flush_timeout=60)
+    port = free_port()
+    toml = kafka_toml(nats_server.url, kafka_server.bootstrap, port).replace(
+        'batch_max_count = 100000\nbatch_max_age = "1h"',
+        f'batch_max_count = {batch}\nbatch_max_age = "1s"',
+    )
+
+    def received() -> list[bytes]:
+        return collector.published.splitlines()
+
+    def state() -> str:
+        return f"{len(received())} lines received, {len(set(received()))} distinct"
+
+    async def main() -> None:
+        await collector.start(nats_server.url)
+        try:
+            first = component(toml)
+            await wait_until(lambda: len(collector.messages) >= 20, 60, state)
+            first.proc.kill()
+            first.proc.wait()
+            at_kill = len(received())
+            again = component(toml)
+            again.wait_ready(port)
+            await wait_until(lambda: len(set(received())) == total, 60, state)
+            await asyncio.sleep(1)  # anything read twice after the last new line
+            assert again.stop() == 0
+        finally:
+            await collector.close()
+        got = received()
+        replayed = len(got) - len(set(got))
+        print(f"SIGKILL after {at_kill} of {total} lines: {replayed} lines replayed")
+        assert set(got) == set(lines)
+        assert replayed <= batch
+
+    collector = Collector(SUBJECT, MONITOR)
+    asyncio.run(main())
+
+
+def test_one_consumer_four_encoders_kcql_included_points_exact_in_influxdb(
+    tmp_path: Path,
+    nats_server: NatsServer,
+    kafka_server: KafkaServer,
+    influxd: InfluxServer,
+    component: Callable[..., Component],
+) -> None:
+    """Line protocol, collectd Graphite, collectd JSON and a KCQL-mapped JSON topic, all
+    produced by kcat, consumed by one kafka component and written by a writer."""
+    n = 5
+    t0 = 1_700_000_000
+    produced = {
+        "lp": [b"cpu,host=a usage=%d.5 %d" % (i, (t0 + i) * 10**9) for i in range(n)],
+        "graphite": [b"h1.load.shortterm 0.%d %d" % (i + 1, t0 + i) for i in range(n)],
+        "collectd": [
+            b'{"values": [%d.25], "dstypes": ["gauge"], "dsnames": ["value"], "time": %d.5, '
+            b'"host": "h2", "plugin": "cpu", "plugin_instance": "1", "type": "percent", '
+            b'"type_instance": "system"}' % (i, t0 + i)
+            for i in range(n)
+        ],
+        "payments": [
+            b'{"amount": %d, "fee": 0.5, "from": "ann", "note": "x", "ts": %d}'
+            % (i, (t0 + i) * 1000)
+            for i in range(n)
+        ],
+    }
+    for topic, values in produced.items():
+        kcat_produce(tmp_path, kafka_server.bootstrap, values, topic)
+    db = "kafka_mixed"
+    influxd.create_database(db)
+    kcql = (
+        "INSERT INTO payment SELECT amount, fee AS charge FROM payments "
+        "WITHTIMESTAMP ts WITHTAG (from, provider=DataMountaineer)"
+    )
+    port = free_port()
+    toml = (
+        kafka_toml(nats_server.url, kafka_server.bootstrap, port)
+        .replace(
+            f'kafka_topics = ["{TOPIC}"]',
+            'kafka_topics = ["lp", "graphite", "collectd", "payments"]\n'
+            'kafka_graphite_tags = ["host"]\n'
+            f'kafka_kcql = ["{kcql}"]',
+        )
+        .replace('batch_max_count = 100000\nbatch_max_age = "1h"', 'batch_max_age = "200ms"')
+    )
+    toml += '\n[kafka_topic_encoders]\ngraphite = "collectd_graphite"\ncollectd = "collectd_json"\n'
+    component(
+        f"""mode = "writer"
+nats_address = "{nats_server.url}"
+nats_subject = ["{SUBJECT}"]
+influxdb_address = "127.0.0.1"
+influxdb_port = {influxd.port}
+influxdb_dbname = "{db}"
+batch_max_age = "100ms"
+"""
+    )
+    kafka = component(toml)
+    kafka.wait_ready(port)
+
+    def rows(measurement: str) -> list[dict[str, object]]:
+        return influxd.query(db, f'SELECT * FROM "{measurement}"')
+
+    deadline = time.monotonic() + 60
+    wanted = ("cpu", "load_shortterm", "payment")
+    while any(len(rows(m)) < (2 * n if m == "cpu" else n) for m in wanted):
+        assert time.monotonic() < deadline, {m: len(rows(m)) for m in wanted}
+        time.sleep(0.2)
+    cpu = rows("cpu")
+    assert [r for r in cpu if r["host"] == "a"] == [
+        {
+            "time": (t0 + i) * 10**9,
+            "host": "a",
+            "usage": i + 0.5,
+            "plugin_instance": None,
+            "type": None,
+            "type_instance": None,
+            "value": None,
+        }
+        for i in range(n)
+    ]
+    assert [r for r in cpu if r["host"] == "h2"] == [
+        {
+            "time": (t0 + i) * 10**9 + 5 * 10**8,
+            "host": "h2",
+            "usage": None,
+            "plugin_instance": "1",
+            "type": "percent",
+            "type_instance": "system",
+            "value": i + 0.25,
+        }
+        for i in range(n)
+    ]
+    assert rows("load_shortterm") == [
+        {"time": (t0 + i) * 10**9, "host": "h1", "value": (i + 1) / 10} for i in range(n)
+    ]
+    assert rows("payment") == [
+        {
+            "time": (t0 + i) * 10**9,
+            "from": "ann",
+            "provider": "DataMountaineer",
+            "amount": i,
+            "charge": 0.5,
+        }
+        for i in range(n)
+    ]
+    assert kafka.stop() == 0

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import nats
 import pytest
 from nats.aio.msg import Msg
 from support.collect import Collector, wait_until
+from support.kafkamock import MockCluster
 from support.servers import KafkaServer, NatsServer
 
 from influx_spout import runtime
@@ -108,7 +110,7 @@ def test_lines_reach_nats_bad_ones_are_dead_lettered_and_offsets_committed(
             await collector.wait_counters(
                 received=20, lines=20, sent=20, decode_errors=1, dead_lettered=1
             )
-            assert collector.counters["commits"] >= 1
+            await collector.wait_for(lambda: collector.counters["commits"] >= 1, 10)
             assert collector.counters["failed_nats_publish"] == 0
         assert kafka_server.committed(GROUP, TOPIC) == {0: 20}
 
@@ -168,5 +170,46 @@ def test_stop_policy_stops_at_the_undecodable_message_uncommitted(
             ]
             assert [m.data for m in dead.messages] == [b"dc.h1.load nan 1"]
         assert kafka_server.committed(GROUP, TOPIC) == {0: 1}
+
+    asyncio.run(main())
+
+
+def test_lag_equals_the_backlog_then_falls_to_zero(nats_server: NatsServer) -> None:
+    """kafka_lag against librdkafka's mock cluster (Tansu's high watermark is wrong): the
+    backlog read while NATS is down stays uncommitted, so the lag is the backlog; once
+    NATS is back the batch is confirmed and committed and the lag is 0."""
+    cluster = MockCluster()
+    backlog = 300
+
+    def gauges(mode: Any) -> tuple[int | None, int | None]:
+        stats = mode.source.stats if mode.source else None
+        if stats is None:
+            return None, None
+        where = {"topic": TOPIC, "partition": "0"}
+        return stats.gauge("kafka_lag", **where), stats.gauge("kafka_committed_offset", **where)
+
+    async def main() -> None:
+        cfg = make_config(
+            nats_server.url, cluster.bootstrap, kafka_client=dict(MockCluster.CONSUMER_TIMEOUTS)
+        )
+        cluster.produce(TOPIC, [b"first v=1i"])
+        mode = kafka.make(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runtime.run(mode, stop))
+        try:
+            await wait_until(lambda: gauges(mode) == (0, 1), 30, lambda: f"{gauges(mode)}")
+            nats_server.stop()
+            cluster.produce(TOPIC, [b"m v=%di" % i for i in range(backlog)])
+            await wait_until(lambda: gauges(mode) == (backlog, 1), 15, lambda: f"{gauges(mode)}")
+            nats_server.start()
+            await wait_until(
+                lambda: gauges(mode) == (0, backlog + 1), 30, lambda: f"{gauges(mode)}"
+            )
+            lags = mode.source.stats.gauges["kafka_lag"]
+            assert sum(lags.values()) == 0 and len(lags) >= 1
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 8)
+            cluster.close()
 
     asyncio.run(main())

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import logging
 import os
+import random
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from influx_spout.batching import Parts
-from influx_spout.config import Config
+from influx_spout.config import Config, ConfigError, load_config
 from influx_spout.modes import archive
 from influx_spout.modes.archive import (
     ArchiveError,
@@ -371,3 +375,115 @@ def test_an_underscore_in_a_subject_or_name_does_not_mix_two_streams() -> None:
     other = file_name(T0, "a", "b_x")
     assert parse_file_name(one) != parse_file_name(other)
     assert not one.endswith("_b%5Fx" + ".lp.gz") and other.endswith("_b%5Fx.lp.gz")
+
+
+# -- S3: recovering .part files, the shipper's checks, the local budget ------------------
+
+
+def test_a_part_cut_anywhere_is_recovered_into_its_complete_records(tmp_path: Path) -> None:
+    clock = Clock()
+    a = make_archiver(tmp_path, clock)
+    rng = random.Random(1)
+    records = [
+        Record("s", T0 + i, b"" if i == 3 else b"m v=%s\n" % rng.randbytes(3000).hex().encode())
+        for i in range(40)
+    ]
+    a.write(records)
+    [part] = a.open_files
+    a._files["s"].gz.flush()
+    whole = Path(part).read_bytes()
+    for cut in (10, len(whole) // 3, len(whole) * 2 // 3, len(whole)):
+        Path(part).write_bytes(whole[:cut])
+        final = a.recover(part)
+        assert not os.path.exists(part) and final == part[: -len(".part")]
+        got = list(read_records(final))
+        assert got == records[: len(got)]
+        os.remove(final)
+    assert a.counts["parts_recovered"] == 4
+    assert got == records  # the whole file, flushed: every record
+
+
+def test_complete_records_stop_before_a_torn_one() -> None:
+    whole = b"".join(
+        b"".join(archive.encode_record(Record("s", 1, p))) for p in (b"a", b"", b"b\n")
+    )
+    assert archive._complete_records(whole) == len(whole)
+    for cut in range(len(whole)):
+        end = archive._complete_records(whole[:cut])
+        assert whole[:end] in (b"", whole[: whole.index(b"#", 1)], whole[: whole.rindex(b"#")])
+
+
+class FakeS3:
+    """What no real server can be made to do: answer a put and then hold other bytes."""
+
+    def __init__(self, length_delta: int = 0) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.length_delta = length_delta
+
+    def put_object(self, Bucket: str, Key: str, Body: bytes, ContentMD5: str) -> None:
+        self.objects[Key] = Body
+
+    def head_object(self, Bucket: str, Key: str) -> dict[str, object]:
+        body = self.objects[Key]
+        return {
+            "ContentLength": len(body) + self.length_delta,
+            "ETag": f'"{hashlib.md5(body).hexdigest()}"',
+        }
+
+
+def shipper(client: FakeS3) -> Any:
+    s = archive.Shipper("b", "p/", "http://127.0.0.1:1", "us-east-1")
+    s.client = client
+    return s
+
+
+def test_the_local_file_goes_only_once_the_object_matches_it(tmp_path: Path) -> None:
+    path = tmp_path / "x.lp.gz"
+    path.write_bytes(b"abc")
+    s = shipper(FakeS3())
+    s.ship(str(path))
+    assert not path.exists() and s.client.objects == {"p/x.lp.gz": b"abc"}
+    assert s.counts == {"uploads": 1, "uploaded_bytes": 3}
+    path.write_bytes(b"abc")
+    s = shipper(FakeS3(length_delta=-1))
+    with pytest.raises(OSError, match="holds 2 bytes"):
+        s.ship(str(path))
+    assert path.exists() and s.counts == {"upload_failures": 1}
+
+
+def test_the_local_budget_is_reported_once_per_crossing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = Config(mode="archive", archive_s3_bucket="b", archive_max_local_bytes=5)
+    stats = Stats("archive", "a", archive.COUNTERS, host="h")
+    ship = archive.Ship(cfg, stats)
+    for n in range(3):
+        (tmp_path / f"{n}").write_bytes(b"abcd")
+
+    async def main() -> None:
+        ship.shipper.client = FakeS3()
+        ship.add(str(tmp_path / "0"))
+        assert stats.get("local_budget_reached") == 0
+        ship.add(str(tmp_path / "1"))
+        ship.add(str(tmp_path / "2"))
+        assert stats.get("local_budget_reached") == 1
+        await ship.finish()
+        assert stats.get("uploads") == 3 and ship.local_bytes == 0
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    assert "above archive_max_local_bytes (5)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text, part",
+    [
+        ('archive_s3_prefix = "p/"', "archive_s3_prefix: set without archive_s3_bucket"),
+        ('archive_s3_bucket = "b"\narchive_s3_endpoint = "minio:9000"', "is not an http(s) URL"),
+    ],
+)
+def test_s3_option_errors(tmp_path: Path, text: str, part: str) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text(f'mode = "archive"\narchive_directory = "{tmp_path}"\n{text}\n')
+    with pytest.raises(ConfigError, match=re.escape(part)):
+        load_config(str(path), etc_path=str(tmp_path / "none"), environ={})

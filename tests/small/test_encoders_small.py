@@ -8,15 +8,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from influx_spout.config import Config
 from influx_spout.encoders import (
+    ENCODERS,
     Decoded,
+    Decoder,
+    Rejected,
     collectd_graphite,
     collectd_json,
+    guarded,
     line_protocol,
     seconds_to_ns,
 )
 from influx_spout.encoders.json_mapping import JsonMapping, make_decoder
 from influx_spout.lineproto import split_valid
+from influx_spout.modes import kafka
 
 # -- line_protocol --------------------------------------------------------------------
 
@@ -377,3 +383,92 @@ def test_a_measurement_starting_with_a_hash_is_rejected_not_lost_as_a_comment() 
     for out in (graphite, collectd, mapped):
         assert (out.data, out.lines) == (b"", 0)
         assert [r.reason for r in out.rejected] == ['starts with "#" (a comment in line protocol)']
+
+
+# -- whatever the bytes, a decoder answers (issue 10 item 8) ----------------------------
+
+DEEP = b'{"a": ' * 300 + b"1" + b"}" * 300
+
+
+def every_decoder() -> dict[str, Decoder]:
+    """Each encoder as the kafka mode builds it (guarded), with options that reach deep."""
+    configs = {
+        "line_protocol": Config(mode="kafka", kafka_precision="s"),
+        "collectd_graphite": Config(mode="kafka", kafka_encoder="collectd_graphite"),
+        "collectd_json": Config(mode="kafka", kafka_encoder="collectd_json"),
+        "json": Config(
+            mode="kafka",
+            kafka_encoder="json",
+            kafka_json=JsonMapping(
+                measurement="m",
+                tags=["a", "a.a"],
+                fields=["*", "a.a.a"],
+                timestamp="ts",
+                timestamp_precision="s",
+            ),
+        ),
+    }
+    assert set(configs) == set(ENCODERS)
+    return {name: kafka.make_decoder(cfg) for name, cfg in configs.items()}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        DEEP,
+        b"[" * 300 + b"]" * 300,
+        b"[" + DEEP + b"]",
+    ],
+    ids=["object", "array", "in-array"],
+)
+def test_json_nested_300_deep_is_rejected_whole(value: bytes) -> None:
+    """orjson reads 300 levels but writes at most 255 back: the dead letter is the message."""
+    for name in ("collectd_json", "json"):
+        out = every_decoder()[name](value)
+        assert (out.data, out.lines) == (b"", 0), name
+        assert [r.data for r in out.rejected] == [value], name
+
+
+def test_a_timestamp_that_overflows_is_rejected_with_the_reason() -> None:
+    out = every_decoder()["json"](b'[{"ts": 1e300, "v": 1}, {"ts": 2, "v": 2}]')
+    assert out.data == b"m v=2i 2000000000\n"
+    [bad] = out.rejected
+    assert bad == Rejected(
+        b'{"ts":1e+300,"v":1}', "timestamp 1e+300 is out of range (int64 nanoseconds)"
+    )
+    out = every_decoder()["collectd_json"](
+        b'{"plugin": "p", "values": [1], "dsnames": ["v"], "time": 1e300}'
+    )
+    assert out.lines == 0 and "is not a number of seconds" in out.rejected[0].reason
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"plugin": "p", "values": [' + b"9" * 400 + b'], "dsnames": ["v"]}',
+        b'{"plugin": "p", "values": [{"a": 1}], "dsnames": ["v"]}',
+        b'{"plugin": "p", "values": 1, "dsnames": ["v"]}',
+        b'{"plugin": "p", "values": [1], "dsnames": "v", "dstypes": 3}',
+        b'{"plugin": "p", "values": [1], "dsnames": ["v"], "host": 7}',
+    ],
+)
+def test_collectd_json_values_of_the_wrong_type_are_rejected(value: bytes) -> None:
+    out = every_decoder()["collectd_json"](value)
+    assert out.lines == 0 and len(out.rejected) == 1
+
+
+def test_a_decoder_that_raises_rejects_the_message_instead() -> None:
+    def broken(value: bytes) -> Decoded:
+        raise KeyError("surprise")
+
+    out = guarded(broken)(b"x")
+    assert out == Decoded(b"", 0, [Rejected(b"x", "could not be decoded (KeyError: 'surprise')")])
+
+
+@given(st.binary(max_size=300) | st.sampled_from([DEEP, b"[" * 300, b'{"ts": 1e300, "v": 1}']))
+def test_every_encoder_survives_any_bytes(value: bytes) -> None:
+    for name, decode in every_decoder().items():
+        out = decode(value)
+        assert split_valid(out.data) == (out.data, []), name
+        assert out.lines == out.data.count(b"\n"), name
+        assert all(isinstance(r.data, bytes) and r.reason for r in out.rejected), name

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError
+from hypothesis import given
+from hypothesis import strategies as st
 
 from influx_spout import cli
 from influx_spout.batching import Parts
@@ -107,7 +109,7 @@ timestamp_precision = "s"
         ('mode = "kafka"\nkafka_topics = [1]', ["a list holding integer 1"]),
         (K + 'kafka_brokers = "kafka://k:9092"', ["is not host:port", "no scheme"]),
         (K + 'kafka_encoder = "graphite"', ['unknown value "graphite"', "collectd_graphite"]),
-        (K + 'kafka_error_policy = "noop"', ['unknown value "noop"', "retry, skip, stop"]),
+        (K + 'kafka_error_policy = "nope"', ['unknown value "nope"', "retry, skip, stop"]),
         (K + 'kafka_offset_reset = "begin"', ["use one of earliest, latest"]),
         (K + 'kafka_group = ""', ["kafka_group", "not usable"]),
         (K + 'nats_subject = ["a", "b"]', ["kafka needs exactly one output subject"]),
@@ -270,7 +272,7 @@ def source(policy: str = "retry", refuse: int = 0, fail_commits: int = 0, count:
         bus=FakeBus(refuse),
         stop=asyncio.Event(),
     )
-    return kafka.KafkaSource(cfg, rt, FakeConsumer(fail_commits), kafka.make_decoder(cfg))  # type: ignore[arg-type]
+    return kafka.KafkaSource(cfg, rt, FakeConsumer(fail_commits), kafka.make_decoders(cfg))  # type: ignore[arg-type]
 
 
 def feed(src: Any, *values: bytes) -> None:
@@ -325,7 +327,7 @@ def test_skip_drops_the_batch_counted_and_moves_on() -> None:
     src = source("skip", refuse=1)
     feed(src, b"a v=1", b"b v=2", b"c v=3", b"d v=4")
     assert src.rt.bus.published == [b"c v=3\nd v=4\n"]
-    assert src.consumer.commits == [{("t", 0): 4}]
+    assert src.consumer.commits == [{("t", 0): 2}, {("t", 0): 4}]  # after each batch
     assert counters(src)["failed_nats_publish"] == 2
 
 
@@ -411,3 +413,348 @@ def test_make_decoder_picks_the_encoder() -> None:
     assert kafka.make_decoder(cfg)(b"h.load 1 1").data == b"load,host=h value=1.0 1000000000\n"
     cfg = Config(mode="kafka", kafka_encoder="collectd_json")
     assert kafka.make_decoder(cfg)(b"[]").data == b""
+
+
+def test_a_message_no_encoder_can_read_is_dead_lettered_and_consuming_goes_on() -> None:
+    deep = b'{"a": ' * 300 + b"1" + b"}" * 300
+    cfg = Config(
+        mode="kafka",
+        nats_subject=["out"],
+        kafka_encoder="json",
+        kafka_json=JsonMapping(
+            measurement="m", tags=["a"], timestamp="ts", timestamp_precision="s"
+        ),
+        batch_max_count=1,
+    )
+    src = source(count=1)
+    src.decoding = kafka.make_decoders(cfg)
+    feed(src, deep, b'{"ts": 1e300, "v": 1}', b'{"v": 2, "ts": 5}')
+    assert src.rt.bus.published == [b"m v=2i 5000000000\n"]
+    [(_, first, headers), (_, second, _)] = src.rt.bus.dead
+    assert deep.startswith(first) and headers["Truncated-From"] == str(len(deep))
+    assert second == b'{"ts":1e+300,"v":1}'
+    assert src.consumer.commits[-1] == {("t", 0): 3}
+
+
+# -- a consume() result decoded in runs --------------------------------------------------
+
+
+def feed_all(src: Any, *values: bytes, partitions: tuple[int, ...] = ()) -> None:
+    """values as one consume() result (partition i % len(partitions), else 0)."""
+
+    async def main() -> None:
+        messages = [
+            FakeMessage(offset, value, partitions[offset % len(partitions)] if partitions else 0)
+            for offset, value in enumerate(values)
+        ]
+        await src.handle_all(messages)
+        await src.commit()
+
+    asyncio.run(main())
+
+
+def counting(src: Any) -> list[bytes]:
+    """The values the source's decoders are called with, from now on."""
+    calls: list[bytes] = []
+    decoding = src.decoding
+
+    def spying(topic: str) -> kafka.Decoding:
+        decode, joinable = decoding(topic)
+
+        def spy(value: bytes) -> Any:
+            calls.append(value)
+            return decode(value)
+
+        return kafka.Decoding(spy, joinable)
+
+    src.decoding = spying
+    return calls
+
+
+def test_a_consume_result_is_decoded_at_once_and_committed_per_batch() -> None:
+    src = source(count=3)
+    calls = counting(src)
+    feed_all(src, *(b"m v=%d" % i for i in range(7)))
+    assert calls == [b"m v=0\nm v=1\nm v=2", b"m v=3\nm v=4\nm v=5", b"m v=6"]
+    assert src.rt.bus.published == [b"m v=0\nm v=1\nm v=2\n", b"m v=3\nm v=4\nm v=5\n"]
+    assert src.consumer.commits == [{("t", 0): 3}, {("t", 0): 6}]  # m v=6 is still batched
+    assert counters(src) == {"received": 7, "lines": 7, "sent": 6, "commits": 2}
+
+
+def test_a_bad_message_in_a_run_is_isolated_with_its_own_offset() -> None:
+    src = source("skip", count=10)
+    feed_all(src, b"a v=1", b"not lp", b"b v=2\n# note\n", b"c v=3")
+    asyncio.run(src.flush())
+    assert src.rt.bus.published == [b"a v=1\nb v=2\nc v=3\n"]
+    [(_, data, headers)] = src.rt.bus.dead
+    assert (data, headers["Kafka-Offset"]) == (b"not lp", "1")
+    assert src.consumer.commits == [{("t", 0): 4}]
+    assert counters(src)["received"] == 4 and counters(src)["lines"] == 3
+
+
+def test_a_run_ends_where_the_batch_is_full_by_size() -> None:
+    src = source(count=100)  # FakeBus.max_payload is 1000 bytes
+    big = b"m v=" + b"1" * 395  # 400 bytes with its newline
+    feed_all(src, big, big, big, b"x v=1")
+    assert src.rt.bus.published == [big + b"\n" + big + b"\n"]
+    assert src.consumer.commits == [{("t", 0): 2}]
+    asyncio.run(src.flush())
+    assert src.rt.bus.published[1] == big + b"\nx v=1\n"
+    assert src.consumer.commits[-1] == {("t", 0): 4}
+
+
+def test_each_partition_commits_its_last_message_of_the_batch() -> None:
+    src = source(count=4)
+    feed_all(src, *(b"m v=%d" % i for i in range(4)), partitions=(0, 1))
+    assert src.consumer.commits == [{("t", 0): 3, ("t", 1): 4}]
+
+
+def test_a_run_is_not_committed_until_nats_confirms() -> None:
+    src = source(count=2)
+    src.rt.bus.connected = False
+    feed_all(src, b"a v=1", b"b v=2", b"c v=3")
+    assert src.consumer.commits == [] and len(src.rt.bus.published) == 1
+    src.rt.bus.connected = True
+    asyncio.run(src.commit())
+    assert src.consumer.commits == [{("t", 0): 2}]
+
+
+def test_json_messages_are_decoded_one_by_one() -> None:
+    src = source(count=10)
+    src.decoding = kafka.make_decoders(
+        Config(mode="kafka", kafka_encoder="json", kafka_json=JsonMapping(measurement="m"))
+    )
+    calls = counting(src)
+    feed_all(src, b'{"v": 1}', b'{"v": 2}')
+    assert calls == [b'{"v": 1}', b'{"v": 2}']
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"a v=1", b"b,t=x v=2i 5", b"bad", b"", b"# c", b"c v=" + b"9" * 300]),
+        max_size=30,
+    ),
+    st.integers(1, 6),
+)
+def test_runs_publish_and_commit_what_messages_one_by_one_would(
+    values: list[bytes], count: int
+) -> None:
+    """The run path against the per-message path it replaces: the same lines in the same
+    order, the same dead letters, everything committed in the end."""
+    alone, runs = source("skip", count=count), source("skip", count=count)
+    feed(alone, *values)
+    feed_all(runs, *values)
+    for src in (alone, runs):
+        asyncio.run(src.flush())
+    assert b"".join(runs.rt.bus.published) == b"".join(alone.rt.bus.published)
+    assert runs.rt.bus.dead == alone.rt.bus.dead
+    assert runs.stats.get("received") == len(values)
+    assert not runs.published and (
+        not values or runs.consumer.commits[-1] == {("t", 0): len(values)}
+    )
+
+
+# -- kafka_lag and kafka_committed_offset ----------------------------------------------
+
+
+class PositionsConsumer(FakeConsumer):
+    """Answers assignment, committed and the watermarks as a broker would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.assigned = [kafka.TopicPartition("t", 0), kafka.TopicPartition("t", 1)]
+        self.offsets = {0: 40, 1: -1001}  # partition 1: nothing committed yet
+        self.marks = {0: (0, 100), 1: (10, 25)}
+
+    def assignment(self) -> list[Any]:
+        return self.assigned
+
+    def committed(self, tps: list[Any], timeout: float) -> list[Any]:
+        return [
+            kafka.TopicPartition(tp.topic, tp.partition, self.offsets[tp.partition]) for tp in tps
+        ]
+
+    def get_watermark_offsets(
+        self, tp: Any, timeout: float = 1.0, cached: bool = False
+    ) -> tuple[int, int]:
+        return self.marks[tp.partition]
+
+
+def refreshed(src: Any) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(src.refresh_positions())
+        await asyncio.sleep(src.cfg.stats_interval * 1.5)
+        task.cancel()
+
+    asyncio.run(main())
+
+
+def test_lag_and_committed_offset_per_assigned_partition() -> None:
+    src = source()
+    src.cfg.stats_interval = 0.05
+    src.consumer = PositionsConsumer()
+    refreshed(src)
+    assert src.stats.gauges["kafka_lag"] == {
+        (("partition", "0"), ("topic", "t")): 60,
+        (("partition", "1"), ("topic", "t")): 15,  # from the low watermark (earliest)
+    }
+    assert src.stats.gauges["kafka_committed_offset"] == {(("partition", "0"), ("topic", "t")): 40}
+    src.consumer.assigned = [kafka.TopicPartition("t", 1)]  # a rebalance took partition 0
+    refreshed(src)
+    assert list(src.stats.gauges["kafka_lag"]) == [(("partition", "1"), ("topic", "t"))]
+    assert src.stats.gauges["kafka_committed_offset"] == {}
+
+
+def test_offsets_the_broker_cannot_give_are_counted_and_the_gauges_kept() -> None:
+    src = source()
+    src.cfg.stats_interval = 0.05
+    src.consumer = PositionsConsumer()
+    refreshed(src)
+
+    def down(tps: list[Any], timeout: float) -> list[Any]:
+        raise kafka.KafkaException("broker gone")
+
+    src.consumer.committed = down
+    refreshed(src)
+    assert src.stats.get("kafka_errors") >= 1
+    assert src.stats.gauge("kafka_lag", topic="t", partition="0") == 60
+
+
+# -- several encoders in one consumer, seed 001's policy names, kafka_max_retries --------
+
+
+MIXED = (
+    K.replace('["metrics"]', '["lp", "gr", "cj", "payments", "^dc-.*"]')
+    + 'kafka_kcql = ["INSERT INTO pay SELECT amount AS a FROM payments WITHTAG (from)"]\n'
+    + 'kafka_graphite_tags = ["host"]\n'
+    + '[kafka_topic_encoders]\ngr = "collectd_graphite"\ncj = "collectd_json"\n'
+    + '"^dc-" = "collectd_graphite"\n'
+)
+
+
+def test_each_topic_gets_its_encoder(tmp_path: Path) -> None:
+    cfg = load(tmp_path, MIXED)
+    decoding = kafka.make_decoders(cfg)
+    assert decoding("lp").decode(b"cpu v=1").data == b"cpu v=1\n"
+    assert decoding("gr").decode(b"h.load 1 1").data == b"load,host=h value=1.0 1000000000\n"
+    assert decoding("dc-east").decode(b"h.load 1 1").lines == 1  # by the ^regex
+    cj = b'{"plugin": "cpu", "values": [1], "dsnames": ["v"], "host": "h"}'
+    assert decoding("cj").decode(cj).data == b"cpu,host=h v=1.0\n"
+    payment = b'{"amount": 3, "from": "ann"}'
+    assert decoding("payments").decode(payment).data == b"pay,from=ann a=3i\n"  # its KCQL
+    assert [decoding(t).joinable for t in ("lp", "gr", "cj", "payments")] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+def test_a_consume_result_of_several_topics_is_decoded_topic_by_topic(tmp_path: Path) -> None:
+    src = source(count=10)
+    src.decoding = kafka.make_decoders(load(tmp_path, MIXED))
+
+    class Topical(FakeMessage):
+        def __init__(self, offset: int, value: bytes, topic: str) -> None:
+            super().__init__(offset, value)
+            self._topic = topic
+
+        def topic(self) -> str:
+            return self._topic
+
+    async def main() -> None:
+        await src.handle_all(
+            [
+                Topical(0, b"cpu v=1", "lp"),
+                Topical(0, b"h.load 2 1", "gr"),
+                Topical(0, b'{"amount": 3, "from": "ann"}', "payments"),
+                Topical(1, b"cpu v=4", "lp"),
+            ]
+        )
+        await src.flush()
+
+    asyncio.run(main())
+    assert src.rt.bus.published == [
+        b"cpu v=1\nload,host=h value=2.0 1000000000\npay,from=ann a=3i\ncpu v=4\n"
+    ]
+    assert src.consumer.commits == [{("lp", 0): 2, ("gr", 0): 1, ("payments", 0): 1}]
+
+
+@pytest.mark.parametrize(
+    "text, parts",
+    [
+        (
+            MIXED.replace('"collectd_json"', '"collectd"'),
+            ['kafka_topic_encoders.cj: unknown encoder "collectd"', "collectd_json"],
+        ),
+        (
+            MIXED.replace('"^dc-"', '"^dc-("'),
+            ["kafka_topic_encoders.^dc-(: invalid regular expression"],
+        ),
+        (
+            K + '[kafka_topic_encoders]\nj = "json"\n',
+            ['json encoder of "j" needs a [kafka_json] table'],
+        ),
+        (
+            K + 'kafka_kcql = ["INSERT INTO a SELECT * FROM t", "INSERT INTO b SELECT * FROM t"]',
+            ['two statements read topic "t"'],
+        ),
+        (K + "kafka_max_retries = -1", ["kafka_max_retries: is negative"]),
+        (
+            K + "[kafka_topic_encoders]\nj = 1\n",
+            ["kafka_topic_encoders: expected a table of strings"],
+        ),
+    ],
+)
+def test_topic_encoder_and_kcql_errors(tmp_path: Path, text: str, parts: list[str]) -> None:
+    message = error_of(tmp_path, text)
+    for part in parts:
+        assert part in message
+
+
+def test_a_kcql_statement_is_the_mapping_of_its_topic_with_kafka_encoder_json(
+    tmp_path: Path,
+) -> None:
+    cfg = load(
+        tmp_path,
+        K + 'kafka_encoder = "json"\nkafka_kcql = ["INSERT INTO m SELECT * FROM metrics"]\n',
+    )
+    assert kafka.make_decoders(cfg)("metrics").decode(b'{"v": 1}').data == b"m v=1i\n"
+
+
+@pytest.mark.parametrize(
+    "given, policy", [("noop", "skip"), ("THROW", "stop"), ("Retry", "retry"), ("skip", "skip")]
+)
+def test_seed_001s_error_policy_names(tmp_path: Path, given: str, policy: str) -> None:
+    assert load(tmp_path, K + f'kafka_error_policy = "{given}"').kafka_error_policy == policy
+
+
+def test_retries_end_at_kafka_max_retries_with_the_batch_dead_lettered() -> None:
+    src = source("retry", refuse=3)
+    src.cfg.kafka_max_retries = 2
+    feed(src, b"a v=1", b"b v=2", b"c v=3", b"d v=4")
+    [(subject, data, headers)] = src.rt.bus.dead
+    assert (subject, data) == ("influx-spout-dead-letter", b"a v=1\nb v=2\n")
+    assert headers == {"Error": "NATS did not take the batch in 3 attempts (kafka_max_retries)"}
+    assert src.rt.bus.published == [b"c v=3\nd v=4\n"]
+    assert src.consumer.commits == [{("t", 0): 2}, {("t", 0): 4}]
+    assert counters(src)["retries_exhausted"] == 1 and counters(src)["dead_lettered"] == 1
+
+
+def test_the_group_is_asked_only_for_partitions_this_member_has_not_committed() -> None:
+    src = source()
+    src.cfg.stats_interval = 0.05
+    src.consumer = PositionsConsumer()
+    asked: list[int] = []
+    answer = src.consumer.committed
+
+    def committed(tps: list[Any], timeout: float) -> list[Any]:
+        asked.extend(tp.partition for tp in tps)
+        return answer(tps, timeout)
+
+    src.consumer.committed = committed
+    src.committed[("t", 0)] = 90  # committed by this member since
+    refreshed(src)
+    assert set(asked) == {1}
+    assert src.stats.gauge("kafka_lag", topic="t", partition="0") == 10
+    assert src.stats.gauge("kafka_committed_offset", topic="t", partition="0") == 90

@@ -287,3 +287,11 @@ def test_example_config_shows_the_defaults(tmp_path: Path) -> None:
     example.source = defaults.source
     assert example == defaults
     assert example.port == 9331
+
+
+def test_gauges_are_typed_as_gauges() -> None:
+    store = SeriesStore()
+    store.update(b'kafka_lag{partition="0"} 3\nreceived 1\n', now=0.0)
+    assert store.render() == (
+        b'# TYPE kafka_lag gauge\nkafka_lag{partition="0"} 3\n# TYPE received counter\nreceived 1\n'
+    )

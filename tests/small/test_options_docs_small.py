@@ -23,7 +23,7 @@ from influx_spout.encoders.json_mapping import MAPPING_KEYS
 from influx_spout.modes import MODES, module
 
 KINDS = {"str", "int", "bool", "size", "duration", "subjects", "strings"}
-KINDS |= {"rules", "time", "client", "json_mapping", "access"}
+KINDS |= {"rules", "time", "client", "json_mapping", "access", "table"}
 
 # Options an example sets to something else than the default: they have no usable default.
 REQUIRED = {"mode", "kafka_topics", "rule"}

@@ -16,7 +16,7 @@ LABELLED = {
     "downsampler": {"nats_dropped"},
     "writer": {"dropped_by_rules", "nats_dropped", "lines_handed_back"},
     "monitor": {"nats_dropped"},
-    "kafka": set(),
+    "kafka": {"kafka_lag", "kafka_committed_offset"},
     "archive": {"nats_dropped"},
 }
 

@@ -89,3 +89,18 @@ def test_counters_kept_elsewhere_are_brought_up_to_date_before_each_rendering() 
 
     asyncio.run(main())
     assert b'nats_dropped{component="filter",host="h",name="f",subject="in"} 5 ' in sent[-1]
+
+
+def test_gauges_are_replaced_whole_so_a_series_left_out_disappears() -> None:
+    s = Stats("kafka", "k", ["received"], host="h")
+    s.set_gauge(
+        "kafka_lag", [({"topic": "t", "partition": "0"}, 5), ({"topic": "t", "partition": "1"}, 2)]
+    )
+    out = s.render(now_ms=7).decode().splitlines()
+    assert 'kafka_lag{component="kafka",host="h",name="k",partition="0",topic="t"} 5 7' in out
+    assert s.gauge("kafka_lag", topic="t", partition="1") == 2
+    s.set_gauge("kafka_lag", [({"topic": "t", "partition": "0"}, 0)])
+    assert s.gauge("kafka_lag", topic="t", partition="1") is None
+    assert [line for line in s.render(now_ms=7).decode().splitlines() if "partition" in line] == [
+        'kafka_lag{component="kafka",host="h",name="k",partition="0",topic="t"} 0 7'
+    ]
