@@ -51,6 +51,9 @@ def run_line(r: RunResult) -> str:
     for name, fig in r.components.items():
         if name != r.main:
             parts.append(f"{name}: {fig.cpu_s_per_1m:.2f} CPU-s/1M, RSS {fig.rss_mb:.0f} MB")
+    latency = r.details.get("load", {}).get("latency_ms")
+    if latency:
+        parts.append(f"POST p50 {latency['p50']:.1f} ms, p99 {latency['p99']:.1f} ms")
     if "offered_lines_per_s" in r.details:
         parts.append(f"offered {_fmt(r.details['offered_lines_per_s'])} lines/s")
     if "archive_lines" in r.details:

@@ -209,6 +209,7 @@ class HttpLoad:
         self.requests = 0
         self.error_lines: Counter[str] = Counter()
         self.first_error = ""
+        self.latencies: list[float] = []  # seconds from sending a body to its answer
         self.head = (
             f"POST {args.path} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
             f"Content-Type: text/plain; charset=utf-8\r\n"
@@ -235,7 +236,9 @@ class HttpLoad:
                         await asyncio.sleep(delay)
                 body = self.tpl.message(k)
                 while True:
+                    sent = time.monotonic()
                     status, text, close = await self._post(reader, writer, body)
+                    self.latencies.append(time.monotonic() - sent)
                     self.requests += 1
                     if close:
                         writer.close()
@@ -293,10 +296,20 @@ async def http_post(args: argparse.Namespace) -> None:
             "pushback": load.pushback,
             "requests": load.requests,
             "body_bytes": load.tpl.message_size,
+            "latency_ms": _percentiles(load.latencies),
             "start": start,
             "end": end,
         }
     )
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    """p50 and p99 of the answers' latencies, in milliseconds."""
+    if not latencies:
+        return {}
+    ordered = sorted(latencies)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)  # noqa: E731
+    return {"p50": pick(0.50), "p99": pick(0.99)}
 
 
 # --- UDP sender -------------------------------------------------------------------

@@ -230,8 +230,8 @@ class Procs:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def nats(self) -> NatsServer:
-        server = NatsServer(workdir=self.dir / "nats")
+    def nats(self, jetstream: bool = False) -> NatsServer:
+        server = NatsServer(jetstream=jetstream, workdir=self.dir / "nats")
         self._stack.callback(server.close)
         return server.start()
 
@@ -379,10 +379,18 @@ def _finish(
 # --- scenarios --------------------------------------------------------------------
 
 
-def run_filter(opts: Options) -> RunResult:
-    """NATS -> filter (10 basic + 1 regex rule, junkyard, 2 workers) -> counted subjects."""
+def _durable(durable: bool) -> dict[str, Any]:
+    """The options of a durable component (JetStream; README "Delivery guarantees")."""
+    return {"durable": True} if durable else {}
+
+
+def run_filter(opts: Options, durable: bool = False) -> RunResult:
+    """NATS -> filter (10 basic + 1 regex rule, junkyard, 2 workers) -> counted subjects.
+
+    durable: JetStream streams in and out (the load's messages are stored by the input
+    stream the filter creates), the filter acknowledging after its outputs' PubAcks."""
     with Procs(opts.workdir) as procs:
-        nats = procs.nats()
+        nats = procs.nats(jetstream=durable)
         procs.component(
             "filter",
             "bench-filter",
@@ -391,6 +399,7 @@ def run_filter(opts: Options) -> RunResult:
             nats_subject_junkyard=JUNKYARD,
             workers=2,
             rule=filter_rules(),
+            **_durable(durable),
         )
         counter = procs.child("count", ["--nats", nats.url, "--subject", OUT_PREFIX + ">"])
         load = _nats_load(procs, nats, opts, 1_000_000, "processed", "bench-filter")
@@ -401,7 +410,7 @@ def run_filter(opts: Options) -> RunResult:
         got = counter.result()
         return _finish(
             procs,
-            "filter",
+            "filter-durable" if durable else "filter",
             "bench-filter",
             sent["lines"],
             got["lines"],
@@ -414,14 +423,15 @@ def run_filter(opts: Options) -> RunResult:
         )
 
 
-def run_listener_http(opts: Options, auth: bool = False) -> RunResult:
+def run_listener_http(opts: Options, durable: bool = False, auth: bool = False) -> RunResult:
     """4 keep-alive connections POST 1,000-line bodies -> listener_http -> counted subject.
 
-    lines_in is what was answered 204: a line answered 204 must reach NATS. With auth,
-    every request carries HTTP Basic credentials of a user in auth_users_file.
+    lines_in is what was answered 204: a line answered 204 must reach NATS (durable: be
+    stored in JetStream first). With auth, every request carries HTTP Basic credentials of
+    a user in auth_users_file.
     """
     with Procs(opts.workdir) as procs:
-        nats = procs.nats()
+        nats = procs.nats(jetstream=durable)
         port = free_port()
         options: dict[str, Any] = {}
         headers: list[str] = []
@@ -439,6 +449,7 @@ def run_listener_http(opts: Options, auth: bool = False) -> RunResult:
             port=port,
             nats_subject=[SUBJECT_IN],
             batch_max_age="200ms",
+            **_durable(durable),
             **options,
         )
         counter = procs.child("count", ["--nats", nats.url, "--subject", SUBJECT_IN])
@@ -453,7 +464,7 @@ def run_listener_http(opts: Options, auth: bool = False) -> RunResult:
         got = counter.result()
         return _finish(
             procs,
-            "listener_http",
+            "listener_http-durable" if durable else "listener_http",
             "bench-listener-http",
             sent["lines_ok"],
             got["lines"],
@@ -666,7 +677,7 @@ def run_writer_influx(opts: Options, influx: InfluxServer, run: int) -> RunResul
             influx.drop_database(db)
 
 
-def run_pipeline(opts: Options, influx: InfluxServer, run: int) -> RunResult:
+def run_pipeline(opts: Options, influx: InfluxServer, run: int, durable: bool = False) -> RunResult:
     """HTTP -> listener_http -> filter -> writer -> real InfluxDB; points counted there.
 
     The writer reads every output subject of the filter, junkyard included, so every
@@ -677,7 +688,7 @@ def run_pipeline(opts: Options, influx: InfluxServer, run: int) -> RunResult:
     warm = warm_up(influx, db)
     try:
         with Procs(opts.workdir) as procs:
-            nats = procs.nats()
+            nats = procs.nats(jetstream=durable)
             procs.component(
                 "writer",
                 "bench-writer",
@@ -690,6 +701,7 @@ def run_pipeline(opts: Options, influx: InfluxServer, run: int) -> RunResult:
                 # one per output subject: take 100 of them per write (up to 10 MB)
                 batch_max_count=100,
                 batch_max_age="200ms",
+                **_durable(durable),
             )
             procs.component(
                 "filter",
@@ -699,6 +711,7 @@ def run_pipeline(opts: Options, influx: InfluxServer, run: int) -> RunResult:
                 nats_subject_junkyard=JUNKYARD,
                 workers=2,
                 rule=filter_rules(),
+                **_durable(durable),
             )
             port = free_port()
             procs.component(
@@ -708,6 +721,7 @@ def run_pipeline(opts: Options, influx: InfluxServer, run: int) -> RunResult:
                 port=port,
                 nats_subject=[SUBJECT_IN],
                 batch_max_age="200ms",
+                **_durable(durable),
             )
             monitor = _stat_counter(procs, nats, "lines_written", "bench-writer")
             args = ["--port", str(port), "--connections", "4", *_budget(opts, 500_000)]
@@ -720,7 +734,7 @@ def run_pipeline(opts: Options, influx: InfluxServer, run: int) -> RunResult:
             written = _wait_written(monitor, sent["lines_ok"])
             result = _finish(
                 procs,
-                "pipeline",
+                "pipeline-durable" if durable else "pipeline",
                 "bench-writer",
                 sent["lines_ok"],
                 0,
@@ -954,6 +968,27 @@ SCENARIOS: dict[str, Scenario] = {
             True,
             run_pipeline,
             "HTTP -> listener_http -> filter -> writer -> InfluxDB 1.6",
+        ),
+        Scenario(
+            "filter-durable",
+            ("filter",),
+            False,
+            functools.partial(run_filter, durable=True),
+            "the filter scenario in durable mode (JetStream in and out, acks after PubAcks)",
+        ),
+        Scenario(
+            "listener_http-durable",
+            ("listener_http",),
+            False,
+            functools.partial(run_listener_http, durable=True),
+            "the listener_http scenario in durable mode (204 after the PubAck)",
+        ),
+        Scenario(
+            "pipeline-durable",
+            ("listener_http", "filter", "writer"),
+            True,
+            functools.partial(run_pipeline, durable=True),
+            "the pipeline scenario, every component durable (JetStream)",
         ),
         Scenario(
             "downsampler",

@@ -81,6 +81,7 @@ class Parts(NamedTuple):
     parts: list[bytes]
     size: int  # bytes, len(b"".join(parts))
     lines: int  # lines, as the caller of add counted them
+    tags: tuple[object, ...] = ()  # what the caller of add gave with its chunks (acks)
 
 
 class Batcher:
@@ -99,6 +100,7 @@ class Batcher:
         self.max_age = max_age
         self._clock = clock
         self._chunks: list[bytes] = []
+        self._tags: list[object] = []
         self.size = 0
         self.lines = 0  # lines of the open batch
         self.started = 0.0  # clock() when the first chunk of this batch arrived
@@ -107,9 +109,9 @@ class Batcher:
     def count(self) -> int:
         return len(self._chunks)
 
-    def add(self, chunk: bytes, lines: int) -> list[Parts]:
+    def add(self, chunk: bytes, lines: int, tag: object = None) -> list[Parts]:
         """Add one chunk of `lines` whole lines; return the batches that became ready,
-        oldest first."""
+        oldest first. A tag goes with the chunk into the tags of each batch holding it."""
         if not chunk:
             return []
         ready: list[Parts] = []
@@ -117,17 +119,24 @@ class Batcher:
             ready.append(self.take())
         if len(chunk) > self.max_size:  # rare: a chunk larger than a whole batch
             pieces = split_under(chunk, self.max_size)
-            ready.extend(Parts([p], len(p), count_lines(p)) for p in pieces[:-1])
+            tags = () if tag is None else (tag,)
+            ready.extend(Parts([p], len(p), count_lines(p), tags) for p in pieces[:-1])
             chunk = pieces[-1]
             lines = count_lines(chunk)
         if not self._chunks:
             self.started = self._clock()
         self._chunks.append(chunk)
+        if tag is not None:
+            self._tags.append(tag)
         self.size += len(chunk)
         self.lines += lines
         if len(self._chunks) >= self.max_count or self.size >= self.max_size:
             ready.append(self.take())
         return ready
+
+    def holds(self, tag: object) -> bool:
+        """The open batch has a chunk given with tag."""
+        return tag in self._tags
 
     def due(self) -> bool:
         """True when the batch holds data older than max_age."""
@@ -135,8 +144,9 @@ class Batcher:
 
     def take(self) -> Parts:
         """Return the batch collected so far (no parts when empty) and start a new one."""
-        batch = Parts(self._chunks, self.size, self.lines)
+        batch = Parts(self._chunks, self.size, self.lines, tuple(self._tags))
         self._chunks = []
+        self._tags = []
         self.size = 0
         self.lines = 0
         return batch
@@ -152,17 +162,25 @@ class Pump:
 
     add() queues the ready batches for the pump's task (for a protocol callback, which
     cannot wait); add_now() publishes them before it returns (for a caller that answers
-    with what was lost).
+    with what was lost). A confirmed pump (durable mode) publishes its ready batches all
+    at once and waits for them together (publish returns once they are stored), and
+    add_confirmed() gives the caller what to wait on: the batch that holds its lines.
     """
 
-    def __init__(self, batcher: Batcher, publish: Publish) -> None:
+    def __init__(self, batcher: Batcher, publish: Publish, confirmed: bool = False) -> None:
         self.batcher = batcher
         self._publish = publish
+        self.confirmed = confirmed
         self.ready: collections.deque[Parts] = collections.deque()
         self.queued = 0  # bytes in ready
         self._closing = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # batches are numbered in the order they are queued (and so published)
+        self._queued_n = 0
+        self._published_n = 0
+        self._waiters: dict[int, asyncio.Future[int]] = {}
+        self._confirming: set[asyncio.Task[None]] = set()  # confirmed batches publishing
 
     def add(self, chunk: bytes, lines: int) -> None:
         """Batch a chunk; the batches it makes ready wait in `ready` for the pump's task."""
@@ -170,6 +188,23 @@ class Pump:
         if batches:
             for batch in batches:
                 self._queue(batch)
+            self._wake.set()
+
+    def add_confirmed(self, chunk: bytes, lines: int) -> list[asyncio.Future[int]]:
+        """Batch a chunk; the futures give the lines lost of the batches that hold it, once
+        they are published (a chunk larger than a batch may span several)."""
+        first = self._queued_n
+        self.add(chunk, lines)
+        last = self._queued_n if self.batcher.count else self._queued_n - 1
+        if len(chunk) <= self.batcher.max_size:
+            first = last
+        loop = asyncio.get_running_loop()
+        return [self._waiters.setdefault(n, loop.create_future()) for n in range(first, last + 1)]
+
+    def flush(self) -> None:
+        """Let the open batch go out now (its callers have nothing to wait for)."""
+        if self.batcher.count:
+            self._queue(self.batcher.take())
             self._wake.set()
 
     async def add_now(self, chunk: bytes, lines: int) -> int:
@@ -198,6 +233,7 @@ class Pump:
     def _queue(self, batch: Parts) -> None:
         self.ready.append(batch)
         self.queued += batch.size
+        self._queued_n += 1
 
     async def publish_ready(self) -> None:
         """Publish the ready batches, oldest first.
@@ -206,10 +242,35 @@ class Pump:
         batch goes out in one pass and the client's flusher writes them in one go.
         """
         ready = self.ready
+        if self.confirmed:  # each batch in a task: a PubAck awaited holds no other batch
+            while ready:
+                batch = ready.popleft()
+                self.queued -= batch.size
+                task = asyncio.create_task(self._publish_confirmed(batch, self._published_n))
+                self._published_n += 1
+                self._confirming.add(task)
+                task.add_done_callback(self._confirming.discard)
+            return
         while ready:
             batch = ready.popleft()
             self.queued -= batch.size
-            await self._publish(batch)
+            self._settled(await self._publish(batch))
+
+    async def _publish_confirmed(self, batch: Parts, number: int) -> None:
+        lost = batch.lines
+        try:
+            lost = await self._publish(batch)
+        finally:
+            waiter = self._waiters.pop(number, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(lost)
+
+    def _settled(self, lost: int) -> None:
+        """The next batch in order is published, lost lines not: tell who waits on it."""
+        waiter = self._waiters.pop(self._published_n, None)
+        self._published_n += 1
+        if waiter is not None and not waiter.done():
+            waiter.set_result(lost)
 
     async def close(self) -> None:
         """Once the input stopped: let the task finish (raising what made it fail), then
@@ -221,6 +282,8 @@ class Pump:
         if self.batcher.count:
             self._queue(self.batcher.take())
         await self.publish_ready()
+        if self._confirming:
+            await asyncio.wait(list(self._confirming))
 
 
 class Listener(Protocol):

@@ -3,21 +3,31 @@
 The one NATS wrapper every mode uses, and the only place that enforces the max payload.
 It uses nats-py's public API; the fast path, built on its private names, is
 influx_spout.natsfast.
+
+With durable = true, publish() and publish_parts() store into JetStream and return once
+the server acknowledged (PubAck) every message, or counted as lost what it did not; and
+consume() replaces subscribe(): a durable pull consumer whose messages come with a
+Delivery, the handle a mode acknowledges them with once what it made of them is stored.
+The streams and consumers are influx_spout.jetstream's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoServersError, SlowConsumerError
 
-from influx_spout import redact
+from influx_spout import jetstream, redact
 from influx_spout.batching import Parts, count_lines, split_under
 from influx_spout.config import Config
 from influx_spout.natsconnect import UNREACHABLE as _UNREACHABLE
@@ -42,6 +52,103 @@ CATCH_UP_TURNS = 64  # of the event loop, at most, in one catch_up()
 # a mode's message handler: (subject, payload, NATS headers or None)
 Handler = Callable[[str, bytes, dict[str, str] | None], Awaitable[None]]
 
+# how long a durable publish waits for its PubAck before its lines count as not stored
+PUBACK_TIMEOUT = 5.0
+# messages asked for in one fetch from a durable consumer, and how long a fetch waits
+# (short: a stopping component waits for the fetch in progress); the pause after a
+# failed fetch, and before a message whose handler failed comes again
+FETCH_BATCH = 64
+FETCH_WAIT = 0.25
+RETRY_PAUSE = 1.0
+
+
+class Delivery:
+    """The acknowledgement handle of one message from a durable consumer."""
+
+    __slots__ = ("_msg",)
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+
+    @property
+    def delivered(self) -> int:
+        """How many times JetStream delivered this message (1 the first time)."""
+        return int(self._msg.metadata.num_delivered or 1)
+
+    async def ack(self) -> None:
+        """Done: JetStream drops the message (a lost ack means one more delivery)."""
+        try:
+            await self._msg.ack()
+        except Exception as exc:
+            log.warning("could not acknowledge a message (it will come again): %s", exc)
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Not done: JetStream delivers it again, after delay seconds."""
+        try:
+            await self._msg.nak(delay)
+        except Exception as exc:
+            log.warning("could not hand a message back (it will come again): %s", exc)
+
+    async def in_progress(self) -> None:
+        """Still being worked on: JetStream waits another ack_wait before it redelivers."""
+        try:
+            await self._msg.in_progress()
+        except Exception as exc:
+            log.warning("could not report a message in progress (it may come again): %s", exc)
+
+
+class JetStreamRefused(Exception):
+    """JetStream answered a publish with an error (e.g. the stream is full)."""
+
+
+class PubAcks:
+    """Publishes to JetStream and hands out a future per message for its PubAck.
+
+    nats-py's publish_async never settles the future of a refused message (its error
+    reply raises inside the reply handler), so a full stream would look like a timeout:
+    this reads the replies itself, on one wildcard inbox.
+    """
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._next = 0
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._sub: Any = None
+
+    async def publish(self, subject: str, data: bytes) -> asyncio.Future[None]:
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_reply)
+        self._next += 1
+        reply = f"{self._prefix}.{self._next}"
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[reply] = future
+        future.add_done_callback(lambda _: self._waiting.pop(reply, None))
+        await self._nc.publish(subject, data, reply=reply)
+        return future
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject, None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(JetStreamRefused("no stream captures this subject"))
+            return
+        try:
+            answer = json.loads(msg.data)
+        except ValueError:
+            future.set_exception(JetStreamRefused(f"not a PubAck: {msg.data[:100]!r}"))
+            return
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if error:
+            future.set_exception(JetStreamRefused(str(error.get("description") or error)))
+        else:
+            future.set_result(None)
+
+
+# a durable consumer's handler: a message and the Delivery to settle it with
+DurableHandler = Callable[[str, bytes, dict[str, str] | None, Delivery], Awaitable[None]]
+
 
 class Bus:
     """A NATS connection with the bookkeeping the modes need."""
@@ -55,6 +162,11 @@ class Bus:
         self._subs: list = []
         self._closing = False
         self._read_ahead = False  # see read_ahead()
+        self.durable = bool(cfg.durable)
+        self._js: Any = None
+        self._acks: PubAcks | None = None
+        self._consuming = False
+        self._consumers: list[asyncio.Task[None]] = []
         # what was logged of the errors since the last (re)connection: once per outage
         self._logged: set[str] = set()
         # the outage under way (see _outage_starts): since when, what it counted
@@ -198,6 +310,8 @@ class Bus:
         """
         if not data:
             return 0
+        if self.durable:
+            return await self._store(subject, data)
         if len(data) > self.max_payload:
             return await self._publish_split(subject, data)
         return 0 if await self._send(subject, (data,), len(data)) else _lines(data)
@@ -207,6 +321,9 @@ class Bus:
         in one message. Returns the number of lines NOT published."""
         if not batch.size:
             return 0
+        if self.durable:
+            data = batch.parts[0] if len(batch.parts) == 1 else b"".join(batch.parts)
+            return await self._store(subject, data, batch.lines)
         if batch.size > self.max_payload:
             return await self._publish_split(subject, b"".join(batch.parts))
         return 0 if await self._send(subject, batch.parts, batch.size) else batch.lines
@@ -237,6 +354,101 @@ class Bus:
                 self._outage_publishes += 1
             return False
         return True
+
+    # -- JetStream (durable = true) -----------------------------------------------------------
+
+    @property
+    def js(self) -> Any:
+        if self._js is None:
+            self._js = self.nc.jetstream(timeout=PUBACK_TIMEOUT)
+        return self._js
+
+    def _pubacks(self) -> PubAcks:
+        if self._acks is None:
+            self._acks = PubAcks(self.nc)
+        return self._acks
+
+    async def ensure_streams(self, subjects: Sequence[str]) -> list[str]:
+        """Create or check the stream of each subject (jetstream.ensure_stream)."""
+        settings = jetstream.Settings.of(self.cfg)
+        return [await jetstream.ensure_stream(self.js, s, settings) for s in subjects]
+
+    async def _store(self, subject: str, data: bytes, lines: int | None = None) -> int:
+        """publish() into JetStream: every message sent at once, then their PubAcks
+        awaited together. Returns the lines not stored."""
+        return await (await self.store_soon(subject, data, lines))
+
+    async def store_soon(
+        self, subject: str, data: bytes, lines: int | None = None
+    ) -> asyncio.Future[int]:
+        """Send whole lines to JetStream now (split under the max payload); the future
+        gives the lines not stored once every PubAck came back (or timed out): a caller
+        may send more meanwhile."""
+        limit = self.max_payload
+        pieces = split_under(data, limit) if len(data) > limit else [data]
+        lost = 0
+        waits: list[tuple[asyncio.Future[Any], bytes]] = []
+        for piece in pieces:
+            if len(piece) > limit:
+                log.warning("a line of %d bytes exceeds the NATS max payload %d", len(piece), limit)
+                lost += 1
+                continue
+            try:
+                waits.append((await self._pubacks().publish(subject, piece), piece))
+            except Exception as exc:
+                log.warning("publish to JetStream %s failed: %s", subject, exc)
+                lost += _lines(piece)
+        whole = lines if lines is not None and len(pieces) == 1 else None
+        return asyncio.ensure_future(_confirmed(subject, waits, lost, whole))
+
+    async def consume(
+        self, subjects: Sequence[str], handler: DurableHandler, max_ack_pending: int, hold: float
+    ) -> None:
+        """Pull each subject's stream through this component's durable consumer, handing
+        each message and its Delivery to handler, one at a time, until unsubscribe()."""
+        self._consuming = True
+        streams = await self.ensure_streams(subjects)
+        subs = []
+        for subject, stream in zip(subjects, streams, strict=True):
+            config = jetstream.consumer_config(self.cfg, subject, max_ack_pending, hold)
+            try:
+                subs.append(
+                    await self.js.pull_subscribe(
+                        subject, durable=config.durable_name, stream=stream, config=config
+                    )
+                )
+            except nats.js.errors.APIError as exc:
+                raise jetstream.JetStreamError(
+                    f"cannot consume {subject} from stream {stream} as {config.durable_name}: "
+                    f"{exc.description} (a work-queue stream has one consumer: give the "
+                    "components that read this subject the same queue_group)"
+                ) from exc
+        for subject, sub in zip(subjects, subs, strict=True):
+            self.dropped[subject] += 0
+            self._consumers.append(asyncio.create_task(self._pull(sub, handler)))
+
+    async def _pull(self, sub: Any, handler: DurableHandler) -> None:
+        while self._consuming:
+            try:
+                msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except Exception as exc:
+                if self._consuming:
+                    log.warning("fetching from JetStream failed: %s", exc or type(exc).__name__)
+                    await asyncio.sleep(RETRY_PAUSE)
+                continue
+            for n, msg in enumerate(msgs):
+                if not self._consuming:  # stopping: what was not handled comes again
+                    for rest in msgs[n:]:
+                        await Delivery(rest).nak()
+                    return
+                delivery = Delivery(msg)
+                try:
+                    await handler(msg.subject, msg.data, msg.headers, delivery)
+                except Exception as exc:
+                    log.error("handling a message failed (it will come again): %r", exc)
+                    await delivery.nak(RETRY_PAUSE)
 
     async def confirm(self, timeout: int) -> None:
         """Return once nats-server has answered a PING sent after everything published;
@@ -324,6 +536,10 @@ class Bus:
             except TimeoutError:
                 log.warning("input still busy %.1fs after stop%s", timeout, then and f"; {then}")
             return
+        self._consuming = False
+        if self._consumers:
+            await asyncio.wait(self._consumers)
+            self._consumers = []
         for sub in self._subs:
             try:
                 await sub.drain()
@@ -341,6 +557,32 @@ class Bus:
             await self.nc.close()
         except Exception as exc:
             log.debug("close: %s", exc)
+
+
+async def _confirmed(
+    subject: str, waits: list[tuple[asyncio.Future[Any], bytes]], lost: int, whole: int | None
+) -> int:
+    """The lines not stored: lost already, plus those of the messages whose PubAck did not
+    come (all `whole` lines of a batch sent as one message)."""
+    if waits:
+        # one wait for them all: a wait_for each would cost a task each
+        await asyncio.wait([f for f, _ in waits], timeout=PUBACK_TIMEOUT)
+        for future, piece in waits:
+            if not future.done():
+                future.cancel()
+                why = f"no PubAck within {PUBACK_TIMEOUT:g}s"
+            elif future.exception() is not None:
+                why = _why(future.exception())
+            else:
+                continue
+            log.warning("JetStream did not store a message on %s: %s", subject, why)
+            lost += _lines(piece)
+    return whole if whole is not None and lost else lost
+
+
+def _why(exc: BaseException | None) -> str:
+    """A refused publish, readable."""
+    return str(getattr(exc, "description", None) or exc or type(exc).__name__)
 
 
 def _lines(data: bytes) -> int:

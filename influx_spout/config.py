@@ -125,6 +125,10 @@ def from_environment(variable: str) -> Any:
     return field(default="", repr=False, metadata={"environment": variable})
 
 
+# the modes with a durable path (influx_spout.jetstream)
+DURABLE = ("listener", "listener_http", "filter", "writer")
+
+
 @dataclass(kw_only=True)
 class SharedOptions:
     """The options of more than one mode (the README's "Configuration (all modes)")."""
@@ -262,6 +266,30 @@ class SharedOptions:
         "influx-spout-dead-letter",
         "where lines go that cannot be decoded (kafka) or that InfluxDB refused (writer)",
         modes=("kafka", "writer"),
+    )
+    durable: bool = option(
+        "bool",
+        False,
+        "store every hop in NATS JetStream and acknowledge only what is stored downstream",
+        modes=DURABLE,
+    )
+    jetstream_max_bytes: int = option(
+        "size", GB, "durable: the size limit of each stream it creates", modes=DURABLE
+    )
+    jetstream_max_age: float = option(
+        "duration", 86400.0, "durable: how long a stream keeps a message", modes=DURABLE
+    )
+    jetstream_replicas: int = option(
+        "int", 1, "durable: copies of each stream on a NATS cluster", modes=DURABLE, at_least=1
+    )
+    jetstream_storage: str = option(
+        "str", "file", "durable: file or memory storage of each stream", modes=DURABLE
+    )
+    durable_linger: float = option(
+        "duration",
+        0.01,
+        "durable: the longest a batch that answers wait on stays open",
+        modes=("listener", "listener_http"),
     )
 
 
@@ -1242,6 +1270,15 @@ def _validate_shared(c: Checker) -> None:
     if cfg.queue_group and any(ch.isspace() for ch in cfg.queue_group):
         raise c.fail("queue_group", f"{quote(cfg.queue_group)} contains whitespace", "remove it")
 
+    if cfg.durable and cfg.mode not in DURABLE:
+        log.warning(
+            "%s: durable: ignored in %s mode (only %s have a durable path yet)",
+            c.where("durable")[0],
+            cfg.mode,
+            ", ".join(DURABLE),
+        )
+        cfg.durable = False
+
     rule_modes = declarations()["rule"].modes
     if cfg.rule and cfg.mode not in rule_modes:
         file = c.where("rule")[0]
@@ -1392,6 +1429,8 @@ def _format_new(kind: str, value: Any) -> str:
                 return f'"{value // factor}{unit}"'
         return f'"{value}"'
     if kind == "duration":
+        if 0 < value < 1 and round(value * 1000, 6).is_integer():
+            return f'"{value * 1000:g}ms"'
         for unit, seconds in (("h", 3600), ("m", 60)):
             if value and value % seconds == 0:
                 return f'"{value // seconds:g}{unit}"'

@@ -221,6 +221,9 @@ _TIMESTAMP_AT_EOL = re.compile(rb"(?m) -?\d++$")
 # or '"' (a string field with a space). An empty line would take zeros too.
 _LINE_WITHOUT_TIMESTAMP = compile_batch(r'(?m)[="][^ \n]*$|\n\n|\A\n')
 
+_END_WITHOUT_TIMESTAMP = re.compile(rb'(?m)[="][^ \n]*+$')
+_TIMESTAMP_AT_NEWLINE = re.compile(rb" -?\d++\n")
+
 _BOOLS: dict[bytes, bool] = {
     b"t": True,
     b"T": True,
@@ -450,6 +453,15 @@ def escape_string_field(s: bytes) -> bytes:
 # --- time ----------------------------------------------------------------------------------
 
 
+def stamp_missing(valid: bytes, ts_ns: int) -> bytes:
+    """Valid lines (each ending with b"\\n"), those without a timestamp given ts_ns (as
+    InfluxDB stamps on arrival): a line sent again then is the same point. Unchanged, after
+    one quick pass (spaces, not every "="), when every line has one."""
+    if len(_TIMESTAMP_AT_NEWLINE.findall(valid)) == valid.count(b"\n"):
+        return valid
+    return _END_WITHOUT_TIMESTAMP.sub(b"\\g<0> %d" % ts_ns, valid)
+
+
 def now_ns() -> int:
     """The current time in nanoseconds since the epoch (one place to fake it in tests)."""
     return time.time_ns()
@@ -574,10 +586,13 @@ KAFKA_REASONS = Reasons(
 CONVERTED_REASONS = KAFKA_REASONS._replace(invalid="not valid line protocol once converted")
 
 
-def check_body(body: bytes, reasons: Reasons, precision: str = "ns", max_line: int = 0) -> Decoded:
+def check_body(
+    body: bytes, reasons: Reasons, precision: str = "ns", max_line: int = 0, arrival_ns: int = 0
+) -> Decoded:
     """The one check of a body of line protocol, whatever its source: split, validate,
-    convert its timestamps from precision to ns, and reject lines over max_line bytes
-    (the NATS max payload: NATS could never carry them; 0 for no limit).
+    convert its timestamps from precision to ns, stamp the lines without one with
+    arrival_ns when given (durable listener_http: stamp_missing), and reject lines over
+    max_line bytes (the NATS max payload: NATS could never carry them; 0 for no limit).
 
     A body of valid lines costs one pass of the whole-batch grammar (split_valid) and is
     passed on without a copy when it needs no conversion.
@@ -588,6 +603,8 @@ def check_body(body: bytes, reasons: Reasons, precision: str = "ns", max_line: i
         valid, out_of_range = to_nanoseconds_or_set_aside(valid, precision)
         reason = OUT_OF_RANGE.format(precision=precision)
         rejected += [Rejected(line, reason) for line in out_of_range]
+    if arrival_ns and valid:  # before the size check: a stamp makes a line longer
+        valid = stamp_missing(valid, arrival_ns)
     decoded = Decoded(valid, batching.count_lines(valid), rejected)
     if max_line and len(valid) > max_line:  # else no line can be over it
         return drop_overlong(decoded, max_line, reasons)

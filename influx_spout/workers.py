@@ -247,7 +247,7 @@ class Pool:
         else:
             raise RuntimeError("workers.Pool.fork() must run before the event loop starts")
         cfg = self.cfg
-        if not cfg.queue_group:
+        if not cfg.queue_group and not cfg.durable:  # durable: the consumer is shared
             cfg = dataclasses.replace(cfg, queue_group=private_queue_group(cfg))
         # fork: a worker starts in milliseconds and shares the parent's pages
         ctx = multiprocessing.get_context("fork")

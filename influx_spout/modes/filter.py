@@ -14,6 +14,11 @@ With workers == 1 it all runs in one process. Each process routes one message at
 under overload messages wait in the NATS subscription, whose `nats_max_pending_size`
 bound drops and counts them (nats_dropped). A worker that dies stops the filter (exit 1).
 
+With durable = true the input is a durable JetStream consumer (named after queue_group
+or name; the workers pull from the same one) and the outputs go into JetStream: an input
+message is acknowledged only once every output made of it is stored (PubAck), else it is
+handed back and routed again later; a crash loses nothing, and may repeat outputs.
+
 Metrics (counters; lines unless said otherwise):
   processed            lines seen
   passed               lines sent to a rule's subject
@@ -31,11 +36,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from influx_spout import lineproto, workers
+from influx_spout import jetstream, lineproto, workers
 from influx_spout.config import Alias, Checker, Config, Rule, option
 from influx_spout.mode import Host, Mode
 from influx_spout.rules import Routed, RuleSet
+
+if TYPE_CHECKING:
+    from influx_spout.bus import Delivery
 
 # -- options (the shared ones, rule and workers among them: config.SharedOptions) ----------
 
@@ -74,6 +83,7 @@ def validate(c: Checker) -> None:
                 "filter rules need the subject that matching lines go to",
             )
         c.subject("rule", rule.subject, publish=True, written=f"rule[{n}].subject")
+    jetstream.validate(c)
 
 
 log = logging.getLogger("influx_spout.filter")
@@ -92,6 +102,12 @@ COUNTERS = (
 # messages wait (Bus.catch_up)
 YIELD_INTERVAL = 0.005
 
+# durable: input messages pulled and not yet acknowledged, per consumer; and how long
+# a message whose outputs JetStream did not all store waits before it comes again
+MAX_ACK_PENDING = 256
+RETRY_DELAY = 1.0
+MAX_SETTLING = 32  # messages routed whose outputs' PubAcks are awaited at once
+
 
 class Filter:
     """Takes input messages, routes them, publishes the results and counts everything."""
@@ -106,6 +122,11 @@ class Filter:
         self.routes = self._routes(cfg.rule)
         self.max_delta_ns = int(cfg.max_time_delta * 1e9)
         self.failure: BaseException | None = None  # what broke the routing, fatal
+        # durable: the outputs of the message being routed, being stored; messages whose
+        # outputs are being stored (at most MAX_SETTLING)
+        self.storing: list[tuple[str, asyncio.Future[int]]] = []
+        self.settling = asyncio.Semaphore(MAX_SETTLING)
+        self._tasks: set[asyncio.Task[None]] = set()
         self.yielded = 0.0  # when handle() last let the event loop run
 
     def _routes(self, rules: list[Rule]) -> tuple[RuleSet, list[str]]:
@@ -138,16 +159,49 @@ class Filter:
             self.rt.stop.set()
             return
         self._count(routed, subjects)
-        for index, data in routed.outputs.items():
-            await self._publish(subjects[index], data)
+        outputs = [(subjects[index], data) for index, data in routed.outputs.items()]
         if routed.junk:
-            await self._publish(self.cfg.nats_subject_junkyard, routed.junk)
+            outputs.append((self.cfg.nats_subject_junkyard, routed.junk))
+        for s, data in outputs:
+            await self._publish(s, data)
         if self.inline and time.monotonic() - self.yielded >= YIELD_INTERVAL:
             # routing keeps the event loop busy: let it read the socket now and then, or
             # under overload the backlog would pile up in nats-server (which cuts a slow
             # client off, losing messages uncounted) instead of in our counted buffer
             await self.rt.bus.catch_up()
             self.yielded = time.monotonic()
+
+    async def handle_durable(
+        self, subject: str, batch: bytes, headers: dict[str, str] | None, delivery: Delivery
+    ) -> None:
+        """A message from the durable consumer: acknowledged once JetStream stored all that
+        was made of it; else handed back, to be routed again (the same lines, again)."""
+        self.storing = []
+        await self.handle(subject, batch, headers)
+        if self.failure is not None:
+            await delivery.nak(RETRY_DELAY)
+            return
+        # the next message is routed while JetStream stores this one's outputs
+        await self.settling.acquire()
+        task = asyncio.create_task(self._settle(self.storing, delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(
+        self, storing: list[tuple[str, asyncio.Future[int]]], delivery: Delivery
+    ) -> None:
+        try:
+            lost = 0
+            for subject, future in storing:
+                lost += self._count_lost(subject, await future)
+            await (delivery.nak(RETRY_DELAY) if lost else delivery.ack())
+        finally:
+            self.settling.release()
+
+    async def drain(self) -> None:
+        """Wait for the outputs of the messages routed to be stored, and settle them."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
 
     def _count(self, routed: Routed, subjects: list[str]) -> None:
         inc = self.stats.inc
@@ -176,12 +230,19 @@ class Filter:
                     )
 
     async def _publish(self, subject: str, data: bytes) -> None:
-        """Publish whole lines (the bus splits them); count the lines NATS did not take."""
-        lost = await self.rt.bus.publish(subject, data)
+        """Publish whole lines (the bus splits them); count the lines NATS did not take.
+        Durable: sent now, their PubAcks awaited by _settle."""
+        if self.cfg.durable:
+            self.storing.append((subject, await self.rt.bus.store_soon(subject, data)))
+            return
+        self._count_lost(subject, await self.rt.bus.publish(subject, data))
+
+    def _count_lost(self, subject: str, lost: int) -> int:
         if lost:
             self.stats.inc("failed_nats_publish", lost)
             if self.cfg.debug:
                 log.info("could not publish %d lines to %s", lost, subject)
+        return lost
 
 
 class FilterMode:
@@ -201,6 +262,11 @@ class FilterMode:
         filt = self.filter = Filter(self.cfg, host, self.inline)
         if filt.inline:
             host.bus.read_ahead()  # it routes in its event loop: see Bus.catch_up
+        if self.cfg.durable:
+            cfg = self.cfg
+            await host.bus.ensure_streams([*filt.routes[1], cfg.nats_subject_junkyard])
+            await host.bus.consume([cfg.nats_subject[0]], filt.handle_durable, MAX_ACK_PENDING, 0)
+            return
         await host.bus.subscribe(
             [self.cfg.nats_subject[0]], filt.handle, self.cfg.nats_max_pending_size
         )
@@ -213,6 +279,8 @@ class FilterMode:
             self.filter.reload(rules)
 
     async def drain(self) -> None:
+        if self.filter is not None:
+            await self.filter.drain()
         failure = self.filter.failure if self.filter else None
         if failure is not None:
             raise RuntimeError(

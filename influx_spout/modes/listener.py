@@ -6,6 +6,11 @@ Batcher: a batch is published to nats_subject[0] when it holds batch_max_count
 datagrams, reaches batch_max_size (never above the NATS server's max payload), or is
 batch_max_age old. Lines are never split across batches.
 
+With durable = true the batches go into JetStream (bus.py), so that every hop after the
+listener is durable; a batch lingers durable_linger at most. UDP itself promises its
+senders nothing: a datagram lost before it is stored (kernel buffer, a crash, a full
+stream) is lost.
+
 UDP has no back-pressure: when NATS cannot take batches as fast as datagrams arrive,
 ready batches of up to max(MAX_QUEUED_BYTES, QUEUED_BATCHES * batch size) bytes wait;
 the datagrams beyond that are dropped and counted (failed_nats_publish), so memory
@@ -31,6 +36,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from influx_spout import jetstream
 from influx_spout.batching import Batcher, ListenerMode, Parts, Pump, count_lines
 from influx_spout.config import MB, Alias, Checker, Config, option
 from influx_spout.mode import Host, Mode
@@ -54,6 +60,7 @@ def validate(c: Checker) -> None:
     """A UDP port, so probe_port (TCP) may be the same number."""
     c.listening_port(shared_with_probes=False)
     c.output_subject()
+    jetstream.validate(c)
 
 
 log = logging.getLogger("influx_spout.listener")
@@ -138,10 +145,10 @@ class UdpListener(asyncio.DatagramProtocol):
         self.rt = rt
         self.stats: Stats = rt.stats
         self.subject = cfg.nats_subject[0]
-        batcher = Batcher(
-            cfg.batch_max_count, min(cfg.batch_max_size, rt.bus.max_payload), cfg.batch_max_age
-        )
-        self.pump = Pump(batcher, self.publish)
+        # durable: what waits in RAM is not yet stored, so it waits durable_linger at most
+        max_age = min(cfg.batch_max_age, cfg.durable_linger) if cfg.durable else cfg.batch_max_age
+        batcher = Batcher(cfg.batch_max_count, min(cfg.batch_max_size, rt.bus.max_payload), max_age)
+        self.pump = Pump(batcher, self.publish, confirmed=cfg.durable)
         self.max_queued = max(MAX_QUEUED_BYTES, QUEUED_BATCHES * batcher.max_size)
         # the counters of the per-datagram path, updated without Stats.inc's label handling
         self._values = self.stats.values
@@ -177,6 +184,8 @@ class UdpListener(asyncio.DatagramProtocol):
 
     async def open(self) -> None:
         cfg = self.cfg
+        if cfg.durable:
+            await self.rt.bus.ensure_streams([self.subject])
         sock = open_socket(cfg.port, cfg.read_buffer_size, cfg.bind_address)
         await asyncio.get_running_loop().create_datagram_endpoint(lambda: self, sock=sock)
         log.info(

@@ -30,14 +30,21 @@ converted to nanoseconds, and the valid lines go into one Batcher (batch_max_cou
 requests, batch_max_size bytes, never above the NATS max payload, batch_max_age).
 Batches that become ready are published before the request is answered, so:
 
-  204  every line was accepted (handed to NATS, or batched for the next publish)
+  204  every line was accepted (handed to NATS, or batched for the next publish);
+       durable: every line is stored in JetStream (the PubAck of each batch holding
+       them came back; many requests share a batch, which waits durable_linger at most)
   400  some or all lines are not line protocol (InfluxDB's "unable to parse" and
        "partial write" errors): the valid lines of the request were still accepted
   401  credentials missing or wrong; 403  the name may not write to that database
   408  the request head did not come whole within read_header_timeout
   413  the body is over max_body_size (plain, or once decompressed: gzip bombs too)
   503  NATS is unreachable or too much data waits for it (Retry-After): nothing of
-       the request was accepted unless publishing failed half-way; retry it
+       the request was accepted unless publishing failed half-way; retry it. Durable:
+       also when the stream is full (discard new) or no PubAck came
+
+In durable mode, lines without a timestamp get their request's arrival time, so that a
+line delivered twice is the same point (InfluxDB stores it once); plain mode leaves them
+for InfluxDB to stamp.
 
 Each error has a JSON body, {"error": "..."} (v1) or {"code": ..., "message": ...} (v2),
 and an X-Influxdb-Error header, like InfluxDB's.
@@ -68,7 +75,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
-from influx_spout import lineproto, listening
+from influx_spout import jetstream, lineproto, listening
 from influx_spout.auth import REALM, Authenticator, AuthFileError, Denied, credentials
 from influx_spout.batching import (
     Batcher,
@@ -126,6 +133,7 @@ class Options:
 def validate(c: Checker) -> None:
     c.listening_port(shared_with_probes=True)
     c.output_subject()
+    jetstream.validate(c)
     listening.check_tls(c)
     cfg = c.cfg
     try:
@@ -280,17 +288,19 @@ def decode(
     max_payload: int,
     piece_size: int = 0,
     max_members: int = 100,
+    arrival_ns: int = 0,
 ) -> Checked:
     """Check a write body: valid lines (in ns) to publish, invalid ones to report.
 
     Every pass over the bytes happens here (in a worker thread for large bodies): the
     valid lines come cut in pieces of at most piece_size (default max_payload) bytes with
-    their line counts, so the event loop only hands them to the batcher.
+    their line counts, so the event loop only hands them to the batcher. With arrival_ns
+    (durable mode), lines without a timestamp get that one.
     """
     if gzipped and body:
         body = gunzip(body, limit, max_members)
     valid, lines, rejected = lineproto.check_body(
-        body, lineproto.HTTP_REASONS, precision, max_payload
+        body, lineproto.HTTP_REASONS, precision, max_payload, arrival_ns
     )
     piece_size = piece_size or max_payload
     pieces: list[tuple[bytes, int]] = []
@@ -396,10 +406,13 @@ class HttpListener:
         self.rt = rt
         self.subject = cfg.nats_subject[0]
         self.batch_size = min(cfg.batch_max_size, rt.bus.max_payload)
-        batcher = Batcher(cfg.batch_max_count, self.batch_size, cfg.batch_max_age)
-        self.pump = Pump(batcher, self.publish)
+        # durable: every batch has answers waiting on it, so it lingers durable_linger at most
+        max_age = min(cfg.batch_max_age, cfg.durable_linger) if cfg.durable else cfg.batch_max_age
+        batcher = Batcher(cfg.batch_max_count, self.batch_size, max_age)
+        self.pump = Pump(batcher, self.publish, confirmed=cfg.durable)
         self.busy_limit = max(BUSY_FACTOR * self.batch_size, cfg.max_body_size)
         self.databases: set[str] = set()
+        self.arriving = 0  # write requests whose body is being read or checked
         # bodies being read or checked count in server.held until they are answered;
         # reading stops with a 503 past busy_limit + max_body_size
         self.server = Server(
@@ -425,6 +438,8 @@ class HttpListener:
 
     async def open(self) -> None:
         cfg = self.cfg
+        if self.cfg.durable:
+            await self.rt.bus.ensure_streams([self.subject])
         try:
             await self.server.start(cfg.port, listening.host(cfg), listening.server_context(cfg))
         except OSError as exc:
@@ -525,6 +540,7 @@ class HttpListener:
         return await self.write(request, precision, v2=True)
 
     async def write(self, request: Request, precision: str, v2: bool) -> Response:
+        arrival = lineproto.now_ns() if self.cfg.durable else 0
         try:
             encoding = content_encoding(request)
             limit = self.cfg.max_body_size
@@ -538,7 +554,13 @@ class HttpListener:
             waiting = held + self.rt.bus.pending_bytes
             if waiting > self.busy_limit:
                 raise busy(waiting, self.busy_limit)
-            decoded = await self.read_and_decode(request, encoding == "gzip", precision)
+            self.arriving += 1
+            try:
+                decoded = await self.read_and_decode(
+                    request, encoding == "gzip", precision, arrival
+                )
+            finally:
+                self.arriving -= 1
         except Reject as exc:
             return self.refuse(request, exc, v2)
 
@@ -561,9 +583,7 @@ class HttpListener:
                     "unavailable",
                     headers={"Retry-After": RETRY_AFTER},
                 )
-            lost = 0
-            for piece, lines in decoded.pieces:
-                lost += await self.pump.add_now(piece, lines)
+            lost = await self.accept(decoded)
             if lost:
                 return error_response(
                     503,
@@ -581,7 +601,27 @@ class HttpListener:
             return error_response(400, message, v2)
         return NO_CONTENT
 
-    async def read_and_decode(self, request: Request, gzipped: bool, precision: str) -> Checked:
+    async def accept(self, checked: Checked) -> int:
+        """Batch the valid lines; returns how many were lost. Plain: the batches they made
+        ready are published first. Durable: once JetStream stored (PubAck) every batch that
+        holds them; many requests wait on one batch, which lingers only while other requests
+        are on their way (durable_linger at most)."""
+        lost = 0
+        if not self.pump.confirmed:
+            for piece, lines in checked.pieces:
+                lost += await self.pump.add_now(piece, lines)
+            return lost
+        waits = []
+        for piece, lines in checked.pieces:
+            waits += self.pump.add_confirmed(piece, lines)
+        if not self.arriving:  # no other request would join the batch: no need to linger
+            self.pump.flush()
+        # shielded: a client that goes away must not cancel what other requests wait on
+        return sum(await asyncio.gather(*(asyncio.shield(w) for w in waits)))
+
+    async def read_and_decode(
+        self, request: Request, gzipped: bool, precision: str, arrival_ns: int = 0
+    ) -> Checked:
         """Read the body (the server keeps it within max_body_size and the busy limit),
         then check it."""
         try:
@@ -594,9 +634,9 @@ class HttpListener:
             # joining the chunks is per-byte work too: done in the thread
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
-                None, decode_chunks, chunks, *args, cfg.max_gzip_members
+                None, decode_chunks, chunks, *args, cfg.max_gzip_members, arrival_ns
             )
-        return decode_chunks(chunks, *args, cfg.max_gzip_members)
+        return decode_chunks(chunks, *args, cfg.max_gzip_members, arrival_ns)
 
     def refuse(self, request: Request, exc: Reject, v2: bool) -> Response:
         """Answer a write refused as a whole, and count it."""

@@ -16,14 +16,25 @@ Every answer has one outcome (answers.py reads what it says about the lines):
                            else by halving the batch), dead-lettered; the rest is written
   413                      halved, down to single lines
   404 database not found   created with influxdb_create_database, else given up (plain)
-  401, 403                 given up (plain mode), retried (durable)
+  401, 403                 given up (plain mode), failed for now (durable)
   5xx, 429, timeouts, connection errors
-                           retried with exponential backoff and jitter (Retry-After
-                           honoured): plain mode keeps writer_retry_batches batches (at
-                           most writer_retry_max_size bytes) for at most
-                           writer_retry_timeout; durable mode retries for ever
-A batch's outcome is final in one place, Writer._settle, where a durable input
-acknowledges it.
+                           failed for now: retried with exponential backoff and jitter
+                           (Retry-After honoured) from 1s up to writer_retry_interval;
+                           plain mode keeps writer_retry_batches batches (at most
+                           writer_retry_max_size bytes) for at most writer_retry_timeout
+A batch's outcome is final in one place, Writer._settle.
+
+With durable = true the input is a durable JetStream consumer per subject (named after
+queue_group or name; at most 4 * workers * batch_max_count messages unacknowledged). A
+message is acknowledged once every batch holding its lines is final: written,
+dead-lettered, or given up (a batch partly written and partly dead-lettered is final).
+A batch that fails for now is handed back: its messages are nak'ed with the backoff
+above (counted from their deliveries), so the backlog of an outage stays in the stream,
+never in this process, and nothing is given up. Only when handing back would repeat
+what is already final (part of the batch already written or dead-lettered by a 413
+split or a bisection, or it holds a piece of a message split over batches) is the rest
+retried here instead, for ever, the consumer told that those messages are in progress.
+At stop, what is not written is handed back at once, for the next writer.
 
 Without [[rule]] tables the writer never looks inside a batch on the way to a 2xx; with
 them only lines some rule matches are written.
@@ -32,7 +43,8 @@ Memory: a batch is held once, as the NATS messages it was made of, and POSTed as
 parts with an explicit Content-Length (never joined into one copy; a retry sends the same
 parts again; only an answer about its lines joins it, to split it). What else the writer
 holds is the NATS input backlog, at most nats_max_pending_size bytes, and the batches
-kept for retry, at most writer_retry_max_size bytes.
+kept for retry, at most writer_retry_max_size bytes (durable: the unacknowledged
+messages, at most the consumer's max_ack_pending).
 
 Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
   received               lines received from NATS
@@ -49,6 +61,9 @@ Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
   dropped_by_rules       lines no rule matched, or not valid line protocol (only with
                          [[rule]] tables)
   nats_dropped{subject}  messages NATS dropped because the input buffer was full
+  lines_handed_back      lines of batches that failed for now, handed back to JetStream
+                         to be delivered again (and then counted again in received):
+                         never given up (only with durable = true)
 """
 
 from __future__ import annotations
@@ -61,11 +76,11 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
-from influx_spout import answers
+from influx_spout import answers, jetstream
 from influx_spout.batching import Batcher, Parts, count_lines, ensure_newline
 from influx_spout.config import (
     Alias,
@@ -80,6 +95,9 @@ from influx_spout.config import (
 )
 from influx_spout.mode import Host, Mode
 from influx_spout.stats import Stats
+
+if TYPE_CHECKING:
+    from influx_spout.bus import Delivery
 
 # -- options (the shared ones, batch_*, rule and workers among them: config.SharedOptions) --
 
@@ -175,6 +193,7 @@ def validate(c: Checker) -> None:
             "influxdb_bucket", "set without influxdb_org", "set the InfluxDB 2.x organization too"
         )
     _validate_tls(c)
+    jetstream.validate(c)
 
 
 _TLS_OPTIONS = ("influxdb_tls_ca", "influxdb_tls_cert", "influxdb_tls_key")
@@ -231,6 +250,14 @@ CLOSE_TIMEOUT = 2.5
 # at most MAX_RETRY_AFTER
 FIRST_RETRY = 1.0
 MAX_RETRY_AFTER = 300.0
+
+# durable: unacknowledged messages the consumer lets this writer hold, per batch a worker
+# writes (at least MIN_ACK_PENDING); a message held longer than a third of the consumer's
+# ack_wait is reported in progress, so that it is not delivered again meanwhile
+ACK_PENDING_PER_BATCH = 4
+MIN_ACK_PENDING = 64
+HEARTBEATS_PER_ACK_WAIT = 3
+WARN_INTERVAL = 10.0  # durable: at most one line this often about lines handed back
 
 # what to do about answers that will not change by retrying
 _HINTS = {
@@ -375,9 +402,10 @@ def sort_failure(exc: Exception) -> Answer:
 @dataclass
 class Job:
     """One batch on its way to InfluxDB: the pieces still to write, and the tally of the
-    lines already settled. A batch's outcome is final once no piece is left."""
+    lines already settled. A batch's outcome is final once no piece is left, unless it
+    is handed back (durable: its messages come again)."""
 
-    batch: Parts  # as the batcher gave it: the messages a durable input acknowledges
+    batch: Parts  # as the batcher gave it, with the tags of the messages it holds
     pieces: list[Parts]  # still to write, in order; empty until the job first runs
     started: bool = False
     first_failure: float | None = None  # clock() of the first failure of this outage
@@ -390,11 +418,36 @@ class Job:
     dead_lettered: int = 0
     given_up: int = 0
     unconfirmed: int = 0
-    tags: list[object] = field(default_factory=list)  # given to add() with its chunks
+    handed_back: bool = False  # failed for now: its messages are to come again
+    retry_after: float = 0.0  # handed back: the least wait InfluxDB asked for
+    # the tags whose last unsettled batch this was, each with True when one of their
+    # batches was handed back (deliver again) and False when every one is final (ack)
+    finished: list[tuple[object, bool]] = field(default_factory=list)
+
+    @property
+    def tags(self) -> list[object]:
+        """The tags add() was given with the chunks of this batch (a message split over
+        batches has its tag in each)."""
+        return list(self.batch.tags)
 
     @property
     def lines_left(self) -> int:
         return sum(p.lines for p in self.pieces) if self.started else self.batch.lines
+
+    @property
+    def anything_final(self) -> bool:
+        """Some of its lines already have their outcome (a split or a bisection)."""
+        return bool(self.written or self.dead_lettered or self.given_up or self.unconfirmed)
+
+
+@dataclass(eq=False)
+class Tagged:
+    """A tagged chunk's batches: how many are not settled yet, and whether one of them
+    was handed back."""
+
+    batches: int
+    whole: bool  # all its lines are in one batch
+    again: bool = False
 
 
 Settled = Callable[[Job], Awaitable[None]]
@@ -403,10 +456,6 @@ DeadLetter = Callable[[bytes, dict[str, str]], Awaitable[None]]
 
 def _piece(data: bytes) -> Parts:
     return Parts([data], len(data), count_lines(data))
-
-
-def _tagged(tags: list[object]) -> list[object]:
-    return [t for t in tags if t is not None]
 
 
 def _size_left(job: Job) -> int:
@@ -423,13 +472,15 @@ class Writer:
 
     Feed it with add(); flush() writes what is batched now; close() writes out everything
     left within a deadline. WriterMode feeds it from NATS; tests feed it directly.
-    Each batch's outcome is final in one place, _settle: there `settled` (when given) is
-    awaited with its Job (the batch, the tags add() was given with its messages, the
-    tally), so that a durable input acknowledges them; a durable writer that stops
-    leaves what it did not write unsettled, for the stream to deliver again.
+    Each batch is settled in one place, _settle: there `settled` (when given) is awaited
+    with its Job (the batch, the tags add() was given with its messages, the tally, and
+    in Job.finished the tags all of whose batches are now settled), so that a durable
+    input acknowledges them, or hands them back when Job.handed_back.
     Refused lines go to `dead_letter` (data, NATS headers); without it they are given up.
-    `durable`: retry transient failures and target errors (401, 403, 404) for ever,
-    never give a batch up while running (the input's own limits bound what waits).
+    `durable`: nothing is given up; a batch that fails for now (a transient failure, or
+    401, 403, 404) is handed back when all its tagged messages are wholly in it and none
+    of its lines is final yet, else retried for ever (the input's own limits bound what
+    waits); at stop, what is left is handed back.
     """
 
     def __init__(
@@ -456,7 +507,9 @@ class Writer:
         self._slots = asyncio.Semaphore(max(1, cfg.workers))
         self._tasks: set[asyncio.Task[None]] = set()
         self._kept: list[Job] = []
-        self._open_tags: list[object] = []  # the tags of the open batch's chunks
+        self._tagged: dict[object, Tagged] = {}  # add()'s tags whose batches are unsettled
+        self._warned = -WARN_INTERVAL  # clock() of the last "handed back" line
+        self._handed_back = 0  # lines handed back since
         self._closing = False  # close() started: new input is written at once
         self._closed = False  # close() done: new input can only be given up
         self._ticker: asyncio.Task[None] | None = None
@@ -466,6 +519,8 @@ class Writer:
         self._failures = 0  # failed writes of this outage
         self._rules: Any = None
         self.set_rules(cfg.rule)
+        if durable:
+            stats.inc("lines_handed_back", 0)
         # how often batch age and kept batches are checked
         first = min(FIRST_RETRY, cfg.writer_retry_interval)
         self._tick = min(1.0, max(0.005, min(cfg.batch_max_age, first) / 4))
@@ -512,41 +567,33 @@ class Writer:
         """Batch one chunk of lines; waits while all workers are busy.
 
         tag (a durable input's message) comes back in Job.tags of the batch that holds
-        the chunk, once settled; a chunk over batch_max_size is split, its tag in each
-        batch holding a piece of it. An empty chunk is settled at once.
+        the chunk (the batcher carries it, Parts.tags), once settled, and in Job.finished
+        of the last of them; a chunk over batch_max_size is split, its tag in each batch
+        holding a piece of it. An empty chunk is settled at once.
         """
-        mine = [tag]
         if not data:
             if tag is not None:
-                await self._settle(Job(Parts([], 0, 0), [], started=True, tags=mine))
+                self._tagged[tag] = Tagged(1, whole=True)
+                await self._settle(Job(Parts([], 0, 0, (tag,)), [], started=True))
             return
         data = ensure_newline(data)
         lines = count_lines(data)  # the only pass over the bytes without [[rule]] tables
         self.stats.inc("received", lines)
         if self._closing:  # late input while stopping is written at once
-            await self._submit(Job(Parts([data], len(data), lines), [], tags=_tagged(mine)))
-            return
-        # the open batch's chunks and their tags, in step: the first batch made ready
-        # holds the open chunks (and this one, when it filled the batch), later ones
-        # pieces of this chunk
-        old: list[object] | None = self._open_tags
-        self._open_tags = []
-        for batch in self._batcher.add(data, lines):
-            if old:
-                tags = old if len(batch.parts) == len(old) else old + mine
-                old = None
-            else:
-                tags = mine
-            await self._submit(Job(batch, [], tags=_tagged(tags)))
-        if self._batcher.count:
-            self._open_tags = ((old or []) + mine)[-self._batcher.count :]
+            batches = [Parts([data], len(data), lines, () if tag is None else (tag,))]
+        else:
+            batches = self._batcher.add(data, lines, tag)
+        if tag is not None:  # before any of them can settle
+            n = sum(tag in b.tags for b in batches) + self._batcher.holds(tag)
+            self._tagged[tag] = Tagged(n, whole=n == 1)
+        for batch in batches:
+            await self._submit(Job(batch, []))
 
     async def flush(self) -> None:
         """Start writing what is batched now."""
         batch = self._batcher.take()
-        tags, self._open_tags = self._open_tags, []
         if batch.size:
-            await self._submit(Job(batch, [], tags=_tagged(tags)))
+            await self._submit(Job(batch, []))
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Write out the batch, wait for writes, give kept batches one last try; then stop.
@@ -809,7 +856,8 @@ class Writer:
 
     async def _keep(self, job: Job, answer: Answer) -> bool:
         """Keep a job that failed for a retry (backoff with jitter, at least Retry-After),
-        or give it up (plain mode: retries off, stopping, too old, list full). False."""
+        hand it back (durable), or give it up (plain mode: retries off, stopping, too
+        old, list full). False."""
         now = self._clock()
         job.failures += 1
         job.maybe_stored |= answer.maybe_stored  # an earlier try may have stored it
@@ -817,6 +865,10 @@ class Writer:
             job.first_failure = now
         if self._closing:
             await self._give_up(job, f"still failing at stop ({answer.message})")
+            return False
+        if self._durable and self._may_hand_back(job):
+            # the stream keeps the backlog of an outage, not this process
+            await self._hand_back(job, f"write failed: {answer.message}", answer.retry_after)
             return False
         if not self._durable:
             limit = self.cfg.writer_retry_batches
@@ -841,6 +893,36 @@ class Writer:
         job.next_try = now + self._backoff(job.failures, answer.retry_after)
         self._kept.append(job)
         return False
+
+    def _may_hand_back(self, job: Job) -> bool:
+        """Delivering the job's messages again repeats nothing final: none of its lines has
+        its outcome yet, and every message it holds is wholly in it."""
+        if not job.batch.tags or job.anything_final:
+            return False
+        tagged = self._tagged
+        return all(t in tagged and tagged[t].whole for t in job.batch.tags)
+
+    async def _hand_back(self, job: Job, why: str, retry_after: float = 0.0) -> None:
+        """Durable: settle a job as failed for now; its messages are delivered again."""
+        lines = job.lines_left
+        self.stats.inc("lines_handed_back", lines)
+        self._handed_back += lines
+        now = self._clock()
+        if now - self._warned >= WARN_INTERVAL or self.cfg.debug:
+            log.warning(
+                "%d lines for %s come again later (%d since the last such line): %s",
+                lines,
+                self.url,
+                self._handed_back,
+                answers.one_line(why, 300),
+            )
+            self._warned = now
+            self._handed_back = 0
+        job.handed_back = True
+        job.retry_after = retry_after
+        job.started = True
+        job.pieces = []
+        await self._settle(job)
 
     @property
     def _full(self) -> str:
@@ -903,10 +985,10 @@ class Writer:
         log.error("gave up %d lines for %s: %s", lines, self.url, why)
 
     async def _give_up(self, job: Job, why: str) -> None:
-        """Give up what is left of a job (counted and logged): its outcome is final."""
-        if self._durable and self._closing:
-            # unsettled: the stream delivers it again to the next writer
-            log.warning("left %d lines for redelivery: %s", job.lines_left, why)
+        """Give up what is left of a job (counted and logged): its outcome is final.
+        Durable: hand it back instead (stopping, or a bug): the stream delivers it again."""
+        if self._durable and job.batch.tags:
+            await self._hand_back(job, why)
             return
         self._count_given_up(job, job.lines_left, why)
         job.started = True
@@ -953,11 +1035,22 @@ class Writer:
             )
 
     async def _settle(self, job: Job) -> None:
-        """The one place where a batch's outcome is final: written, dead-lettered, given
-        up (or unconfirmed); a durable input acknowledges it here."""
+        """The one place where a batch is settled: its outcome final (written,
+        dead-lettered, given up or unconfirmed), or handed back; a durable input
+        acknowledges, or hands back, the messages of Job.finished here."""
         if job.settled:
             return
         job.settled = True
+        tagged = self._tagged
+        for tag in job.batch.tags:
+            message = tagged.get(tag)
+            if message is None:
+                continue
+            message.batches -= 1
+            message.again |= job.handed_back
+            if message.batches <= 0:
+                del tagged[tag]
+                job.finished.append((tag, message.again))
         if self._settled is not None:
             await self._settled(job)
 
@@ -971,6 +1064,9 @@ class WriterMode:
         self.cfg = cfg
         self.labels = labels(cfg)
         self.writer: Writer | None = None
+        # durable: the messages not acknowledged yet, with clock() of their last sign
+        self._held: dict[Delivery, float] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self, host: Host) -> None:
         """Read cfg.nats_subject and write it to InfluxDB."""
@@ -980,16 +1076,37 @@ class WriterMode:
         async def dead_letter(data: bytes, headers: dict[str, str]) -> None:
             await bus.publish_raw(cfg.nats_subject_dead_letter, data, headers)
 
-        writer = self.writer = Writer(cfg, host.stats, dead_letter=dead_letter)
+        writer = self.writer = Writer(
+            cfg,
+            host.stats,
+            dead_letter=dead_letter,
+            settled=self._settled if cfg.durable else None,
+            durable=cfg.durable,
+        )
         writer.start()
 
         async def on_message(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
             await writer.add(data)
 
+        async def on_delivery(
+            subject: str, data: bytes, headers: dict[str, str] | None, delivery: Delivery
+        ) -> None:
+            self._held[delivery] = time.monotonic()
+            await writer.add(data, tag=delivery)
+
         try:
-            await host.bus.subscribe(cfg.nats_subject, on_message, cfg.nats_max_pending_size)
+            if cfg.durable:
+                pending = max(
+                    MIN_ACK_PENDING, ACK_PENDING_PER_BATCH * cfg.workers * cfg.batch_max_count
+                )
+                hold = cfg.batch_max_age + 2 * cfg.write_timeout
+                beat = (hold + jetstream.ACK_MARGIN) / HEARTBEATS_PER_ACK_WAIT
+                self._heartbeat = asyncio.create_task(self._beat(beat))
+                await bus.consume(cfg.nats_subject, on_delivery, pending, hold)
+            else:
+                await bus.subscribe(cfg.nats_subject, on_message, cfg.nats_max_pending_size)
         except BaseException:
-            await writer.close()
+            await self._close()
             raise
         log.info(
             "writing %s to %s with %d workers",
@@ -1009,8 +1126,39 @@ class WriterMode:
         return self.writer is None or self.writer.healthy()
 
     async def drain(self) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
         assert self.writer is not None
-        await self.writer.close()
+        await self.writer.close()  # durable: what is left is handed back
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+
+    async def _settled(self, job: Job) -> None:
+        """Durable: acknowledge the messages all of whose batches are final; deliver again,
+        after the backoff (from their deliveries, at least Retry-After), those one of
+        whose batches was handed back."""
+        assert self.writer is not None
+        for tag, again in job.finished:
+            delivery = cast("Delivery", tag)
+            self._held.pop(delivery, None)
+            if again:
+                await delivery.nak(self.writer._backoff(delivery.delivered, job.retry_after))
+            else:
+                await delivery.ack()
+
+    async def _beat(self, interval: float) -> None:
+        """Tell JetStream the messages held longer than interval are in progress (a batch
+        retried here, or waiting for a worker), so that ack_wait does not run out."""
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for delivery, since in list(self._held.items()):
+                if now - since >= interval and delivery in self._held:
+                    self._held[delivery] = now
+                    await delivery.in_progress()
 
 
 def make(cfg: Config) -> Mode:
