@@ -36,6 +36,7 @@ reserved key ``time``.
 from __future__ import annotations
 
 import functools
+import math
 import re
 import time
 from typing import Any, NamedTuple
@@ -136,11 +137,41 @@ def _digits_between(lo: str, hi: str) -> str:
     return "(?:" + "|".join(alts) + ")"
 
 
-def _line_grammar(re2: bool, capture: bool, timestamp: str = "") -> str:
+# Bytes a name or string holds: printable ASCII, and other characters as well-formed UTF-8
+# (influxd answers 500 for a whole batch when a name is not UTF-8). Control bytes are
+# refused: influxd echoes a refused line in a header that clients cannot parse.
+_UTF8 = (
+    r"[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}"
+    r"|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}"
+    r"|\xf4[\x80-\x8f][\x80-\xbf]{2}"
+)
+_ESCAPED = rf"(?:[^\\\x00-\x1f\x7f-\xff]|{_UTF8})"  # the byte after a backslash in a name
+# InfluxDB's reserved key, refused as a tag or field key
+RESERVED_KEY = b"time"
+
+
+def _key_not(word: str, plain: str, esc: str) -> str:
+    """RE2 source for a name, in units (plain bytes, UTF-8 characters, escapes), that is not
+    exactly word: RE2 has no lookahead, so the complement is spelled out by length."""
+
+    def unit(but: str = "") -> str:
+        return f"(?:[{plain[1:-1]}{re.escape(but)}]|{_UTF8}|{esc})" if but else u
+
+    u = f"(?:{plain}|{_UTF8}|{esc})"
+    n = len(word)
+    alts = [f"{u}{{{n + 1},}}", f"{u}{{1,{n - 1}}}"]
+    for i, ch in enumerate(word):
+        alts.append(re.escape(word[:i]) + unit(ch) + (f"{u}{{{n - i - 1}}}" if n - i - 1 else ""))
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool = False) -> str:
     """The grammar of one line; with capture, groups 1-4 are the sections of Parsed.
 
     timestamp, when given, is the regex source the timestamp must match instead of any
-    int64.
+    int64 influxd takes. lenient (re only, with capture) is influxd's own spelling of a
+    valid line: blanks around the sections, any timestamp, the key ``time``;
+    the per-line slow path checks those lines exactly and writes them the strict way.
 
     For re, ``p`` makes every repetition possessive and the lookahead ``end`` stops a
     float or a boolean that is only the start of a longer value (``1`` of ``1i``), since
@@ -160,29 +191,43 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "") -> str:
         return f"(?:{short}0+{p}|0*{p}{_digits_at_most(bound)}){no_digit}"
 
     int64 = f"(?:-?{p}{int_at_most(INT64_MAX)}|-{int_at_most(INT64_MAX + 1)})"
+    # influxd's time range is int64 without its two ends
+    stamp = f"-?{p}{int_at_most(INT64_MAX - 1)}"
+    string_byte = r"[^\"\\\x00-\x08\x0a-\x1f\x7f-\xff]"  # a tab is fine in a string
     field_value = (
         f"(?:-?{p}(?:\\d+{p}(?:\\.\\d*{p})?{p}|\\.\\d+{p})(?:[eE][+-]?{p}\\d+{p})?{p}{end}"
         f"|{int64}i"
-        f'|"(?:[^"\\\\\\n]+{p}|\\\\[^\\n])*{p}"'
+        f'|"(?:{string_byte}+{p}|{_UTF8}|\\\\(?:[^\\x00-\\x08\\x0a-\\x1f\\x7f-\\xff]|{_UTF8}))*{p}"'
         f"|(?:true|True|TRUE|t|T|false|False|FALSE|f|F){end}"
         f"|{int_at_most(UINT64_MAX)}u)"
     )
+    plain = r"[^\\ ,=\x00-\x1f\x7f-\xff]"
+    plain_m = r"[^\\ ,\x00-\x1f\x7f-\xff]"  # a measurement may hold "="
     # A run of backslashes takes the byte after it, escaped separator or not, so a
     # separator right after a backslash never ends a name (as influxd's scanner). For re,
     # the same loop unrolled: plain runs between backslash pairs, non-empty by lookahead.
+    esc = f"\\\\+{p}{_ESCAPED}"
     if re2:
-        name = r"(?:[^\\ ,=\n]|\\+[^\\\n])+"
-        measurement = r"(?:[^#\\ ,\n]|\\+[^\\\n])(?:[^\\ ,\n]|\\+[^\\\n])*"
+        name = f"(?:{plain}|{_UTF8}|{esc})+"
+        key = _key_not(RESERVED_KEY.decode(), plain, esc)
+        first_m = r"[^#\\ ,\x00-\x1f\x7f-\xff]"
+        measurement = f"(?:{first_m}|{_UTF8}|{esc})(?:{plain_m}|{_UTF8}|{esc})*"
     else:
-        name = r"(?=[^ ,=\n])[^\\ ,=\n]*+(?:\\++[^\\\n][^\\ ,=\n]*+)*+"
-        measurement = r"(?=[^#, \n])[^\\ ,\n]*+(?:\\++[^\\\n][^\\ ,\n]*+)*+"
-    tag = f"{name}={name}"
-    field = f"{name}={field_value}"
+        name = f"(?=[^ ,=\\n])(?:{plain}++|{_UTF8})*+(?:{esc}(?:{plain}++|{_UTF8})*+)*+"
+        key = name if lenient else f"(?!{RESERVED_KEY.decode()}=){name}"
+        measurement = f"(?=[^#, \\n])(?:{plain_m}++|{_UTF8})*+(?:{esc}(?:{plain_m}++|{_UTF8})*+)*+"
+    tag = f"{key}={name}"
+    field = f"{key}={field_value}"
+    if lenient:
+        return (
+            f"[ \\t]*+(({measurement})(?:,{tag})*+) [ \\t]*+({field}(?:,{field})*+)"
+            f"(?: [ \\t]*+(-?\\d++) *+| [ \\t]*+)?"
+        )
     return (
         f"{g}{measurement})"
         f"(?:,{g}{tag}(?:,{tag})*{p}))?{p}"
         f" {g}{field}(?:,{field})*{p})"
-        f"(?: {g}{timestamp or int64}))?{p}"
+        f"(?: {g}{timestamp or stamp}))?{p}"
     )
 
 
@@ -210,6 +255,8 @@ _VALID_RUN: Any = (
     if re2_engine is None
     else compile_batch(f"(?:{_line_grammar(re2=True, capture=False)}\\n)*")
 )
+_LENIENT = re.compile(_line_grammar(re2=False, capture=True, lenient=True).encode())
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _KEY = r"(?:[^\\ ,=]++|\\++[^\\])++"
 _TAG_PAIR = re.compile(f"({_KEY})=({_KEY})".encode())
 _FIELD_PAIR = re.compile(f'({_KEY})=("(?:[^"\\\\]++|\\\\.)*+"|[^,]*+)'.encode(), re.DOTALL)
@@ -239,15 +286,10 @@ _BOOLS: dict[bytes, bool] = {
 
 
 def _normalise(batch: bytes) -> bytes:
-    """The batch with ``\\n`` line ends only and a final ``\\n``.
+    """The batch with a final ``\\n``, returned unchanged, without a copy, when it has one.
 
-    Both checks are single-byte scans (memchr); the batch is returned unchanged, without a
-    copy, when there is nothing to do.
+    A ``\\r`` is not a line end: influxd refuses a line that ends with one.
     """
-    if b"\r" in batch:
-        batch = batch.replace(b"\r\n", b"\n")
-        if batch.endswith(b"\r"):
-            batch = batch[:-1]
     if batch and not batch.endswith(b"\n"):
         batch += b"\n"
     return batch
@@ -259,15 +301,23 @@ def split_valid(batch: bytes) -> tuple[bytes, list[bytes]]:
     One match of the grammar runs over the whole batch and stops at the first line that
     is not valid; when there is none, the batch itself is returned without being split.
     Each stop costs one more match, resuming after that line; empty and comment lines
-    stop the match too and are dropped without being reported.
+    stop the match too and are dropped without being reported. A line that influxd takes
+    but the grammar does not spell that way (blanks around sections) is passed on as the
+    grammar spells it (check_line).
     """
+    good, bad = _split(batch)
+    return good, [line for line, _ in bad]
+
+
+def _split(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
+    """split_valid, with why each invalid line is refused (check_line)."""
     batch = _normalise(batch)
     size = len(batch)
     end = _VALID_RUN.match(batch).end()  # the grammar matches b"" at worst
     if end == size:
         return batch, []
     good: list[bytes] = []
-    bad: list[bytes] = []
+    bad: list[tuple[bytes, str]] = []
     start = 0
     while True:
         if end > start:
@@ -275,10 +325,86 @@ def split_valid(batch: bytes) -> tuple[bytes, list[bytes]]:
         if end == size:
             return b"".join(good), bad
         nl = batch.index(b"\n", end)
-        if nl > end and batch[end] != 35:  # neither empty nor a comment
-            bad.append(batch[end:nl])
+        checked = check_line(batch[end:nl])
+        if isinstance(checked, bytes):
+            good.append(checked + b"\n")
+        elif checked is not None:
+            bad.append((batch[end:nl], checked))
         start = nl + 1
         end = _VALID_RUN.match(batch, start).end()
+
+
+INT64_RANGE = f"{-(INT64_MAX - 1)}..{INT64_MAX - 1}"
+# InfluxDB's longest series key (measurement, tags and one field key)
+MAX_KEY_BYTES = 65535
+_FIELD_TYPES = {b'"': "string", b"i": "integer", b"u": "unsigned"}
+
+
+def check_line(line: bytes) -> bytes | str | None:
+    """The line as the pipeline carries it (bytes), why it is refused (str; "" for only
+    "not line protocol"), or None for a blank or comment line: the slow path for a line
+    the whole-batch grammar stopped at.
+
+    Takes what influxd takes (blanks before, between and after the sections) and writes it
+    with single spaces; refuses what influxd refuses, or takes and then mishandles.
+    """
+    rest = line.lstrip(b" \t")
+    if not rest.rstrip(b" \t") or rest[:1] == b"#":
+        return None
+    m = _LENIENT.fullmatch(line)
+    if m is None:
+        return _why_not(line)
+    key, measurement, fields, ts = m.groups()
+    if ts is not None and not _in_influx_range(ts):
+        return f"timestamp outside influxd's range {INT64_RANGE}"
+    why = _why_refused(key, key[len(measurement) + 1 :], fields)
+    if why:
+        return why
+    return key + b" " + fields + (b" " + ts if ts is not None else b"")
+
+
+def _in_influx_range(ts: bytes) -> bool:
+    """Whether a timestamp (``-?\\d+``) is in influxd's range, without parsing a huge one."""
+    digits = ts.lstrip(b"-").lstrip(b"0")
+    return len(digits) < 20 and -INT64_MAX < int(ts) < INT64_MAX
+
+
+def _why_not(line: bytes) -> str:
+    """Why a line that is not line protocol is refused, when a byte of it says so."""
+    if b"\r" in line:
+        return "carriage return in the line (CRLF line ends are refused by InfluxDB)"
+    if _CONTROL.search(line):
+        return "control byte in the line"
+    if b"\t" in line:
+        return "tab in a name or value (only blanks between sections may be tabs)"
+    try:
+        line.decode()
+    except UnicodeDecodeError:
+        return "invalid UTF-8"
+    return ""
+
+
+def _why_refused(key: bytes, raw_tags: bytes, raw_fields: bytes) -> str:
+    """Why influxd would refuse (or drop) a line of well-formed sections, or ""."""
+    tag_keys = [k for k, _ in _TAG_PAIR.findall(raw_tags)] if raw_tags else []
+    if len(set(tag_keys)) != len(tag_keys):
+        return "duplicate tag key"
+    if RESERVED_KEY in tag_keys:
+        return "tag key 'time' (InfluxDB refuses it)"
+    types: dict[bytes, str] = {}
+    for k, v in _FIELD_PAIR.findall(raw_fields):
+        kind = _FIELD_TYPES.get(v[:1] if v[:1] == b'"' else v[-1:])
+        if kind is None:
+            kind = "boolean" if v in _BOOLS else "float"
+            if kind == "float" and math.isinf(float(v)):
+                return "float out of range"
+        if types.setdefault(k, kind) != kind:
+            return f"field given twice with two types ({types[k]}, {kind})"
+        if k == RESERVED_KEY:
+            return "field key 'time' (InfluxDB drops it)"
+        if len(key) + 4 + len(k) > MAX_KEY_BYTES:
+            return f"series key over {MAX_KEY_BYTES} bytes"
+    return ""
 
 
 # valid_in_window's pattern holds for one step of the clock and is compiled once a step
@@ -581,8 +707,11 @@ def check_body(body: bytes, reasons: Reasons, precision: str = "ns", max_line: i
     A body of valid lines costs one pass of the whole-batch grammar (split_valid) and is
     passed on without a copy when it needs no conversion.
     """
-    valid, bad = split_valid(body)
-    rejected = [Rejected(line, reasons.invalid) for line in bad]
+    valid, bad = _split(body)
+    rejected = [
+        Rejected(line, f"{reasons.invalid} ({why})" if why else reasons.invalid)
+        for line, why in bad
+    ]
     if valid and PRECISIONS[precision] != 1:
         valid, out_of_range = to_nanoseconds_or_set_aside(valid, precision)
         reason = OUT_OF_RANGE.format(precision=precision)

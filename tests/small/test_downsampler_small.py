@@ -164,11 +164,14 @@ def test_escaped_names_are_one_series_and_written_back_escaped() -> None:
     ]
 
 
-_SPECIAL = list(' ,="\\#\t=xé')
+# names influxd takes and the router passes on: no control bytes, UTF-8, not "time"
+_SPECIAL = list(' ,="\\#=xé')
 _name = (
-    st.text(alphabet=st.sampled_from(_SPECIAL) | st.characters(blacklist_characters="\n\r"))
+    st.text(
+        alphabet=st.sampled_from(_SPECIAL) | st.characters(blacklist_categories=("Cc", "Cs"))
+    )
     .map(lambda s: s.encode("utf-8", "surrogatepass"))
-    .filter(lambda b: b != b"" and not b.endswith(b"\\"))
+    .filter(lambda b: b not in (b"", b"time") and not b.endswith(b"\\"))
 )
 
 
