@@ -169,9 +169,13 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
     """The grammar of one line; with capture, groups 1-4 are the sections of Parsed.
 
     timestamp, when given, is the regex source the timestamp must match instead of any
-    int64 influxd takes. lenient (re only, with capture) is influxd's own spelling of a
-    valid line: blanks around the sections, any timestamp, the key ``time``;
-    the per-line slow path checks those lines exactly and writes them the strict way.
+    int64 influxd takes. Without capture (the whole-batch grammars) a float must be spelled
+    so that it cannot overflow; other floats go to the slow path, which checks them
+    exactly. With capture but not lenient (parse's grammar, for lines already checked) it
+    only tells the sections apart: any byte but the separators in a name, any int64
+    timestamp, any float. lenient (re only, with capture) is influxd's own spelling of a
+    valid line: blanks around the sections, any timestamp, the key ``time``; the per-line
+    slow path checks those lines exactly and writes them the strict way.
 
     For re, ``p`` makes every repetition possessive and the lookahead ``end`` stops a
     float or a boolean that is only the start of a longer value (``1`` of ``1i``), since
@@ -183,6 +187,7 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
     end = "" if re2 else r"(?![^ ,\n])"
     no_digit = "" if re2 else r"(?!\d)"
     g = "(" if capture else "(?:"
+    permissive = capture and not lenient
 
     def int_at_most(bound: int) -> str:
         # Leading zeros are allowed, as influxd's strconv.ParseInt allows them. For re,
@@ -194,10 +199,22 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
     # influxd's time range is int64 without its two ends
     stamp = f"-?{p}{int_at_most(INT64_MAX - 1)}"
     string_byte = r"[^\"\\\x00-\x08\x0a-\x1f\x7f-\xff]"  # a tab is fine in a string
+    if capture:  # parse() reads any float the slow path (check_line) has found finite
+        number = f"(?:\\d+{p}(?:\\.\\d*{p})?{p}|\\.\\d+{p})(?:[eE][+-]?{p}\\d+{p})?{p}"
+    else:  # floats spelled so that they cannot overflow float64, as influxd requires
+        number = (
+            f"(?:\\d{{1,100}}{p}(?:\\.\\d*{p})?{p}|\\.\\d+{p})(?:[eE](?:-\\d+{p}|\\+?\\d{{1,2}}{p}))?{p}"
+            f"|\\d(?:\\.\\d*{p})?{p}[eE]\\+?(?:[12]\\d\\d|30[0-7])"
+        )
+    string = (
+        f'"(?:{string_byte}+{p}|{_UTF8}|\\\\(?:[^\\x00-\\x08\\x0a-\\x1f\\x7f-\\xff]|{_UTF8}))*{p}"'
+    )
+    if permissive:
+        string = f'"(?:[^"\\\\\\n]+{p}|\\\\[^\\n])*{p}"'
     field_value = (
-        f"(?:-?{p}(?:\\d+{p}(?:\\.\\d*{p})?{p}|\\.\\d+{p})(?:[eE][+-]?{p}\\d+{p})?{p}{end}"
+        f"(?:-?{p}(?:{number}){end}"
         f"|{int64}i"
-        f'|"(?:{string_byte}+{p}|{_UTF8}|\\\\(?:[^\\x00-\\x08\\x0a-\\x1f\\x7f-\\xff]|{_UTF8}))*{p}"'
+        f"|{string}"
         f"|(?:true|True|TRUE|t|T|false|False|FALSE|f|F){end}"
         f"|{int_at_most(UINT64_MAX)}u)"
     )
@@ -212,10 +229,16 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
         key = _key_not(RESERVED_KEY.decode(), plain, esc)
         first_m = r"[^#\\ ,\x00-\x1f\x7f-\xff]"
         measurement = f"(?:{first_m}|{_UTF8}|{esc})(?:{plain_m}|{_UTF8}|{esc})*"
+    elif permissive:
+        name = r"(?=[^ ,=\n])[^\\ ,=\n]*+(?:\\++[^\\\n][^\\ ,=\n]*+)*+"
+        key = name
+        measurement = r"(?=[^#, \n])[^\\ ,\n]*+(?:\\++[^\\\n][^\\ ,\n]*+)*+"
     else:
-        name = f"(?=[^ ,=\\n])(?:{plain}++|{_UTF8})*+(?:{esc}(?:{plain}++|{_UTF8})*+)*+"
+        # an escape or a UTF-8 character starts with a byte no plain run holds
+        other = f"(?:{esc}|(?=[\\xc2-\\xf4])(?:{_UTF8}))"
+        name = f"(?=[^ ,=\\n]){plain}*+(?:{other}{plain}*+)*+"
         key = name if lenient else f"(?!{RESERVED_KEY.decode()}=){name}"
-        measurement = f"(?=[^#, \\n])(?:{plain_m}++|{_UTF8})*+(?:{esc}(?:{plain_m}++|{_UTF8})*+)*+"
+        measurement = f"(?=[^#, \\n]){plain_m}*+(?:{other}{plain_m}*+)*+"
     tag = f"{key}={name}"
     field = f"{key}={field_value}"
     if lenient:
@@ -227,7 +250,7 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
         f"{g}{measurement})"
         f"(?:,{g}{tag}(?:,{tag})*{p}))?{p}"
         f" {g}{field}(?:,{field})*{p})"
-        f"(?: {g}{timestamp or stamp}))?{p}"
+        f"(?: {g}{timestamp or (int64 if permissive else stamp)}))?{p}"
     )
 
 
@@ -314,8 +337,10 @@ def _split(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
     batch = _normalise(batch)
     size = len(batch)
     end = _VALID_RUN.match(batch).end()  # the grammar matches b"" at worst
-    if end == size:
+    if end == size and not _has_long_line(batch):
         return batch, []
+    if end == size:
+        return _without_long_keys(batch)
     good: list[bytes] = []
     bad: list[tuple[bytes, str]] = []
     start = 0
@@ -323,7 +348,11 @@ def _split(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
         if end > start:
             good.append(batch[start:end])
         if end == size:
-            return b"".join(good), bad
+            joined = b"".join(good)
+            if not _has_long_line(joined):
+                return joined, bad
+            joined, too_long = _without_long_keys(joined)
+            return joined, bad + too_long
         nl = batch.index(b"\n", end)
         checked = check_line(batch[end:nl])
         if isinstance(checked, bytes):
@@ -332,6 +361,31 @@ def _split(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
             bad.append((batch[end:nl], checked))
         start = nl + 1
         end = _VALID_RUN.match(batch, start).end()
+
+
+def _has_long_line(batch: bytes) -> bool:
+    """Whether a line of batch (each ending with ``\\n``) is long enough to hold a series
+    key over MAX_KEY_BYTES, which the grammar cannot count: one rfind per 64 KB."""
+    pos, size = 0, len(batch)
+    while size - pos > MAX_KEY_BYTES:
+        nl = batch.rfind(b"\n", pos, pos + MAX_KEY_BYTES)
+        if nl < 0:
+            return True
+        pos = nl + 1
+    return False
+
+
+def _without_long_keys(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
+    """A batch of valid lines without those whose series key is over MAX_KEY_BYTES."""
+    kept: list[bytes] = []
+    bad: list[tuple[bytes, str]] = []
+    for line in batch.split(b"\n")[:-1]:
+        why = check_line(line) if len(line) >= MAX_KEY_BYTES else None
+        if isinstance(why, str):
+            bad.append((line, why))
+        else:
+            kept.append(line + b"\n")
+    return b"".join(kept), bad
 
 
 INT64_RANGE = f"{-(INT64_MAX - 1)}..{INT64_MAX - 1}"
@@ -424,9 +478,10 @@ def valid_in_window(batch: bytes, now_ns: int, max_delta_ns: int) -> bytes | Non
     None means "look closer" (split_valid and a check of each timestamp say which lines
     fail); it is also the answer when a line is empty or a comment, or when a timestamp
     is within WINDOW_STEP_NS of the window's edges or written with a sign or leading
-    zeros. The common case costs the one RE2 pass that split_valid would make: the
-    grammar itself only admits timestamps in a window that holds for every now_ns of
-    the current step, so the pattern is compiled once a step.
+    zeros, or when a line is long enough to hold a series key over MAX_KEY_BYTES. The
+    common case costs the one RE2 pass that split_valid would make: the grammar itself
+    only admits timestamps in a window that holds for every now_ns of the current step,
+    so the pattern is compiled once a step.
     """
     if re2_engine is None:  # pragma: no cover - depends on the environment
         return None
@@ -437,7 +492,7 @@ def valid_in_window(batch: bytes, now_ns: int, max_delta_ns: int) -> bytes | Non
         return None
     batch = _normalise(batch)
     if _valid_run_in_window(lo, hi).match(batch).end() == len(batch):
-        return batch
+        return None if _has_long_line(batch) else batch
     return None
 
 
