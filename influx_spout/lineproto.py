@@ -19,18 +19,23 @@ Grammar (InfluxDB 1.x), one line::
   cannot end with a backslash (it would escape the separator after it), as in InfluxDB.
 - Field values: float (``1``, ``-1.5``, ``1e9``, ``.5``), integer ``12i``, unsigned ``12u``,
   booleans (``t T true True TRUE f F false False FALSE``), or a double-quoted string with
-  ``\\"`` and ``\\\\`` escapes. Integers must fit int64, unsigned integers uint64.
-- The optional timestamp is an integer that fits int64.
-- Exactly one space separates the sections, and nothing precedes the measurement or follows
-  the last section: stricter than influxd, which also skips extra spaces and tabs, so that
-  "the token after the last space" is the timestamp everywhere in the pipeline. A tab is
-  an ordinary byte, as is any non-ASCII byte (names need not be UTF-8).
-- Lines end with ``\\n`` (a trailing ``\\r`` is dropped); empty lines and lines starting
-  with ``#`` are skipped, never counted as invalid. A string field cannot hold a newline.
-
-Not checked (influxd rejects these when it writes, one point at a time): duplicate tag
-keys, float magnitudes beyond float64 (``1e999``), keys longer than 65535 bytes, and the
-reserved key ``time``.
+  ``\\"`` and ``\\\\`` escapes. Integers must fit int64, unsigned integers uint64, floats
+  float64 (``1e999`` is refused, as influxd refuses it).
+- The optional timestamp is an integer in influxd's range: int64 without its two ends.
+- Names and strings are UTF-8 without control bytes (a tab only inside a string), and
+  ``time`` is neither a tag nor a field key: influxd takes such lines but then answers 500
+  for a whole batch, echoes the bytes in a header clients cannot parse, or drops the key.
+- The whole-batch grammar wants one space between sections and none around them, so that
+  "the token after the last space" is the timestamp everywhere in the pipeline. A line
+  influxd takes with other blanks (leading, trailing, doubled spaces, tabs after a space)
+  goes through the per-line slow path (check_line) and on with single spaces.
+- Lines end with ``\\n``; a ``\\r`` before it is refused (influxd refuses CRLF). Blank lines
+  and lines whose first non-blank byte is ``#`` are skipped, never counted as invalid. A
+  string field cannot hold a newline: every component splits batches at newlines.
+- The slow path also refuses what the grammar cannot count: duplicate tag keys, a field
+  given twice with two types, series keys over 65535 bytes. Of these only the last is
+  looked for on the fast path (lines that long are found with one rfind per 64 KB); the
+  others pass there, and InfluxDB's 400 for them reaches the writer's dead-letter path.
 """
 
 from __future__ import annotations

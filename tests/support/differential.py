@@ -3,7 +3,7 @@
 Lines are built from sections and the bytes where the two could disagree: blanks around
 sections, edge timestamps, reserved keys, control bytes, invalid UTF-8, ``u`` integers.
 Generation stays clear of what the router does not check yet on its fast path (duplicate
-tag keys, a field twice with two types, ``1e999``: see README, "Line protocol") and of a
+tag keys, a field twice with two types: see README, "Line protocol") and of a
 newline inside a string (every component splits batches at newlines).
 """
 
@@ -50,7 +50,25 @@ _value = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False).map(lambda f: repr(f).encode()),
     st.integers(-(2**63), 2**63 - 1).map(lambda i: b"%di" % i),
     st.integers(0, 2**64 - 1).map(lambda i: b"%du" % i),
-    st.sampled_from([b"t", b"FALSE", b"true", b"1.", b".5", b"-0", b"1e-999", b"00.5"]),
+    st.sampled_from(
+        [
+            b"t",
+            b"FALSE",
+            b"true",
+            b"1.",
+            b".5",
+            b"-0",
+            b"1e-999",
+            b"00.5",
+            b"1e999",
+            b"-1.8e308",
+            b"1e308",
+            b"1.7976931348623157e308",
+            b"1e+99",
+            b"9" * 320,
+            b"0." + b"9" * 320,
+        ]
+    ),
     st.lists(st.sampled_from(_BYTES), max_size=4).map(
         lambda parts: b'"' + lineproto.escape_string_field(b"".join(parts)) + b'"'
     ),
