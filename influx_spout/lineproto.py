@@ -239,10 +239,12 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
         key = name
         measurement = r"(?=[^#, \n])[^\\ ,\n]*+(?:\\++[^\\\n][^\\ ,\n]*+)*+"
     else:
-        # an escape or a UTF-8 character starts with a byte no plain run holds
-        other = f"(?:{esc}|(?=[\\xc2-\\xf4])(?:{_UTF8}))"
-        name = f"(?=[^ ,=\\n]){plain}*+(?:{other}{plain}*+)*+"
-        key = name if lenient else f"(?!{RESERVED_KEY.decode()}=){name}"
+        # an escape or a UTF-8 character starts with a byte no plain run holds: one look
+        # at that byte ends a plain name
+        other = f"(?=[\\\\\\xc2-\\xf4])(?:{esc}|{_UTF8})"
+        runs = f"{plain}*+(?:{other}{plain}*+)*+"
+        name = f"(?=[^ ,=\\n]){runs}"
+        key = name if lenient else f"(?!{RESERVED_KEY.decode()}=|[ ,=\\n]){runs}"
         measurement = f"(?=[^#, \\n]){plain_m}*+(?:{other}{plain_m}*+)*+"
     tag = f"{key}={name}"
     field = f"{key}={field_value}"
