@@ -248,7 +248,8 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
         measurement = f"(?=[^#, \\n]){plain_m}*+(?:{other}{plain_m}*+)*+"
     tag = f"{key}={name}"
     field = f"{key}={field_value}"
-    if lenient:
+    if lenient:  # influxd takes "=" unescaped in a tag value; check_line escapes it
+        tag = f"{key}=(?=[^ ,\\n]){plain_m}*+(?:{other}{plain_m}*+)*+"
         return (
             f"[ \\t]*+(({measurement})(?:,{tag})*+) [ \\t]*+({field}(?:,{field})*+)"
             f"(?: [ \\t]*+(-?\\d++) *+| [ \\t]*+)?"
@@ -287,6 +288,9 @@ _VALID_RUN: Any = (
 )
 _LENIENT = re.compile(_line_grammar(re2=False, capture=True, lenient=True).encode())
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# the pairs of a tag section check_line took, and the "=" of a value not escaped
+_BARE_EQUALS = re.compile(rb"(?<!\\)=")
+_TAGS_WITH_EQUALS = re.compile(rb"((?:[^\\ ,=]++|\\++[^\\])++)=((?:[^\\ ,]++|\\++[^\\])++)")
 _KEY = r"(?:[^\\ ,=]++|\\++[^\\])++"
 _TAG_PAIR = re.compile(f"({_KEY})=({_KEY})".encode())
 _FIELD_PAIR = re.compile(f'({_KEY})=("(?:[^"\\\\]++|\\\\.)*+"|[^,]*+)'.encode(), re.DOTALL)
@@ -418,7 +422,12 @@ def check_line(line: bytes) -> bytes | str | None:
     key, measurement, fields, ts = m.groups()
     if ts is not None and not _in_influx_range(ts):
         return f"timestamp outside influxd's range {INT64_RANGE}"
-    why = _why_refused(key, key[len(measurement) + 1 :], fields)
+    raw_tags = key[len(measurement) + 1 :]
+    if raw_tags:  # each value's "=" escaped, as the strict grammar wants them
+        pairs = _TAGS_WITH_EQUALS.findall(raw_tags)
+        raw_tags = b",".join(k + b"=" + _BARE_EQUALS.sub(rb"\\=", v) for k, v in pairs)
+        key = measurement + b"," + raw_tags
+    why = _why_refused(key, raw_tags, fields)
     if why:
         return why
     return key + b" " + fields + (b" " + ts if ts is not None else b"")

@@ -688,3 +688,27 @@ def test_parse_fields_raw_keeps_each_value_as_written() -> None:
         (b"e", b"T"),
         (b"f", b'"x,\\"y"'),
     ]
+
+
+@pytest.mark.parametrize(
+    ("line", "carried"),
+    [
+        (b" cpu,host=a  v=1  5 ", b"cpu,host=a v=1 5"),  # the influx CLI's INSERT
+        (b"\tm \t f=1 \t 5", b"m f=1 5"),
+        (b"m f=1 \t", b"m f=1"),
+        (b"m,t=x=y,u== f=1", b"m,t=x\\=y,u=\\= f=1"),  # influxd takes "=" in a tag value
+        (b"m f=1e+308 1", b"m f=1e+308 1"),  # finite, but not provably so by the grammar
+        (b"  # an indented comment", None),
+        (b" \t ", None),
+        (b"m,a=1,a=2 f=1", "duplicate tag key"),
+        (b"m f=1,f=2i", "field given twice with two types (float, integer)"),
+        (b"m f=1,f=2", b"m f=1,f=2"),  # influxd takes a field twice with one type
+        (b"m f=1 1\t", "tab in a name or value (only blanks between sections may be tabs)"),
+        (b"m f=-1.8e308", "float out of range"),
+    ],
+)
+def test_check_line_carries_what_influxd_takes(line: bytes, carried: bytes | str | None) -> None:
+    assert lp.check_line(line) == carried
+    if isinstance(carried, bytes):
+        assert lp.parse(carried) is not None
+        assert lp.split_valid(line) == (carried + b"\n", [])
