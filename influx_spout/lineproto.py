@@ -248,11 +248,13 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
         measurement = f"(?=[^#, \\n]){plain_m}*+(?:{other}{plain_m}*+)*+"
     tag = f"{key}={name}"
     field = f"{key}={field_value}"
-    if lenient:  # influxd takes "=" unescaped in a tag value; check_line escapes it
-        tag = f"{key}=(?=[^ ,\\n]){plain_m}*+(?:{other}{plain_m}*+)*+"
+    if lenient:
+        # influxd takes a tag value starting with "=" (check_line escapes it), and a tab
+        # right after a string as a blank
+        tag = f"{key}=(?:=(?:{name})?+|{name})"
         return (
             f"[ \\t]*+(({measurement})(?:,{tag})*+) [ \\t]*+({field}(?:,{field})*+)"
-            f"(?: [ \\t]*+(-?\\d++) *+| [ \\t]*+)?"
+            f'(?:(?: |(?<=")\\t)[ \\t]*+(?:(-?\\d++) *+)?)?'
         )
     return (
         f"{g}{measurement})"

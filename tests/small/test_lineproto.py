@@ -696,7 +696,9 @@ def test_parse_fields_raw_keeps_each_value_as_written() -> None:
         (b" cpu,host=a  v=1  5 ", b"cpu,host=a v=1 5"),  # the influx CLI's INSERT
         (b"\tm \t f=1 \t 5", b"m f=1 5"),
         (b"m f=1 \t", b"m f=1"),
-        (b"m,t=x=y,u== f=1", b"m,t=x\\=y,u=\\= f=1"),  # influxd takes "=" in a tag value
+        (b"m,t==y,u== f=1", b"m,t=\\=y,u=\\= f=1"),  # influxd takes a tag value's first "="
+        (b"m,t=x=y f=1", ""),  # but no other
+        (b'm f="a"\t1', b'm f="a" 1'),  # a tab right after a string is a blank to influxd
         (b"m f=1e+308 1", b"m f=1e+308 1"),  # finite, but not provably so by the grammar
         (b"  # an indented comment", None),
         (b" \t ", None),
