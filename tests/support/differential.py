@@ -118,8 +118,6 @@ def router_should_take(line: bytes, influxd_took: bool) -> bool:
         line.decode()
     except UnicodeDecodeError:
         return False
-    if b"\t" in content.replace(b" \t", b"  ").replace(b"\t ", b"  "):
-        return False  # a tab inside a name or value
     parsed = lineproto.check_line(content)
     if isinstance(parsed, str) and ("time" in parsed or "tab" in parsed):
         return False
