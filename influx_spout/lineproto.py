@@ -228,15 +228,19 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
     # A run of backslashes takes the byte after it, escaped separator or not, so a
     # separator right after a backslash never ends a name (as influxd's scanner). For re,
     # the same loop unrolled: plain runs between backslash pairs, non-empty by lookahead.
+    # influxd reads a field key's backslashes in pairs instead: a field key takes a
+    # backslash only before another byte (so "\\\\," is refused, never misread).
     esc = f"\\\\+{p}{_ESCAPED}"
+    esc_field = f"\\\\{_ESCAPED}"
     if re2:
         name = f"(?:{plain}|{_UTF8}|{esc})+"
         key = _key_not(RESERVED_KEY.decode(), plain, esc)
+        field_key = _key_not(RESERVED_KEY.decode(), plain, esc_field)
         first_m = r"[^#\\ ,\x00-\x1f\x7f-\xff]"
         measurement = f"(?:{first_m}|{_UTF8}|{esc})(?:{plain_m}|{_UTF8}|{esc})*"
     elif permissive:
         name = r"(?=[^ ,=\n])[^\\ ,=\n]*+(?:\\++[^\\\n][^\\ ,=\n]*+)*+"
-        key = name
+        key = field_key = name
         measurement = r"(?=[^#, \n])[^\\ ,\n]*+(?:\\++[^\\\n][^\\ ,\n]*+)*+"
     else:
         # an escape or a UTF-8 character starts with a byte no plain run holds: one look
@@ -245,9 +249,12 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
         runs = f"{plain}*+(?:{other}{plain}*+)*+"
         name = f"(?=[^ ,=\\n]){runs}"
         key = name if lenient else f"(?!{RESERVED_KEY.decode()}=|[ ,=\\n]){runs}"
+        other_field = f"(?=[\\\\\\xc2-\\xf4])(?:{esc_field}|{_UTF8})"
+        field_runs = f"{plain}*+(?:{other_field}{plain}*+)*+"
+        field_key = f"(?!{'' if lenient else RESERVED_KEY.decode() + '=|'}[ ,=\\n]){field_runs}"
         measurement = f"(?=[^#, \\n]){plain_m}*+(?:{other}{plain_m}*+)*+"
     tag = f"{key}={name}"
-    field = f"{key}={field_value}"
+    field = f"{field_key}={field_value}"
     if lenient:
         # influxd takes a tag value starting with "=" (check_line escapes it), and a tab
         # right after a string as a blank

@@ -543,8 +543,10 @@ def _expected_value(value: object) -> object:
 @st.composite
 def _points(draw: st.DrawFn) -> tuple[bytes, bytes, list, list, int | None]:
     measurement = draw(_measurement)
-    tags = draw(st.lists(st.tuples(_name, _name), max_size=4))
-    fields = draw(st.lists(st.tuples(_name, _field_value), min_size=1, max_size=4))
+    # keys given twice are refused on the slow path (as influxd refuses them)
+    unique = {"unique_by": lambda kv: kv[0]}
+    tags = draw(st.lists(st.tuples(_name, _name), max_size=4, **unique))
+    fields = draw(st.lists(st.tuples(_name, _field_value), min_size=1, max_size=4, **unique))
     ts = draw(st.none() | st.integers(-(2**63) + 2, 2**63 - 2))
     line = lp.escape_measurement(measurement)
     line += b"".join(b"," + lp.escape_tag(k) + b"=" + lp.escape_tag(v) for k, v in tags)
