@@ -94,8 +94,9 @@ def lines(draw: st.DrawFn) -> bytes:
 
 
 def router_takes(line: bytes) -> bool:
-    """Whether listener_http's check of a body of that one line passes it on."""
-    return bool(lineproto.check_body(line, lineproto.HTTP_REASONS).data)
+    """Whether listener_http's check of a body of that one line refuses nothing (it may
+    be a comment, which neither passes on)."""
+    return not lineproto.check_body(line, lineproto.HTTP_REASONS).rejected
 
 
 # an unsigned field value, outside a string in the lines generated here
