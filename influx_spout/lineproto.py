@@ -427,7 +427,7 @@ def check_line(line: bytes) -> bytes | str | None:
         return None
     m = _LENIENT.fullmatch(line)
     if m is None:
-        return _why_not(line)
+        return ""  # check_body asks why_not, when it gives reasons
     key, measurement, fields, ts = m.groups()
     if ts is not None and not _in_influx_range(ts):
         return f"timestamp outside influxd's range {INT64_RANGE}"
@@ -448,8 +448,11 @@ def _in_influx_range(ts: bytes) -> bool:
     return len(digits) < 20 and -INT64_MAX < int(ts) < INT64_MAX
 
 
-def _why_not(line: bytes) -> str:
-    """Why a line that is not line protocol is refused, when a byte of it says so."""
+def why_not(line: bytes) -> str:
+    """Why a line that is not line protocol is refused, when a byte of it says so, or "".
+
+    Asked only where a reason is given (check_body), not by split_valid's slow path.
+    """
     if b"\r" in line:
         return "carriage return in the line (CRLF line ends are refused by InfluxDB)"
     if _CONTROL.search(line):
@@ -779,6 +782,11 @@ KAFKA_REASONS = Reasons(
 CONVERTED_REASONS = KAFKA_REASONS._replace(invalid="not valid line protocol once converted")
 
 
+def _rejected(line: bytes, why: str, reasons: Reasons) -> Rejected:
+    """A line refused, in the source's words, with why when a rule says it."""
+    return Rejected(line, f"{reasons.invalid} ({why})" if why else reasons.invalid)
+
+
 def check_body(body: bytes, reasons: Reasons, precision: str = "ns", max_line: int = 0) -> Decoded:
     """The one check of a body of line protocol, whatever its source: split, validate,
     convert its timestamps from precision to ns, and reject lines over max_line bytes
@@ -788,10 +796,7 @@ def check_body(body: bytes, reasons: Reasons, precision: str = "ns", max_line: i
     passed on without a copy when it needs no conversion.
     """
     valid, bad = _split(body)
-    rejected = [
-        Rejected(line, f"{reasons.invalid} ({why})" if why else reasons.invalid)
-        for line, why in bad
-    ]
+    rejected = [_rejected(line, why or why_not(line), reasons) for line, why in bad]
     if valid and PRECISIONS[precision] != 1:
         valid, out_of_range = to_nanoseconds_or_set_aside(valid, precision)
         reason = OUT_OF_RANGE.format(precision=precision)

@@ -124,7 +124,7 @@ def router_should_take(line: bytes, influxd_took: bool) -> bool:
     except UnicodeDecodeError:
         return False
     parsed = lineproto.check_line(content)
-    if isinstance(parsed, str) and ("time" in parsed or "tab" in parsed):
+    if isinstance(parsed, str) and ("time" in parsed or "tab" in lineproto.why_not(content)):
         return False
     return influxd_took
 
