@@ -19,23 +19,29 @@ Grammar (InfluxDB 1.x), one line::
   cannot end with a backslash (it would escape the separator after it), as in InfluxDB.
 - Field values: float (``1``, ``-1.5``, ``1e9``, ``.5``), integer ``12i``, unsigned ``12u``,
   booleans (``t T true True TRUE f F false False FALSE``), or a double-quoted string with
-  ``\\"`` and ``\\\\`` escapes. Integers must fit int64, unsigned integers uint64.
-- The optional timestamp is an integer that fits int64.
-- Exactly one space separates the sections, and nothing precedes the measurement or follows
-  the last section: stricter than influxd, which also skips extra spaces and tabs, so that
-  "the token after the last space" is the timestamp everywhere in the pipeline. A tab is
-  an ordinary byte, as is any non-ASCII byte (names need not be UTF-8).
-- Lines end with ``\\n`` (a trailing ``\\r`` is dropped); empty lines and lines starting
-  with ``#`` are skipped, never counted as invalid. A string field cannot hold a newline.
-
-Not checked (influxd rejects these when it writes, one point at a time): duplicate tag
-keys, float magnitudes beyond float64 (``1e999``), keys longer than 65535 bytes, and the
-reserved key ``time``.
+  ``\\"`` and ``\\\\`` escapes. Integers must fit int64, unsigned integers uint64, floats
+  float64 (``1e999`` is refused, as influxd refuses it).
+- The optional timestamp is an integer in influxd's range: int64 without its two ends.
+- Names and strings are UTF-8 without control bytes (a tab only inside a string), and
+  ``time`` is neither a tag nor a field key: influxd takes such lines but then answers 500
+  for a whole batch, echoes the bytes in a header clients cannot parse, or drops the key.
+- The whole-batch grammar wants one space between sections and none around them, so that
+  "the token after the last space" is the timestamp everywhere in the pipeline. A line
+  influxd takes with other blanks (leading, trailing, doubled spaces, tabs after a space)
+  goes through the per-line slow path (check_line) and on with single spaces.
+- Lines end with ``\\n``; a ``\\r`` before it is refused (influxd refuses CRLF). Blank lines
+  and lines whose first non-blank byte is ``#`` are skipped, never counted as invalid. A
+  string field cannot hold a newline: every component splits batches at newlines.
+- The slow path also refuses what the grammar cannot count: duplicate tag keys, a field
+  given twice with two types, series keys over 65535 bytes. Of these only the last is
+  looked for on the fast path (lines that long are found with one rfind per 64 KB); the
+  others pass there, and InfluxDB's 400 for them reaches the writer's dead-letter path.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 import time
 from typing import Any, NamedTuple
@@ -136,11 +142,45 @@ def _digits_between(lo: str, hi: str) -> str:
     return "(?:" + "|".join(alts) + ")"
 
 
-def _line_grammar(re2: bool, capture: bool, timestamp: str = "") -> str:
+# Bytes a name or string holds: printable ASCII, and other characters as well-formed UTF-8
+# (influxd answers 500 for a whole batch when a name is not UTF-8). Control bytes are
+# refused: influxd echoes a refused line in a header that clients cannot parse.
+_UTF8 = (
+    r"[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}"
+    r"|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}"
+    r"|\xf4[\x80-\x8f][\x80-\xbf]{2}"
+)
+_ESCAPED = rf"(?:[^\\\x00-\x1f\x7f-\xff]|{_UTF8})"  # the byte after a backslash in a name
+# InfluxDB's reserved key, refused as a tag or field key
+RESERVED_KEY = b"time"
+
+
+def _key_not(word: str, plain: str, esc: str) -> str:
+    """RE2 source for a name, in units (plain bytes, UTF-8 characters, escapes), that is not
+    exactly word: RE2 has no lookahead, so the complement is spelled out by length."""
+
+    def unit(but: str = "") -> str:
+        return f"(?:[{plain[1:-1]}{re.escape(but)}]|{_UTF8}|{esc})" if but else u
+
+    u = f"(?:{plain}|{_UTF8}|{esc})"
+    n = len(word)
+    alts = [f"{u}{{{n + 1},}}", f"{u}{{1,{n - 1}}}"]
+    for i, ch in enumerate(word):
+        alts.append(re.escape(word[:i]) + unit(ch) + (f"{u}{{{n - i - 1}}}" if n - i - 1 else ""))
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool = False) -> str:
     """The grammar of one line; with capture, groups 1-4 are the sections of Parsed.
 
     timestamp, when given, is the regex source the timestamp must match instead of any
-    int64.
+    int64 influxd takes. Without capture (the whole-batch grammars) a float must be spelled
+    so that it cannot overflow; other floats go to the slow path, which checks them
+    exactly. With capture but not lenient (parse's grammar, for lines already checked) it
+    only tells the sections apart: any byte but the separators in a name, any int64
+    timestamp, any float. lenient (re only, with capture) is influxd's own spelling of a
+    valid line: blanks around the sections, any timestamp, the key ``time``; the per-line
+    slow path checks those lines exactly and writes them the strict way.
 
     For re, ``p`` makes every repetition possessive and the lookahead ``end`` stops a
     float or a boolean that is only the start of a longer value (``1`` of ``1i``), since
@@ -152,6 +192,7 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "") -> str:
     end = "" if re2 else r"(?![^ ,\n])"
     no_digit = "" if re2 else r"(?!\d)"
     g = "(" if capture else "(?:"
+    permissive = capture and not lenient
 
     def int_at_most(bound: int) -> str:
         # Leading zeros are allowed, as influxd's strconv.ParseInt allows them. For re,
@@ -160,29 +201,73 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "") -> str:
         return f"(?:{short}0+{p}|0*{p}{_digits_at_most(bound)}){no_digit}"
 
     int64 = f"(?:-?{p}{int_at_most(INT64_MAX)}|-{int_at_most(INT64_MAX + 1)})"
+    # influxd's time range is int64 without its two ends
+    stamp = f"-?{p}{int_at_most(INT64_MAX - 1)}"
+    string_byte = r"[^\"\\\x00-\x08\x0a-\x1f\x7f-\xff]"  # a tab is fine in a string
+    if capture:  # parse() reads any float the slow path (check_line) has found finite
+        number = f"(?:\\d+{p}(?:\\.\\d*{p})?{p}|\\.\\d+{p})(?:[eE][+-]?{p}\\d+{p})?{p}"
+    else:  # floats spelled so that they cannot overflow float64, as influxd requires
+        number = (
+            f"(?:\\d{{1,100}}{p}(?:\\.\\d*{p})?{p}|\\.\\d+{p})(?:[eE](?:-\\d+{p}|\\+?\\d{{1,2}}{p}))?{p}"
+            f"|\\d(?:\\.\\d*{p})?{p}[eE]\\+?(?:[12]\\d\\d|30[0-7])"
+        )
+    string = (
+        f'"(?:{string_byte}+{p}|{_UTF8}|\\\\(?:[^\\x00-\\x08\\x0a-\\x1f\\x7f-\\xff]|{_UTF8}))*{p}"'
+    )
+    if permissive:
+        string = f'"(?:[^"\\\\\\n]+{p}|\\\\[^\\n])*{p}"'
     field_value = (
-        f"(?:-?{p}(?:\\d+{p}(?:\\.\\d*{p})?{p}|\\.\\d+{p})(?:[eE][+-]?{p}\\d+{p})?{p}{end}"
+        f"(?:-?{p}(?:{number}){end}"
         f"|{int64}i"
-        f'|"(?:[^"\\\\\\n]+{p}|\\\\[^\\n])*{p}"'
+        f"|{string}"
         f"|(?:true|True|TRUE|t|T|false|False|FALSE|f|F){end}"
         f"|{int_at_most(UINT64_MAX)}u)"
     )
+    plain = r"[^\\ ,=\x00-\x1f\x7f-\xff]"
+    plain_m = r"[^\\ ,\x00-\x1f\x7f-\xff]"  # a measurement may hold "="
     # A run of backslashes takes the byte after it, escaped separator or not, so a
     # separator right after a backslash never ends a name (as influxd's scanner). For re,
     # the same loop unrolled: plain runs between backslash pairs, non-empty by lookahead.
+    # influxd reads a field key's backslashes in pairs instead: a field key takes a
+    # backslash only before another byte (so "\\\\," is refused, never misread).
+    esc = f"\\\\+{p}{_ESCAPED}"
+    esc_field = f"\\\\{_ESCAPED}"
     if re2:
-        name = r"(?:[^\\ ,=\n]|\\+[^\\\n])+"
-        measurement = r"(?:[^#\\ ,\n]|\\+[^\\\n])(?:[^\\ ,\n]|\\+[^\\\n])*"
-    else:
+        name = f"(?:{plain}|{_UTF8}|{esc})+"
+        key = _key_not(RESERVED_KEY.decode(), plain, esc)
+        field_key = _key_not(RESERVED_KEY.decode(), plain, esc_field)
+        first_m = r"[^#\\ ,\x00-\x1f\x7f-\xff]"
+        measurement = f"(?:{first_m}|{_UTF8}|{esc})(?:{plain_m}|{_UTF8}|{esc})*"
+    elif permissive:
         name = r"(?=[^ ,=\n])[^\\ ,=\n]*+(?:\\++[^\\\n][^\\ ,=\n]*+)*+"
+        key = field_key = name
         measurement = r"(?=[^#, \n])[^\\ ,\n]*+(?:\\++[^\\\n][^\\ ,\n]*+)*+"
-    tag = f"{name}={name}"
-    field = f"{name}={field_value}"
+    else:
+        # an escape or a UTF-8 character starts with a byte no plain run holds: one look
+        # at that byte ends a plain name
+        other = f"(?=[\\\\\\xc2-\\xf4])(?:{esc}|{_UTF8})"
+        runs = f"{plain}*+(?:{other}{plain}*+)*+"
+        name = f"(?=[^ ,=\\n]){runs}"
+        key = name if lenient else f"(?!{RESERVED_KEY.decode()}=|[ ,=\\n]){runs}"
+        other_field = f"(?=[\\\\\\xc2-\\xf4])(?:{esc_field}|{_UTF8})"
+        field_runs = f"{plain}*+(?:{other_field}{plain}*+)*+"
+        field_key = f"(?!{'' if lenient else RESERVED_KEY.decode() + '=|'}[ ,=\\n]){field_runs}"
+        measurement = f"(?=[^#, \\n]){plain_m}*+(?:{other}{plain_m}*+)*+"
+    tag = f"{key}={name}"
+    field = f"{field_key}={field_value}"
+    if lenient:
+        # influxd takes a tag value starting with "=" (check_line escapes it), and a tab
+        # right after a string as a blank
+        tag = f"{key}=(?:=(?:{name})?+|{name})"
+        return (
+            f"[ \\t]*+(({measurement})(?:,{tag})*+) [ \\t]*+({field}(?:,{field})*+)"
+            f'(?:(?: |(?<=")\\t)[ \\t]*+(?:(-?\\d++) *+)?)?'
+        )
     return (
         f"{g}{measurement})"
         f"(?:,{g}{tag}(?:,{tag})*{p}))?{p}"
         f" {g}{field}(?:,{field})*{p})"
-        f"(?: {g}{timestamp or int64}))?{p}"
+        f"(?: {g}{timestamp or (int64 if permissive else stamp)}))?{p}"
     )
 
 
@@ -210,6 +295,11 @@ _VALID_RUN: Any = (
     if re2_engine is None
     else compile_batch(f"(?:{_line_grammar(re2=True, capture=False)}\\n)*")
 )
+_LENIENT = re.compile(_line_grammar(re2=False, capture=True, lenient=True).encode())
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# the pairs of a tag section check_line took, and the "=" of a value not escaped
+_BARE_EQUALS = re.compile(rb"(?<!\\)=")
+_TAGS_WITH_EQUALS = re.compile(rb"((?:[^\\ ,=]++|\\++[^\\])++)=((?:[^\\ ,]++|\\++[^\\])++)")
 _KEY = r"(?:[^\\ ,=]++|\\++[^\\])++"
 _TAG_PAIR = re.compile(f"({_KEY})=({_KEY})".encode())
 _FIELD_PAIR = re.compile(f'({_KEY})=("(?:[^"\\\\]++|\\\\.)*+"|[^,]*+)'.encode(), re.DOTALL)
@@ -242,15 +332,10 @@ _BOOLS: dict[bytes, bool] = {
 
 
 def _normalise(batch: bytes) -> bytes:
-    """The batch with ``\\n`` line ends only and a final ``\\n``.
+    """The batch with a final ``\\n``, returned unchanged, without a copy, when it has one.
 
-    Both checks are single-byte scans (memchr); the batch is returned unchanged, without a
-    copy, when there is nothing to do.
+    A ``\\r`` is not a line end: influxd refuses a line that ends with one.
     """
-    if b"\r" in batch:
-        batch = batch.replace(b"\r\n", b"\n")
-        if batch.endswith(b"\r"):
-            batch = batch[:-1]
     if batch and not batch.endswith(b"\n"):
         batch += b"\n"
     return batch
@@ -262,26 +347,149 @@ def split_valid(batch: bytes) -> tuple[bytes, list[bytes]]:
     One match of the grammar runs over the whole batch and stops at the first line that
     is not valid; when there is none, the batch itself is returned without being split.
     Each stop costs one more match, resuming after that line; empty and comment lines
-    stop the match too and are dropped without being reported.
+    stop the match too and are dropped without being reported. A line that influxd takes
+    but the grammar does not spell that way (blanks around sections) is passed on as the
+    grammar spells it (check_line).
     """
+    good, bad = _split(batch)
+    return good, [line for line, _ in bad]
+
+
+def _split(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
+    """split_valid, with why each invalid line is refused (check_line)."""
     batch = _normalise(batch)
     size = len(batch)
     end = _VALID_RUN.match(batch).end()  # the grammar matches b"" at worst
-    if end == size:
+    if end == size and not _has_long_line(batch):
         return batch, []
+    if end == size:
+        return _without_long_keys(batch)
     good: list[bytes] = []
-    bad: list[bytes] = []
+    bad: list[tuple[bytes, str]] = []
     start = 0
     while True:
         if end > start:
             good.append(batch[start:end])
         if end == size:
-            return b"".join(good), bad
+            joined = b"".join(good)
+            if not _has_long_line(joined):
+                return joined, bad
+            joined, too_long = _without_long_keys(joined)
+            return joined, bad + too_long
         nl = batch.index(b"\n", end)
-        if nl > end and batch[end] != 35:  # neither empty nor a comment
-            bad.append(batch[end:nl])
+        checked = check_line(batch[end:nl])
+        if isinstance(checked, bytes):
+            good.append(checked + b"\n")
+        elif checked is not None:
+            bad.append((batch[end:nl], checked))
         start = nl + 1
         end = _VALID_RUN.match(batch, start).end()
+
+
+def _has_long_line(batch: bytes) -> bool:
+    """Whether a line of batch (each ending with ``\\n``) is long enough to hold a series
+    key over MAX_KEY_BYTES, which the grammar cannot count: one rfind per 64 KB."""
+    pos, size = 0, len(batch)
+    while size - pos > MAX_KEY_BYTES:
+        nl = batch.rfind(b"\n", pos, pos + MAX_KEY_BYTES)
+        if nl < 0:
+            return True
+        pos = nl + 1
+    return False
+
+
+def _without_long_keys(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
+    """A batch of valid lines without those whose series key is over MAX_KEY_BYTES."""
+    kept: list[bytes] = []
+    bad: list[tuple[bytes, str]] = []
+    for line in batch.split(b"\n")[:-1]:
+        why = check_line(line) if len(line) >= MAX_KEY_BYTES else None
+        if isinstance(why, str):
+            bad.append((line, why))
+        else:
+            kept.append(line + b"\n")
+    return b"".join(kept), bad
+
+
+INT64_RANGE = f"{-(INT64_MAX - 1)}..{INT64_MAX - 1}"
+# InfluxDB's longest series key (measurement, tags and one field key)
+MAX_KEY_BYTES = 65535
+_FIELD_TYPES = {b'"': "string", b"i": "integer", b"u": "unsigned"}
+
+
+def check_line(line: bytes) -> bytes | str | None:
+    """The line as the pipeline carries it (bytes), why it is refused (str; "" for only
+    "not line protocol"), or None for a blank or comment line: the slow path for a line
+    the whole-batch grammar stopped at.
+
+    Takes what influxd takes (blanks before, between and after the sections) and writes it
+    with single spaces; refuses what influxd refuses, or takes and then mishandles.
+    """
+    rest = line.lstrip(b" \t")
+    if not rest.rstrip(b" \t") or rest[:1] == b"#":
+        return None
+    m = _LENIENT.fullmatch(line)
+    if m is None:
+        return ""  # check_body asks why_not, when it gives reasons
+    key, measurement, fields, ts = m.groups()
+    if ts is not None and not _in_influx_range(ts):
+        return f"timestamp outside influxd's range {INT64_RANGE}"
+    raw_tags = key[len(measurement) + 1 :]
+    if raw_tags:  # each value's "=" escaped, as the strict grammar wants them
+        pairs = _TAGS_WITH_EQUALS.findall(raw_tags)
+        raw_tags = b",".join(k + b"=" + _BARE_EQUALS.sub(rb"\\=", v) for k, v in pairs)
+        key = measurement + b"," + raw_tags
+    why = _why_refused(key, raw_tags, fields)
+    if why:
+        return why
+    return key + b" " + fields + (b" " + ts if ts is not None else b"")
+
+
+def _in_influx_range(ts: bytes) -> bool:
+    """Whether a timestamp (``-?\\d+``) is in influxd's range, without parsing a huge one."""
+    digits = ts.lstrip(b"-").lstrip(b"0")
+    return len(digits) < 20 and -INT64_MAX < int(ts) < INT64_MAX
+
+
+def why_not(line: bytes) -> str:
+    """Why a line that is not line protocol is refused, when a byte of it says so, or "".
+
+    Asked only where a reason is given (check_body), not by split_valid's slow path.
+    """
+    if b"\r" in line:
+        return "carriage return in the line (CRLF line ends are refused by InfluxDB)"
+    if _CONTROL.search(line):
+        return "control byte in the line"
+    if b"\t" in line:
+        return "tab in a name or value (only blanks between sections may be tabs)"
+    try:
+        line.decode()
+    except UnicodeDecodeError:
+        return "invalid UTF-8"
+    return ""
+
+
+def _why_refused(key: bytes, raw_tags: bytes, raw_fields: bytes) -> str:
+    """Why influxd would refuse (or drop) a line of well-formed sections, or ""."""
+    tag_keys = [k for k, _ in _TAG_PAIR.findall(raw_tags)] if raw_tags else []
+    if len(set(tag_keys)) != len(tag_keys):
+        return "duplicate tag key"
+    if RESERVED_KEY in tag_keys:
+        return "tag key 'time' (InfluxDB refuses it)"
+    types: dict[bytes, str] = {}
+    for k, v in _FIELD_PAIR.findall(raw_fields):
+        kind = _FIELD_TYPES.get(v[:1] if v[:1] == b'"' else v[-1:])
+        if kind is None:
+            kind = "boolean" if v in _BOOLS else "float"
+            if kind == "float" and math.isinf(float(v)):
+                return "float out of range"
+        if types.setdefault(k, kind) != kind:
+            return f"field given twice with two types ({types[k]}, {kind})"
+        if k == RESERVED_KEY:
+            return "field key 'time' (InfluxDB drops it)"
+        if len(key) + 4 + len(k) > MAX_KEY_BYTES:
+            return f"series key over {MAX_KEY_BYTES} bytes"
+    return ""
 
 
 # valid_in_window's pattern holds for one step of the clock and is compiled once a step
@@ -301,9 +509,10 @@ def valid_in_window(batch: bytes, now_ns: int, max_delta_ns: int) -> bytes | Non
     None means "look closer" (split_valid and a check of each timestamp say which lines
     fail); it is also the answer when a line is empty or a comment, or when a timestamp
     is within WINDOW_STEP_NS of the window's edges or written with a sign or leading
-    zeros. The common case costs the one RE2 pass that split_valid would make: the
-    grammar itself only admits timestamps in a window that holds for every now_ns of
-    the current step, so the pattern is compiled once a step.
+    zeros, or when a line is long enough to hold a series key over MAX_KEY_BYTES. The
+    common case costs the one RE2 pass that split_valid would make: the grammar itself
+    only admits timestamps in a window that holds for every now_ns of the current step,
+    so the pattern is compiled once a step.
     """
     if re2_engine is None:  # pragma: no cover - depends on the environment
         return None
@@ -314,7 +523,7 @@ def valid_in_window(batch: bytes, now_ns: int, max_delta_ns: int) -> bytes | Non
         return None
     batch = _normalise(batch)
     if _valid_run_in_window(lo, hi).match(batch).end() == len(batch):
-        return batch
+        return None if _has_long_line(batch) else batch
     return None
 
 
@@ -586,6 +795,11 @@ KAFKA_REASONS = Reasons(
 CONVERTED_REASONS = KAFKA_REASONS._replace(invalid="not valid line protocol once converted")
 
 
+def _rejected(line: bytes, why: str, reasons: Reasons) -> Rejected:
+    """A line refused, in the source's words, with why when a rule says it."""
+    return Rejected(line, f"{reasons.invalid} ({why})" if why else reasons.invalid)
+
+
 def check_body(
     body: bytes, reasons: Reasons, precision: str = "ns", max_line: int = 0, arrival_ns: int = 0
 ) -> Decoded:
@@ -597,8 +811,8 @@ def check_body(
     A body of valid lines costs one pass of the whole-batch grammar (split_valid) and is
     passed on without a copy when it needs no conversion.
     """
-    valid, bad = split_valid(body)
-    rejected = [Rejected(line, reasons.invalid) for line in bad]
+    valid, bad = _split(body)
+    rejected = [_rejected(line, why or why_not(line), reasons) for line, why in bad]
     if valid and PRECISIONS[precision] != 1:
         valid, out_of_range = to_nanoseconds_or_set_aside(valid, precision)
         reason = OUT_OF_RANGE.format(precision=precision)

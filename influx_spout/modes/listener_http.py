@@ -331,7 +331,7 @@ def describe(body: bytes, rejected: list[lineproto.Rejected]) -> str:
     more = len(rejected) - MAX_LISTED_LINES
     if more > 0:
         parts.append(f"and {more} more lines could not be parsed")
-    if any(reason == lineproto.HTTP_REASONS.invalid for _, reason in rejected):
+    if any(reason.startswith(lineproto.HTTP_REASONS.invalid) for _, reason in rejected):
         parts.append(FORMAT_HINT)
     return "\n".join(parts)
 

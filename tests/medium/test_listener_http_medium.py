@@ -714,3 +714,19 @@ def test_telegraf_outputs_influxdb_request_sequence(nats_server: NatsServer) -> 
         await h.col.wait_published(data)
 
     run_test(nats_server.url, body)
+
+
+def test_influx_cli_insert_is_taken(nats_server: NatsServer) -> None:
+    """The `influx` CLI's INSERT sends its line with a leading space, as influxd takes it."""
+
+    async def body(h: Harness) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            "influx", "-host", "127.0.0.1", "-port", str(h.cfg.port), "-database", "telegraf",
+            "-execute", f"INSERT cpu,host=a  v=1 {TS}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out
+        await h.col.wait_published(b"cpu,host=a v=1 %d\n" % TS)
+
+    run_test(nats_server.url, body)

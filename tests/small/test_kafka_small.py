@@ -303,7 +303,7 @@ def test_offsets_are_committed_only_for_published_batches() -> None:
 
 def test_a_message_that_does_not_fit_ends_the_open_batch_first() -> None:
     src = source(count=100)
-    feed(src, b"a v=1", b"b v=" + b"9" * 990)
+    feed(src, b"a v=1", b"b v=0." + b"9" * 988)  # 994 bytes, a finite float
     assert src.rt.bus.published == [b"a v=1\n"]
     assert src.consumer.commits == [{("t", 0): 1}]
 
@@ -358,7 +358,7 @@ def test_undecodable_lines_are_dead_lettered_with_where_they_came_from() -> None
 
 def test_a_line_over_the_nats_max_payload_is_dead_lettered_not_retried() -> None:
     src = source("retry", count=1)
-    feed(src, b"big v=" + b"9" * 2000 + b"\nsmall v=1")
+    feed(src, b"big v=0." + b"9" * 1998 + b"\nsmall v=1")
     assert src.rt.bus.published == [b"small v=1\n"]
     [(_, _, headers)] = src.rt.bus.dead
     assert "over the NATS max payload (1000)" in headers["Error"]
@@ -496,7 +496,7 @@ def test_a_bad_message_in_a_run_is_isolated_with_its_own_offset() -> None:
 
 def test_a_run_ends_where_the_batch_is_full_by_size() -> None:
     src = source(count=100)  # FakeBus.max_payload is 1000 bytes
-    big = b"m v=" + b"1" * 395  # 400 bytes with its newline
+    big = b"m v=0." + b"9" * 393  # 400 bytes with its newline (a finite float)
     feed_all(src, big, big, big, b"x v=1")
     assert src.rt.bus.published == [big + b"\n" + big + b"\n"]
     assert src.consumer.commits == [{("t", 0): 2}]

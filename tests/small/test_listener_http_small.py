@@ -45,9 +45,17 @@ def test_valid_body_passes_unchanged() -> None:
     assert d.rejected == [] and d.problem == ""
 
 
-def test_missing_final_newline_and_crlf_are_normalised() -> None:
+def test_missing_final_newline_is_added_and_crlf_refused_with_a_reason() -> None:
     d = decode(b"a v=1 1\r\nb v=2 2", False, "n", MB, MB)
-    assert valid(d) == b"a v=1 1\nb v=2 2\n"
+    assert valid(d) == b"b v=2 2\n"
+    assert d.rejected[0].data == b"a v=1 1\r"
+    assert "CRLF" in d.rejected[0].reason
+
+
+def test_influx_cli_insert_with_a_leading_space_is_taken() -> None:
+    d = decode(b" cpu,host=a  v=1 ", False, "n", MB, MB)
+    assert valid(d) == b"cpu,host=a v=1\n"
+    assert d.rejected == []
 
 
 @pytest.mark.parametrize(

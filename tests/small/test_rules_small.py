@@ -314,7 +314,7 @@ def test_window_near_the_epoch() -> None:
 
 
 def test_invalid_lines_are_counted_and_never_forwarded() -> None:
-    bad = [b"cpu", b"cpu v=", b"cpu v=1 12x", b",x=1 v=1", b"cpu v=1  1", b'cpu s="open']
+    bad = [b"cpu", b"cpu v=", b"cpu v=1 12x", b",x=1 v=1", b"cpu v=1 1 1", b'cpu s="open']
     r = route([basic("cpu"), regex(".", "all")], b"cpu v=1", *bad, b"mem v=1")
     assert r.outputs == {0: batch(b"cpu v=1"), 1: batch(b"mem v=1")}
     assert r.invalid == len(bad)
@@ -326,21 +326,27 @@ def test_garbage_bytes() -> None:
     garbage = bytes(range(256)) * 4 + b"\n\xff\xfe\x00 v=1\n\x00\n"
     r = RuleSet([regex(".", "all"), negregex("x")]).route(garbage, NOW, DELTA)
     check_counts(r)
-    assert r.outputs == {0: b"\xff\xfe\x00 v=1\n"}  # a valid line, oddly named
-    assert r.invalid == r.processed - 1 > 0
+    assert r.outputs == {}  # "\xff\xfe\x00 v=1": neither UTF-8 nor free of control bytes
+    assert r.invalid == r.processed > 0
 
 
 def test_empty_batch_and_blank_lines() -> None:
     rs = RuleSet([basic("cpu")])
-    for b in (b"", b"\n", b"\n\n\r\n", b"# comment\n"):
+    for b in (b"", b"\n", b"\n\n \t\n", b"# comment\n", b"  # indented\n"):
         r = rs.route(b, NOW, DELTA)
         assert (r.processed, r.outputs, r.junk) == (0, {}, b"")
 
 
-def test_crlf_and_missing_final_newline() -> None:
+def test_crlf_is_refused_and_a_missing_final_newline_is_not() -> None:
     r = RuleSet([basic("cpu")]).route(b"cpu v=1\r\nmem v=1\r\ncpu v=2", NOW, DELTA)
-    assert r.outputs == {0: batch(b"cpu v=1", b"cpu v=2")}
-    assert r.junk == batch(b"mem v=1")
+    assert r.outputs == {0: batch(b"cpu v=2")}
+    assert r.invalid_lines == [b"cpu v=1\r", b"mem v=1\r"]  # as influxd refuses them
+
+
+def test_blanks_around_sections_are_taken_and_routed_by_measurement() -> None:
+    r = RuleSet([basic("cpu")]).route(b" cpu,a=1  v=1  \n\tmem v=1 \t 5\n", NOW, None)
+    assert r.outputs == {0: batch(b"cpu,a=1 v=1")}
+    assert r.junk == batch(b"mem v=1 5")
 
 
 def test_huge_line() -> None:

@@ -12,14 +12,16 @@ _LINE = re.compile(lineproto._line_grammar(re2=False, capture=False).encode())
 
 
 def split_lines(batch: bytes) -> list[bytes]:
-    """The lines of a batch that carry data: not empty, not comments, no ``\\n``/``\\r``."""
-    lines = list(filter(None, lineproto._normalise(batch).split(b"\n")))
-    if b"#" in batch:
-        lines = [line for line in lines if line[0] != 35]  # 35 == ord("#")
-    return lines
+    """The lines of a batch that carry data: not blank, not comments (even indented)."""
+    lines = [line.lstrip(b" \t") for line in lineproto._normalise(batch).split(b"\n")]
+    return [
+        line
+        for line, stripped in zip(lineproto._normalise(batch).split(b"\n"), lines, strict=True)
+        if stripped.rstrip(b" \t") and stripped[:1] != b"#"
+    ]
 
 
 def is_valid(line: bytes) -> bool:
-    """Whether one line, as split_lines returns it (no ``\\n``, no final ``\\r``), is valid:
+    """Whether one line, as split_lines returns it (no ``\\n``), is valid in the strict spelling:
     the per-line grammar without its capture groups (parse has them)."""
     return _LINE.fullmatch(line) is not None

@@ -1,0 +1,55 @@
+"""lineproto against a real influxd: each generated line goes to both, and the router's
+verdict is influxd's (but for the documented exceptions: support/differential.py).
+
+A longer run: DIFFERENTIAL_EXAMPLES=20000 pytest tests/medium/test_lineproto_influxd_medium.py
+(its figures: README, "Line protocol").
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from support.differential import (
+    Influxd,
+    lines,
+    router_should_take,
+    router_takes,
+    without_unsigned,
+)
+from support.servers import InfluxServer
+
+EXAMPLES = int(os.environ.get("DIFFERENTIAL_EXAMPLES", "300"))
+
+
+@pytest.fixture(scope="module")
+def judge(influxd: InfluxServer) -> Influxd:
+    return Influxd(influxd)
+
+
+@given(line=lines())
+@example(line=b" cpu,host=a  v=1 ")  # the influx CLI's INSERT sends a leading space
+@example(line=b"m f=1 9223372036854775807")
+@example(line=b"m f=1 -9223372036854775806")
+@example(line=b"m\x00 f=1")
+@example(line=b"\xff f=1")
+@example(line=b"m,time=1 f=1")
+@example(line=b"m f=1u")
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+def test_router_verdict_is_influxds(judge: Influxd, line: bytes) -> None:
+    took = judge.takes(without_unsigned(line))
+    assert router_takes(line) == router_should_take(line, took), (line, took)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"m,a=1,a=2 f=1", b"m f=1,f=2i", b"m f=1e999", b"m f=1\r\n", b"  # c\nm f=1 1\n"],
+)
+def test_influxd_answers_what_the_readme_says(judge: Influxd, body: bytes) -> None:
+    # the cases the README lists as influxd's: refused, but for the last (an indented comment)
+    assert judge.takes(body) == body.startswith(b"  #")
