@@ -16,6 +16,14 @@ log = logging.getLogger("influx_spout.stats")
 
 LabelKey = tuple[tuple[str, str], ...]
 
+# the first line of a stats message: "# stats_interval_seconds 3"
+INTERVAL_COMMENT = "# stats_interval_seconds "
+
+# the component label the Go influx-spout gives a mode, where it is not the mode's name
+GO_COMPONENT = {"listener_http": "listener"}
+# modes whose nats_dropped is one sum, with no subject label, as in the Go influx-spout
+UNLABELLED_DROPS = {"filter"}
+
 
 def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -32,11 +40,18 @@ class Stats:
         labels: dict[str, str] | None = None,
         host: str | None = None,
     ) -> None:
-        base = {"component": component, "name": name, "host": host or socket.gethostname()}
+        self.mode = component
+        base = {
+            "component": GO_COMPONENT.get(component, component),
+            "name": name,
+            "host": host or socket.gethostname(),
+        }
         base.update(labels or {})
         self.base_labels = base
         # every listed counter is published from the start, even at zero
         self.values: dict[tuple[str, LabelKey], int] = {(c, ()): 0 for c in counters}
+        if component in UNLABELLED_DROPS:
+            self.values[("nats_dropped", ())] = 0
 
     def inc(self, counter: str, n: int = 1, **labels: str) -> None:
         key = (counter, tuple(sorted(labels.items())))
@@ -44,18 +59,23 @@ class Stats:
 
     def set_dropped(self, dropped: Mapping[str, int]) -> None:
         """nats_dropped{subject}: what NATS dropped per subject (slow consumer), as counted
-        by the bus."""
+        by the bus; one sum with no label for the modes of UNLABELLED_DROPS."""
+        if self.mode in UNLABELLED_DROPS:
+            if dropped:  # a pool's parent, with no subscription, keeps its workers' sum
+                self.values[("nats_dropped", ())] = sum(dropped.values())
+            return
         for subject, n in dropped.items():
             self.values[("nats_dropped", (("subject", subject),))] = n
 
     def get(self, counter: str, **labels: str) -> int:
         return self.values.get((counter, tuple(sorted(labels.items()))), 0)
 
-    def render(self, now_ms: int | None = None) -> bytes:
-        """All counters as Prometheus text lines."""
+    def render(self, now_ms: int | None = None, interval: float | None = None) -> bytes:
+        """All counters as Prometheus text lines; with interval, first a comment saying
+        how often they come, by which the monitor tells when this component stopped."""
         ts = int(time.time() * 1000) if now_ms is None else now_ms
         base = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(self.base_labels.items()))
-        lines = []
+        lines = [] if interval is None else [f"{INTERVAL_COMMENT}{interval:g}\n"]
         for (counter, extra), value in sorted(self.values.items()):
             labels = base
             if extra:
@@ -75,9 +95,9 @@ async def publish_forever(
     try:
         while True:
             await asyncio.sleep(interval)
-            await _publish_once(stats, publish, before)
+            await _publish_once(stats, publish, before, interval)
     except asyncio.CancelledError:
-        await _publish_once(stats, publish, before)
+        await _publish_once(stats, publish, before, interval)
         raise
 
 
@@ -85,10 +105,11 @@ async def _publish_once(
     stats: Stats,
     publish: Callable[[bytes], Awaitable[object]],
     before: Callable[[], object] | None,
+    interval: float,
 ) -> None:
     try:
         if before is not None:
             before()
-        await publish(stats.render())
+        await publish(stats.render(interval=interval))
     except Exception as exc:  # stats must never take a component down
         log.warning("could not publish stats: %s", exc)

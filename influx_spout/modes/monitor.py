@@ -52,10 +52,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from influx_spout import lineproto, listening
+from influx_spout import lineproto, listening, modes
 from influx_spout.config import Checker, Config
 from influx_spout.mode import Host, Mode
 from influx_spout.probes import serve_http
+from influx_spout.stats import INTERVAL_COMMENT
 
 # -- options (all shared, port among them: config.SharedOptions) ---------------------------
 
@@ -79,7 +80,30 @@ COUNTERS = (
     "invalid_lines",
     "series_dropped",
     "series_expired",
+    "instances_down",
 )
+
+# every counter's meaning: the monitor's # HELP lines and the README's table
+HELP = {
+    "received_messages": "stats messages received",
+    "received_lines": "metric lines in them (comments and blank lines not included)",
+    "invalid_lines": "lines that are not Prometheus text, skipped",
+    "series_dropped": "updates of new series refused because 100,000 series are kept",
+    "series_expired": "series removed because they were not updated in time",
+    "instances_down": "instances seen down: no report for three of their stats intervals",
+    "nats_dropped": "input messages NATS dropped because the input buffer was full",
+}
+
+# every counter's meaning: the monitor's # HELP lines and the README's table
+HELP = {
+    "received_messages": "stats messages received",
+    "received_lines": "metric lines in them (comments and blank lines not included)",
+    "invalid_lines": "lines that are not Prometheus text, skipped",
+    "series_dropped": "updates of new series refused because 100,000 series are kept",
+    "series_expired": "series removed because they were not updated in time",
+    "instances_down": "instances seen down: no report for three of their stats intervals",
+    "nats_dropped": "input messages NATS dropped because the input buffer was full",
+}
 
 MAX_SERIES = 100_000
 MAX_LINE_BYTES = 4096  # ours are ~150-300 bytes; bounds what one series may hold
@@ -89,6 +113,16 @@ MAX_EXPIRY = 3600.0  # seconds
 SWEEP_INTERVAL = 5.0  # seconds between looks for expired series
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# an instance is down once it missed this many of its stats intervals
+MISSED_INTERVALS = 3
+DEFAULT_INTERVAL = 3.0  # seconds: stats_interval's default, for a report that gives none
+# the monitor's own gauges, one series per instance (component, name, host)
+GAUGES = {
+    "component_up": "1 while the instance reports, 0 once it missed three stats intervals",
+    "component_report_age_seconds": "seconds since the instance's last report",
+}
+INSTANCE_LABELS = ("component", "host", "name")
 
 # time allowed, after a stop, to stop taking input and to close HTTP connections;
 # together they stay under runtime.STOP_GRACE
@@ -138,11 +172,61 @@ def parse_line(line: str) -> tuple[SeriesKey, str] | None:
     return (name, "{" + ",".join(f"{k}={v}" for k, v in pairs) + "}"), value
 
 
+_INTERVAL = INTERVAL_COMMENT.encode()
+
+
+def _interval(raw: bytes) -> float | None:
+    """The seconds of a stats_interval comment, or None when it is not a sane number."""
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return None
+    return seconds if 0.001 <= seconds <= MAX_EXPIRY else None
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def help_text(help: dict[str, str], name: str) -> str:
+    """The # HELP text of a name: its meaning, or a pointer to the README's tables."""
+    return help.get(name) or f"{name}: see the metrics tables of influx-spout's README"
+
+
+def help_texts() -> dict[str, str]:
+    """Each metric's meaning, from the modes' HELP (one source with the README's tables).
+
+    A name several modes publish with different meanings gets them all, mode by mode.
+    """
+    meanings: dict[str, dict[str, list[str]]] = {}
+    for mode in modes.MODES:
+        for name, text in getattr(modes.module(mode), "HELP", {}).items():
+            meanings.setdefault(name, {}).setdefault(text, []).append(mode)
+    out = {}
+    for name, texts in meanings.items():
+        if len(texts) == 1:
+            out[name] = next(iter(texts))
+        else:
+            out[name] = "; ".join(f"{', '.join(m)}: {t}" for t, m in texts.items())
+    return out
+
+
 @dataclass(slots=True)
 class _Series:
     value: str
     updated: float  # monotonic seconds
     expires: float  # monotonic seconds
+
+
+@dataclass(slots=True)
+class _Instance:
+    """One component instance, known by the labels of its reports."""
+
+    labels: str  # {component="...",host="...",name="..."}
+    last: float  # monotonic seconds of its last report
+    interval: float  # seconds between its reports
+    keys: set[SeriesKey] = field(default_factory=set)  # its series, dropped when it is down
+    up: bool = True
 
 
 @dataclass
@@ -160,6 +244,7 @@ class SeriesStore:
     def __init__(self, max_series: int = MAX_SERIES) -> None:
         self.max_series = max_series
         self._series: dict[SeriesKey, _Series] = {}
+        self._instances: dict[str, _Instance] = {}
         self._order: list[SeriesKey] | None = []  # sorted keys; None once the set changed
 
     def __len__(self) -> int:
@@ -174,9 +259,13 @@ class SeriesStore:
         """Take every valid sample line of a message; now is time.monotonic()."""
         result = Update()
         store = self._series
+        seen: list[SeriesKey] = []
+        interval = None
         for raw in data.split(b"\n"):
             raw = raw.strip(b" \t\r")
             if not raw or raw[0] == 35:  # 35 == ord("#"): a comment (HELP, TYPE)
+                if raw.startswith(_INTERVAL):
+                    interval = _interval(raw[len(_INTERVAL) :])
                 continue
             result.lines += 1
             parsed = None
@@ -187,6 +276,7 @@ class SeriesStore:
                 result.invalid.append(raw)
                 continue
             key, value = parsed
+            seen.append(key)
             series = store.get(key)
             if series is None:
                 if len(store) >= self.max_series:
@@ -195,11 +285,50 @@ class SeriesStore:
                 store[key] = _Series(value, now, now + MAX_EXPIRY)
                 self._order = None
             else:
-                interval = now - series.updated
+                since = now - series.updated
                 series.value = value
                 series.updated = now
-                series.expires = now + min(MAX_EXPIRY, max(MIN_EXPIRY, EXPIRY_INTERVALS * interval))
+                series.expires = now + min(MAX_EXPIRY, max(MIN_EXPIRY, EXPIRY_INTERVALS * since))
+        if seen:
+            self._report(seen, interval, now)
         return result
+
+    def _report(self, keys: list[SeriesKey], interval: float | None, now: float) -> None:
+        """Note an instance's report: the labels of its first series name it."""
+        pairs = dict(_LABEL_PAIR.findall(keys[0][1]))
+        if "component" not in pairs:
+            return
+        labels = "{" + ",".join(f"{k}={pairs[k]}" for k in INSTANCE_LABELS if k in pairs) + "}"
+        inst = self._instances.get(labels)
+        if inst is None:
+            if len(self._instances) >= self.max_series:
+                return
+            inst = self._instances[labels] = _Instance(labels, now, interval or DEFAULT_INTERVAL)
+        elif interval is None and now > inst.last:
+            interval = now - inst.last
+        if interval is not None:
+            inst.interval = interval
+        inst.last = now
+        inst.up = True
+        inst.keys.update(k for k in keys if k in self._series)
+
+    def check_instances(self, now: float) -> int:
+        """Mark down the instances that missed MISSED_INTERVALS reports, removing their
+        series at once (a dead component's counters must not be served flat); forget
+        those silent for MAX_EXPIRY. Returns how many went down."""
+        down = 0
+        for labels, inst in list(self._instances.items()):
+            age = now - inst.last
+            if age > MAX_EXPIRY:
+                del self._instances[labels]
+            if inst.up and age > MISSED_INTERVALS * inst.interval:
+                inst.up = False
+                down += 1
+                for key in inst.keys:
+                    if self._series.pop(key, None) is not None:
+                        self._order = None
+                inst.keys.clear()
+        return down
 
     def expire(self, now: float) -> int:
         """Remove the series whose time is up; returns how many."""
@@ -210,8 +339,9 @@ class SeriesStore:
             self._order = None
         return len(dead)
 
-    def render(self) -> bytes:
-        """Every series in the Prometheus text format, sorted by name then labels."""
+    def render(self, help: dict[str, str] | None = None, now: float | None = None) -> bytes:
+        """Every series in the Prometheus text format, sorted by name then labels; with
+        help, a # HELP line for each name (help_text); with now, the instances' gauges."""
         if self._order is None:
             self._order = sorted(self._series)
         store = self._series
@@ -220,10 +350,27 @@ class SeriesStore:
         for key in self._order:
             name, labels = key
             if name != last_name:
+                if help is not None:
+                    out.append(f"# HELP {name} {_escape_help(help_text(help, name))}\n")
                 out.append(f"# TYPE {name} counter\n")
                 last_name = name
             out.append(f"{name}{labels} {store[key].value}\n")
+        if now is not None and self._instances:
+            out.extend(self._render_gauges(now))
         return "".join(out).encode()
+
+    def _render_gauges(self, now: float) -> list[str]:
+        instances = sorted(self._instances.items())
+        out = []
+        for name, text in sorted(GAUGES.items()):
+            out.append(f"# HELP {name} {text}\n# TYPE {name} gauge\n")
+            for labels, inst in instances:
+                if name == "component_up":
+                    value = "1" if inst.up else "0"
+                else:
+                    value = f"{max(0.0, now - inst.last):.3f}"
+                out.append(f"{name}{labels} {value}\n")
+        return out
 
 
 class Monitor:
@@ -235,6 +382,7 @@ class Monitor:
         self.stats = rt.stats
         self.store = store if store is not None else SeriesStore()
         self.at_cap = False  # the cap warning was logged; reset once below the cap
+        self.help = help_texts()
         self._runner: web.AppRunner | None = None
 
     async def start_http(self) -> None:
@@ -255,7 +403,10 @@ class Monitor:
             self._runner = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        resp = web.Response(body=self.store.render(), headers={"Content-Type": CONTENT_TYPE})
+        now = time.monotonic()
+        self.check_instances(now)
+        body = self.store.render(self.help, now)
+        resp = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
         resp.enable_compression()  # only when the request accepts it
         return resp
 
@@ -288,7 +439,19 @@ class Monitor:
                     self.store.max_series,
                 )
 
+    def check_instances(self, now: float) -> None:
+        down = self.store.check_instances(now)
+        if down:
+            self.stats.inc("instances_down", down)
+            log.warning(
+                "%d instances missed %d stats intervals: served as component_up 0, "
+                "without their counters",
+                down,
+                MISSED_INTERVALS,
+            )
+
     def sweep(self, now: float) -> None:
+        self.check_instances(now)
         expired = self.store.expire(now)
         if expired:
             self.stats.inc("series_expired", expired)

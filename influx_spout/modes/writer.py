@@ -35,7 +35,8 @@ holds is the NATS input backlog, at most nats_max_pending_size bytes, and the ba
 kept for retry, at most writer_retry_max_size bytes.
 
 Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
-  received               lines received from NATS
+  received               messages received from NATS (batches, as in Go influx-spout)
+  received_lines         lines in them
   write_requests         HTTP writes attempted, retries and split batches included
   failed_writes          writes that did not get a 2xx (connection error, timeout, or not 2xx)
   retries                write_requests that were retries of a kept batch
@@ -211,6 +212,7 @@ log = logging.getLogger("influx_spout.writer")
 
 COUNTERS = (
     "received",
+    "received_lines",
     "write_requests",
     "failed_writes",
     "retries",
@@ -219,6 +221,28 @@ COUNTERS = (
     "lines_given_up",
     "lines_unconfirmed",
 )
+
+# every counter's meaning: the monitor's # HELP lines and the README's table
+HELP = {
+    "received": "messages received from NATS (as in the Go influx-spout)",
+    "received_lines": "lines in them",
+    "write_requests": "HTTP writes attempted, retries and split batches included",
+    "failed_writes": "writes that failed (connection error, timeout, or not 2xx)",
+    "retries": "writes that retried a kept batch",
+    "lines_written": "lines InfluxDB accepted",
+    "lines_dead_lettered": "lines InfluxDB refused, published to `nats_subject_dead_letter`",
+    "lines_given_up": (
+        "lines dropped: retry list full, retry timeout, unwritten at stop, the target refused"
+        " (401, 403, 404), dropped by InfluxDB without being named, or a dead letter NATS did"
+        " not take"
+    ),
+    "lines_unconfirmed": (
+        "lines given up after a write whose answer never came (timeout, lost connection): "
+        "InfluxDB may have stored them"
+    ),
+    "dropped_by_rules": "lines no `[[rule]]` matched, or not line protocol (only with rules)",
+    "nats_dropped": "input messages NATS dropped because the input buffer was full",
+}
 
 # time allowed, after a stop, to stop taking input and then to write out what is left;
 # together they stay under runtime.STOP_GRACE
@@ -514,7 +538,8 @@ class Writer:
             return
         data = ensure_newline(data)
         lines = count_lines(data)  # the only pass over the bytes without [[rule]] tables
-        self.stats.inc("received", lines)
+        self.stats.inc("received")
+        self.stats.inc("received_lines", lines)
         if self._closing:  # late input while stopping is written at once
             await self._submit(Job(Parts([data], len(data), lines), [], tags=_tagged(mine)))
             return

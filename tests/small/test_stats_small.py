@@ -75,7 +75,7 @@ def test_counters_kept_elsewhere_are_brought_up_to_date_before_each_rendering() 
         sent.append(data)
 
     async def main() -> None:
-        s = Stats("filter", "f", [], host="h")
+        s = Stats("downsampler", "f", [], host="h")
         task = asyncio.create_task(
             publish_forever(s, publish, 3600, before=lambda: s.set_dropped(dropped))
         )
@@ -88,4 +88,21 @@ def test_counters_kept_elsewhere_are_brought_up_to_date_before_each_rendering() 
             pass
 
     asyncio.run(main())
-    assert b'nats_dropped{component="filter",host="h",name="f",subject="in"} 5 ' in sent[-1]
+    assert b'nats_dropped{component="downsampler",host="h",name="f",subject="in"} 5 ' in sent[-1]
+    assert sent[-1].startswith(b"# stats_interval_seconds 3600\n")
+
+
+def test_go_labels_listener_http_as_listener_and_the_filter_drops_unlabelled() -> None:
+    """As the Go influx-spout does, so that its dashboards find the series."""
+    http = Stats("listener_http", "l", [], host="h")
+    assert http.render(now_ms=1) == b""
+    http.inc("received")
+    assert http.render(now_ms=1) == b'received{component="listener",host="h",name="l"} 1 1\n'
+    f = Stats("filter", "f", [], host="h")
+    assert f.render(now_ms=1) == b'nats_dropped{component="filter",host="h",name="f"} 0 1\n'
+    f.set_dropped({})  # a pool's parent keeps what its workers reported
+    f.values[("nats_dropped", ())] = 4
+    f.set_dropped({})
+    assert f.get("nats_dropped") == 4
+    f.set_dropped({"a": 2, "b": 3})
+    assert f.get("nats_dropped") == 5
