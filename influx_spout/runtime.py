@@ -15,7 +15,7 @@ from influx_spout.bus import Bus
 from influx_spout.config import Config
 from influx_spout.mode import Host, Mode
 from influx_spout.probes import Probes
-from influx_spout.stats import Stats, publish_forever
+from influx_spout.stats import INTERVAL_HEADER, Stats, publish_forever
 
 log = logging.getLogger("influx_spout")
 
@@ -59,7 +59,8 @@ class Runtime:
         return self
 
     async def _publish_stats(self, data: bytes) -> None:
-        await self.bus.publish_raw(self.cfg.nats_subject_monitor, data)
+        interval = {INTERVAL_HEADER: f"{self.cfg.stats_interval:g}"}
+        await self.bus.publish_raw(self.cfg.nats_subject_monitor, data, interval)
 
     async def serve(self, mode: Mode) -> None:
         """Connect, run mode through its lifecycle, close; "stopped" once a stop signal

@@ -16,8 +16,9 @@ log = logging.getLogger("influx_spout.stats")
 
 LabelKey = tuple[tuple[str, str], ...]
 
-# the first line of a stats message: "# stats_interval_seconds 3"
-INTERVAL_COMMENT = "# stats_interval_seconds "
+# the NATS header of a stats message saying its stats_interval in seconds, by which the
+# monitor tells when a component stopped reporting
+INTERVAL_HEADER = "Stats-Interval"
 
 # the component label the Go influx-spout gives a mode, where it is not the mode's name
 GO_COMPONENT = {"listener_http": "listener"}
@@ -70,12 +71,11 @@ class Stats:
     def get(self, counter: str, **labels: str) -> int:
         return self.values.get((counter, tuple(sorted(labels.items()))), 0)
 
-    def render(self, now_ms: int | None = None, interval: float | None = None) -> bytes:
-        """All counters as Prometheus text lines; with interval, first a comment saying
-        how often they come, by which the monitor tells when this component stopped."""
+    def render(self, now_ms: int | None = None) -> bytes:
+        """All counters as Prometheus text lines."""
         ts = int(time.time() * 1000) if now_ms is None else now_ms
         base = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(self.base_labels.items()))
-        lines = [] if interval is None else [f"{INTERVAL_COMMENT}{interval:g}\n"]
+        lines = []
         for (counter, extra), value in sorted(self.values.items()):
             labels = base
             if extra:
@@ -95,9 +95,9 @@ async def publish_forever(
     try:
         while True:
             await asyncio.sleep(interval)
-            await _publish_once(stats, publish, before, interval)
+            await _publish_once(stats, publish, before)
     except asyncio.CancelledError:
-        await _publish_once(stats, publish, before, interval)
+        await _publish_once(stats, publish, before)
         raise
 
 
@@ -105,11 +105,10 @@ async def _publish_once(
     stats: Stats,
     publish: Callable[[bytes], Awaitable[object]],
     before: Callable[[], object] | None,
-    interval: float,
 ) -> None:
     try:
         if before is not None:
             before()
-        await publish(stats.render(interval=interval))
+        await publish(stats.render())
     except Exception as exc:  # stats must never take a component down
         log.warning("could not publish stats: %s", exc)

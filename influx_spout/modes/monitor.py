@@ -56,7 +56,7 @@ from influx_spout import lineproto, listening, modes
 from influx_spout.config import Checker, Config
 from influx_spout.mode import Host, Mode
 from influx_spout.probes import serve_http
-from influx_spout.stats import INTERVAL_COMMENT
+from influx_spout.stats import INTERVAL_HEADER
 
 # -- options (all shared, port among them: config.SharedOptions) ---------------------------
 
@@ -172,14 +172,11 @@ def parse_line(line: str) -> tuple[SeriesKey, str] | None:
     return (name, "{" + ",".join(f"{k}={v}" for k, v in pairs) + "}"), value
 
 
-_INTERVAL = INTERVAL_COMMENT.encode()
-
-
-def _interval(raw: bytes) -> float | None:
-    """The seconds of a stats_interval comment, or None when it is not a sane number."""
+def _interval(headers: dict[str, str] | None) -> float | None:
+    """The seconds of a stats message's INTERVAL_HEADER, or None (none, or not sane)."""
     try:
-        seconds = float(raw)
-    except ValueError:
+        seconds = float((headers or {})[INTERVAL_HEADER])
+    except (KeyError, ValueError):
         return None
     return seconds if 0.001 <= seconds <= MAX_EXPIRY else None
 
@@ -255,17 +252,15 @@ class SeriesStore:
         series = self._series.get((name, labels))
         return None if series is None else series.value
 
-    def update(self, data: bytes, now: float) -> Update:
-        """Take every valid sample line of a message; now is time.monotonic()."""
+    def update(self, data: bytes, now: float, interval: float | None = None) -> Update:
+        """Take every valid sample line of a message; now is time.monotonic(), interval the
+        sender's stats_interval when it said it (else it is measured between reports)."""
         result = Update()
         store = self._series
         seen: list[SeriesKey] = []
-        interval = None
         for raw in data.split(b"\n"):
             raw = raw.strip(b" \t\r")
             if not raw or raw[0] == 35:  # 35 == ord("#"): a comment (HELP, TYPE)
-                if raw.startswith(_INTERVAL):
-                    interval = _interval(raw[len(_INTERVAL) :])
                 continue
             result.lines += 1
             parsed = None
@@ -345,32 +340,31 @@ class SeriesStore:
         if self._order is None:
             self._order = sorted(self._series)
         store = self._series
-        out = []
-        last_name = None
-        for key in self._order:
-            name, labels = key
-            if name != last_name:
+        families: dict[str, list[str]] = {}
+        for name, labels in self._order:
+            lines = families.get(name)
+            if lines is None:
+                lines = families[name] = []
                 if help is not None:
-                    out.append(f"# HELP {name} {_escape_help(help_text(help, name))}\n")
-                out.append(f"# TYPE {name} counter\n")
-                last_name = name
-            out.append(f"{name}{labels} {store[key].value}\n")
+                    lines.append(f"# HELP {name} {_escape_help(help_text(help, name))}\n")
+                lines.append(f"# TYPE {name} counter\n")
+            lines.append(f"{name}{labels} {store[(name, labels)].value}\n")
         if now is not None and self._instances:
-            out.extend(self._render_gauges(now))
-        return "".join(out).encode()
+            families.update(self._gauges(now))
+        return "".join(line for name in sorted(families) for line in families[name]).encode()
 
-    def _render_gauges(self, now: float) -> list[str]:
+    def _gauges(self, now: float) -> dict[str, list[str]]:
+        """component_up and component_report_age_seconds, one series per instance."""
         instances = sorted(self._instances.items())
-        out = []
-        for name, text in sorted(GAUGES.items()):
-            out.append(f"# HELP {name} {text}\n# TYPE {name} gauge\n")
-            for labels, inst in instances:
-                if name == "component_up":
-                    value = "1" if inst.up else "0"
-                else:
-                    value = f"{max(0.0, now - inst.last):.3f}"
-                out.append(f"{name}{labels} {value}\n")
-        return out
+        up = [f"component_up{labels} {1 if inst.up else 0}\n" for labels, inst in instances]
+        age = [
+            f"component_report_age_seconds{labels} {max(0.0, now - inst.last):.3f}\n"
+            for labels, inst in instances
+        ]
+        return {
+            name: [f"# HELP {name} {GAUGES[name]}\n", f"# TYPE {name} gauge\n", *lines]
+            for name, lines in (("component_up", up), ("component_report_age_seconds", age))
+        }
 
 
 class Monitor:
@@ -411,11 +405,11 @@ class Monitor:
         return resp
 
     async def on_message(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        self.take(data, subject, time.monotonic())
+        self.take(data, subject, time.monotonic(), _interval(headers))
 
-    def take(self, data: bytes, subject: str, now: float) -> None:
+    def take(self, data: bytes, subject: str, now: float, interval: float | None = None) -> None:
         """One stats message into the store, counted."""
-        update = self.store.update(data, now)
+        update = self.store.update(data, now, interval)
         inc = self.stats.inc
         inc("received_messages")
         inc("received_lines", update.lines)

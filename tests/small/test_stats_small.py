@@ -89,7 +89,6 @@ def test_counters_kept_elsewhere_are_brought_up_to_date_before_each_rendering() 
 
     asyncio.run(main())
     assert b'nats_dropped{component="downsampler",host="h",name="f",subject="in"} 5 ' in sent[-1]
-    assert sent[-1].startswith(b"# stats_interval_seconds 3600\n")
 
 
 def test_go_labels_listener_http_as_listener_and_the_filter_drops_unlabelled() -> None:
