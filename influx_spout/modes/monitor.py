@@ -299,8 +299,8 @@ class SeriesStore:
             if len(self._instances) >= self.max_series:
                 return
             inst = self._instances[labels] = _Instance(labels, now, interval or DEFAULT_INTERVAL)
-        elif interval is None and now > inst.last:
-            interval = now - inst.last
+        elif interval is None:  # no header: measured, never below the default
+            interval = max(DEFAULT_INTERVAL, now - inst.last)
         if interval is not None:
             inst.interval = interval
         inst.last = now
