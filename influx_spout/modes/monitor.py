@@ -4,9 +4,13 @@ Components publish their counters every stats_interval as Prometheus text lines
 (`name{labels} value timestamp_ms`, influx_spout.stats). The monitor keeps the latest value
 of each series (metric name + label set) and serves them all on `port` at GET /metrics
 (text/plain; version=0.0.4, gzip when the scraper asks), sorted by name then labels, with
-one `# TYPE name counter` line per name: every metric a component publishes is a counter.
-A component that restarts starts its counters again from zero: the new value simply
-replaces the old one, and Prometheus' rate() sees a counter reset, as it should.
+one `# HELP` line per name (its meaning, from the modes' HELP: help_texts) and one
+`# TYPE name untyped` line. Every metric a component publishes is a counter, but the names
+the Go influx-spout gave them have no _total suffix, which the counter type requires by
+Prometheus' conventions (promtool flags it): untyped, as Go served them, keeps both the Go
+dashboards and promtool content; rate() works the same on them. A component that
+restarts starts its counters again from zero: the new value simply replaces the old one,
+and Prometheus' rate() sees a counter reset, as it should.
 
 The samples are served without their timestamps: Prometheus stamps them at scrape time, so
 a component's clock skew cannot get samples refused, and a series that disappears gets
@@ -26,6 +30,14 @@ Memory stays bounded:
   stats_interval of 3s, a stopped component's series disappear after one minute.
   Expired series are counted (series_expired).
 
+Per instance (its component, name and host labels) the monitor serves two gauges of its
+own: component_up (1 while it reports, 0 once MISSED_INTERVALS of its stats intervals went
+by without a report) and component_report_age_seconds. Each stats message says its
+stats_interval in the Stats-Interval header (measured between reports when absent, never
+below the default). When an instance goes down its series are removed at once (counted,
+instances_down), so a dead component is not served flat; it is up again with its next
+report, and forgotten after MAX_EXPIRY.
+
 Every monitor must see every component, so queue_group is ignored here. /healthz and
 /readyz are served on probe_port, as in every mode (ready: connected, subscribed, serving).
 The monitor's own counters go out on nats_subject_monitor like any component's, and so
@@ -37,6 +49,7 @@ Counters:
   invalid_lines          lines that are not Prometheus text, skipped
   series_dropped         updates of new series refused because MAX_SERIES series are kept
   series_expired         series removed because they were not updated in time
+  instances_down         instances seen down: no report for three of their stats intervals
   nats_dropped{subject}  messages NATS dropped because the input buffer was full
 """
 
@@ -347,7 +360,7 @@ class SeriesStore:
                 lines = families[name] = []
                 if help is not None:
                     lines.append(f"# HELP {name} {_escape_help(help_text(help, name))}\n")
-                lines.append(f"# TYPE {name} counter\n")
+                lines.append(f"# TYPE {name} untyped\n")
             lines.append(f"{name}{labels} {store[(name, labels)].value}\n")
         if now is not None and self._instances:
             families.update(self._gauges(now))

@@ -136,8 +136,8 @@ def test_latest_values_served_in_prometheus_format(nats_server: NatsServer) -> N
             )
             assert scraper.last[writer_received] == "5"
             text = resp.text
-            assert text.count("# TYPE received counter\n") == 1
-            assert text.count("# TYPE sent counter\n") == 1
+            assert text.count("# TYPE received untyped\n") == 1
+            assert text.count("# TYPE sent untyped\n") == 1
             samples = [line for line in text.splitlines() if not line.startswith("#")]
             names = [line.partition("{")[0] for line in samples]
             assert names == sorted(names)

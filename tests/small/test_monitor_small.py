@@ -197,12 +197,12 @@ def test_render_sorted_typed_once_per_name_without_timestamps() -> None:
     first.update(b"\n".join(lines), now=0.0)
     second.update(b"\n".join(reversed(lines)), now=0.0)
     expected = (
-        "# TYPE received counter\n"
+        "# TYPE received untyped\n"
         "received 7\n"
         'received{component="listener",name="a"} 1\n'
         'received{component="listener",name="b"} 3\n'
         'received{component="x",name="q\\"\\\\\\n"} 9\n'
-        "# TYPE sent counter\n"
+        "# TYPE sent untyped\n"
         'sent{component="listener",name="b"} 4\n'
     )
     assert first.render().decode() == expected
@@ -213,11 +213,11 @@ def test_render_follows_updates_and_expiry() -> None:
     store = SeriesStore()
     assert store.render() == b""
     store.update(b"a 1\n", now=0.0)
-    assert store.render() == b"# TYPE a counter\na 1\n"
+    assert store.render() == b"# TYPE a untyped\na 1\n"
     store.update(b"a 2\nb 1\n", now=1.0)
-    assert store.render() == b"# TYPE a counter\na 2\n# TYPE b counter\nb 1\n"
+    assert store.render() == b"# TYPE a untyped\na 2\n# TYPE b untyped\nb 1\n"
     store.expire(1.0 + monitor.MIN_EXPIRY)  # a is known to update every second; b is new
-    assert store.render() == b"# TYPE b counter\nb 1\n"
+    assert store.render() == b"# TYPE b untyped\nb 1\n"
 
 
 def test_rendered_lines_parse_back_to_the_same_series() -> None:
@@ -383,7 +383,7 @@ def test_prometheus_client_parses_metrics_with_help_for_every_family() -> None:
     assert {"received", "sent", "component_up", "component_report_age_seconds"} <= names
     for family in families:
         assert family.documentation, f"{family.name} has no HELP"
-        assert family.type in ("counter", "gauge"), family.name
+        assert family.type in ("unknown", "gauge"), family.name
         assert family.samples
     # one HELP and one TYPE per family: Prometheus refuses a family given twice
     helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP")]
@@ -403,5 +403,5 @@ def test_help_is_the_readme_meaning_for_a_name_one_mode_has() -> None:
     store = SeriesStore()
     store.update(b'a{k="v"} 1\n', 0.0)
     assert store.render({"a": "back\\slash\nnewline"}).startswith(
-        b"# HELP a back\\\\slash\\nnewline\n# TYPE a counter\n"
+        b"# HELP a back\\\\slash\\nnewline\n# TYPE a untyped\n"
     )
