@@ -585,7 +585,7 @@ def _writer_run(
         batch_max_age="200ms",
     )
     monitor = _stat_counter(procs, nats, "lines_written", "bench-writer")
-    load = _nats_load(procs, nats, opts, default_lines, "received", "bench-writer")
+    load = _nats_load(procs, nats, opts, default_lines, "received_lines", "bench-writer")
     return monitor, load
 
 
@@ -789,11 +789,11 @@ def run_downsampler(opts: Options) -> RunResult:
             downsample_period=DOWNSAMPLE_PERIOD,
             downsample_suffix=ARCHIVE_SUFFIX,
         )
-        monitor = _stat_counter(procs, nats, "received", name)
+        monitor = _stat_counter(procs, nats, "received_lines", name)
         archive = procs.child(
             "count", ["--nats", nats.url, "--subject", SUBJECT_IN + ARCHIVE_SUFFIX], "archive"
         )
-        load = _nats_load(procs, nats, opts, 1_000_000, "received", name)
+        load = _nats_load(procs, nats, opts, 1_000_000, "received_lines", name)
         cpu0 = procs.cpu_now()
         load.send("go")
         sent = load.result()

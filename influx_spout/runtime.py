@@ -15,7 +15,7 @@ from influx_spout.bus import Bus
 from influx_spout.config import Config
 from influx_spout.mode import Host, Mode
 from influx_spout.probes import Probes
-from influx_spout.stats import Stats, publish_forever
+from influx_spout.stats import INTERVAL_HEADER, Stats, publish_forever
 
 log = logging.getLogger("influx_spout")
 
@@ -59,7 +59,8 @@ class Runtime:
         return self
 
     async def _publish_stats(self, data: bytes) -> None:
-        await self.bus.publish_raw(self.cfg.nats_subject_monitor, data)
+        interval = {INTERVAL_HEADER: f"{self.cfg.stats_interval:g}"}
+        await self.bus.publish_raw(self.cfg.nats_subject_monitor, data, interval)
 
     async def serve(self, mode: Mode) -> None:
         """Connect, run mode through its lifecycle, close; "stopped" once a stop signal
@@ -129,17 +130,30 @@ async def _stop(host: Host, mode: Mode) -> None:
     await mode.drain()
 
 
-async def publish_parts_counted(rt: Host, subject: str, batch: Parts, counter: str = "sent") -> int:
+async def publish_parts_counted(
+    rt: Host, subject: str, batch: Parts, counter: str = "sent", batches: bool = False
+) -> int:
     """Publish a batch of whole lines, count them in counter or failed_nats_publish.
 
-    Returns the number of lines that could not be published.
+    With batches (the Go influx-spout's meaning), counter and failed_nats_publish count
+    batches and their _lines twins the lines. Returns the number of lines not published.
     """
     if not batch.size:
         return 0
     lost = await rt.bus.publish_parts(subject, batch)
+    inc = rt.stats.inc
     if lost:
-        rt.stats.inc("failed_nats_publish", lost)
+        if batches:
+            inc("failed_nats_publish")
+            inc("failed_nats_publish_lines", lost)
+        else:
+            inc("failed_nats_publish", lost)
         if rt.cfg.debug:
             log.warning("could not publish %d of %d lines to %s", lost, batch.lines, subject)
-    rt.stats.inc(counter, batch.lines - lost)
+    if batches:
+        if lost < batch.lines:
+            inc(counter)
+        inc(counter + "_lines", batch.lines - lost)
+    else:
+        inc(counter, batch.lines - lost)
     return lost

@@ -19,6 +19,15 @@ LabelKey = tuple[tuple[str, str], ...]
 # the metrics that are gauges (a value now, not a count since start); the monitor types them
 GAUGES = frozenset({"kafka_lag", "kafka_committed_offset"})
 
+# the NATS header of a stats message saying its stats_interval in seconds, by which the
+# monitor tells when a component stopped reporting
+INTERVAL_HEADER = "Stats-Interval"
+
+# the component label the Go influx-spout gives a mode, where it is not the mode's name
+GO_COMPONENT = {"listener_http": "listener"}
+# modes whose nats_dropped is one sum, with no subject label, as in the Go influx-spout
+UNLABELLED_DROPS = {"filter"}
+
 
 def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -35,12 +44,19 @@ class Stats:
         labels: dict[str, str] | None = None,
         host: str | None = None,
     ) -> None:
-        base = {"component": component, "name": name, "host": host or socket.gethostname()}
+        self.mode = component
+        base = {
+            "component": GO_COMPONENT.get(component, component),
+            "name": name,
+            "host": host or socket.gethostname(),
+        }
         base.update(labels or {})
         self.base_labels = base
         # every listed counter is published from the start, even at zero
         self.values: dict[tuple[str, LabelKey], int] = {(c, ()): 0 for c in counters}
         self.gauges: dict[str, dict[LabelKey, int]] = {}  # name (one of GAUGES) -> its series
+        if component in UNLABELLED_DROPS:
+            self.values[("nats_dropped", ())] = 0
 
     def inc(self, counter: str, n: int = 1, **labels: str) -> None:
         key = (counter, tuple(sorted(labels.items())))
@@ -48,7 +64,11 @@ class Stats:
 
     def set_dropped(self, dropped: Mapping[str, int]) -> None:
         """nats_dropped{subject}: what NATS dropped per subject (slow consumer), as counted
-        by the bus."""
+        by the bus; one sum with no label for the modes of UNLABELLED_DROPS."""
+        if self.mode in UNLABELLED_DROPS:
+            if dropped:  # a pool's parent, with no subscription, keeps its workers' sum
+                self.values[("nats_dropped", ())] = sum(dropped.values())
+            return
         for subject, n in dropped.items():
             self.values[("nats_dropped", (("subject", subject),))] = n
 

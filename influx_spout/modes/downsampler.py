@@ -58,13 +58,16 @@ tests/small/test_downsampler_bench.py). Beyond what one process takes, run one
 downsampler per filter subject (or group of subjects).
 
 Counters (lines unless said otherwise):
-  received               lines received, valid or not
-  sent                   aggregated lines published
+  received               messages received from NATS (batches, as in Go influx-spout)
+  received_lines         lines in them, valid or not
+  sent                   batches of aggregated lines published (as in Go influx-spout)
+  sent_lines             aggregated lines in them
   invalid_lines          lines dropped as not line protocol, a duplicate tag key, a float
                          out of range, or a field changing kind within a period
   invalid_timestamps     lines dropped for a timestamp outside the open periods
   series_overflow        lines dropped because their period already held MAX_SERIES series
-  failed_nats_publish    aggregated lines that could not be published
+  failed_nats_publish    batches NATS refused (as in Go influx-spout)
+  failed_nats_publish_lines  aggregated lines in them, not published
   nats_dropped{subject}  input messages NATS dropped because the input buffer was full
 """
 
@@ -108,12 +111,32 @@ log = logging.getLogger("influx_spout.downsampler")
 
 COUNTERS = (
     "received",
+    "received_lines",
     "sent",
+    "sent_lines",
     "invalid_lines",
     "invalid_timestamps",
     "series_overflow",
     "failed_nats_publish",
+    "failed_nats_publish_lines",
 )
+
+# every counter's meaning: the monitor's # HELP lines and the README's table
+HELP = {
+    "received": "messages received from NATS (as in the Go influx-spout)",
+    "received_lines": "lines in them, valid or not",
+    "sent": "batches of averaged lines published (as in the Go influx-spout)",
+    "sent_lines": "averaged lines in them",
+    "invalid_lines": (
+        "lines dropped: not line protocol, a tag key given twice, a float out of range, or a "
+        "field changing kind within a period"
+    ),
+    "invalid_timestamps": "lines dropped for a timestamp outside the open periods",
+    "series_overflow": "lines dropped because their period already held 100,000 series",
+    "failed_nats_publish": "batches NATS refused (as in the Go influx-spout)",
+    "failed_nats_publish_lines": "averaged lines in them, not published",
+    "nats_dropped": "input messages NATS dropped because the input buffer was full",
+}
 
 # series one period may hold, all subjects together; 3 periods are open at a time
 MAX_SERIES = 100_000
@@ -519,7 +542,8 @@ class Downsampler:
             return
         added = self.agg.add(subject, data)
         inc = self.rt.stats.inc
-        inc("received", added.lines)
+        inc("received")
+        inc("received_lines", added.lines)
         inc("invalid_lines", added.invalid_lines)
         inc("invalid_timestamps", added.invalid_timestamps)
         inc("series_overflow", added.series_overflow)
@@ -538,7 +562,7 @@ class Downsampler:
         suffix = self.cfg.downsample_suffix
         for subject, lines in out.items():
             batch = Parts(lines, sum(map(len, lines)), len(lines))  # joined only if split
-            await publish_parts_counted(self.rt, subject + suffix, batch)
+            await publish_parts_counted(self.rt, subject + suffix, batch, batches=True)
 
     async def close(self) -> None:
         """Once NATS delivered the last of the input: emit every open period."""

@@ -25,8 +25,10 @@ Metrics (counters; lines unless said otherwise):
   rejected             lines no rule matched, sent to the junkyard
   invalid              lines that are not line protocol (dropped)
   invalid_time         lines whose timestamp is further than max_time_delta from now (dropped)
-  failed_nats_publish  lines that could not be published
-  nats_dropped{subject}   input messages NATS dropped because the input buffer was full
+  failed_nats_publish  publishes NATS refused (messages, as in Go influx-spout)
+  failed_nats_publish_lines  lines in them
+  nats_dropped         input messages NATS dropped because the input buffer was full
+                       (one sum, no subject label, as in Go influx-spout)
   triggered{rule}      lines each rule took; rule is the rule's subject, as in Go influx-spout
 """
 
@@ -95,7 +97,24 @@ COUNTERS = (
     "invalid",
     "invalid_time",
     "failed_nats_publish",
+    "failed_nats_publish_lines",
 )
+
+# every counter's meaning: the monitor's # HELP lines and the README's table
+HELP = {
+    "processed": "lines seen",
+    "passed": "lines sent to a rule's subject",
+    "rejected": "lines no rule matched, sent to the junkyard",
+    "invalid": "lines that are not line protocol (dropped)",
+    "invalid_time": "lines further than `max_time_delta` from now (dropped)",
+    "failed_nats_publish": "messages NATS refused (as in the Go influx-spout)",
+    "failed_nats_publish_lines": "lines in them, not published",
+    "triggered": "lines each rule took; `rule` is the rule's subject, as in the Go influx-spout",
+    "nats_dropped": (
+        "input messages NATS dropped because the input buffer was full (one sum, no `subject`"
+        " label, as in the Go influx-spout)"
+    ),
+}
 
 
 # a worker lets its event loop read the socket at least this often (seconds) while
@@ -239,7 +258,8 @@ class Filter:
 
     def _count_lost(self, subject: str, lost: int) -> int:
         if lost:
-            self.stats.inc("failed_nats_publish", lost)
+            self.stats.inc("failed_nats_publish")
+            self.stats.inc("failed_nats_publish_lines", lost)
             if self.cfg.debug:
                 log.info("could not publish %d lines to %s", lost, subject)
         return lost

@@ -21,12 +21,14 @@ hiccup of tens of milliseconds, as the kernel's receive buffer does.
 The socket listens on every interface (IPv6 and IPv4 when the host has IPv6, as the Go
 influx-spout did), with a receive buffer of read_buffer_size bytes.
 
-Counters:
-  received             lines received (newline-terminated, as sent; not validated here)
-  sent                 lines published to NATS
-  read_errors          errors the socket reported while receiving
-  failed_nats_publish  lines that could not be published: NATS refused the batch (or
-                       a line above its max payload), or dropped while NATS lagged
+Counters (the Go influx-spout's names keep its meanings; the _lines ones are ours):
+  received                   datagrams received
+  received_lines             lines in them (newline-terminated, as sent; not validated here)
+  sent                       batches published to NATS
+  sent_lines                 lines in them
+  read_errors                errors the socket reported while receiving
+  failed_nats_publish        batches NATS refused, and datagrams dropped while NATS lagged
+  failed_nats_publish_lines  lines in them (or a line above NATS' max payload)
 """
 
 from __future__ import annotations
@@ -65,7 +67,28 @@ def validate(c: Checker) -> None:
 
 log = logging.getLogger("influx_spout.listener")
 
-COUNTERS = ("received", "sent", "read_errors", "failed_nats_publish")
+COUNTERS = (
+    "received",
+    "received_lines",
+    "sent",
+    "sent_lines",
+    "read_errors",
+    "failed_nats_publish",
+    "failed_nats_publish_lines",
+)
+
+# every counter's meaning: the monitor's # HELP lines and the README's table
+HELP = {
+    "received": "datagrams received (as in the Go influx-spout)",
+    "received_lines": "lines in them",
+    "sent": "batches published to NATS (as in the Go influx-spout)",
+    "sent_lines": "lines in them",
+    "read_errors": "socket read errors",
+    "failed_nats_publish": (
+        "batches NATS refused, and datagrams dropped because too many batches waited for NATS"
+    ),
+    "failed_nats_publish_lines": "lines in them (or a line over NATS' max payload), not published",
+}
 
 # bytes of ready batches allowed to wait for NATS before datagrams are dropped: at
 # least MAX_QUEUED_BYTES, and room for QUEUED_BATCHES full batches
@@ -153,7 +176,9 @@ class UdpListener(asyncio.DatagramProtocol):
         # the counters of the per-datagram path, updated without Stats.inc's label handling
         self._values = self.stats.values
         self._received = ("received", ())
+        self._received_lines = ("received_lines", ())
         self._failed = ("failed_nats_publish", ())
+        self._failed_lines = ("failed_nats_publish_lines", ())
         self.transport: asyncio.DatagramTransport | None = None
 
     # -- asyncio.DatagramProtocol ---------------------------------------------------------
@@ -168,9 +193,11 @@ class UdpListener(asyncio.DatagramProtocol):
             data += b"\n"
         lines = count_lines(data)
         values = self._values
-        values[self._received] += lines
+        values[self._received] += 1
+        values[self._received_lines] += lines
         if self.pump.queued >= self.max_queued:
-            values[self._failed] += lines
+            values[self._failed] += 1
+            values[self._failed_lines] += lines
             if self.cfg.debug:
                 log.warning("dropped a datagram of %d lines from %s: NATS is lagging", lines, addr)
             return
@@ -196,7 +223,7 @@ class UdpListener(asyncio.DatagramProtocol):
         )
 
     async def publish(self, batch: Parts) -> int:
-        return await publish_parts_counted(self.rt, self.subject, batch)
+        return await publish_parts_counted(self.rt, self.subject, batch, batches=True)
 
     async def close(self) -> None:
         """Stop receiving, then publish everything batched (raising what made the pump fail)."""

@@ -49,12 +49,16 @@ for InfluxDB to stamp.
 Each error has a JSON body, {"error": "..."} (v1) or {"code": ..., "message": ...} (v2),
 and an X-Influxdb-Error header, like InfluxDB's.
 
-Counters:
-  received             lines received in write bodies (valid or not)
-  sent                 lines published to NATS
-  read_errors          invalid lines, plus one per write refused as a whole (bad
-                       precision, encoding or gzip data, over max_body_size, body unreadable)
-  failed_nats_publish  valid lines that could not be published (NATS refused or down)
+Counters (the Go influx-spout's names keep its meanings; the _lines ones are ours):
+  received             write requests received (/write and /api/v2/write)
+  received_lines       lines in their bodies (valid or not)
+  rejected_lines       lines that are not line protocol, not published
+  sent                 batches published to NATS
+  sent_lines           lines in them
+  read_errors          writes refused as a whole (bad precision, encoding or gzip data,
+                       over max_body_size, body unreadable)
+  failed_nats_publish  batches NATS refused, and writes answered 503 as NATS is down
+  failed_nats_publish_lines  valid lines in them, not published
   rejected_busy        write requests answered 503 because too much data waits for NATS
   auth_missing         requests answered 401 for want of credentials
   auth_invalid         requests answered 401 for wrong or malformed credentials
@@ -152,9 +156,13 @@ log = logging.getLogger("influx_spout.listener_http")
 
 COUNTERS = (
     "received",
+    "received_lines",
+    "rejected_lines",
     "sent",
+    "sent_lines",
     "read_errors",
     "failed_nats_publish",
+    "failed_nats_publish_lines",
     "rejected_busy",
     "auth_missing",
     "auth_invalid",
@@ -163,6 +171,30 @@ COUNTERS = (
     "header_timeouts",
     "body_timeouts",
 )
+
+# every counter's meaning: the monitor's # HELP lines and the README's table
+HELP = {
+    "received": "write requests received (as in the Go influx-spout)",
+    "received_lines": "lines in their bodies, valid or not",
+    "rejected_lines": "lines that are not line protocol, not published",
+    "sent": "batches published to NATS (as in the Go influx-spout)",
+    "sent_lines": "lines in them",
+    "read_errors": (
+        "write requests refused whole (bad precision, encoding, gzip, over `max_body_size`, "
+        "body unreadable)"
+    ),
+    "failed_nats_publish": "batches NATS refused, and writes answered 503 because NATS was down",
+    "failed_nats_publish_lines": "valid lines in them, not published",
+    "rejected_busy": "write requests answered 503 because too much data waits for NATS",
+    "auth_missing": "requests answered 401 for want of credentials",
+    "auth_invalid": "requests answered 401 for wrong or malformed credentials",
+    "auth_forbidden": "requests answered 403: the user or token may not write to that database",
+    "connections_refused": "connections closed at once because `max_connections` were open",
+    "header_timeouts": (
+        "requests answered 408: the head was not whole within `read_header_timeout`"
+    ),
+    "body_timeouts": "connections closed because no byte of a body came for `read_timeout`",
+}
 
 # gzip input fed to the decompressor at once: what it copies per member stays this small
 GZIP_FEED = 64 * 1024
@@ -467,7 +499,7 @@ class HttpListener:
         await self.pump.close()
 
     async def publish(self, batch: Parts) -> int:
-        return await publish_parts_counted(self.rt, self.subject, batch)
+        return await publish_parts_counted(self.rt, self.subject, batch, batches=True)
 
     async def handle(self, request: Request) -> Response:
         """Route a request; unknown paths and wrong methods get JSON errors too."""
@@ -517,6 +549,7 @@ class HttpListener:
     # -- writes ------------------------------------------------------------------------------
 
     async def write_v1(self, request: Request) -> Response:
+        self.rt.stats.inc("received")
         precision = request.query.get("precision") or "ns"
         if precision not in V1_PRECISIONS:
             return self.refuse(
@@ -530,6 +563,7 @@ class HttpListener:
         return await self.write(request, precision, v2=False)
 
     async def write_v2(self, request: Request) -> Response:
+        self.rt.stats.inc("received")
         precision = request.query.get("precision") or "ns"
         if precision not in V2_PRECISIONS:
             reject = Reject(400, f'invalid precision "{precision}" (use ns, us, ms or s)')
@@ -566,15 +600,16 @@ class HttpListener:
 
         received = decoded.valid_lines + len(decoded.rejected)
         stats = self.rt.stats
-        stats.inc("received", received)
-        stats.inc("read_errors", len(decoded.rejected))
+        stats.inc("received_lines", received)
+        stats.inc("rejected_lines", len(decoded.rejected))
         if self.cfg.debug:
             for line, reason in decoded.rejected:
                 log.warning("rejected a line from %s: %s: %r", request.remote, reason, line)
 
         if decoded.valid_lines:
             if not self.rt.bus.connected:
-                stats.inc("failed_nats_publish", decoded.valid_lines)
+                stats.inc("failed_nats_publish")
+                stats.inc("failed_nats_publish_lines", decoded.valid_lines)
                 return error_response(
                     503,
                     f"not connected to NATS at {self.cfg.nats_address}: "

@@ -4,9 +4,14 @@ Components publish their counters every stats_interval as Prometheus text lines
 (`name{labels} value timestamp_ms`, influx_spout.stats). The monitor keeps the latest value
 of each series (metric name + label set) and serves them all on `port` at GET /metrics
 (text/plain; version=0.0.4, gzip when the scraper asks), sorted by name then labels, with
-one `# TYPE name counter` line per name (`gauge` for the few in stats.GAUGES).
-A component that restarts starts its counters again from zero: the new value simply
-replaces the old one, and Prometheus' rate() sees a counter reset, as it should.
+one `# HELP` line per name (its meaning, from the modes' HELP: help_texts) and one
+`# TYPE name untyped` line (`gauge` for the few in stats.GAUGES: kafka's lag and offsets).
+Every other metric a component publishes is a counter, but the names the Go
+influx-spout gave them have no _total suffix, which the counter type requires by
+Prometheus' conventions (promtool flags it): untyped, as Go served them, keeps both the Go
+dashboards and promtool content; rate() works the same on them. A component that
+restarts starts its counters again from zero: the new value simply replaces the old one,
+and Prometheus' rate() sees a counter reset, as it should.
 
 The samples are served without their timestamps: Prometheus stamps them at scrape time, so
 a component's clock skew cannot get samples refused, and a series that disappears gets
@@ -26,6 +31,14 @@ Memory stays bounded:
   stats_interval of 3s, a stopped component's series disappear after one minute.
   Expired series are counted (series_expired).
 
+Per instance (its component, name and host labels) the monitor serves two gauges of its
+own: component_up (1 while it reports, 0 once MISSED_INTERVALS of its stats intervals went
+by without a report) and component_report_age_seconds. Each stats message says its
+stats_interval in the Stats-Interval header (measured between reports when absent, never
+below the default). When an instance goes down its series are removed at once (counted,
+instances_down), so a dead component is not served flat; it is up again with its next
+report, and forgotten after MAX_EXPIRY.
+
 Every monitor must see every component, so queue_group is ignored here. /healthz and
 /readyz are served on probe_port, as in every mode (ready: connected, subscribed, serving).
 The monitor's own counters go out on nats_subject_monitor like any component's, and so
@@ -37,6 +50,7 @@ Counters:
   invalid_lines          lines that are not Prometheus text, skipped
   series_dropped         updates of new series refused because MAX_SERIES series are kept
   series_expired         series removed because they were not updated in time
+  instances_down         instances seen down: no report for three of their stats intervals
   nats_dropped{subject}  messages NATS dropped because the input buffer was full
 """
 
@@ -52,11 +66,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from influx_spout import lineproto, listening
+from influx_spout import lineproto, listening, modes, stats
 from influx_spout.config import Checker, Config
 from influx_spout.mode import Host, Mode
 from influx_spout.probes import serve_http
-from influx_spout.stats import GAUGES
+from influx_spout.stats import INTERVAL_HEADER
 
 # -- options (all shared, port among them: config.SharedOptions) ---------------------------
 
@@ -80,7 +94,30 @@ COUNTERS = (
     "invalid_lines",
     "series_dropped",
     "series_expired",
+    "instances_down",
 )
+
+# every counter's meaning: the monitor's # HELP lines and the README's table
+HELP = {
+    "received_messages": "stats messages received",
+    "received_lines": "metric lines in them (comments and blank lines not included)",
+    "invalid_lines": "lines that are not Prometheus text, skipped",
+    "series_dropped": "updates of new series refused because 100,000 series are kept",
+    "series_expired": "series removed because they were not updated in time",
+    "instances_down": "instances seen down: no report for three of their stats intervals",
+    "nats_dropped": "input messages NATS dropped because the input buffer was full",
+}
+
+# every counter's meaning: the monitor's # HELP lines and the README's table
+HELP = {
+    "received_messages": "stats messages received",
+    "received_lines": "metric lines in them (comments and blank lines not included)",
+    "invalid_lines": "lines that are not Prometheus text, skipped",
+    "series_dropped": "updates of new series refused because 100,000 series are kept",
+    "series_expired": "series removed because they were not updated in time",
+    "instances_down": "instances seen down: no report for three of their stats intervals",
+    "nats_dropped": "input messages NATS dropped because the input buffer was full",
+}
 
 MAX_SERIES = 100_000
 MAX_LINE_BYTES = 4096  # ours are ~150-300 bytes; bounds what one series may hold
@@ -90,6 +127,16 @@ MAX_EXPIRY = 3600.0  # seconds
 SWEEP_INTERVAL = 5.0  # seconds between looks for expired series
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# an instance is down once it missed this many of its stats intervals
+MISSED_INTERVALS = 3
+DEFAULT_INTERVAL = 3.0  # seconds: stats_interval's default, for a report that gives none
+# the monitor's own gauges, one series per instance (component, name, host)
+GAUGES = {
+    "component_up": "1 while the instance reports, 0 once it missed three stats intervals",
+    "component_report_age_seconds": "seconds since the instance's last report",
+}
+INSTANCE_LABELS = ("component", "host", "name")
 
 # time allowed, after a stop, to stop taking input and to close HTTP connections;
 # together they stay under runtime.STOP_GRACE
@@ -139,11 +186,58 @@ def parse_line(line: str) -> tuple[SeriesKey, str] | None:
     return (name, "{" + ",".join(f"{k}={v}" for k, v in pairs) + "}"), value
 
 
+def _interval(headers: dict[str, str] | None) -> float | None:
+    """The seconds of a stats message's INTERVAL_HEADER, or None (none, or not sane)."""
+    try:
+        seconds = float((headers or {})[INTERVAL_HEADER])
+    except (KeyError, ValueError):
+        return None
+    return seconds if 0.001 <= seconds <= MAX_EXPIRY else None
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def help_text(help: dict[str, str], name: str) -> str:
+    """The # HELP text of a name: its meaning, or a pointer to the README's tables."""
+    return help.get(name) or f"{name}: see the metrics tables of influx-spout's README"
+
+
+def help_texts() -> dict[str, str]:
+    """Each metric's meaning, from the modes' HELP (one source with the README's tables).
+
+    A name several modes publish with different meanings gets them all, mode by mode.
+    """
+    meanings: dict[str, dict[str, list[str]]] = {}
+    for mode in modes.MODES:
+        for name, text in getattr(modes.module(mode), "HELP", {}).items():
+            meanings.setdefault(name, {}).setdefault(text, []).append(mode)
+    out = {}
+    for name, texts in meanings.items():
+        if len(texts) == 1:
+            out[name] = next(iter(texts))
+        else:
+            out[name] = "; ".join(f"{', '.join(m)}: {t}" for t, m in texts.items())
+    return out
+
+
 @dataclass(slots=True)
 class _Series:
     value: str
     updated: float  # monotonic seconds
     expires: float  # monotonic seconds
+
+
+@dataclass(slots=True)
+class _Instance:
+    """One component instance, known by the labels of its reports."""
+
+    labels: str  # {component="...",host="...",name="..."}
+    last: float  # monotonic seconds of its last report
+    interval: float  # seconds between its reports
+    keys: set[SeriesKey] = field(default_factory=set)  # its series, dropped when it is down
+    up: bool = True
 
 
 @dataclass
@@ -161,6 +255,7 @@ class SeriesStore:
     def __init__(self, max_series: int = MAX_SERIES) -> None:
         self.max_series = max_series
         self._series: dict[SeriesKey, _Series] = {}
+        self._instances: dict[str, _Instance] = {}
         self._order: list[SeriesKey] | None = []  # sorted keys; None once the set changed
 
     def __len__(self) -> int:
@@ -171,10 +266,12 @@ class SeriesStore:
         series = self._series.get((name, labels))
         return None if series is None else series.value
 
-    def update(self, data: bytes, now: float) -> Update:
-        """Take every valid sample line of a message; now is time.monotonic()."""
+    def update(self, data: bytes, now: float, interval: float | None = None) -> Update:
+        """Take every valid sample line of a message; now is time.monotonic(), interval the
+        sender's stats_interval when it said it (else it is measured between reports)."""
         result = Update()
         store = self._series
+        seen: list[SeriesKey] = []
         for raw in data.split(b"\n"):
             raw = raw.strip(b" \t\r")
             if not raw or raw[0] == 35:  # 35 == ord("#"): a comment (HELP, TYPE)
@@ -188,6 +285,7 @@ class SeriesStore:
                 result.invalid.append(raw)
                 continue
             key, value = parsed
+            seen.append(key)
             series = store.get(key)
             if series is None:
                 if len(store) >= self.max_series:
@@ -196,11 +294,50 @@ class SeriesStore:
                 store[key] = _Series(value, now, now + MAX_EXPIRY)
                 self._order = None
             else:
-                interval = now - series.updated
+                since = now - series.updated
                 series.value = value
                 series.updated = now
-                series.expires = now + min(MAX_EXPIRY, max(MIN_EXPIRY, EXPIRY_INTERVALS * interval))
+                series.expires = now + min(MAX_EXPIRY, max(MIN_EXPIRY, EXPIRY_INTERVALS * since))
+        if seen:
+            self._report(seen, interval, now)
         return result
+
+    def _report(self, keys: list[SeriesKey], interval: float | None, now: float) -> None:
+        """Note an instance's report: the labels of its first series name it."""
+        pairs = dict(_LABEL_PAIR.findall(keys[0][1]))
+        if "component" not in pairs:
+            return
+        labels = "{" + ",".join(f"{k}={pairs[k]}" for k in INSTANCE_LABELS if k in pairs) + "}"
+        inst = self._instances.get(labels)
+        if inst is None:
+            if len(self._instances) >= self.max_series:
+                return
+            inst = self._instances[labels] = _Instance(labels, now, interval or DEFAULT_INTERVAL)
+        elif interval is None:  # no header: measured, never below the default
+            interval = max(DEFAULT_INTERVAL, now - inst.last)
+        if interval is not None:
+            inst.interval = interval
+        inst.last = now
+        inst.up = True
+        inst.keys.update(k for k in keys if k in self._series)
+
+    def check_instances(self, now: float) -> int:
+        """Mark down the instances that missed MISSED_INTERVALS reports, removing their
+        series at once (a dead component's counters must not be served flat); forget
+        those silent for MAX_EXPIRY. Returns how many went down."""
+        down = 0
+        for labels, inst in list(self._instances.items()):
+            age = now - inst.last
+            if age > MAX_EXPIRY:
+                del self._instances[labels]
+            if inst.up and age > MISSED_INTERVALS * inst.interval:
+                inst.up = False
+                down += 1
+                for key in inst.keys:
+                    if self._series.pop(key, None) is not None:
+                        self._order = None
+                inst.keys.clear()
+        return down
 
     def expire(self, now: float) -> int:
         """Remove the series whose time is up; returns how many."""
@@ -211,20 +348,37 @@ class SeriesStore:
             self._order = None
         return len(dead)
 
-    def render(self) -> bytes:
-        """Every series in the Prometheus text format, sorted by name then labels."""
+    def render(self, help: dict[str, str] | None = None, now: float | None = None) -> bytes:
+        """Every series in the Prometheus text format, sorted by name then labels; with
+        help, a # HELP line for each name (help_text); with now, the instances' gauges."""
         if self._order is None:
             self._order = sorted(self._series)
         store = self._series
-        out = []
-        last_name = None
-        for key in self._order:
-            name, labels = key
-            if name != last_name:
-                out.append(f"# TYPE {name} {'gauge' if name in GAUGES else 'counter'}\n")
-                last_name = name
-            out.append(f"{name}{labels} {store[key].value}\n")
-        return "".join(out).encode()
+        families: dict[str, list[str]] = {}
+        for name, labels in self._order:
+            lines = families.get(name)
+            if lines is None:
+                lines = families[name] = []
+                if help is not None:
+                    lines.append(f"# HELP {name} {_escape_help(help_text(help, name))}\n")
+                lines.append(f"# TYPE {name} {'gauge' if name in stats.GAUGES else 'untyped'}\n")
+            lines.append(f"{name}{labels} {store[(name, labels)].value}\n")
+        if now is not None and self._instances:
+            families.update(self._gauges(now))
+        return "".join(line for name in sorted(families) for line in families[name]).encode()
+
+    def _gauges(self, now: float) -> dict[str, list[str]]:
+        """component_up and component_report_age_seconds, one series per instance."""
+        instances = sorted(self._instances.items())
+        up = [f"component_up{labels} {1 if inst.up else 0}\n" for labels, inst in instances]
+        age = [
+            f"component_report_age_seconds{labels} {max(0.0, now - inst.last):.3f}\n"
+            for labels, inst in instances
+        ]
+        return {
+            name: [f"# HELP {name} {GAUGES[name]}\n", f"# TYPE {name} gauge\n", *lines]
+            for name, lines in (("component_up", up), ("component_report_age_seconds", age))
+        }
 
 
 class Monitor:
@@ -236,6 +390,7 @@ class Monitor:
         self.stats = rt.stats
         self.store = store if store is not None else SeriesStore()
         self.at_cap = False  # the cap warning was logged; reset once below the cap
+        self.help = help_texts()
         self._runner: web.AppRunner | None = None
 
     async def start_http(self) -> None:
@@ -256,16 +411,19 @@ class Monitor:
             self._runner = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        resp = web.Response(body=self.store.render(), headers={"Content-Type": CONTENT_TYPE})
+        now = time.monotonic()
+        self.check_instances(now)
+        body = self.store.render(self.help, now)
+        resp = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
         resp.enable_compression()  # only when the request accepts it
         return resp
 
     async def on_message(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        self.take(data, subject, time.monotonic())
+        self.take(data, subject, time.monotonic(), _interval(headers))
 
-    def take(self, data: bytes, subject: str, now: float) -> None:
+    def take(self, data: bytes, subject: str, now: float, interval: float | None = None) -> None:
         """One stats message into the store, counted."""
-        update = self.store.update(data, now)
+        update = self.store.update(data, now, interval)
         inc = self.stats.inc
         inc("received_messages")
         inc("received_lines", update.lines)
@@ -289,7 +447,19 @@ class Monitor:
                     self.store.max_series,
                 )
 
+    def check_instances(self, now: float) -> None:
+        down = self.store.check_instances(now)
+        if down:
+            self.stats.inc("instances_down", down)
+            log.warning(
+                "%d instances missed %d stats intervals: served as component_up 0, "
+                "without their counters",
+                down,
+                MISSED_INTERVALS,
+            )
+
     def sweep(self, now: float) -> None:
+        self.check_instances(now)
         expired = self.store.expire(now)
         if expired:
             self.stats.inc("series_expired", expired)

@@ -47,7 +47,8 @@ kept for retry, at most writer_retry_max_size bytes (durable: the unacknowledged
 messages, at most the consumer's max_ack_pending).
 
 Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
-  received               lines received from NATS
+  received               messages received from NATS (batches, as in Go influx-spout)
+  received_lines         lines in them
   write_requests         HTTP writes attempted, retries and split batches included
   failed_writes          writes that did not get a 2xx (connection error, timeout, or not 2xx)
   retries                write_requests that were retries of a kept batch
@@ -231,6 +232,7 @@ log = logging.getLogger("influx_spout.writer")
 
 COUNTERS = (
     "received",
+    "received_lines",
     "write_requests",
     "failed_writes",
     "retries",
@@ -239,6 +241,32 @@ COUNTERS = (
     "lines_given_up",
     "lines_unconfirmed",
 )
+
+# every counter's meaning: the monitor's # HELP lines and the README's table
+HELP = {
+    "received": "messages received from NATS (as in the Go influx-spout)",
+    "received_lines": "lines in them",
+    "write_requests": "HTTP writes attempted, retries and split batches included",
+    "failed_writes": "writes that failed (connection error, timeout, or not 2xx)",
+    "retries": "writes that retried a kept batch",
+    "lines_written": "lines InfluxDB accepted",
+    "lines_dead_lettered": "lines InfluxDB refused, published to `nats_subject_dead_letter`",
+    "lines_given_up": (
+        "lines dropped: retry list full, retry timeout, unwritten at stop, the target refused"
+        " (401, 403, 404), dropped by InfluxDB without being named, or a dead letter NATS did"
+        " not take"
+    ),
+    "lines_unconfirmed": (
+        "lines given up after a write whose answer never came (timeout, lost connection): "
+        "InfluxDB may have stored them"
+    ),
+    "dropped_by_rules": "lines no `[[rule]]` matched, or not line protocol (only with rules)",
+    "nats_dropped": "input messages NATS dropped because the input buffer was full",
+    "lines_handed_back": (
+        "lines of batches that failed for now, handed back to JetStream to be delivered"
+        " again, never given up (only with `durable`)"
+    ),
+}
 
 # time allowed, after a stop, to stop taking input and then to write out what is left;
 # together they stay under runtime.STOP_GRACE
@@ -578,7 +606,8 @@ class Writer:
             return
         data = ensure_newline(data)
         lines = count_lines(data)  # the only pass over the bytes without [[rule]] tables
-        self.stats.inc("received", lines)
+        self.stats.inc("received")
+        self.stats.inc("received_lines", lines)
         if self._closing:  # late input while stopping is written at once
             batches = [Parts([data], len(data), lines, () if tag is None else (tag,))]
         else:

@@ -63,7 +63,7 @@ def test_filter_downsampler_writer_into_influxdb(
         await nc.publish("ds-in", b"\n".join(lines) + b"\n")
         await nc.flush()
         await wait_until(
-            lambda: counters.get("received") == 5 and counters.get("invalid_timestamps") == 1,
+            lambda: counters.get("received_lines") == 5 and counters.get("invalid_timestamps") == 1,
             10,
             lambda: f"counters={counters}",
         )

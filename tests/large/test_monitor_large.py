@@ -52,7 +52,7 @@ def test_listener_counters_show_up_at_metrics(
     labels = f'{{component="listener",host="{socket.gethostname()}",name="udp-in"}}'
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     lines = scrape_until(url, f"received{labels} 3")
-    assert "# TYPE received counter" in lines
+    assert "# TYPE received untyped" in lines
     scrape_until(url, f"sent{labels} 3")
     # the monitor's own counters are there too
     own = f'{{component="monitor",host="{socket.gethostname()}",name="monitor"}}'

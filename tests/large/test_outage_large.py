@@ -179,7 +179,8 @@ async def outage(nats_url: str, influx: InfluxServer, http_port: int) -> dict[st
         w = counters.seen.get("writer", {})
         done = sum(w.get(c, 0) for c in ("lines_written", "lines_dead_lettered"))
         done += w.get("lines_given_up", 0) + w.get("lines_unconfirmed", 0)
-        return w.get("received", 0) >= acknowledged and done >= w.get("received", 0)
+        received = w.get("received_lines", 0)
+        return received >= acknowledged and done >= received
 
     while not settled() and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
@@ -195,12 +196,12 @@ async def outage(nats_url: str, influx: InfluxServer, http_port: int) -> dict[st
         "client resends": client.resends,
     }
     for name, keys in (
-        ("listener_http", ("received", "sent", "failed_nats_publish")),
-        ("filter", ("processed", "passed", "failed_nats_publish", "nats_dropped[influx-spout]")),
+        ("listener_http", ("received_lines", "sent_lines", "failed_nats_publish_lines")),
+        ("filter", ("processed", "passed", "failed_nats_publish_lines", "nats_dropped")),
         (
             "writer",
             (
-                "received",
+                "received_lines",
                 "lines_written",
                 "lines_given_up",
                 "lines_unconfirmed",

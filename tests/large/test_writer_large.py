@@ -153,7 +153,7 @@ def test_points_from_two_subjects_land_exactly(
         expected += [expected_row("metrics-b", 1000 + i) for i in range(150)]
         assert sorted(rows, key=lambda r: r["time"]) == sorted(expected, key=lambda r: r["time"])
         await monitor.wait(lambda m: m.get("lines_written") == 300)
-        assert monitor.get("received") == 300
+        assert monitor.get("received_lines") == 300
         assert monitor.get("failed_writes") == 0
         assert monitor.get("lines_given_up") == 0
         assert monitor.get("write_requests") >= 3
@@ -181,7 +181,7 @@ def test_sigterm_flushes_the_partial_batch(
     async def scenario() -> None:
         monitor = await Monitor().start(nats_server.url)
         await publish(nats_server.url, "partial", [point("partial", i) for i in range(25)])
-        await monitor.wait(lambda m: m.get("received") == 25)
+        await monitor.wait(lambda m: m.get("received_lines") == 25)
         await monitor.close()
         assert influxd.query(db, "SELECT * FROM spout_w") == []  # still batched
 
@@ -396,7 +396,7 @@ async def answers_scenario(
 
     def settled(m: Monitor) -> bool:
         done = m.get("lines_written") + m.get("lines_dead_lettered") + m.get("lines_given_up")
-        return m.get("received") == total and done + m.get("lines_unconfirmed") >= total
+        return m.get("received_lines") == total and done + m.get("lines_unconfirmed") >= total
 
     await monitor.wait(settled, timeout=30)
     assert monitor.get("lines_written") == expected_written

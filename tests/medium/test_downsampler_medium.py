@@ -94,7 +94,11 @@ def test_each_period_is_published_on_the_archive_subject(nats_server: NatsServer
                 b"cpu,host=a usage=1 1000000000",
             )
             await col.wait_for(lambda: len(col.published.splitlines()) == 2)
-            await col.wait_counters(received=5, sent=2, invalid_lines=1, invalid_timestamps=1)
+            await col.wait_counters(
+                received_lines=5, sent_lines=2, invalid_lines=1, invalid_timestamps=1
+            )
+            # the Go influx-spout's meanings: messages and batches
+            await col.wait_counters(received=1, sent=1)
             received_by = time.time_ns()
             out = lines_of(col)
             assert col.counters["failed_nats_publish"] == 0
@@ -118,10 +122,10 @@ def test_a_wildcard_subject_is_published_per_subject_received(nats_server: NatsS
         async with running(cfg, "ds.x-archive") as (col, stop):
             await publish(nats_server.url, "ds.x", b"m v=1", b"m v=2")
             await publish(nats_server.url, "ds.y", b"m v=10")
-            await col.wait_counters(received=3)
+            await col.wait_counters(received_lines=3)
             stop.set()  # a 60 s period: the stop emits it, incomplete
             await col.wait_for(lambda: bool(col.messages))
-            await col.wait_counters(sent=2)
+            await col.wait_counters(sent_lines=2)
         [line] = lines_of(col)
         assert line.startswith(b"m v=1.5 ")
 
@@ -146,12 +150,12 @@ def test_stop_emits_the_incomplete_periods_at_once(nats_server: NatsServer) -> N
             b"m v=4 %d" % now,
             b"m v=8 %d" % (now + hour),  # the next hour
         )
-        await col.wait_counters(received=4)
+        await col.wait_counters(received_lines=4)
         started = time.monotonic()
         stop.set()
         await asyncio.wait_for(task, 5)
         assert time.monotonic() - started < 2
-        await col.wait_counters(sent=3)
+        await col.wait_counters(sent_lines=3)
         end = (now // hour + 1) * hour
         assert lines_of(col) == [
             b"m v=1.0 %d" % (end - hour),
@@ -174,9 +178,9 @@ def test_a_line_over_the_max_payload_is_counted_as_failed(tmp_path: Path) -> Non
                 text = b"x" * 600
                 await publish(server.url, "ds-a", b'big a="%b"' % text)
                 await publish(server.url, "ds-a", b'big b="%b"' % text, b"small v=1")
-                await col.wait_counters(received=3)
+                await col.wait_counters(received_lines=3)
                 stop.set()
-                await col.wait_counters(sent=1, failed_nats_publish=1)
+                await col.wait_counters(sent_lines=1, failed_nats_publish_lines=1)
             assert [line.split(b" ")[:2] for line in lines_of(col)] == [[b"small", b"v=1.0"]]
 
         asyncio.run(main())
@@ -215,9 +219,9 @@ def test_a_full_input_buffer_drops_and_counts(
             gate.set()
             # what was not dropped is aggregated, all of it
             c = col.counters
-            await col.wait_for(lambda: c["received"] == (sent - c["nats_dropped"]) * 50 > 0)
+            await col.wait_for(lambda: c["received_lines"] == (sent - c["nats_dropped"]) * 50 > 0)
             assert c["nats_dropped"] < sent
             stop.set()
-            await col.wait_counters(sent=50)
+            await col.wait_counters(sent_lines=50)
 
     asyncio.run(main())

@@ -133,7 +133,9 @@ def test_each_auth_method_good_bad_and_missing(
             assert http.get(url + "/health").status_code == 200
             assert http.post(url + "/query", params={"q": "CREATE DATABASE x"}).status_code == 401
         writes = 2 * len(METHODS)
-        await col.wait_counters(received=writes, sent=writes, auth_missing=3, auth_invalid=writes)
+        await col.wait_counters(
+            received_lines=writes, sent_lines=writes, auth_missing=3, auth_invalid=writes
+        )
         assert col.published == LINE * writes
         await col.close()
 

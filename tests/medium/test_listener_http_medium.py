@@ -146,9 +146,9 @@ def test_write_answers_204_and_publishes_the_exact_bytes(nats_server: NatsServer
         assert resp.content == b""
         await h.col.wait_published(data)
         assert h.col.messages == [data]
-        await h.col.wait_counters(
-            received=50, sent=50, read_errors=0, failed_nats_publish=0, rejected_busy=0
-        )
+        await h.col.wait_counters(received_lines=50, sent_lines=50, read_errors=0, rejected_busy=0)
+        # the Go influx-spout's meanings: one request, one batch
+        await h.col.wait_counters(received=1, sent=1, failed_nats_publish=0)
 
     run_test(nats_server.url, body)
 
@@ -193,7 +193,7 @@ def test_bad_precision_is_400(nats_server: NatsServer) -> None:
     async def body(h: Harness) -> None:
         resp = await h.http.post("/write?db=x&precision=fortnight", content=b"a v=1 1\n")
         assert_json_error(resp, 400, 'invalid precision "fortnight"', "use n, u, ms, s, m or h")
-        await h.col.wait_counters(read_errors=1, received=0)
+        await h.col.wait_counters(read_errors=1, received=1, received_lines=0)
         assert h.col.messages == []
 
     run_test(nats_server.url, body)
@@ -213,7 +213,7 @@ def test_partial_write_publishes_the_good_lines(nats_server: NatsServer) -> None
         )
         assert message.endswith("dropped=2")
         await h.col.wait_published(b"good v=1 1\ngood v=2 2\ngood v=3 3\n")
-        await h.col.wait_counters(received=5, sent=3, read_errors=2)
+        await h.col.wait_counters(received_lines=5, sent_lines=3, rejected_lines=2, read_errors=0)
 
     run_test(nats_server.url, body)
 
@@ -223,7 +223,7 @@ def test_all_bad_lines_is_400_and_nothing_published(nats_server: NatsServer) -> 
         resp = await h.http.post("/write?db=x", content=b"bad\nworse\n")
         message = assert_json_error(resp, 400, "unable to parse 'bad'", "unable to parse 'worse'")
         assert "partial write" not in message
-        await h.col.wait_counters(received=2, sent=0, read_errors=2)
+        await h.col.wait_counters(received_lines=2, sent_lines=0, rejected_lines=2)
         assert h.col.messages == []
 
     run_test(nats_server.url, body)
@@ -234,7 +234,7 @@ def test_binary_garbage_is_400(nats_server: NatsServer) -> None:
         garbage = bytes(range(256)) * 40
         resp = await h.http.post("/write?db=x", content=garbage)
         assert_json_error(resp, 400, "unable to parse")
-        await h.col.wait_for(lambda: h.col.counters.get("read_errors", 0) > 0)
+        await h.col.wait_for(lambda: h.col.counters.get("rejected_lines", 0) > 0)
         assert h.col.messages == []
         # the server is still fine
         assert (await h.http.post("/write", content=b"a v=1 1\n")).status_code == 204
@@ -287,7 +287,7 @@ def test_body_over_the_limit_is_413(nats_server: NatsServer) -> None:
         # a body just at the limit passes
         resp = await h.http.post("/write", content=line * 47 + b"#" * 12 + b"\n")
         assert resp.status_code == 204
-        await h.col.wait_counters(read_errors=3, received=47, sent=47)
+        await h.col.wait_counters(read_errors=3, received=4, received_lines=47, sent_lines=47)
 
     run_test(nats_server.url, body, max_body_size=1000)
 
@@ -327,7 +327,7 @@ def test_empty_body_is_204(nats_server: NatsServer) -> None:
     async def body(h: Harness) -> None:
         assert (await h.http.post("/write?db=x", content=b"")).status_code == 204
         assert (await h.http.post("/write?db=x", content=b"\n# comment\n")).status_code == 204
-        await h.col.wait_counters(received=0, read_errors=0)
+        await h.col.wait_counters(received=2, received_lines=0, read_errors=0)
         assert h.col.messages == []
 
     run_test(nats_server.url, body)
@@ -380,11 +380,11 @@ def test_stop_flushes_the_partial_batch(nats_server: NatsServer) -> None:
     async def body(h: Harness) -> None:
         for i in range(3):
             assert (await h.http.post("/write", content=b"a v=%d\n" % i)).status_code == 204
-        await h.col.wait_counters(received=3)
+        await h.col.wait_counters(received_lines=3)
         assert h.col.messages == []
         await h.stop()
         await h.col.wait_published(b"a v=0\na v=1\na v=2\n")
-        await h.col.wait_counters(sent=3)
+        await h.col.wait_counters(sent_lines=3, sent=1)
         # the port is closed
         try:
             await h.http.get("/ping")
@@ -430,7 +430,7 @@ def test_batches_never_exceed_the_nats_max_payload(tmp_path: Path) -> None:
         await h.col.wait_published(data + b"ok v=1 1\n")
         assert len(h.col.messages) > 6
         assert all(len(m) <= 4096 for m in h.col.messages)
-        await h.col.wait_counters(sent=151, read_errors=1, failed_nats_publish=0)
+        await h.col.wait_counters(sent_lines=151, rejected_lines=1, failed_nats_publish=0)
 
     try:
         run_test(server.url, body, batch_max_size=10 * 1024 * 1024)
@@ -463,7 +463,7 @@ def test_bodies_still_arriving_do_not_make_other_writes_busy(nats_server: NatsSe
             assert resp.status_code == 204, resp.text
         gate.set()
         assert [r.status_code for r in await asyncio.gather(*slow)] == [204, 204, 204]
-        await h.col.wait_counters(rejected_busy=0, received=10 + 48)
+        await h.col.wait_counters(rejected_busy=0, received_lines=10 + 48, received=13)
         assert h.col.published.count(line) == 48
 
     run_test(nats_server.url, body, batch_max_size=100, max_body_size=300)
@@ -489,7 +489,8 @@ def test_nats_down_gets_503_and_nothing_is_lost_silently(nats_server: NatsServer
             await asyncio.sleep(0.05)
         assert (await h.http.post("/write", content=b"c v=3 3\n")).status_code == 204
         await h.col.wait_published(b"c v=3 3\n", timeout=10)
-        await h.col.wait_counters(failed_nats_publish=3, sent=1, timeout=10)
+        await h.col.wait_counters(failed_nats_publish_lines=3, sent_lines=1, timeout=10)
+        await h.col.wait_counters(failed_nats_publish=2, sent=1)  # requests, a batch
 
     run_test(nats_server.url, body)
 

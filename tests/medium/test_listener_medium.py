@@ -106,7 +106,11 @@ def test_batches_by_count(nats_server: NatsServer) -> None:
             send(cfg.port, *data)
             await col.wait_for(lambda: len(col.messages) == 2)
             assert col.messages == [b"".join(data[:3]), b"".join(data[3:6])]
-            await col.wait_counters(received=7, sent=6, read_errors=0, failed_nats_publish=0)
+            await col.wait_counters(
+                received_lines=7, sent_lines=6, read_errors=0, failed_nats_publish_lines=0
+            )
+            # the Go influx-spout's meanings: 7 datagrams, 2 batches
+            await col.wait_counters(received=7, sent=2, failed_nats_publish=0)
 
     asyncio.run(main())
 
@@ -131,7 +135,7 @@ def test_large_batch_size_waits_for_count_or_age(nats_server: NatsServer) -> Non
         async with running(cfg) as (col, stop):
             data = lines(20)
             send(cfg.port, *data)
-            await col.wait_counters(received=20)
+            await col.wait_counters(received_lines=20)
             assert col.messages == []
             await stop()
             assert col.messages == [b"".join(data)]
@@ -150,7 +154,7 @@ def test_batches_by_age(nats_server: NatsServer) -> None:
             send(cfg.port, *lines(1, start=2))
             await col.wait_for(lambda: len(col.messages) == 2)
             assert col.messages[1] == lines(1, start=2)[0]
-            await col.wait_counters(received=3, sent=3)
+            await col.wait_counters(received_lines=3, sent_lines=3)
 
     asyncio.run(main())
 
@@ -162,12 +166,12 @@ def test_stop_flushes_the_partial_batch_and_final_counters(nats_server: NatsServ
             data = lines(13)
             send(cfg.port, *data)
             await col.wait_for(lambda: len(col.messages) == 1)
-            await col.wait_counters(received=13)
+            await col.wait_counters(received_lines=13)
             await stop()
             await col.wait_for(lambda: len(col.messages) == 2)
             assert col.messages == [b"".join(data[:10]), b"".join(data[10:])]
             # the runtime publishes the counters once more at exit
-            await col.wait_counters(received=13, sent=13)
+            await col.wait_counters(received_lines=13, sent_lines=13)
 
     asyncio.run(main())
 
@@ -179,7 +183,7 @@ def test_datagram_without_trailing_newline_is_never_glued(nats_server: NatsServe
             send(cfg.port, b"a x=1", b"b x=2 1\nc x=3", b"d x=4\n")
             await col.wait_for(lambda: len(col.messages) == 1)
             assert col.messages == [b"a x=1\nb x=2 1\nc x=3\nd x=4\n"]
-            await col.wait_counters(received=4, sent=4)
+            await col.wait_counters(received_lines=4, sent_lines=4)
 
     asyncio.run(main())
 
@@ -204,12 +208,12 @@ def test_batches_stay_under_the_nats_max_payload(tmp_path: Path) -> None:
             async with running(cfg) as (col, stop):
                 data = lines(300)  # 12.6 KB in 30 datagrams of 10 lines
                 send(cfg.port, *(b"".join(data[i : i + 10]) for i in range(0, 300, 10)))
-                await col.wait_counters(received=300)
+                await col.wait_counters(received_lines=300)
                 await stop()
                 assert col.published == b"".join(data)
                 assert len(col.messages) >= 4
                 assert all(len(m) <= 4096 for m in col.messages)
-                await col.wait_counters(sent=300, failed_nats_publish=0)
+                await col.wait_counters(sent_lines=300, failed_nats_publish_lines=0)
 
         asyncio.run(main())
     finally:
@@ -225,7 +229,7 @@ def test_line_above_the_nats_max_payload_is_counted_as_failed(tmp_path: Path) ->
             async with running(cfg) as (col, _):
                 huge = b"big value=%di\n" % (10**1999)
                 send(cfg.port, huge, b"ok x=1\n")
-                await col.wait_counters(received=2, sent=1, failed_nats_publish=1)
+                await col.wait_counters(received_lines=2, sent_lines=1, failed_nats_publish_lines=1)
                 assert col.messages == [b"ok x=1\n"]
 
         asyncio.run(main())
@@ -246,14 +250,14 @@ def test_datagrams_are_dropped_and_counted_while_nats_lags(nats_server: NatsServ
                 udp.pump.ready.append(queued)
                 udp.pump.queued += queued.size
             udp.datagram_received(b"a x=1\nb x=2\n", ("127.0.0.1", 1))
-            assert rt.stats.get("received") == 2
-            assert rt.stats.get("failed_nats_publish") == 2
+            assert rt.stats.get("received_lines") == 2
+            assert rt.stats.get("failed_nats_publish_lines") == 2
             assert udp.pump.batcher.count == 0
             # once the queue is published, datagrams are taken again
             await udp.pump.publish_ready()
             assert udp.pump.queued == 0
             udp.datagram_received(b"c x=3\n", ("127.0.0.1", 1))
-            assert rt.stats.get("received") == 3
+            assert rt.stats.get("received_lines") == 3
             assert udp.pump.batcher.count == 1
 
     asyncio.run(main())
@@ -320,10 +324,13 @@ def test_publish_parts_sends_the_joined_parts_and_falls_back_when_it_must(tmp_pa
                 assert all(len(m) <= 1024 for m in collector.messages)
                 # the counted variant the listeners use
                 batch = listener.Parts(parts, 18, 3)
-                assert await listener.publish_parts_counted(rt, "bad subject", batch) == 3
-                assert rt.stats.get("failed_nats_publish") == 3
-                assert await listener.publish_parts_counted(rt, SUBJECT, batch) == 0
-                assert rt.stats.get("sent") == 3
+                counted = listener.publish_parts_counted
+                assert await counted(rt, "bad subject", batch, batches=True) == 3
+                assert rt.stats.get("failed_nats_publish_lines") == 3
+                assert rt.stats.get("failed_nats_publish") == 1  # a batch, as in Go
+                assert await counted(rt, SUBJECT, batch, batches=True) == 0
+                assert rt.stats.get("sent_lines") == 3
+                assert rt.stats.get("sent") == 1
             await collector.close()
 
         asyncio.run(main())

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import nats
 import pytest
 from support.collect import Collector
-from support.servers import NatsServer, free_port
+from support.servers import Component, NatsServer, free_port
 
 from influx_spout import runtime
 from influx_spout.config import Config
@@ -134,8 +136,8 @@ def test_latest_values_served_in_prometheus_format(nats_server: NatsServer) -> N
             )
             assert scraper.last[writer_received] == "5"
             text = resp.text
-            assert text.count("# TYPE received counter\n") == 1
-            assert text.count("# TYPE sent counter\n") == 1
+            assert text.count("# TYPE received untyped\n") == 1
+            assert text.count("# TYPE sent untyped\n") == 1
             samples = [line for line in text.splitlines() if not line.startswith("#")]
             names = [line.partition("{")[0] for line in samples]
             assert names == sorted(names)
@@ -178,6 +180,49 @@ def test_bad_lines_counted_good_lines_kept(nats_server: NatsServer) -> None:
             assert int(scraper.last["received_lines" + own]) >= 6
             assert not any(series.startswith("bad") for series in scraper.last)
             await collector.close()
+
+    asyncio.run(main())
+
+
+def test_a_sigkilled_component_shows_as_down_after_three_missed_intervals(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """component_up drops to 0 once the instance missed three of its stats intervals,
+    and its counters go at the same time instead of being served flat."""
+    interval = 0.2
+    config = (
+        f'mode = "listener"\nname = "victim"\nport = {free_port(udp=True)}\n'
+        f'nats_address = "{nats_server.url}"\nnats_subject_monitor = "{MONITOR}"\n'
+        f'stats_interval = "{int(interval * 1000)}ms"\nprobe_port = {free_port()}\n'
+    )
+    labels = f'{{component="listener",host="{socket.gethostname()}",name="victim"}}'
+
+    async def main() -> None:
+        async with running(make_config(nats_server.url)) as (_, scraper):
+            victim = Component(config, tmp_path / "components")
+            try:
+                await scraper.wait(f"component_up{labels}", "1", timeout=20)
+                assert f"received{labels}" in scraper.last
+                victim.proc.send_signal(signal.SIGKILL)
+                victim.proc.wait(5)
+                deadline = time.monotonic() + 10  # a liveness bound, not a speed target
+                while True:
+                    before = dict(scraper.last)
+                    await scraper.scrape()
+                    if scraper.last[f"component_up{labels}"] == "0":
+                        break
+                    assert time.monotonic() < deadline, f"still up: {scraper.last!r}"
+                    await asyncio.sleep(0.02)
+                age = float(scraper.last[f"component_report_age_seconds{labels}"])
+                # down exactly once three intervals went by without a report, not before
+                assert age > 3 * interval
+                assert float(before[f"component_report_age_seconds{labels}"]) <= 3 * interval
+                assert not any(
+                    key.endswith(labels) and not key.startswith("component_")
+                    for key in scraper.last
+                ), scraper.last
+            finally:
+                victim.stop()
 
     asyncio.run(main())
 

@@ -370,12 +370,15 @@ def test_the_mode_counts_lines_and_publishes_on_the_suffixed_subject() -> None:
     asyncio.run(ds.publish(ds.agg.take_due()))
     stats = ds.rt.stats
     assert {c: stats.get(c) for c in COUNTERS} == {
-        "received": 5,
-        "sent": 2,
+        "received": 2,  # messages, as in the Go influx-spout
+        "received_lines": 5,
+        "sent": 1,  # batches
+        "sent_lines": 2,
         "invalid_lines": 1,
         "invalid_timestamps": 1,
         "series_overflow": 0,
-        "failed_nats_publish": 1,
+        "failed_nats_publish": 1,  # batches
+        "failed_nats_publish_lines": 1,
     }
     assert ds.rt.bus.published == [  # type: ignore[attr-defined]
         ("a-archive", b"m v=1.0 %d\nm,h=x v=1.0 %d\n" % (T0 + PERIOD, T0 + PERIOD))

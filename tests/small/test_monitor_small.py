@@ -197,12 +197,12 @@ def test_render_sorted_typed_once_per_name_without_timestamps() -> None:
     first.update(b"\n".join(lines), now=0.0)
     second.update(b"\n".join(reversed(lines)), now=0.0)
     expected = (
-        "# TYPE received counter\n"
+        "# TYPE received untyped\n"
         "received 7\n"
         'received{component="listener",name="a"} 1\n'
         'received{component="listener",name="b"} 3\n'
         'received{component="x",name="q\\"\\\\\\n"} 9\n'
-        "# TYPE sent counter\n"
+        "# TYPE sent untyped\n"
         'sent{component="listener",name="b"} 4\n'
     )
     assert first.render().decode() == expected
@@ -213,11 +213,11 @@ def test_render_follows_updates_and_expiry() -> None:
     store = SeriesStore()
     assert store.render() == b""
     store.update(b"a 1\n", now=0.0)
-    assert store.render() == b"# TYPE a counter\na 1\n"
+    assert store.render() == b"# TYPE a untyped\na 1\n"
     store.update(b"a 2\nb 1\n", now=1.0)
-    assert store.render() == b"# TYPE a counter\na 2\n# TYPE b counter\nb 1\n"
+    assert store.render() == b"# TYPE a untyped\na 2\n# TYPE b untyped\nb 1\n"
     store.expire(1.0 + monitor.MIN_EXPIRY)  # a is known to update every second; b is new
-    assert store.render() == b"# TYPE b counter\nb 1\n"
+    assert store.render() == b"# TYPE b untyped\nb 1\n"
 
 
 def test_rendered_lines_parse_back_to_the_same_series() -> None:
@@ -293,5 +293,123 @@ def test_gauges_are_typed_as_gauges() -> None:
     store = SeriesStore()
     store.update(b'kafka_lag{partition="0"} 3\nreceived 1\n', now=0.0)
     assert store.render() == (
-        b'# TYPE kafka_lag gauge\nkafka_lag{partition="0"} 3\n# TYPE received counter\nreceived 1\n'
+        b'# TYPE kafka_lag gauge\nkafka_lag{partition="0"} 3\n# TYPE received untyped\nreceived 1\n'
+    )
+
+
+# -- instances: component_up, component_report_age_seconds ---------------------------------
+
+
+def report(store: SeriesStore, name: str, now: float, interval: float | None = 3.0) -> None:
+    stats = Stats("listener", name, ["received", "sent"], host="h1")
+    stats.inc("received", 4)
+    store.update(stats.render(), now, interval)
+
+
+def gauges(store: SeriesStore, now: float) -> dict[str, str]:
+    text = store.render({}, now).decode()
+    return {
+        key: value
+        for key, value in (line.rsplit(" ", 1) for line in text.splitlines() if line[0] != "#")
+        if key.startswith("component_")
+    }
+
+
+def test_an_instance_is_up_while_it_reports_and_down_after_three_missed_intervals() -> None:
+    store = SeriesStore()
+    report(store, "a", now=0.0)
+    report(store, "b", now=0.0)
+    labels = '{component="listener",host="h1",name="a"}'
+    assert gauges(store, 1.5)[f"component_up{labels}"] == "1"
+    assert gauges(store, 1.5)[f"component_report_age_seconds{labels}"] == "1.500"
+    report(store, "b", now=8.0)
+    assert store.check_instances(9.0) == 0  # 9 s is three intervals, not more
+    assert store.check_instances(9.01) == 1  # a went silent; b reported at 8
+    assert gauges(store, 9.01)[f"component_up{labels}"] == "0"
+    # its counters go with it, not served flat; b's stay
+    assert store.value("received", labels) is None
+    assert store.value("received", labels.replace('"a"', '"b"')) == "4"
+    assert store.check_instances(20.0) == 1  # b, now; a is not counted twice
+    # a restarted instance is up again with its next report
+    report(store, "a", now=21.0)
+    assert gauges(store, 21.0)[f"component_up{labels}"] == "1"
+    assert store.value("received", labels) == "4"
+    # an instance silent for MAX_EXPIRY is forgotten
+    store.check_instances(21.0 + monitor.MAX_EXPIRY + 1)
+    assert gauges(store, 21.0 + monitor.MAX_EXPIRY + 1) == {}
+
+
+def test_without_the_header_the_interval_is_measured_between_reports() -> None:
+    store = SeriesStore()
+    report(store, "a", now=0.0, interval=None)
+    report(store, "a", now=10.0, interval=None)
+    assert store.check_instances(39.0) == 0
+    assert store.check_instances(40.5) == 1
+
+
+def test_the_interval_header_is_read_and_checked() -> None:
+    assert monitor._interval({"Stats-Interval": "0.5"}) == 0.5
+    assert monitor._interval({"Stats-Interval": "nope"}) is None
+    assert monitor._interval({"Stats-Interval": "0"}) is None
+    assert monitor._interval(None) is None
+
+
+def test_down_instances_are_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    mon = make_monitor()
+    stats = Stats("writer", "w", ["received"], host="h1")
+    mon.take(stats.render(), "subj", now=0.0, interval=1.0)
+    with caplog.at_level(logging.WARNING, "influx_spout.monitor"):
+        mon.check_instances(3.5)
+        mon.check_instances(4.0)
+    assert mon.stats.get("instances_down") == 1
+    assert sum("missed 3 stats intervals" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- the text format: every family has HELP and TYPE, and Prometheus' parser reads it ----
+
+
+def every_mode_rendered() -> bytes:
+    """A store holding what every mode publishes (and the monitor's gauges)."""
+    from influx_spout.modes import MODES, module
+
+    store = SeriesStore()
+    for mode in MODES:
+        mod = module(mode)
+        counters = getattr(mod, "COUNTERS", ()) or getattr(mod, "ARCHIVE_COUNTERS", ())
+        stats = Stats(mode, mode, counters, host="h1")
+        stats.inc("nats_dropped", 0, subject="in")
+        store.update(stats.render(), 0.0, 3.0)
+    return store.render(monitor.help_texts(), 1.0)
+
+
+def test_prometheus_client_parses_metrics_with_help_for_every_family() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = every_mode_rendered().decode()
+    families = list(text_string_to_metric_families(text))
+    names = {f.name for f in families}
+    assert {"received", "sent", "component_up", "component_report_age_seconds"} <= names
+    for family in families:
+        assert family.documentation, f"{family.name} has no HELP"
+        assert family.type in ("unknown", "gauge"), family.name
+        assert family.samples
+    # one HELP and one TYPE per family: Prometheus refuses a family given twice
+    helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP")]
+    assert len(helps) == len(set(helps)) == len(families)
+    # a name several modes publish with different meanings gets each mode's meaning
+    received = next(f for f in families if f.name == "received")
+    assert "datagrams received" in received.documentation
+    assert "write requests received" in received.documentation
+
+
+def test_help_is_the_readme_meaning_for_a_name_one_mode_has() -> None:
+    from influx_spout.modes import filter as filter_mode
+
+    texts = monitor.help_texts()
+    assert texts["processed"] == filter_mode.HELP["processed"]
+    assert monitor.help_text({}, "x_y").startswith("x_y: see the metrics tables")
+    store = SeriesStore()
+    store.update(b'a{k="v"} 1\n', 0.0)
+    assert store.render({"a": "back\\slash\nnewline"}).startswith(
+        b"# HELP a back\\\\slash\\nnewline\n# TYPE a untyped\n"
     )

@@ -133,7 +133,7 @@ def test_readme_mode_section_mentions_declared_options_with_their_defaults(mode:
         shown = declarations()[name].shown(mode)
         if re.fullmatch(r'"[^"]*"|[0-9][0-9_,]*|\[.*\]|true|false|[\w.:/-]+', value):
             assert value.replace(",", "").strip('"') == shown.strip('"'), (name, value)
-    counters = {c for m in MODES for c in module(m).COUNTERS}
+    counters = {c for m in MODES for c in module(m).COUNTERS} | set(module("monitor").GAUGES)
     known = names | set(ALIASES) | set(IGNORED) | set(MODES) | set(ENCODERS) | counters
     known |= set(MAPPING_KEYS)
     for token in re.findall(r"`([a-z][a-z0-9]*_[a-z0-9_]+)`", section):

@@ -21,16 +21,23 @@ LABELLED = {
 }
 
 
-def readme_table(mode: str) -> set[str]:
+def readme_rows(mode: str) -> dict[str, str]:
+    """metric name -> meaning, from the mode's table."""
     text = (REPO_ROOT / "README.md").read_text()
     section = text.split(f"#### {mode}\n", 1)[1].split("\n\n", 1)[0]
-    return set(re.findall(r"^\| `([a-z_]+)(?:\{[a-z_,]+\})?` \|", section, re.M))
+    return dict(re.findall(r"^\| `([a-z_]+)(?:\{[a-z_,]+\})?` \| (.*) \|$", section, re.M))
+
+
+def readme_table(mode: str) -> set[str]:
+    return set(readme_rows(mode))
 
 
 @pytest.mark.parametrize("mode", sorted(LABELLED))
 def test_readme_metrics_match_the_code(mode: str) -> None:
     module = importlib.import_module(f"influx_spout.modes.{mode}")
     assert readme_table(mode) == set(module.COUNTERS) | LABELLED[mode]
+    if hasattr(module, "HELP"):  # the monitor's # HELP lines say what the table says
+        assert readme_rows(mode) == module.HELP
 
 
 def test_readme_starts_with_the_two_commands() -> None:

@@ -75,7 +75,7 @@ def test_counters_kept_elsewhere_are_brought_up_to_date_before_each_rendering() 
         sent.append(data)
 
     async def main() -> None:
-        s = Stats("filter", "f", [], host="h")
+        s = Stats("downsampler", "f", [], host="h")
         task = asyncio.create_task(
             publish_forever(s, publish, 3600, before=lambda: s.set_dropped(dropped))
         )
@@ -88,7 +88,7 @@ def test_counters_kept_elsewhere_are_brought_up_to_date_before_each_rendering() 
             pass
 
     asyncio.run(main())
-    assert b'nats_dropped{component="filter",host="h",name="f",subject="in"} 5 ' in sent[-1]
+    assert b'nats_dropped{component="downsampler",host="h",name="f",subject="in"} 5 ' in sent[-1]
 
 
 def test_gauges_are_replaced_whole_so_a_series_left_out_disappears() -> None:
@@ -104,3 +104,19 @@ def test_gauges_are_replaced_whole_so_a_series_left_out_disappears() -> None:
     assert [line for line in s.render(now_ms=7).decode().splitlines() if "partition" in line] == [
         'kafka_lag{component="kafka",host="h",name="k",partition="0",topic="t"} 0 7'
     ]
+
+
+def test_go_labels_listener_http_as_listener_and_the_filter_drops_unlabelled() -> None:
+    """As the Go influx-spout does, so that its dashboards find the series."""
+    http = Stats("listener_http", "l", [], host="h")
+    assert http.render(now_ms=1) == b""
+    http.inc("received")
+    assert http.render(now_ms=1) == b'received{component="listener",host="h",name="l"} 1 1\n'
+    f = Stats("filter", "f", [], host="h")
+    assert f.render(now_ms=1) == b'nats_dropped{component="filter",host="h",name="f"} 0 1\n'
+    f.set_dropped({})  # a pool's parent keeps what its workers reported
+    f.values[("nats_dropped", ())] = 4
+    f.set_dropped({})
+    assert f.get("nats_dropped") == 4
+    f.set_dropped({"a": 2, "b": 3})
+    assert f.get("nats_dropped") == 5

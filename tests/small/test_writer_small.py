@@ -199,7 +199,7 @@ def test_body_and_query_string_are_exactly_what_was_received() -> None:
         # the batch's two messages go out as one plain body, not chunked
         assert req.headers["Content-Length"] == str(len(req.body))
         assert "Transfer-Encoding" not in req.headers
-        assert stats.get("received") == 3
+        assert stats.get("received_lines") == 3
         assert stats.get("write_requests") == 1
         assert stats.get("lines_written") == 3
 
@@ -286,7 +286,7 @@ def test_batches_by_message_count() -> None:
             await until(lambda: len(influx.requests) == 2)
         await influx.stop()
         assert influx.bodies == [lines(6), lines(6, start=6), lines(2, start=12)]
-        assert stats.get("received") == 14
+        assert stats.get("received_lines") == 14
         assert stats.get("lines_written") == 14
         assert stats.get("write_requests") == 3
 
@@ -358,7 +358,8 @@ def test_retries_succeed_after_500s() -> None:
         await influx.stop()
         assert influx.bodies == [lines(7)] * 3  # the same batch, tried three times
         assert count(stats) == {
-            "received": 7,
+            "received": 1,  # messages, as in the Go influx-spout
+            "received_lines": 7,
             "write_requests": 3,
             "failed_writes": 2,
             "retries": 2,
@@ -636,7 +637,7 @@ def test_input_after_close_is_given_up_and_counted() -> None:
             await writer.add(lines(2))
         await writer.add(lines(3, start=2))
         await influx.stop()
-        assert stats.get("received") == 5
+        assert stats.get("received_lines") == 5
         assert stats.get("lines_written") == 2
         assert stats.get("lines_given_up") == 3
         assert influx.bodies == [lines(2)]
@@ -705,7 +706,7 @@ def test_rules_drop_lines_no_rule_matches() -> None:
         assert sorted(written.splitlines()) == sorted(
             (lines(3, measurement="cpu") + b"disk,keep=yes free=1i 1\n").splitlines()
         )
-        assert stats.get("received") == 8
+        assert stats.get("received_lines") == 8
         assert stats.get("dropped_by_rules") == 4
         assert stats.get("lines_written") == 4
 
