@@ -108,17 +108,6 @@ HELP = {
     "nats_dropped": "input messages NATS dropped because the input buffer was full",
 }
 
-# every counter's meaning: the monitor's # HELP lines and the README's table
-HELP = {
-    "received_messages": "stats messages received",
-    "received_lines": "metric lines in them (comments and blank lines not included)",
-    "invalid_lines": "lines that are not Prometheus text, skipped",
-    "series_dropped": "updates of new series refused because 100,000 series are kept",
-    "series_expired": "series removed because they were not updated in time",
-    "instances_down": "instances seen down: no report for three of their stats intervals",
-    "nats_dropped": "input messages NATS dropped because the input buffer was full",
-}
-
 MAX_SERIES = 100_000
 MAX_LINE_BYTES = 4096  # ours are ~150-300 bytes; bounds what one series may hold
 EXPIRY_INTERVALS = 10
