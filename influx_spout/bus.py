@@ -60,6 +60,10 @@ PUBACK_TIMEOUT = 5.0
 FETCH_BATCH = 64
 FETCH_WAIT = 0.25
 RETRY_PAUSE = 1.0
+# what NATS headers add to a message beyond their own lines (store_raw): the status line
+# and the blank line that ends them; and room for a Nats-Msg-Id header
+HEADER_LINE = b"NATS/1.0\r\n\r\n"
+HEADER_ID_ROOM = 64
 
 
 class Delivery:
@@ -400,6 +404,27 @@ class Bus:
                 lost += _lines(piece)
         whole = lines if lines is not None and len(pieces) == 1 else None
         return asyncio.ensure_future(_confirmed(subject, waits, lost, whole))
+
+    async def store_raw(
+        self, subject: str, data: bytes, headers: dict[str, str], key: str = ""
+    ) -> int:
+        """Store whole lines with NATS headers (dead letters, replays) in JetStream, split
+        under the max payload, each piece's PubAck awaited; returns the lines too long for
+        any message. Raises when a piece was not stored: a call repeated with the same key
+        stores each piece once (Nats-Msg-Id, within the stream's duplicate window)."""
+        room = self.max_payload - len(HEADER_LINE) - HEADER_ID_ROOM
+        room -= sum(len(k) + len(v) + 4 for k, v in headers.items())
+        pieces = split_under(data, room) if len(data) > room else [data]
+        too_long = 0
+        for n, piece in enumerate(pieces):
+            if len(piece) > room:
+                too_long += _lines(piece)
+                continue
+            sent = dict(headers)
+            if key:
+                sent["Nats-Msg-Id"] = f"{key}-{n}"
+            await self.js.publish(subject, piece, timeout=PUBACK_TIMEOUT, headers=sent)
+        return too_long
 
     async def consume(
         self, subjects: Sequence[str], handler: DurableHandler, max_ack_pending: int, hold: float

@@ -58,13 +58,19 @@ FLAGS = ("-h", "--help", "--check", "--version")  # every flag parser() takes
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="influx-spout",
-        usage="influx-spout CONFIG.toml | --check CONFIG.toml | tap [--help] ...",
+        usage=(
+            "influx-spout CONFIG.toml | --check CONFIG.toml | tap [--help] ..."
+            " | dead-letters CONFIG.toml --list|--replay ..."
+        ),
         description="Route InfluxDB line protocol through NATS (the config picks the mode).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             f"modes (the config's mode = ...): {', '.join(modes.MODES)}\n"
             "subcommands:\n"
             "  tap    print the lines flowing on NATS subjects (influx-spout tap --help)\n"
+            "  dead-letters\n"
+            "         list or replay the dead letters of a durable pipeline\n"
+            "         (influx-spout dead-letters --help)\n"
             "examples: configs/<mode>.toml, one commented file per mode, every option\n"
             "with its default; configs/pipeline/ runs a whole local pipeline"
         ),
@@ -99,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
         logs.setup("influx-spout tap")
         return tap.main(argv[1:])
+    if argv[:1] == ["dead-letters"]:
+        from influx_spout import deadletters
+
+        logs.setup("influx-spout dead-letters")
+        return deadletters.main(argv[1:])
     p = parser()
     _unknown_flag(p, argv)
     args = p.parse_args(argv)

@@ -96,6 +96,21 @@ class Settings:
             storage=STORAGE[self.storage],
         )
 
+    def dead_letter_config(self, subject: str) -> api.StreamConfig:
+        """The dead-letter stream: nobody consumes it, so limits retention with no age
+        limit keeps each message until an operator removes it (influx-spout dead-letters);
+        discard new: a full one refuses, and the writer holds its input meanwhile."""
+        return api.StreamConfig(
+            name=stream_name(subject),
+            subjects=[subject],
+            retention=api.RetentionPolicy.LIMITS,
+            discard=api.DiscardPolicy.NEW,
+            max_bytes=self.max_bytes,
+            max_age=0,
+            num_replicas=self.replicas,
+            storage=STORAGE[self.storage],
+        )
+
 
 def mismatch(want: api.StreamConfig, have: api.StreamConfig) -> str:
     """How an existing stream differs from what this component would create, or ""."""
@@ -122,10 +137,13 @@ def _shown(value: Any) -> str:
     return str(value.value) if hasattr(value, "value") else str(value)
 
 
-async def ensure_stream(js: JetStreamContext, subject: str, settings: Settings) -> str:
-    """Create the stream of subject, or check that the existing one has our settings;
-    returns its name. Raises JetStreamError, one line, when it cannot be used."""
-    want = settings.stream_config(subject)
+async def ensure_stream(
+    js: JetStreamContext, subject: str, settings: Settings, want: api.StreamConfig | None = None
+) -> str:
+    """Create the stream of subject (as want, by default settings.stream_config), or check
+    that the existing one has those settings; returns its name. Raises JetStreamError,
+    one line, when it cannot be used."""
+    want = want or settings.stream_config(subject)
     name = want.name
     assert name is not None
     try:

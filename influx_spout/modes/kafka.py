@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import regex
 
-from influx_spout import lineproto
+from influx_spout import deadletters, lineproto
 from influx_spout.batching import Batcher, Parts
 from influx_spout.config import (
     Checker,
@@ -620,8 +620,8 @@ class KafkaSource:
         reason = f"NATS did not take the batch in {attempts} attempts (kafka_max_retries)"
         log.warning("%s: %d lines dead-lettered and skipped", reason, batch.lines)
         try:
-            await self.rt.bus.publish_raw(
-                self.cfg.nats_subject_dead_letter, b"".join(batch.parts), {"Error": reason}
+            await deadletters.publish(
+                self.rt.bus, self.cfg, b"".join(batch.parts), {"Error": reason}
             )
         except Exception as exc:
             self.stats.inc("failed_nats_publish")
@@ -656,7 +656,7 @@ class KafkaSource:
             headers["Truncated-From"] = str(len(payload))
             payload = payload[:room]
         try:
-            await self.rt.bus.publish_raw(self.cfg.nats_subject_dead_letter, payload, headers)
+            await deadletters.publish(self.rt.bus, self.cfg, payload, headers)
         except Exception as exc:
             self.stats.inc("failed_nats_publish")
             log.warning(

@@ -54,6 +54,7 @@ Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
   retries                write_requests that were retries of a kept batch
   lines_written          lines InfluxDB accepted
   lines_dead_lettered    lines InfluxDB refused, published to nats_subject_dead_letter
+                         (durable: stored in its stream, influx-spout dead-letters)
   lines_given_up         lines dropped: retry list full, retry timeout, unwritten at stop,
                          the target refused (401, 403, 404), dropped by InfluxDB without
                          being named, or a dead letter that could not be published
@@ -65,6 +66,9 @@ Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
   lines_handed_back      lines of batches that failed for now, handed back to JetStream
                          to be delivered again (and then counted again in received):
                          never given up (only with durable = true)
+  dead_letter_retries    attempts to store a dead letter JetStream did not acknowledge:
+                         retried until it does, the input unacknowledged meanwhile
+                         (only with durable = true)
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
-from influx_spout import answers, jetstream
+from influx_spout import answers, deadletters, jetstream
 from influx_spout.batching import Batcher, Parts, count_lines, ensure_newline
 from influx_spout.config import (
     Alias,
@@ -265,6 +269,10 @@ HELP = {
     "lines_handed_back": (
         "lines of batches that failed for now, handed back to JetStream to be delivered"
         " again, never given up (only with `durable`)"
+    ),
+    "dead_letter_retries": (
+        "attempts to store a dead letter that JetStream did not acknowledge, retried until"
+        " it does, the input held meanwhile (only with `durable`)"
     ),
 }
 
@@ -479,7 +487,8 @@ class Tagged:
 
 
 Settled = Callable[[Job], Awaitable[None]]
-DeadLetter = Callable[[bytes, dict[str, str]], Awaitable[None]]
+# publishes a dead letter (data, NATS headers); returns the lines too long to publish
+DeadLetter = Callable[[bytes, dict[str, str]], Awaitable[int | None]]
 
 
 def _piece(data: bytes) -> Parts:
@@ -549,6 +558,7 @@ class Writer:
         self.set_rules(cfg.rule)
         if durable:
             stats.inc("lines_handed_back", 0)
+            stats.inc("dead_letter_retries", 0)
         # how often batch age and kept batches are checked
         first = min(FIRST_RETRY, cfg.writer_retry_interval)
         self._tick = min(1.0, max(0.005, min(cfg.batch_max_age, first) / 4))
@@ -1045,7 +1055,7 @@ class Writer:
                 )
                 continue
             try:
-                await self._dead_letter(data, headers)
+                too_long = await self._dead_letter(data, headers) or 0
             except Exception as exc:
                 self._count_given_up(
                     job,
@@ -1054,11 +1064,17 @@ class Writer:
                     f" published ({type(exc).__name__}: {exc}); not retried",
                 )
                 continue
-            job.dead_lettered += len(lines)
-            self.stats.inc("lines_dead_lettered", len(lines))
+            self._count_given_up(
+                job,
+                too_long,
+                f"InfluxDB refused them ({error}) and they are too long for a NATS message",
+            )
+            stored = len(lines) - too_long
+            job.dead_lettered += stored
+            self.stats.inc("lines_dead_lettered", stored)
             log.warning(
                 "dead-lettered %d lines InfluxDB refused (HTTP %s: %s)",
-                len(lines),
+                stored,
                 status,
                 answers.one_line(why, 300),
             )
@@ -1102,8 +1118,10 @@ class WriterMode:
         cfg = self.cfg
         bus = host.bus
 
-        async def dead_letter(data: bytes, headers: dict[str, str]) -> None:
-            await bus.publish_raw(cfg.nats_subject_dead_letter, data, headers)
+        async def dead_letter(data: bytes, headers: dict[str, str]) -> int:
+            if cfg.durable:  # the input is acknowledged only once they are stored
+                return await deadletters.publish_until_stored(bus, cfg, data, headers, host.stats)
+            return await deadletters.publish(bus, cfg, data, headers)
 
         writer = self.writer = Writer(
             cfg,
@@ -1131,6 +1149,7 @@ class WriterMode:
                 hold = cfg.batch_max_age + 2 * cfg.write_timeout
                 beat = (hold + jetstream.ACK_MARGIN) / HEARTBEATS_PER_ACK_WAIT
                 self._heartbeat = asyncio.create_task(self._beat(beat))
+                await deadletters.prepare(bus, cfg)
                 await bus.consume(cfg.nats_subject, on_delivery, pending, hold)
             else:
                 await bus.subscribe(cfg.nats_subject, on_message, cfg.nats_max_pending_size)

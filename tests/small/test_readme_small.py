@@ -14,7 +14,7 @@ LABELLED = {
     "listener_http": set(),
     "filter": {"triggered", "nats_dropped"},
     "downsampler": {"nats_dropped"},
-    "writer": {"dropped_by_rules", "nats_dropped", "lines_handed_back"},
+    "writer": {"dropped_by_rules", "nats_dropped", "lines_handed_back", "dead_letter_retries"},
     "monitor": {"nats_dropped"},
     "kafka": {"kafka_lag", "kafka_committed_offset"},
     "archive": {"nats_dropped"},
