@@ -31,13 +31,28 @@ what reached the disk), and one error is logged per outage, saying what to do; f
 RETRY_INTERVAL after a failure, messages are counted as lost without trying, then the
 next message opens a new file. Recovery is logged with the number of messages lost.
 
+Durable (durable = true): each subject (no wildcards: one stream per subject) is read
+through a durable JetStream consumer named after queue_group or name, and a message is
+acknowledged only once the file holding it is finished (fsync'd and renamed); what could
+not be written is handed back (nak) to come again. A file still open keeps its messages
+unacknowledged, so the archive holds them (their payloads) until it finishes: a file
+also finishes once the open files hold HELD_BYTES of them, or it holds HELD_MESSAGES,
+and each consumer's max_ack_pending (MAX_ACK_PENDING) is twice that, so an open file
+never stalls its consumer. ack_wait is short (HEARTBEAT plus jetstream.ACK_MARGIN)
+rather than archive_max_age, so that what a crash left unacknowledged comes again soon;
+the messages held longer are reported in progress every HEARTBEAT. A SIGKILLed archive
+leaves a .part file whose messages, never acknowledged, come again into new files: at
+least once (with S3 the recovered .part is shipped too, and may duplicate them).
+
 Replay (`archive_replay = true`): reads the archive files at `archive_replay_path` (a
 file, or a directory: its finished files, oldest first; default archive_directory), keeps
 the messages whose subject matches `nats_subject` and whose arrival time is within
 [archive_replay_from, archive_replay_to), publishes each payload on its own subject (or
 `archive_replay_subject`), split under the NATS max payload on line boundaries, at most
-`archive_replay_rate` lines a second, then exits 0. A damaged file is counted
-(replay_errors) and logged; the messages before the damage are replayed.
+`archive_replay_rate` lines a second, then exits 0 (durable: stored in the subject's
+stream, each PubAck awaited; what was not stored is counted in failed_nats_publish). A
+damaged file is counted (replay_errors) and logged; the messages before the damage are
+replayed.
 
 S3 (archive_s3_bucket, influx_spout/s3ship.py): each finished file is uploaded, checked
 and removed here; uploads are retried with backoff (SHIP_BACKOFF) while writing goes on.
@@ -81,17 +96,21 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 from urllib.parse import quote
 
+from influx_spout import jetstream
 from influx_spout.batching import Parts, count_lines
 from influx_spout.config import GB, MB, Checker, Config, option
 from influx_spout.mode import Host, Mode
 from influx_spout.runtime import publish_parts_counted
 from influx_spout.s3ship import ShipError, Shipper
 from influx_spout.stats import Stats
+
+if TYPE_CHECKING:
+    from influx_spout.bus import Delivery
 
 # -- options (the shared ones: config.SharedOptions) ---------------------------------------
 
@@ -144,6 +163,8 @@ def validate(c: Checker) -> None:
             "use 1 (fastest) to 9 (smallest)",
         )
     c.at_least("archive_replay_rate", 1)
+    if not cfg.archive_replay:  # a replay's nats_subject only filters what it replays
+        jetstream.validate(c)
     if cfg.archive_replay_subject:
         c.subject("archive_replay_subject", cfg.archive_replay_subject, publish=True)
     if not cfg.archive_s3_bucket:
@@ -193,6 +214,15 @@ REPLAY_CHUNK = 4 * 1024 * 1024  # bytes of records read from a file at a time
 # time allowed after a stop to stop taking input; the rest of runtime.STOP_GRACE finishes files
 UNSUBSCRIBE_TIMEOUT = 0.5
 
+# durable: what the open files may hold unacknowledged (see Archiver), each consumer's
+# max_ack_pending (room for the messages fetched and not yet written), and how often the
+# messages held longer than that are reported in progress (the consumer's ack_wait is
+# HEARTBEAT plus jetstream.ACK_MARGIN)
+HELD_BYTES = 64 * MB
+HELD_MESSAGES = 10_000
+MAX_ACK_PENDING = 2 * HELD_MESSAGES
+HEARTBEAT = 10.0
+
 _FILE_NAME = re.compile(r"(\d{8}T\d{6})\.(\d{6})Z_(.+)" + re.escape(SUFFIX))
 
 
@@ -203,6 +233,7 @@ class Record:
     subject: str
     received_ns: int  # arrival time, ns since the Unix epoch
     payload: bytes
+    tag: object = None  # durable: the Delivery acknowledged once its file is finished
 
 
 class ArchiveError(Exception):
@@ -292,13 +323,18 @@ class _OpenFile:
     gz: gzip.GzipFile
     opened: float  # clock()
     size: int = 0  # compressed bytes counted in bytes_written so far
+    tags: list[object] = field(default_factory=list)  # of the records it holds (durable)
+    held: int = 0  # payload bytes of those records
 
 
 class Archiver:
     """Writes records to rotated gzip files; blocking, for one thread at a time.
 
     Counts go to self.counts (the caller moves them into the mode's Stats in its own
-    thread). clock() gives seconds for file ages (injected by tests).
+    thread). clock() gives seconds for file ages (injected by tests). The tags of records
+    (durable input) go to self.done once their file is finished (fsync'd and renamed), to
+    self.failed when they could not be written; a file also finishes once the tagged
+    records of all open files pass HELD_BYTES, or its own pass HELD_MESSAGES.
     """
 
     def __init__(
@@ -318,6 +354,9 @@ class Archiver:
         self.clock = clock
         self.counts: Counter[str] = Counter()
         self.finished: list[str] = []  # files finished since the caller last took them
+        self.done: list[object] = []  # tags of records now in finished files
+        self.failed: list[object] = []  # tags of records that could not be written
+        self._held = 0  # payload bytes of the tagged records in open files
         self._files: dict[str, _OpenFile] = {}  # by subject, least recently written first
         self._failing = False  # in an outage: one log line at its start, one at its end
         self._lost = 0  # messages lost in the current outage
@@ -372,7 +411,7 @@ class Archiver:
 
     def _write_one(self, record: Record) -> None:
         if self._failing and self.clock() < self._retry_at:
-            self._lose()
+            self._lose(record)
             return
         f = self._files.pop(record.subject, None)
         try:
@@ -383,7 +422,7 @@ class Archiver:
             size = f.raw.tell()
         except OSError as exc:
             self._fail(f"cannot write to {f.part if f else self.directory}", exc)
-            self._lose()
+            self._lose(record)
             if f is not None:
                 self._abandon(f)
             return
@@ -391,8 +430,14 @@ class Archiver:
         self._recovered()
         self.counts["bytes_written"] += size - f.size
         f.size = size
-        if size >= self.max_size:
+        if record.tag is not None:
+            f.tags.append(record.tag)
+            f.held += len(record.payload)
+            self._held += len(record.payload)
+        if size >= self.max_size or len(f.tags) >= HELD_MESSAGES:
             self._finish(f)
+        if self._held >= HELD_BYTES:
+            self._finish(max(self._files.values(), key=lambda f: f.held))
 
     def _open(self, record: Record) -> _OpenFile:
         if len(self._files) >= MAX_OPEN_FILES:
@@ -432,16 +477,23 @@ class Archiver:
         self.counts["bytes_written"] += size - f.size
         self.counts["files_written"] += 1
         self.finished.append(f.final)
+        self.done.extend(f.tags)
+        self._held -= f.held
 
     def _abandon(self, f: _OpenFile) -> None:
-        """Close a file that failed (its callers have taken it out of _files)."""
+        """Close a file that failed (its callers have taken it out of _files); its tagged
+        records are to come again."""
         with contextlib.suppress(OSError, ValueError):
             f.raw.close()  # what it still buffers may not fit on the disk either
+        self.failed.extend(f.tags)
+        self._held -= f.held
 
-    def _lose(self) -> None:
+    def _lose(self, record: Record) -> None:
         """One message could not be written."""
         self.counts["write_errors"] += 1
         self._lost += 1
+        if record.tag is not None:
+            self.failed.append(record.tag)
 
     def _fail(self, what: str, exc: OSError) -> None:
         self._retry_at = self.clock() + RETRY_INTERVAL
@@ -449,8 +501,9 @@ class Archiver:
             return
         self._failing = True
         log.error(
-            "%s: %s; messages are counted in write_errors and dropped until writing works "
-            "again (free disk space, or fix the permissions of %s)",
+            "%s: %s; messages are counted in write_errors and dropped (durable: delivered "
+            "again later) until writing works again (free disk space, or fix the "
+            "permissions of %s)",
             what,
             exc.strerror or exc,
             self.directory,
@@ -531,16 +584,53 @@ class Archive:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="archive")
         self._tick = min(1.0, cfg.archive_max_age / 4)
         self.ship = Ship(cfg, stats) if cfg.archive_s3_bucket else None
+        # durable: the messages not acknowledged yet, with time.monotonic() of their last sign
+        self.held: dict[Delivery, float] = {}
 
-    async def handle(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+    async def handle(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, tag: object = None
+    ) -> None:
         self.stats.inc("received")
         self.stats.inc("lines", lines_in(data))
-        self._pending.append(Record(subject, time.time_ns(), data))
+        self._pending.append(Record(subject, time.time_ns(), data, tag))
         self._pending_bytes += len(data)
         self._wake.set()
         while self._pending_bytes >= BUFFER_LIMIT and not self._stopping:
             self._room.clear()
             await self._room.wait()
+
+    async def handle_durable(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, delivery: Delivery
+    ) -> None:
+        """A message of the durable consumer: acknowledged once the file holding it is
+        finished (settle)."""
+        self.held[delivery] = time.monotonic()
+        await self.handle(subject, data, headers, delivery)
+
+    async def settle(self) -> None:
+        """Acknowledge the messages now in finished files; those that could not be written
+        come again after RETRY_INTERVAL."""
+        done, self.archiver.done = self.archiver.done, []
+        failed, self.archiver.failed = self.archiver.failed, []
+        for tag in done:
+            delivery = cast("Delivery", tag)
+            self.held.pop(delivery, None)
+            await delivery.ack()
+        for tag in failed:
+            delivery = cast("Delivery", tag)
+            self.held.pop(delivery, None)
+            await delivery.nak(RETRY_INTERVAL)
+
+    async def beat(self) -> None:
+        """Tell JetStream that the messages held for HEARTBEAT seconds (in a file still
+        open) are in progress, so that ack_wait does not run out."""
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            now = time.monotonic()
+            for delivery, since in list(self.held.items()):
+                if now - since >= HEARTBEAT and delivery in self.held:
+                    self.held[delivery] = now
+                    await delivery.in_progress()
 
     async def in_thread(self, fn: Callable[..., object], *args: object) -> None:
         """Run fn in the writer thread, then count what it did."""
@@ -554,6 +644,7 @@ class Archive:
             if self.ship is not None:
                 for path in finished:
                     self.ship.add(path)
+            await self.settle()
 
     async def write_forever(self) -> None:
         """Hand what arrived to the writer thread, and rotate aged files, until close()."""
@@ -696,6 +787,7 @@ class ArchiveMode:
         self.writer: asyncio.Task[None] | None = None
         self.stats: Stats | None = None
         self.shipping: asyncio.Task[None] | None = None
+        self.heartbeat: asyncio.Task[None] | None = None
 
     async def start(self, host: Host) -> asyncio.Future[None]:
         """Archive cfg.nats_subject; the work hands what arrives to the writer thread."""
@@ -705,6 +797,14 @@ class ArchiveMode:
         leftovers = await asyncio.to_thread(archive.archiver.leftovers)
         if archive.ship is not None:
             await self._ship_leftovers(archive, archive.ship, leftovers, host)
+        elif leftovers and cfg.durable:
+            log.warning(
+                "%d unfinished archive files from an earlier run, e.g. %s: what they hold was"
+                " not acknowledged and comes again into new files (unless the stream dropped"
+                " it by jetstream_max_age); zcat reads them",
+                len(leftovers),
+                leftovers[0],
+            )
         elif leftovers:
             log.warning(
                 "%d unfinished archive files from an earlier run, e.g. %s: zcat reads what "
@@ -716,7 +816,15 @@ class ArchiveMode:
         if archive.ship is not None:
             self.shipping = asyncio.create_task(archive.ship.ship_forever(host.stop))
         try:
-            await host.bus.subscribe(cfg.nats_subject, archive.handle, cfg.nats_max_pending_size)
+            if cfg.durable:
+                self.heartbeat = asyncio.create_task(archive.beat())
+                await host.bus.consume(
+                    cfg.nats_subject, archive.handle_durable, MAX_ACK_PENDING, HEARTBEAT
+                )
+            else:
+                await host.bus.subscribe(
+                    cfg.nats_subject, archive.handle, cfg.nats_max_pending_size
+                )
         except BaseException:
             await self.drain()
             raise
@@ -753,6 +861,9 @@ class ArchiveMode:
         assert self.archive is not None and self.writer is not None and self.stats is not None
         try:
             await self.archive.close(self.writer)
+            if self.heartbeat is not None:
+                self.heartbeat.cancel()
+                await asyncio.gather(self.heartbeat, return_exceptions=True)
             if self.archive.ship is not None:
                 if self.shipping is not None:
                     self.shipping.cancel()
@@ -844,6 +955,7 @@ class Replay:
         self._started = clock()
         self._lines = 0  # published, for the rate
         self._subjects: dict[str, bool] = {}  # subject -> whether nats_subject takes it
+        self._streams: set[str] = set()  # durable: subjects whose stream is made or checked
 
     def wanted(self, record: Record) -> bool:
         if self.start_ns is not None and record.received_ns < self.start_ns:
@@ -892,6 +1004,9 @@ class Replay:
                 await asyncio.wait_for(stop.wait(), delay)
             if stop.is_set():
                 return
+        if self.cfg.durable and subject not in self._streams:  # stored, PubAck awaited
+            await self.rt.bus.ensure_streams([subject])
+            self._streams.add(subject)
         batch = Parts([payload], len(payload), lines)
         await publish_parts_counted(self.rt, subject, batch, "replayed_lines")
         self._lines += lines

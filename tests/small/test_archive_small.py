@@ -487,3 +487,45 @@ def test_s3_option_errors(tmp_path: Path, text: str, part: str) -> None:
     path.write_text(f'mode = "archive"\narchive_directory = "{tmp_path}"\n{text}\n')
     with pytest.raises(ConfigError, match=re.escape(part)):
         load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
+
+
+# -- durable: acknowledgements -------------------------------------------------------
+
+
+def test_tagged_records_are_done_only_once_their_file_is_finished(tmp_path: Path) -> None:
+    arch = make_archiver(tmp_path, Clock())
+    arch.write([Record("a", T0 + i, b"x v=1\n", tag=i) for i in range(3)])
+    assert arch.done == [] and arch.failed == []  # the file is open: nothing to acknowledge
+    arch.write([Record("b", T0, b"y v=1\n", tag="b")])
+    arch.close()
+    assert sorted(map(str, arch.done)) == ["0", "1", "2", "b"] and arch.failed == []
+    assert len(files(tmp_path)) == 2
+
+
+def test_a_file_finishes_once_it_holds_held_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(archive, "HELD_MESSAGES", 3)
+    arch = make_archiver(tmp_path, Clock())
+    arch.write([Record("a", T0 + i, b"x v=1\n", tag=i) for i in range(7)])
+    assert arch.done == [0, 1, 2, 3, 4, 5] and len(files(tmp_path)) == 2
+
+
+def test_the_file_holding_most_finishes_at_held_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(archive, "HELD_BYTES", 10_000)
+    arch = make_archiver(tmp_path, Clock())
+    arch.write([Record("small", T0, b"x v=1\n", tag="s")])
+    arch.write([Record("big", T0 + i, b"y" * 3000 + b"\n", tag=i) for i in range(4)])
+    assert arch.done == [0, 1, 2, 3]  # "small" stays open
+    assert [parse_file_name(n)[1] for n in files(tmp_path)] == ["big_arch"]  # type: ignore[index]
+
+
+def test_tagged_records_that_cannot_be_written_come_again(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    arch = make_archiver(blocked, Clock())
+    arch.write([Record("a", T0, b"x v=1\n", tag=1), Record("a", T0 + 1, b"x v=2\n", tag=2)])
+    assert arch.failed == [1, 2] and arch.done == []
+    assert arch.counts["write_errors"] == 2
