@@ -121,3 +121,37 @@ def test_a_finished_file_acknowledges_its_messages(
     wait_for(lambda: asyncio.run(state(url)) == (0, 0, 0), 20, "acknowledged after rotation")
     assert len(archived(directory)) == 50
     assert comp.stop() == 0
+
+
+def test_a_durable_replay_stores_what_it_publishes(
+    jetstream_server: NatsServer, component: Callable[..., Component], tmp_path: Path
+) -> None:
+    from influx_spout.modes.archive import Archiver, Record
+
+    directory = tmp_path / "archive"
+    directory.mkdir()
+    arch = Archiver(str(directory), "arch", 1 << 30, 3600.0)
+    payloads = [f"cpu,n={i} v=1i {TS + i}\n".encode() for i in range(20)]
+    arch.write([Record(SUBJECT, TS + i, p) for i, p in enumerate(payloads)])
+    arch.close()
+    url = jetstream_server.url
+    replay = component(
+        archive_config(
+            url, directory, archive_replay="true", archive_replay_subject='"arch-replayed"'
+        ),
+        name="replay",
+    )
+    assert replay.wait(30) == 0
+
+    async def stored() -> list[bytes]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            name = jetstream.stream_name("arch-replayed")
+            info = await js.stream_info(name)
+            seqs = range(info.state.first_seq, info.state.last_seq + 1)
+            return [(await js.get_msg(name, s)).data or b"" for s in seqs]
+        finally:
+            await nc.close()
+
+    assert asyncio.run(stored()) == payloads  # in the stream: each PubAck came back

@@ -180,3 +180,23 @@ def test_the_command_says_what_is_wrong_in_one_line(
     assert code == 1 and "no dead-letter stream" in err and len(err.splitlines()) == 1
     code, out, err = run_command(str(durable), "--list", "--subject", "x")
     assert code == 2 and "--subject: only with --replay" in err
+
+
+def test_a_dead_letter_over_the_max_payload_is_stored_in_pieces(
+    jetstream_server: NatsServer,
+) -> None:
+    url = jetstream_server.url
+    lines = [b'big,n=%d v="%s" %d\n' % (i, b"x" * 500, TS + i) for i in range(3000)]
+    huge = b'huge v="' + b"y" * (2 << 20) + b'"\n'
+
+    async def main() -> int:
+        cfg = config(url)
+        bus = await Bus.connect(cfg)
+        try:
+            return await deadletters.publish(bus, cfg, b"".join(lines) + huge, HEADERS)
+        finally:
+            await bus.close()
+
+    assert asyncio.run(main()) == 1  # the one line no NATS message can carry
+    _, held = asyncio.run(stream(url, DEAD))
+    assert len(held) > 1 and b"".join(held) == b"".join(lines)

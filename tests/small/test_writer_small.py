@@ -1215,3 +1215,18 @@ def test_401_in_plain_mode_is_given_up_with_what_to_check(
 
     run(scenario())
     assert "check INFLUXDB_USER/INFLUXDB_PASS" in caplog.text
+
+
+def test_refused_lines_too_long_for_a_nats_message_are_given_up() -> None:
+    async def too_long(data: bytes, headers: dict[str, str]) -> int:
+        return 1  # the bus could not carry one of them
+
+    async def scenario() -> None:
+        influx = await FakeInflux(always(400, NOTHING_PARSED)).start()
+        writer, stats = writer_with(writer_config(influx.port), dead_letter=too_long)
+        async with writer:
+            await writer.add(b"bad\nworse\n")
+        await influx.stop()
+        assert (stats.get("lines_given_up"), stats.get("lines_dead_lettered")) == (1, 1)
+
+    run(scenario())
