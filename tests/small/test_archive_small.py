@@ -529,3 +529,18 @@ def test_tagged_records_that_cannot_be_written_come_again(tmp_path: Path) -> Non
     arch.write([Record("a", T0, b"x v=1\n", tag=1), Record("a", T0 + 1, b"x v=2\n", tag=2)])
     assert arch.failed == [1, 2] and arch.done == []
     assert arch.counts["write_errors"] == 2
+
+
+def test_durable_archiving_takes_plain_subjects_and_replay_keeps_its_patterns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "a.toml"
+    base = f'mode = "archive"\narchive_directory = "{tmp_path}"\ndurable = true\n'
+    path.write_text(base + 'nats_subject = ["a", "b"]\n')
+    cfg = load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
+    assert cfg.durable and "ignored" not in caplog.text
+    path.write_text(base + 'nats_subject = ["a.>"]\n')
+    with pytest.raises(ConfigError, match="nats_subject: .* is a wildcard"):
+        load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
+    path.write_text(base + 'nats_subject = ["a.>"]\narchive_replay = true\n')
+    assert load_config(str(path), etc_path=str(tmp_path / "none"), environ={}).durable
