@@ -36,6 +36,7 @@ import nats.js.errors
 import regex
 
 from influx_spout import jetstream
+from influx_spout.batching import count_lines
 from influx_spout.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ class Letter:
 
     @property
     def lines(self) -> int:
-        return self.data.count(b"\n") + (not self.data.endswith(b"\n"))
+        return count_lines(self.data) + (not self.data.endswith(b"\n"))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ also finishes once the open files hold HELD_BYTES of them, or it holds HELD_MESS
 and each consumer's max_ack_pending (MAX_ACK_PENDING) is twice that, so an open file
 never stalls its consumer. ack_wait is short (HEARTBEAT plus jetstream.ACK_MARGIN)
 rather than archive_max_age, so that what a crash left unacknowledged comes again soon;
-the messages held longer are reported in progress every HEARTBEAT. A SIGKILLed archive
+the messages held are reported in progress at least every HEARTBEAT. A SIGKILLed archive
 leaves a .part file whose messages, never acknowledged, come again into new files: at
 least once (with S3 the recovered .part is shipped too, and may duplicate them).
 
@@ -215,8 +215,8 @@ REPLAY_CHUNK = 4 * 1024 * 1024  # bytes of records read from a file at a time
 UNSUBSCRIBE_TIMEOUT = 0.5
 
 # durable: what the open files may hold unacknowledged (see Archiver), each consumer's
-# max_ack_pending (room for the messages fetched and not yet written), and how often the
-# messages held longer than that are reported in progress (the consumer's ack_wait is
+# max_ack_pending (room for the messages fetched and not yet written), and the longest a
+# held message goes without being reported in progress (the consumer's ack_wait is
 # HEARTBEAT plus jetstream.ACK_MARGIN)
 HELD_BYTES = 64 * MB
 HELD_MESSAGES = 10_000
@@ -622,13 +622,14 @@ class Archive:
             await delivery.nak(RETRY_INTERVAL)
 
     async def beat(self) -> None:
-        """Tell JetStream that the messages held for HEARTBEAT seconds (in a file still
-        open) are in progress, so that ack_wait does not run out."""
+        """Tell JetStream that the messages held (in a file still open) are in progress,
+        so that ack_wait does not run out: none goes HEARTBEAT seconds without a sign."""
+        interval = HEARTBEAT / 2
         while True:
-            await asyncio.sleep(HEARTBEAT)
+            await asyncio.sleep(interval)
             now = time.monotonic()
             for delivery, since in list(self.held.items()):
-                if now - since >= HEARTBEAT and delivery in self.held:
+                if now - since >= interval and delivery in self.held:
                     self.held[delivery] = now
                     await delivery.in_progress()
 
