@@ -56,10 +56,13 @@ class FastPath:
         if read_limit is not None and hasattr(reader, "_limit"):
             reader._limit = read_limit // 2  # it pauses past twice this
 
-    async def send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
-        """Queue one message made of parts (size bytes, under the max payload) as
-        header + the parts as they are + CRLF, for the client's flusher to write in one
-        writev. False, having sent nothing, where nats-py's publish() must do it."""
+    async def send(
+        self, subject: str, parts: Sequence[bytes], size: int, header: bytes = b""
+    ) -> bool:
+        """Queue one message made of parts (size bytes; with the header block, under the
+        max payload) as control line + header block + the parts as they are + CRLF, for
+        the client's flusher to write in one writev. False, having sent nothing, where
+        nats-py's publish() must do it."""
         nc = self.nc
         if not self.publishing or not nc.is_connected or nc.is_draining_pubs:
             return False
@@ -69,12 +72,17 @@ class FastPath:
             encoded = self._subjects[subject] = subject.encode() if ok else b""
         if not encoded:  # publish() checks it and says what is wrong
             return False
-        header = b"PUB %b %d\r\n" % (encoded, size)
+        if header and not nc._server_info.get("headers"):  # publish() raises what it must
+            return False
+        if header:
+            command = b"HPUB %b %d %d\r\n%b" % (encoded, len(header), len(header) + size, header)
+        else:
+            command = b"PUB %b %d\r\n" % (encoded, size)
         pending = nc._pending
-        pending.append(header)
+        pending.append(command)
         pending.extend(parts)
         pending.append(b"\r\n")
-        nc._pending_data_size += len(header) + size + 2
+        nc._pending_data_size += len(command) + size + 2
         nc.stats["out_msgs"] += 1
         nc.stats["out_bytes"] += size
         if 0 < nc._max_pending_size < nc._pending_data_size:
@@ -82,6 +90,23 @@ class FastPath:
         elif nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
         return True
+
+
+_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def header_block(headers: dict[str, str]) -> bytes:
+    """NATS headers as HPUB carries them, encoded as nats-py's publish() encodes them
+    (values stripped, CR and LF made spaces); raises ValueError for a key it refuses."""
+    out = [b"NATS/1.0\r\n"]
+    for key, value in headers.items():
+        key = key.strip()
+        if not _HEADER_KEY.fullmatch(key):
+            raise ValueError(f"invalid NATS header name {key!r}")
+        out.append(b"%b: %b\r\n" % (key.encode(), value.strip().translate(_NEWLINES).encode()))
+    out.append(b"\r\n")
+    return b"".join(out)
 
 
 def _stock_forced() -> bool:
@@ -128,6 +153,8 @@ def _publish_problem() -> str:
             return f"nats-py's Client has no {name} {kind.__name__}"
     if not hasattr(nc, "_flush_queue"):
         return "nats-py's Client has no _flush_queue"
+    if not isinstance(getattr(nc, "_server_info", None), dict):
+        return "nats-py's Client has no _server_info dict"
     if not inspect.iscoroutinefunction(getattr(Client, "_flush_pending", None)):
         return "nats-py's Client has no async _flush_pending"
     return ""

@@ -293,9 +293,16 @@ class RecordingBus(Bus):
         super().__init__(Config(mode="filter"))
         self.sent: list[bytes] = []
 
-    async def _send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
+    async def _send(
+        self,
+        subject: str,
+        parts: Sequence[bytes],
+        size: int,
+        headers: dict[str, str] | None = None,
+        header: bytes = b"",
+    ) -> bool:
         data = b"".join(parts)
-        assert len(data) == size <= self.max_payload
+        assert len(data) == size <= self.max_payload - len(header)
         if b"refused" in data:
             return False
         self.sent.append(data)

@@ -39,15 +39,24 @@ class FakeBus(Bus):
         self.limit = max_payload
         self.refuse = refuse
         self.published: list[tuple[str, bytes]] = []
+        self.headers: list[dict[str, str] | None] = []  # those of each message published
 
     @property
     def max_payload(self) -> int:
         return self.limit
 
-    async def _send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
+    async def _send(
+        self,
+        subject: str,
+        parts: Sequence[bytes],
+        size: int,
+        headers: dict[str, str] | None = None,
+        header: bytes = b"",
+    ) -> bool:
         if subject in self.refuse:
             return False
         self.published.append((subject, b"".join(parts)))
+        self.headers.append(headers)
         return True
 
     async def catch_up(self) -> None:
