@@ -133,9 +133,7 @@ class Batcher:
         if len(chunk) > self.max_size:  # rare: a chunk larger than a whole batch
             pieces = split_under(chunk, self.max_size)
             tags = () if tag is None else (tag,)
-            ready.extend(
-                Parts([p], len(p), count_lines(p), tags, headers) for p in pieces[:-1]
-            )
+            ready.extend(Parts([p], len(p), count_lines(p), tags, headers) for p in pieces[:-1])
             chunk = pieces[-1]
             lines = count_lines(chunk)
         if not self._chunks:
@@ -224,9 +222,7 @@ class Pump:
             self._queue(self.batcher.take())
             self._wake.set()
 
-    async def add_now(
-        self, chunk: bytes, lines: int, headers: dict[str, str] | None = None
-    ) -> int:
+    async def add_now(self, chunk: bytes, lines: int, headers: dict[str, str] | None = None) -> int:
         """Batch a chunk and publish the batches it makes ready; returns the lines lost."""
         lost = 0
         for batch in self.batcher.add(chunk, lines, headers=headers):

@@ -332,9 +332,7 @@ def base_url(cfg: Config) -> str:
     return f"{cfg.influxdb_protocol}://{host}:{cfg.influxdb_port}"
 
 
-def write_url(
-    cfg: Config, v1: targets.V1 | None = None, v2: targets.V2 | None = None
-) -> str:
+def write_url(cfg: Config, v1: targets.V1 | None = None, v2: targets.V2 | None = None) -> str:
     """The URL batches are POSTed to (v2 API when influxdb_bucket is set): the configured
     database, or the client's target v1 (1.x) or v2 (2.x); it never holds credentials
     (they go in headers), so logs and dead letters may show it."""
