@@ -31,6 +31,8 @@ Metrics (counters; lines unless said otherwise):
   nats_dropped         input messages NATS dropped because the input buffer was full
                        (one sum, no subject label, as in Go influx-spout)
   triggered{rule}      lines each rule took; rule is the rule's subject, as in Go influx-spout
+  reloads              SIGHUPs whose [[rule]] tables now apply
+  reload_failures      SIGHUPs that kept the old rules (the file did not validate)
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from influx_spout import jetstream, lineproto, targets, workers
 from influx_spout.config import Alias, Checker, Config, Rule, option
-from influx_spout.mode import Host, Mode
+from influx_spout.mode import RELOAD_COUNTERS, RELOAD_HELP, Host, Mode
 from influx_spout.rules import Routed, RuleSet
 
 if TYPE_CHECKING:
@@ -99,6 +101,7 @@ COUNTERS = (
     "invalid_time",
     "failed_nats_publish",
     "failed_nats_publish_lines",
+    *RELOAD_COUNTERS,
 )
 
 # every counter's meaning: the monitor's # HELP lines and the README's table
@@ -115,6 +118,7 @@ HELP = {
         "input messages NATS dropped because the input buffer was full (one sum, no `subject`"
         " label, as in the Go influx-spout)"
     ),
+    **RELOAD_HELP,
 }
 
 

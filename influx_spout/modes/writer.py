@@ -76,6 +76,8 @@ Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
   lines_handed_back      lines of batches that failed for now, handed back to JetStream
                          to be delivered again (and then counted again in received):
                          never given up (only with durable = true)
+  reloads                SIGHUPs whose [[rule]] tables now apply
+  reload_failures        SIGHUPs that kept the old rules (the file did not validate)
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ from influx_spout.config import (
     tls_configured,
     tls_context,
 )
-from influx_spout.mode import Host, Mode
+from influx_spout.mode import RELOAD_COUNTERS, RELOAD_HELP, Host, Mode
 from influx_spout.stats import Stats
 
 if TYPE_CHECKING:
@@ -257,6 +259,7 @@ COUNTERS = (
     "lines_dead_lettered",
     "lines_given_up",
     "lines_unconfirmed",
+    *RELOAD_COUNTERS,
 )
 
 # every counter's meaning: the monitor's # HELP lines and the README's table
@@ -283,6 +286,7 @@ HELP = {
         "lines of batches that failed for now, handed back to JetStream to be delivered"
         " again, never given up (only with `durable`)"
     ),
+    **RELOAD_HELP,
 }
 
 # time allowed, after a stop, to stop taking input and then to write out what is left;
