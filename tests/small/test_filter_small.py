@@ -133,6 +133,8 @@ def test_routes_each_rule_to_its_subject_and_counts() -> None:
         "invalid_time": 1,
         "failed_nats_publish": 0,
         "failed_nats_publish_lines": 0,
+        "reloads": 0,
+        "reload_failures": 0,
     }
     # the Go convention: triggered is labelled with the rule's subject
     assert f.stats.get("triggered", rule="cpu") == 1
