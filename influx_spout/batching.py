@@ -82,11 +82,16 @@ class Parts(NamedTuple):
     size: int  # bytes, len(b"".join(parts))
     lines: int  # lines, as the caller of add counted them
     tags: tuple[object, ...] = ()  # what the caller of add gave with its chunks (acks)
+    headers: dict[str, str] | None = None  # NATS headers its message carries (targets.py)
 
 
 class Batcher:
     """Collects chunks until max_count chunks, max_size bytes, or max_age seconds; each
-    batch is given as its chunks with their line count (a publisher writes them as they are)."""
+    batch is given as its chunks with their line count (a publisher writes them as they are).
+
+    Chunks given with other headers (another client target) start a new batch: lines of
+    two targets never share a message.
+    """
 
     def __init__(
         self,
@@ -101,6 +106,7 @@ class Batcher:
         self._clock = clock
         self._chunks: list[bytes] = []
         self._tags: list[object] = []
+        self._headers: dict[str, str] | None = None  # those of the open batch
         self.size = 0
         self.lines = 0  # lines of the open batch
         self.started = 0.0  # clock() when the first chunk of this batch arrived
@@ -109,18 +115,25 @@ class Batcher:
     def count(self) -> int:
         return len(self._chunks)
 
-    def add(self, chunk: bytes, lines: int, tag: object = None) -> list[Parts]:
+    def add(
+        self, chunk: bytes, lines: int, tag: object = None, headers: dict[str, str] | None = None
+    ) -> list[Parts]:
         """Add one chunk of `lines` whole lines; return the batches that became ready,
-        oldest first. A tag goes with the chunk into the tags of each batch holding it."""
+        oldest first. A tag goes with the chunk into the tags of each batch holding it,
+        headers into the batch (a chunk with other headers than the open batch's ends it)."""
         if not chunk:
             return []
         ready: list[Parts] = []
-        if self._chunks and self.size + len(chunk) > self.max_size:
+        if self._chunks and (
+            self.size + len(chunk) > self.max_size
+            or (headers is not self._headers and headers != self._headers)
+        ):
             ready.append(self.take())
+        self._headers = headers
         if len(chunk) > self.max_size:  # rare: a chunk larger than a whole batch
             pieces = split_under(chunk, self.max_size)
             tags = () if tag is None else (tag,)
-            ready.extend(Parts([p], len(p), count_lines(p), tags) for p in pieces[:-1])
+            ready.extend(Parts([p], len(p), count_lines(p), tags, headers) for p in pieces[:-1])
             chunk = pieces[-1]
             lines = count_lines(chunk)
         if not self._chunks:
@@ -144,7 +157,7 @@ class Batcher:
 
     def take(self) -> Parts:
         """Return the batch collected so far (no parts when empty) and start a new one."""
-        batch = Parts(self._chunks, self.size, self.lines, tuple(self._tags))
+        batch = Parts(self._chunks, self.size, self.lines, tuple(self._tags), self._headers)
         self._chunks = []
         self._tags = []
         self.size = 0
@@ -182,19 +195,21 @@ class Pump:
         self._waiters: dict[int, asyncio.Future[int]] = {}
         self._confirming: set[asyncio.Task[None]] = set()  # confirmed batches publishing
 
-    def add(self, chunk: bytes, lines: int) -> None:
+    def add(self, chunk: bytes, lines: int, headers: dict[str, str] | None = None) -> None:
         """Batch a chunk; the batches it makes ready wait in `ready` for the pump's task."""
-        batches = self.batcher.add(chunk, lines)
+        batches = self.batcher.add(chunk, lines, headers=headers)
         if batches:
             for batch in batches:
                 self._queue(batch)
             self._wake.set()
 
-    def add_confirmed(self, chunk: bytes, lines: int) -> list[asyncio.Future[int]]:
+    def add_confirmed(
+        self, chunk: bytes, lines: int, headers: dict[str, str] | None = None
+    ) -> list[asyncio.Future[int]]:
         """Batch a chunk; the futures give the lines lost of the batches that hold it, once
         they are published (a chunk larger than a batch may span several)."""
         first = self._queued_n
-        self.add(chunk, lines)
+        self.add(chunk, lines, headers)
         last = self._queued_n if self.batcher.count else self._queued_n - 1
         if len(chunk) <= self.batcher.max_size:
             first = last
@@ -207,10 +222,10 @@ class Pump:
             self._queue(self.batcher.take())
             self._wake.set()
 
-    async def add_now(self, chunk: bytes, lines: int) -> int:
+    async def add_now(self, chunk: bytes, lines: int, headers: dict[str, str] | None = None) -> int:
         """Batch a chunk and publish the batches it makes ready; returns the lines lost."""
         lost = 0
-        for batch in self.batcher.add(chunk, lines):
+        for batch in self.batcher.add(chunk, lines, headers=headers):
             lost += await self._publish(batch)
         return lost
 

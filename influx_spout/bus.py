@@ -32,7 +32,7 @@ from influx_spout.batching import Parts, count_lines, split_under
 from influx_spout.config import Config
 from influx_spout.natsconnect import UNREACHABLE as _UNREACHABLE
 from influx_spout.natsconnect import connect_kwargs, failure, uses_tls
-from influx_spout.natsfast import FastPath, require_tls
+from influx_spout.natsfast import FastPath, header_block, require_tls
 
 log = logging.getLogger("influx_spout.bus")
 
@@ -120,7 +120,9 @@ class PubAcks:
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._sub: Any = None
 
-    async def publish(self, subject: str, data: bytes) -> asyncio.Future[None]:
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> asyncio.Future[None]:
         if self._sub is None:
             self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_reply)
         self._next += 1
@@ -128,7 +130,7 @@ class PubAcks:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[reply] = future
         future.add_done_callback(lambda _: self._waiting.pop(reply, None))
-        await self._nc.publish(subject, data, reply=reply)
+        await self._nc.publish(subject, data, reply=reply, headers=headers)
         return future
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -306,8 +308,11 @@ class Bus:
         """Bytes published but not yet written to the socket (buffered while reconnecting)."""
         return self.nc.pending_data_size
 
-    async def publish(self, subject: str, data: bytes) -> int:
-        """Publish whole lines, split under the server's max payload.
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> int:
+        """Publish whole lines, split under the server's max payload, each message with
+        the NATS headers given (the client's target, targets.py).
 
         Returns the number of lines NOT published (0 on success): a line longer than the
         max payload is one, a message that could not be sent is all its lines.
@@ -315,42 +320,58 @@ class Bus:
         if not data:
             return 0
         if self.durable:
-            return await self._store(subject, data)
-        if len(data) > self.max_payload:
-            return await self._publish_split(subject, data)
-        return 0 if await self._send(subject, (data,), len(data)) else _lines(data)
+            return await self._store(subject, data, headers=headers)
+        header = header_block(headers) if headers else b""
+        if len(data) + len(header) > self.max_payload:
+            return await self._publish_split(subject, data, headers, header)
+        ok = await self._send(subject, (data,), len(data), headers, header)
+        return 0 if ok else _lines(data)
 
     async def publish_parts(self, subject: str, batch: Parts) -> int:
-        """publish() of a batch of whole lines, without joining its parts when they fit
-        in one message. Returns the number of lines NOT published."""
+        """publish() of a batch of whole lines, with its headers, without joining its
+        parts when they fit in one message. Returns the number of lines NOT published."""
         if not batch.size:
             return 0
         if self.durable:
             data = batch.parts[0] if len(batch.parts) == 1 else b"".join(batch.parts)
-            return await self._store(subject, data, batch.lines)
-        if batch.size > self.max_payload:
-            return await self._publish_split(subject, b"".join(batch.parts))
-        return 0 if await self._send(subject, batch.parts, batch.size) else batch.lines
+            return await self._store(subject, data, batch.lines, batch.headers)
+        headers = batch.headers
+        header = header_block(headers) if headers else b""
+        if batch.size + len(header) > self.max_payload:
+            return await self._publish_split(subject, b"".join(batch.parts), headers, header)
+        ok = await self._send(subject, batch.parts, batch.size, headers, header)
+        return 0 if ok else batch.lines
 
-    async def _publish_split(self, subject: str, data: bytes) -> int:
+    async def _publish_split(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, header: bytes
+    ) -> int:
         """publish() of data over the max payload: the lines NOT published."""
-        limit = self.max_payload
+        limit = self.max_payload - len(header)
         lost = 0
         for piece in split_under(data, limit):
             if len(piece) > limit:  # split_under leaves such a line a piece of its own
                 log.warning("a line of %d bytes exceeds the NATS max payload %d", len(piece), limit)
                 lost += 1
-            elif not await self._send(subject, (piece,), len(piece)):
+            elif not await self._send(subject, (piece,), len(piece), headers, header):
                 lost += _lines(piece)
         return lost
 
-    async def _send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
-        """One NATS message made of parts (size bytes, under the max payload): by the fast
-        path, else nats-py's publish() of the joined parts. False if it was not sent."""
-        if await self.fast.send(subject, parts, size):
+    async def _send(
+        self,
+        subject: str,
+        parts: Sequence[bytes],
+        size: int,
+        headers: dict[str, str] | None = None,
+        header: bytes = b"",
+    ) -> bool:
+        """One NATS message made of parts (size bytes, with header under the max payload):
+        by the fast path, else nats-py's publish() of the joined parts. False if it was
+        not sent."""
+        if await self.fast.send(subject, parts, size, header):
             return True
         try:
-            await self.nc.publish(subject, parts[0] if len(parts) == 1 else b"".join(parts))
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            await self.nc.publish(subject, data, headers=headers)
         except Exception as exc:
             if self._down_since is None:
                 log.warning("publish to %s failed: %s", subject, exc)
@@ -377,18 +398,28 @@ class Bus:
         settings = jetstream.Settings.of(self.cfg)
         return [await jetstream.ensure_stream(self.js, s, settings) for s in subjects]
 
-    async def _store(self, subject: str, data: bytes, lines: int | None = None) -> int:
+    async def _store(
+        self,
+        subject: str,
+        data: bytes,
+        lines: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> int:
         """publish() into JetStream: every message sent at once, then their PubAcks
         awaited together. Returns the lines not stored."""
-        return await (await self.store_soon(subject, data, lines))
+        return await (await self.store_soon(subject, data, lines, headers))
 
     async def store_soon(
-        self, subject: str, data: bytes, lines: int | None = None
+        self,
+        subject: str,
+        data: bytes,
+        lines: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> asyncio.Future[int]:
-        """Send whole lines to JetStream now (split under the max payload); the future
-        gives the lines not stored once every PubAck came back (or timed out): a caller
-        may send more meanwhile."""
-        limit = self.max_payload
+        """Send whole lines to JetStream now (split under the max payload), each message
+        with the headers given; the future gives the lines not stored once every PubAck
+        came back (or timed out): a caller may send more meanwhile."""
+        limit = self.max_payload - (len(header_block(headers)) if headers else 0)
         pieces = split_under(data, limit) if len(data) > limit else [data]
         lost = 0
         waits: list[tuple[asyncio.Future[Any], bytes]] = []
@@ -398,7 +429,7 @@ class Bus:
                 lost += 1
                 continue
             try:
-                waits.append((await self._pubacks().publish(subject, piece), piece))
+                waits.append((await self._pubacks().publish(subject, piece, headers), piece))
             except Exception as exc:
                 log.warning("publish to JetStream %s failed: %s", subject, exc)
                 lost += _lines(piece)

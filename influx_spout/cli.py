@@ -22,6 +22,7 @@ from influx_spout.config import ConfigError, load_config, preflight
 
 if TYPE_CHECKING:
     from influx_spout.mode import Mode
+    from influx_spout.stats import Stats
 
 log = logging.getLogger("influx_spout")
 
@@ -157,8 +158,9 @@ async def run(mode: Mode) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
-    loop.add_signal_handler(signal.SIGHUP, reload, mode)
-    await runtime.run(mode, stop)
+    rt = runtime.Runtime(mode.cfg, stop, mode.counters, mode.labels)
+    loop.add_signal_handler(signal.SIGHUP, reload, mode, rt.stats)
+    await rt.serve(mode)
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
@@ -170,9 +172,10 @@ def _early_hangup(signum: int, frame: object) -> None:
     log.info("SIGHUP received while starting: ignored")
 
 
-def reload(mode: Mode) -> None:
+def reload(mode: Mode, stats: Stats | None = None) -> None:
     """SIGHUP: re-read the config file, hand its [[rule]] tables to the mode; a file that
-    no longer validates leaves the rules running as they are."""
+    no longer validates leaves the rules running as they are. Counted in stats (reloads,
+    reload_failures)."""
     cfg = mode.cfg
     apply = getattr(mode, "reload", None)
     if apply is None:
@@ -187,5 +190,9 @@ def reload(mode: Mode) -> None:
         apply(new.rule)
     except (ConfigError, ValueError) as exc:
         log.error("SIGHUP: kept the rules running, the file does not validate: %s", exc)
+        if stats is not None:
+            stats.inc("reload_failures")
         return
+    if stats is not None:
+        stats.inc("reloads")
     log.info("SIGHUP: %d rules from %s now apply", len(new.rule), cfg.source)

@@ -37,7 +37,7 @@ from influx_spout import redact, tlsclient
 from influx_spout.encoders.json_mapping import MAPPING_KEYS, PRECISIONS, JsonMapping
 from influx_spout.modes import MODES, module
 
-RULE_TYPES = ("basic", "tags", "regex", "negregex")
+RULE_TYPES = ("basic", "tags", "regex", "negregex", "database")
 
 KB = 1024
 MB = 1024 * KB
@@ -61,7 +61,7 @@ class ConfigError(Exception):
 @dataclass
 class Rule:
     type: str  # one of RULE_TYPES
-    match: str = ""  # basic: measurement name; regex/negregex: pattern
+    match: str = ""  # basic: measurement name; regex/negregex: pattern; database: its name
     tags: list[tuple[str, str]] = field(default_factory=list)  # tags rules
     subject: str = ""  # filter: where matching lines go; writer rules have none
 
@@ -953,7 +953,9 @@ def _convert_rule(raw: Any, file: str, name: str) -> Rule:
             file, f"{name}.tags", f"{rtype} rules take no tags", 'remove it, or use type = "tags"'
         )
     if not match:
-        what = "the measurement name" if rtype == "basic" else "a regular expression"
+        what = {"basic": "the measurement name", "database": "the database or bucket name"}.get(
+            rtype, "a regular expression"
+        )
         raise fail(file, f"{name}.match", "missing or empty", f"{rtype} rules need {what}")
     if rtype in ("regex", "negregex"):
         try:

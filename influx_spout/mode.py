@@ -17,6 +17,14 @@ if TYPE_CHECKING:
     from influx_spout.config import Config
     from influx_spout.stats import Stats
 
+# what a mode with reload(rules) counts of its SIGHUPs (cli.reload, in the process that
+# got the signal: a pool's parent, not its workers), and their # HELP lines
+RELOAD_COUNTERS = ("reloads", "reload_failures")
+RELOAD_HELP = {
+    "reloads": "SIGHUPs whose `[[rule]]` tables now apply",
+    "reload_failures": "SIGHUPs that kept the old rules: the file did not validate (logged)",
+}
+
 
 class Host(Protocol):
     """What a mode runs on: a Runtime, or a worker process's WorkerHost (workers.py)."""

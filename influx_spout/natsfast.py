@@ -56,10 +56,13 @@ class FastPath:
         if read_limit is not None and hasattr(reader, "_limit"):
             reader._limit = read_limit // 2  # it pauses past twice this
 
-    async def send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
-        """Queue one message made of parts (size bytes, under the max payload) as
-        header + the parts as they are + CRLF, for the client's flusher to write in one
-        writev. False, having sent nothing, where nats-py's publish() must do it."""
+    async def send(
+        self, subject: str, parts: Sequence[bytes], size: int, header: bytes = b""
+    ) -> bool:
+        """Queue one message made of parts (size bytes; with the header block, under the
+        max payload) as control line + header block + the parts as they are + CRLF, for
+        the client's flusher to write in one writev. False, having sent nothing, where
+        nats-py's publish() must do it."""
         nc = self.nc
         if not self.publishing or not nc.is_connected or nc.is_draining_pubs:
             return False
@@ -69,12 +72,17 @@ class FastPath:
             encoded = self._subjects[subject] = subject.encode() if ok else b""
         if not encoded:  # publish() checks it and says what is wrong
             return False
-        header = b"PUB %b %d\r\n" % (encoded, size)
+        if header and not nc._server_info.get("headers"):  # publish() raises what it must
+            return False
+        if header:
+            command = b"HPUB %b %d %d\r\n%b" % (encoded, len(header), len(header) + size, header)
+        else:
+            command = b"PUB %b %d\r\n" % (encoded, size)
         pending = nc._pending
-        pending.append(header)
+        pending.append(command)
         pending.extend(parts)
         pending.append(b"\r\n")
-        nc._pending_data_size += len(header) + size + 2
+        nc._pending_data_size += len(command) + size + 2
         nc.stats["out_msgs"] += 1
         nc.stats["out_bytes"] += size
         if 0 < nc._max_pending_size < nc._pending_data_size:
@@ -82,6 +90,23 @@ class FastPath:
         elif nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
         return True
+
+
+_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def header_block(headers: dict[str, str]) -> bytes:
+    """NATS headers as HPUB carries them, encoded as nats-py's publish() encodes them
+    (values stripped, CR and LF made spaces); raises ValueError for a key it refuses."""
+    out = [b"NATS/1.0\r\n"]
+    for key, value in headers.items():
+        key = key.strip()
+        if not _HEADER_KEY.fullmatch(key):
+            raise ValueError(f"invalid NATS header name {key!r}")
+        out.append(b"%b: %b\r\n" % (key.encode(), value.strip().translate(_NEWLINES).encode()))
+    out.append(b"\r\n")
+    return b"".join(out)
 
 
 def _stock_forced() -> bool:
@@ -128,6 +153,8 @@ def _publish_problem() -> str:
             return f"nats-py's Client has no {name} {kind.__name__}"
     if not hasattr(nc, "_flush_queue"):
         return "nats-py's Client has no _flush_queue"
+    if not isinstance(getattr(nc, "_server_info", None), dict):
+        return "nats-py's Client has no _server_info dict"
     if not inspect.iscoroutinefunction(getattr(Client, "_flush_pending", None)):
         return "nats-py's Client has no async _flush_pending"
     return ""
@@ -201,6 +228,18 @@ def _msg(subject: bytes, sid: int, payload: bytes, reply: bytes = b"") -> bytes:
     return head + payload + b"\r\n"
 
 
+def _hmsg(subject: bytes, sid: int, header: bytes, payload: bytes, reply: bytes = b"") -> bytes:
+    total = len(header) + len(payload)
+    head = b"HMSG %b %d %b%d %d\r\n" % (
+        subject,
+        sid,
+        reply + b" " if reply else b"",
+        len(header),
+        total,
+    )
+    return head + header + payload + b"\r\n"
+
+
 SELF_CHECK_STREAM = b"".join(
     [
         b'INFO {"server_id":"x","max_payload":1048576}\r\n',
@@ -212,6 +251,9 @@ SELF_CHECK_STREAM = b"".join(
         b"PONG\r\n",
         b"HMSG in 3 18 22\r\nNATS/1.0\r\nA: b\r\n\r\nh=1\n\r\n",
         _msg(b"in", 1, b"after headers\n"),
+        _hmsg(b"in", 4, b"NATS/1.0\r\nInfluxdb-Db: a\r\n\r\n", b"cpu v=1 1\n" * 120),
+        _hmsg(b"in.r", 5, b"NATS/1.0\r\nB: c\r\n\r\n", b"m v=2\n", reply=b"_INBOX.x"),
+        _msg(b"in", 12, b"after a reply\n", reply=b"34"),
         b"+OK\r\n",
         b"-ERR 'Slow Consumer'\r\n",
         _msg(b"in", 1, b"last\n"),
@@ -309,16 +351,19 @@ _CHUNK_READER = (
 
 # a MSG control line (no headers): subject, sid, reply (optional), payload size
 _MSG_LINE = re.compile(rb"MSG[ \t]+(\S+)[ \t]+(\S+)[ \t]+(?:(\S+)[ \t]+)?(\d+)\r\n")
+# an HMSG control line: subject, sid, reply (optional), header size, total size
+_HMSG_LINE = re.compile(rb"HMSG[ \t]+(\S+)[ \t]+(\S+)[ \t]+(?:(\S+)[ \t]+)?(\d+)[ \t]+(\d+)\r\n")
 
 
 class _LeanParser(Parser):
-    """nats-py's protocol parser, taking each MSG payload with one copy.
+    """nats-py's protocol parser, taking each MSG and HMSG payload with one copy.
 
     nats-py's extends one bytearray with every chunk read and slices each payload out
-    of it (3 copies, plus reallocations). This one finds MSG lines in the chunk as
-    received and joins the pieces of a payload once, when its last piece is in. Any
-    other command (PING, INFO, -ERR, HMSG...) goes to nats-py's parse(), which then
-    holds the stream until it has consumed all it was given.
+    of it (3 copies, plus reallocations). This one finds MSG and HMSG lines in the chunk
+    as received and joins the pieces of a payload once, when its last piece is in (an
+    HMSG's header block, cut off first, is handed over as nats-py hands it: raw). Any
+    other command (PING, INFO, -ERR...) goes to nats-py's parse(), which then holds the
+    stream until it has consumed all it was given.
     """
 
     def reset(self) -> None:
@@ -326,6 +371,8 @@ class _LeanParser(Parser):
         self._pieces: list[bytes | memoryview] = []  # of the payload being received
         self._have = 0  # bytes in _pieces
         self._msg: tuple[bytes, int, bytes] = (b"", 0, b"")  # its subject, sid, reply
+        self._header: bytes | None = None  # its HMSG header block, when already cut off
+        self._header_left = 0  # bytes of header block at the start of _pieces (to cut)
         self._head = b""  # a control line cut by the end of the last chunk
 
     async def parse(self, data: bytes = b"") -> None:
@@ -366,29 +413,43 @@ class _LeanParser(Parser):
             self._head = b""
         end = len(data)
         while pos < end:
+            header_size = 0
             line = _MSG_LINE.match(data, pos)
-            if line is None:
+            if line is not None:
+                subject, sid, reply, size = line.groups()
+            elif (hline := _HMSG_LINE.match(data, pos)) is not None:
+                line = hline
+                subject, sid, reply, hsize, size = line.groups()
+                header_size = int(hsize)
+            else:
                 eol = data.find(b"\r\n", pos)
                 if eol < 0 and end - pos < MAX_CONTROL_LINE_SIZE:
                     self._head = data[pos:]
-                elif eol < 0 or data.startswith(b"HMSG", pos):
+                elif eol < 0:
                     await self._nats_py_parse(data[pos:])
                 else:  # one command line (PING, INFO...): nats-py's to handle
                     await self._nats_py_parse(data[pos : eol + 2])
                     pos = eol + 2
                     continue
                 return
-            subject, sid, reply, size = line.groups()
             start = line.end()
             stop = start + int(size)
+            header = data[start : start + header_size] if header_size else None
             if stop + 2 > end:  # the payload goes on in the next chunks
                 self._msg = (subject, int(sid), reply or b"")
                 self.needed = int(size)
+                if header_size and start + header_size <= end:  # cut off the header now
+                    self._header, start = header, start + header_size
+                    self.needed -= header_size
+                else:
+                    self._header, self._header_left = None, header_size
                 self._pieces = [memoryview(data)[start:]]
                 self._have = end - start
                 return
             pos = stop + 2
-            await self._deliver(int(sid), subject, reply or b"", data[start:stop])
+            await self._deliver(
+                int(sid), subject, reply or b"", data[start + header_size : stop], header
+            )
 
     async def _payload_done(self) -> tuple[bytes, int]:
         """Deliver the payload that _pieces now hold; (bytes, position) of what follows."""
@@ -404,11 +465,17 @@ class _LeanParser(Parser):
             rest = b"".join(pieces)
             payload, pos = rest[: self.needed], self.needed + 2
         subject, sid, reply = self._msg
-        await self._deliver(sid, subject, reply, payload)
+        header, self._header = self._header, None
+        if self._header_left:  # rare: the header block itself came in pieces
+            header, payload = payload[: self._header_left], payload[self._header_left :]
+            self._header_left = 0
+        await self._deliver(sid, subject, reply, payload, header)
         return rest, pos
 
-    async def _deliver(self, sid: int, subject: bytes, reply: bytes, payload: bytes) -> None:
-        await self.nc._process_msg(sid, subject, reply, payload, None)
+    async def _deliver(
+        self, sid: int, subject: bytes, reply: bytes, payload: bytes, header: bytes | None = None
+    ) -> None:
+        await self.nc._process_msg(sid, subject, reply, payload, header)
 
     async def _nats_py_parse(self, data: bytes) -> None:
         await super().parse(data)

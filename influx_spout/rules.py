@@ -5,7 +5,10 @@ Rules are tried in order and the first that matches a line takes it:
 - ``basic``: the measurement, unescaped, equals ``match``;
 - ``tags``: every listed (key, value) pair is among the line's tags, compared unescaped;
 - ``regex``: ``match`` is found somewhere in the raw line;
-- ``negregex``: ``match`` is not found in the raw line.
+- ``negregex``: ``match`` is not found in the raw line;
+- ``database``: the batch's client target (influx_spout.targets: its 1.x ``db``, or its 2.x
+  ``bucket``, whole or the database part of "db/rp") equals ``match``: it takes every
+  line of the batch no earlier rule took. A batch without a target matches none.
 
 Lines no rule takes are the junk. Before routing, invalid lines (lineproto) are set aside,
 and so are lines whose timestamp is further than ``max_delta_ns`` from now.
@@ -142,9 +145,12 @@ class RuleSet:
         self.rules = list(rules)
         self._junk = len(self.rules)  # the "rule index" of lines no rule takes
         self._basic: dict[bytes, int] = {}  # measurement -> first basic rule naming it
+        self._database: dict[str, int] = {}  # database name -> first database rule naming it
         others: list[tuple[int, _Tags | _Regex]] = []
         for i, rule in enumerate(self.rules):
-            if rule.type == "basic":
+            if rule.type == "database":
+                self._database.setdefault(rule.match, i)
+            elif rule.type == "basic":
                 self._basic.setdefault(rule.match.encode(), i)
             elif rule.type == "tags":
                 others.append((i, _Tags(rule.tags)))
@@ -169,13 +175,29 @@ class RuleSet:
         last_basic = max(self._basic.values(), default=-1)
         self._head = [(i, t) for i, t in others if i < last_basic]
         self._tail = [(i, t) for i, t in others if i > last_basic]
+        # with database rules: per database rule (None: no database rule matches), the
+        # rules before it without database rules, and their indices here
+        self._views: dict[int | None, tuple[RuleSet, list[int]]] = {}
+        if self._database:
+            for end in (*self._database.values(), None):
+                index = [i for i, r in enumerate(self.rules[:end]) if r.type != "database"]
+                self._views[end] = (RuleSet([self.rules[i] for i in index]), index)
 
-    def route(self, batch: bytes, now_ns: int = 0, max_delta_ns: int | None = None) -> Routed:
+    def route(
+        self,
+        batch: bytes,
+        now_ns: int = 0,
+        max_delta_ns: int | None = None,
+        databases: Sequence[str] = (),
+    ) -> Routed:
         """Split a batch: invalid lines, out-of-window lines, each rule's lines, the junk.
 
-        max_delta_ns None skips the time check (now_ns is then unused). Lines keep their
-        order within each output.
+        max_delta_ns None skips the time check (now_ns is then unused). databases: the
+        names of the batch's client target (targets.databases), for database rules. Lines
+        keep their order within each output.
         """
+        if self._views:
+            return self._route_by_database(batch, now_ns, max_delta_ns, databases)
         checked = None
         if max_delta_ns is not None:
             checked = lineproto.valid_in_window(batch, now_ns, max_delta_ns)
@@ -220,6 +242,25 @@ class RuleSet:
         routed.junk = joined.pop(self._junk, b"")
         routed.outputs = joined
         routed.rejected = routed.triggered.pop(self._junk, 0)
+        return routed
+
+    def _route_by_database(
+        self, batch: bytes, now_ns: int, max_delta_ns: int | None, databases: Sequence[str]
+    ) -> Routed:
+        """route() with database rules: a whole batch is of one target, so the first
+        database rule naming it takes what the rules before it leave (the junk of the
+        rules before it, routed without the database rules)."""
+        found = [self._database[d] for d in databases if d in self._database]
+        taker = min(found) if found else None
+        view, index = self._views[taker]
+        routed = view.route(batch, now_ns, max_delta_ns)
+        routed.outputs = {index[i]: data for i, data in routed.outputs.items()}
+        routed.triggered = {index[i]: n for i, n in routed.triggered.items()}
+        if taker is not None and routed.junk:
+            routed.outputs[taker] = routed.junk
+            routed.triggered[taker] = routed.rejected
+            routed.junk = b""
+            routed.rejected = 0
         return routed
 
     def _by_rule(

@@ -49,7 +49,7 @@ from types import TracebackType
 
 from influx_spout.bus import Bus
 from influx_spout.config import Config, Rule
-from influx_spout.mode import Host, Mode
+from influx_spout.mode import RELOAD_COUNTERS, Host, Mode
 from influx_spout.runtime import lifecycle
 from influx_spout.stats import LabelKey, Stats
 
@@ -384,7 +384,8 @@ class Pool:
         for w in self.workers:
             for key, value in w.values.items():
                 total[key] = total.get(key, 0) + value
-        rt.stats.values.update(total)
+        # what the parent counts itself (SIGHUPs) is not its workers' to sum
+        rt.stats.values.update({k: v for k, v in total.items() if k[0] not in RELOAD_COUNTERS})
         rt.ready = not self.stopping and all(w.ready for w in self.workers)
 
     def _exit(self, w: _Worker, rt: Host) -> None:

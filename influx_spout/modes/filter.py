@@ -3,7 +3,8 @@
 Input: batches of line protocol on the one `nats_subject`. Each batch is routed by
 influx_spout.rules (invalid and out-of-window lines are counted and dropped), then each
 rule's lines go out as one message on the rule's subject, and the lines no rule took as
-one message on `nats_subject_junkyard`.
+one message on `nats_subject_junkyard`. Each output carries the client-target headers of
+its input message (influx_spout.targets), which a `database` rule routes on.
 
 With workers > 1 (capped at the CPU count), the whole job runs in that many worker
 processes (influx_spout.workers): each has its own NATS connection, subscribes to the input
@@ -30,6 +31,8 @@ Metrics (counters; lines unless said otherwise):
   nats_dropped         input messages NATS dropped because the input buffer was full
                        (one sum, no subject label, as in Go influx-spout)
   triggered{rule}      lines each rule took; rule is the rule's subject, as in Go influx-spout
+  reloads              SIGHUPs whose [[rule]] tables now apply
+  reload_failures      SIGHUPs that kept the old rules (the file did not validate)
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from influx_spout import jetstream, lineproto, workers
+from influx_spout import jetstream, lineproto, targets, workers
 from influx_spout.config import Alias, Checker, Config, Rule, option
-from influx_spout.mode import Host, Mode
+from influx_spout.mode import RELOAD_COUNTERS, RELOAD_HELP, Host, Mode
 from influx_spout.rules import Routed, RuleSet
 
 if TYPE_CHECKING:
@@ -98,6 +101,7 @@ COUNTERS = (
     "invalid_time",
     "failed_nats_publish",
     "failed_nats_publish_lines",
+    *RELOAD_COUNTERS,
 )
 
 # every counter's meaning: the monitor's # HELP lines and the README's table
@@ -114,6 +118,7 @@ HELP = {
         "input messages NATS dropped because the input buffer was full (one sum, no `subject`"
         " label, as in the Go influx-spout)"
     ),
+    **RELOAD_HELP,
 }
 
 
@@ -164,12 +169,14 @@ class Filter:
         if self.failure is not None:
             return
         ruleset, subjects = self.routes  # a reload applies from the next batch on
+        target = targets.only(headers)  # what the outputs carry on
+        names = targets.databases(target)
         try:
             if self.inline:
-                routed = ruleset.route(batch, lineproto.now_ns(), self.max_delta_ns)
+                routed = ruleset.route(batch, lineproto.now_ns(), self.max_delta_ns, names)
             else:
                 routed = await asyncio.to_thread(
-                    ruleset.route, batch, lineproto.now_ns(), self.max_delta_ns
+                    ruleset.route, batch, lineproto.now_ns(), self.max_delta_ns, names
                 )
         except Exception as exc:
             # route() takes any bytes: failing here is a bug, and the filter stops
@@ -182,7 +189,7 @@ class Filter:
         if routed.junk:
             outputs.append((self.cfg.nats_subject_junkyard, routed.junk))
         for s, data in outputs:
-            await self._publish(s, data)
+            await self._publish(s, data, target)
         if self.inline and time.monotonic() - self.yielded >= YIELD_INTERVAL:
             # routing keeps the event loop busy: let it read the socket now and then, or
             # under overload the backlog would pile up in nats-server (which cuts a slow
@@ -248,13 +255,16 @@ class Filter:
                         lineproto.shown(line),
                     )
 
-    async def _publish(self, subject: str, data: bytes) -> None:
-        """Publish whole lines (the bus splits them); count the lines NATS did not take.
-        Durable: sent now, their PubAcks awaited by _settle."""
+    async def _publish(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        """Publish whole lines (the bus splits them) with the input's target headers; count
+        the lines NATS did not take. Durable: sent now, their PubAcks awaited by _settle."""
+        bus = self.rt.bus
         if self.cfg.durable:
-            self.storing.append((subject, await self.rt.bus.store_soon(subject, data)))
+            self.storing.append((subject, await bus.store_soon(subject, data, None, headers)))
             return
-        self._count_lost(subject, await self.rt.bus.publish(subject, data))
+        self._count_lost(subject, await bus.publish(subject, data, headers))
 
     def _count_lost(self, subject: str, lost: int) -> int:
         if lost:

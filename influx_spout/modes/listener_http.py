@@ -10,8 +10,12 @@ point at it unchanged:
   GET|POST /query                          only CREATE DATABASE and SHOW DATABASES, which
                                            clients send at start; anything else is a 400
 
-Routing is done by the filter's rules, not here: db, rp, bucket and org are accepted and
-passed over (db may be missing, as with the Go influx-spout).
+Routing is done by the filter's rules, not here: db and rp (1.x), or bucket and org (2.x),
+travel with the batches holding the request's lines as the NATS headers Influxdb-Db,
+Influxdb-Rp, Influxdb-Bucket and Influxdb-Org (influx_spout.targets; only those given), so
+that the filter can route on them and a writer can write there; requests of two targets
+never share a batch. A request without any (db may be missing, as with the Go
+influx-spout) publishes batches without headers.
 
 With auth_users_file or auth_tokens_file set, every request but /ping and /health needs
 credentials (influx_spout.auth), checked once the head is read and before the body is
@@ -79,7 +83,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
-from influx_spout import jetstream, lineproto, listening
+from influx_spout import jetstream, lineproto, listening, targets
 from influx_spout.auth import REALM, Authenticator, AuthFileError, Denied, credentials
 from influx_spout.batching import (
     Batcher,
@@ -437,13 +441,17 @@ class HttpListener:
         self.cfg = cfg
         self.rt = rt
         self.subject = cfg.nats_subject[0]
-        self.batch_size = min(cfg.batch_max_size, rt.bus.max_payload)
+        # room for the target headers under the max payload
+        self.batch_size = min(cfg.batch_max_size, rt.bus.max_payload - targets.ROOM)
         # durable: every batch has answers waiting on it, so it lingers durable_linger at most
         max_age = min(cfg.batch_max_age, cfg.durable_linger) if cfg.durable else cfg.batch_max_age
         batcher = Batcher(cfg.batch_max_count, self.batch_size, max_age)
         self.pump = Pump(batcher, self.publish, confirmed=cfg.durable)
         self.busy_limit = max(BUSY_FACTOR * self.batch_size, cfg.max_body_size)
         self.databases: set[str] = set()
+        # (db, rp, bucket, org) -> its headers: one dict per target, so that the batcher
+        # tells two targets apart by identity
+        self.targets: dict[tuple[str, str, str, str], dict[str, str] | None] = {}
         self.arriving = 0  # write requests whose body is being read or checked
         # bodies being read or checked count in server.held until they are answered;
         # reading stops with a 503 past busy_limit + max_body_size
@@ -557,10 +565,11 @@ class HttpListener:
                 Reject(400, f'invalid precision "{precision}" (use n, u, ms, s, m or h)'),
                 v2=False,
             )
-        db = request.query.get("db")
+        query = request.query
+        db = query.get("db", "")
         if db and len(self.databases) < MAX_DATABASES:
             self.databases.add(db)
-        return await self.write(request, precision, v2=False)
+        return await self.write(request, precision, False, (db, query.get("rp", ""), "", ""))
 
     async def write_v2(self, request: Request) -> Response:
         self.rt.stats.inc("received")
@@ -568,14 +577,36 @@ class HttpListener:
         if precision not in V2_PRECISIONS:
             reject = Reject(400, f'invalid precision "{precision}" (use ns, us, ms or s)')
             return self.refuse(request, reject, v2=True)
-        if not request.query.get("bucket"):
+        query = request.query
+        bucket = query.get("bucket", "")
+        if not bucket:
             reject = Reject(400, "bucket is required (add ?bucket=NAME to the URL)")
             return self.refuse(request, reject, v2=True)
-        return await self.write(request, precision, v2=True)
+        return await self.write(request, precision, True, ("", "", bucket, query.get("org", "")))
 
-    async def write(self, request: Request, precision: str, v2: bool) -> Response:
+    def target(self, key: tuple[str, str, str, str]) -> dict[str, str] | None:
+        """The NATS headers of a write to key = (db, rp, bucket, org); Reject when they
+        cannot carry it."""
+        try:
+            return self.targets[key]
+        except KeyError:
+            pass
+        headers = targets.of_request(*key)
+        if headers is not None:
+            why = targets.problem(headers)
+            if why:
+                raise Reject(400, f"{why} (use shorter names without control characters)")
+        if len(self.targets) >= MAX_DATABASES:
+            self.targets.clear()
+        self.targets[key] = headers
+        return headers
+
+    async def write(
+        self, request: Request, precision: str, v2: bool, key: tuple[str, str, str, str]
+    ) -> Response:
         arrival = lineproto.now_ns() if self.cfg.durable else 0
         try:
+            headers = self.target(key)
             encoding = content_encoding(request)
             limit = self.cfg.max_body_size
             length = request.content_length
@@ -618,7 +649,7 @@ class HttpListener:
                     "unavailable",
                     headers={"Retry-After": RETRY_AFTER},
                 )
-            lost = await self.accept(decoded)
+            lost = await self.accept(decoded, headers)
             if lost:
                 return error_response(
                     503,
@@ -636,7 +667,7 @@ class HttpListener:
             return error_response(400, message, v2)
         return NO_CONTENT
 
-    async def accept(self, checked: Checked) -> int:
+    async def accept(self, checked: Checked, headers: dict[str, str] | None = None) -> int:
         """Batch the valid lines; returns how many were lost. Plain: the batches they made
         ready are published first. Durable: once JetStream stored (PubAck) every batch that
         holds them; many requests wait on one batch, which lingers only while other requests
@@ -644,11 +675,11 @@ class HttpListener:
         lost = 0
         if not self.pump.confirmed:
             for piece, lines in checked.pieces:
-                lost += await self.pump.add_now(piece, lines)
+                lost += await self.pump.add_now(piece, lines, headers)
             return lost
         waits = []
         for piece, lines in checked.pieces:
-            waits += self.pump.add_confirmed(piece, lines)
+            waits += self.pump.add_confirmed(piece, lines, headers)
         if not self.arriving:  # no other request would join the batch: no need to linger
             self.pump.flush()
         # shielded: a client that goes away must not cancel what other requests wait on

@@ -37,7 +37,18 @@ retried here instead, for ever, the consumer told that those messages are in pro
 At stop, what is not written is handed back at once, for the next writer.
 
 Without [[rule]] tables the writer never looks inside a batch on the way to a 2xx; with
-them only lines some rule matches are written.
+them only lines some rule matches are written (a `database` rule matches the client
+target a batch carries, influx_spout.targets).
+
+With influxdb_dbname_from_request = true, each message is written where the client that
+sent its lines asked (the NATS headers listener_http and the filter carry): a 1.x target
+takes db and rp, or a 2.x client's bucket as InfluxDB 1.8's compatibility API does
+("db/rp", or "db" with its default retention policy); a 2.x target (influxdb_bucket) takes
+bucket and org, or a 1.x client's db and rp as the bucket "db/rp" (or "db"), in the
+writer's org when the client named none. Messages without a target go to the configured
+database. Batches are per target (never two databases in one write); the open batches
+of all targets hold at most about 2 * batch_max_size bytes; influxdb_create_database
+creates each database that is missing; dead letters name the URL written to.
 
 Memory: a batch is held once, as the NATS messages it was made of, and POSTed as those
 parts with an explicit Content-Length (never joined into one copy; a retry sends the same
@@ -69,6 +80,8 @@ Counters (every one labelled influxdb_address, influxdb_port, influxdb_dbname):
   dead_letter_retries    attempts to store a dead letter JetStream did not acknowledge:
                          retried until it does, the input unacknowledged meanwhile
                          (only with durable = true)
+  reloads                SIGHUPs whose [[rule]] tables now apply
+  reload_failures        SIGHUPs that kept the old rules (the file did not validate)
 """
 
 from __future__ import annotations
@@ -85,7 +98,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
-from influx_spout import answers, deadletters, jetstream
+from influx_spout import answers, deadletters, jetstream, targets
 from influx_spout.batching import Batcher, Parts, count_lines, ensure_newline
 from influx_spout.config import (
     Alias,
@@ -98,7 +111,7 @@ from influx_spout.config import (
     tls_configured,
     tls_context,
 )
-from influx_spout.mode import Host, Mode
+from influx_spout.mode import RELOAD_COUNTERS, RELOAD_HELP, Host, Mode
 from influx_spout.stats import Stats
 
 if TYPE_CHECKING:
@@ -134,6 +147,12 @@ class Options:
     writer_retry_timeout: float = option("duration", 300.0, "how long a batch is retried")
     influxdb_create_database: bool = option(
         "bool", False, "create influxdb_dbname when InfluxDB answers that it does not exist"
+    )
+    influxdb_dbname_from_request: bool = option(
+        "bool",
+        False,
+        "write each batch to the db and rp (or bucket and org) its client asked listener_http"
+        " for; batches without one go to influxdb_dbname",
     )
     influxdb_unready_after: float = option(
         "duration", 30.0, "/readyz answers 503 while writes fail and none succeeded this long"
@@ -244,6 +263,7 @@ COUNTERS = (
     "lines_dead_lettered",
     "lines_given_up",
     "lines_unconfirmed",
+    *RELOAD_COUNTERS,
 )
 
 # every counter's meaning: the monitor's # HELP lines and the README's table
@@ -274,6 +294,7 @@ HELP = {
         "attempts to store a dead letter that JetStream did not acknowledge, retried until"
         " it does, the input held meanwhile (only with `durable`)"
     ),
+    **RELOAD_HELP,
 }
 
 # time allowed, after a stop, to stop taking input and then to write out what is left;
@@ -294,6 +315,9 @@ ACK_PENDING_PER_BATCH = 4
 MIN_ACK_PENDING = 64
 HEARTBEATS_PER_ACK_WAIT = 3
 WARN_INTERVAL = 10.0  # durable: at most one line this often about lines handed back
+
+# client targets remembered (see Writer._target_of); past it, it starts over
+MAX_TARGETS = 1000
 
 # what to do about answers that will not change by retrying
 _HINTS = {
@@ -320,19 +344,46 @@ def base_url(cfg: Config) -> str:
     return f"{cfg.influxdb_protocol}://{host}:{cfg.influxdb_port}"
 
 
-def write_url(cfg: Config) -> str:
-    """The URL every batch is POSTed to (v2 API when influxdb_bucket is set); it never
-    holds credentials (they go in headers), so logs and dead letters may show it."""
+def write_url(cfg: Config, v1: targets.V1 | None = None, v2: targets.V2 | None = None) -> str:
+    """The URL batches are POSTed to (v2 API when influxdb_bucket is set): the configured
+    database, or the client's target v1 (1.x) or v2 (2.x); it never holds credentials
+    (they go in headers), so logs and dead letters may show it."""
     base = base_url(cfg)
     params: dict[str, str]
     if cfg.influxdb_bucket:
-        params = {"org": cfg.influxdb_org, "bucket": cfg.influxdb_bucket, "precision": "ns"}
+        bucket, org = (v2.bucket, v2.org) if v2 else (cfg.influxdb_bucket, "")
+        params = {"org": org or cfg.influxdb_org, "bucket": bucket, "precision": "ns"}
         return str(httpx.URL(base + "/api/v2/write", params=params))
-    params = {"db": cfg.influxdb_dbname}
-    if cfg.influxdb_rp:
-        params["rp"] = cfg.influxdb_rp
+    db, rp = v1 if v1 else (cfg.influxdb_dbname, cfg.influxdb_rp)
+    params = {"db": db}
+    if rp:
+        params["rp"] = rp
     params["precision"] = "ns"
     return str(httpx.URL(base + "/write", params=params))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a batch is written, and what database rules see of it."""
+
+    url: str
+    database: str  # 1.x: the database (influxdb_create_database creates it); 2.x: ""
+    names: tuple[str, ...] = ()  # of the client's target, for database rules
+
+
+def target_of(cfg: Config, headers: dict[str, str] | None) -> Target:
+    """The target of a message with these NATS headers: the client's with
+    influxdb_dbname_from_request, else the configured one."""
+    asked = targets.only(headers)
+    names = targets.databases(asked)
+    v1 = v2 = None
+    if asked and cfg.influxdb_dbname_from_request:
+        if cfg.influxdb_bucket:
+            v2 = targets.as_v2(asked)
+        else:
+            v1 = targets.as_v1(asked)
+    database = "" if cfg.influxdb_bucket else (v1.db if v1 else cfg.influxdb_dbname)
+    return Target(write_url(cfg, v1, v2), database, names)
 
 
 def make_client(cfg: Config) -> httpx.AsyncClient:
@@ -443,6 +494,7 @@ class Job:
 
     batch: Parts  # as the batcher gave it, with the tags of the messages it holds
     pieces: list[Parts]  # still to write, in order; empty until the job first runs
+    target: Target | None = None  # None: the writer's configured one
     started: bool = False
     first_failure: float | None = None  # clock() of the first failure of this outage
     next_try: float = 0.0
@@ -533,14 +585,15 @@ class Writer:
         self.cfg = cfg
         self.stats = stats
         self.url = write_url(cfg)
+        self._default = target_of(cfg, None)
+        self._targets: dict[tuple[tuple[str, str], ...], Target] = {}  # see _target_of
+        # the open batch of each target (batches are per target)
+        self._batchers: dict[Target, Batcher] = {}
         self._client = client or make_client(cfg)
         self._clock = clock
         self._dead_letter = dead_letter
         self._settled = settled
         self._durable = durable
-        self._batcher = Batcher(
-            cfg.batch_max_count, cfg.batch_max_size, cfg.batch_max_age, clock=clock
-        )
         self._slots = asyncio.Semaphore(max(1, cfg.workers))
         self._tasks: set[asyncio.Task[None]] = set()
         self._kept: list[Job] = []
@@ -581,6 +634,7 @@ class Writer:
     def set_rules(self, rules: list[Rule]) -> None:
         """Write only the lines rules match (all of them without rules); a batch is
         selected by the rules in force when its turn comes."""
+        self._by_database = any(rule.type == "database" for rule in rules)
         if not rules:
             self._rules = None
             return
@@ -601,8 +655,33 @@ class Writer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def add(self, data: bytes, tag: object = None) -> None:
-        """Batch one chunk of lines; waits while all workers are busy.
+    def _target_of(self, headers: dict[str, str] | None) -> Target:
+        """The target of a message (one dict lookup for a target seen before); the
+        configured one unless influxdb_dbname_from_request or a database rule asks."""
+        if not headers or not (self.cfg.influxdb_dbname_from_request or self._by_database):
+            return self._default
+        key = tuple(headers.items())
+        target = self._targets.get(key)
+        if target is None:
+            if len(self._targets) >= MAX_TARGETS:
+                self._targets.clear()
+            target = self._targets[key] = target_of(self.cfg, headers)
+        return target
+
+    def _batcher(self, target: Target) -> Batcher:
+        batcher = self._batchers.get(target)
+        if batcher is None:
+            cfg = self.cfg
+            batcher = self._batchers[target] = Batcher(
+                cfg.batch_max_count, cfg.batch_max_size, cfg.batch_max_age, clock=self._clock
+            )
+        return batcher
+
+    async def add(
+        self, data: bytes, tag: object = None, headers: dict[str, str] | None = None
+    ) -> None:
+        """Batch one chunk of lines, in the batch of its target (headers: the NATS
+        headers of its message); waits while all workers are busy.
 
         tag (a durable input's message) comes back in Job.tags of the batch that holds
         the chunk (the batcher carries it, Parts.tags), once settled, and in Job.finished
@@ -618,21 +697,44 @@ class Writer:
         lines = count_lines(data)  # the only pass over the bytes without [[rule]] tables
         self.stats.inc("received")
         self.stats.inc("received_lines", lines)
+        target = self._target_of(headers)
+        batcher = self._batcher(target)
         if self._closing:  # late input while stopping is written at once
             batches = [Parts([data], len(data), lines, () if tag is None else (tag,))]
         else:
-            batches = self._batcher.add(data, lines, tag)
+            batches = batcher.add(data, lines, tag)
         if tag is not None:  # before any of them can settle
-            n = sum(tag in b.tags for b in batches) + self._batcher.holds(tag)
+            n = sum(tag in b.tags for b in batches) + batcher.holds(tag)
             self._tagged[tag] = Tagged(n, whole=n == 1)
         for batch in batches:
-            await self._submit(Job(batch, []))
+            await self._submit(Job(batch, [], target))
+        if len(self._batchers) > 1:
+            await self._bound(target)
+
+    async def _bound(self, adding: Target) -> None:
+        """Past batch_max_size bytes open over all targets, write the others' batches
+        now: what is batched stays about 2 * batch_max_size, however many targets."""
+        if sum(b.size for b in self._batchers.values()) <= self.cfg.batch_max_size:
+            return
+        for target in [t for t in self._batchers if t != adding]:
+            await self._flush(target)
+
+    async def _flush(self, target: Target) -> None:
+        """Start writing the open batch of target; forget the batcher of a client target
+        with nothing open."""
+        batcher = self._batchers.get(target)
+        if batcher is None:
+            return
+        batch = batcher.take()
+        if target != self._default:
+            del self._batchers[target]
+        if batch.size:
+            await self._submit(Job(batch, [], target))
 
     async def flush(self) -> None:
         """Start writing what is batched now."""
-        batch = self._batcher.take()
-        if batch.size:
-            await self._submit(Job(batch, []))
+        for target in list(self._batchers):
+            await self._flush(target)
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Write out the batch, wait for writes, give kept batches one last try; then stop.
@@ -686,8 +788,9 @@ class Writer:
                 self._in_tick = False
 
     async def _on_tick(self) -> None:
-        if self._batcher.due():
-            await self.flush()
+        for target, batcher in list(self._batchers.items()):
+            if batcher.due():
+                await self._flush(target)
         now = self._clock()
         for job in list(self._kept):
             if self._expired(job, now):
@@ -737,7 +840,7 @@ class Writer:
                 batch = job.batch
                 rules = self._rules  # a reload applies to the batches after this one
                 if rules is not None:
-                    batch = await self._apply_rules(batch, rules)
+                    batch = await self._apply_rules(batch, rules, self._where(job).names)
                 job.pieces = [batch] if batch.size else []
             elif job.failures:
                 self.stats.inc("retries")
@@ -751,10 +854,10 @@ class Writer:
         except Exception as exc:  # a bug must not lose lines silently
             await self._give_up(job, f"unexpected {type(exc).__name__}: {exc}")
 
-    async def _apply_rules(self, batch: Parts, rules: Any) -> Parts:
+    async def _apply_rules(self, batch: Parts, rules: Any, names: tuple[str, ...]) -> Parts:
         # CPU work on the whole batch, off the event loop
         data = _joined(batch)
-        routed = await asyncio.to_thread(rules.route, data, time.time_ns())
+        routed = await asyncio.to_thread(rules.route, data, time.time_ns(), None, names)
         del data
         outputs = routed.outputs
         if len(outputs) == 1:
@@ -768,15 +871,18 @@ class Writer:
             self.stats.inc("dropped_by_rules", dropped)
         return Parts([kept], len(kept), lines)
 
-    async def _post(self, piece: Parts) -> Answer:
+    def _where(self, job: Job) -> Target:
+        return job.target or self._default
+
+    async def _post(self, piece: Parts, url: str) -> Answer:
         self.stats.inc("write_requests")
         parts = piece.parts
         try:
             if len(parts) == 1:
-                resp = await self._client.post(self.url, content=parts[0])
+                resp = await self._client.post(url, content=parts[0])
             else:  # the parts as they are: no joined copy of the batch
                 resp = await self._client.post(
-                    self.url,
+                    url,
                     content=PartsBody(parts),
                     headers={"Content-Length": str(piece.size)},
                 )
@@ -792,7 +898,7 @@ class Writer:
         """Write job.pieces[0] and act on the answer; False when the job stops here
         (kept for a retry, or given up)."""
         piece = job.pieces[0]
-        answer = await self._post(piece)
+        answer = await self._post(piece, self._where(job).url)
         kind = answer.kind
         if kind == "written":
             self._answered(job)
@@ -867,30 +973,32 @@ class Writer:
     async def _create_database(self, job: Job, answer: Answer) -> bool:
         """On "database not found", with influxdb_create_database: create it; True when
         the piece is to be written again at once."""
+        target = self._where(job)
         if (
             not self.cfg.influxdb_create_database
-            or self.cfg.influxdb_bucket
+            or not target.database
             or job.created_database
             or "database not found" not in answer.message
         ):
             return False
         job.created_database = True
-        name = self.cfg.influxdb_dbname.replace("\\", "\\\\").replace('"', '\\"')
+        database = target.database
+        name = database.replace("\\", "\\\\").replace('"', '\\"')
         query = f'CREATE DATABASE "{name}"'
         try:
             resp = await self._client.post(base_url(self.cfg) + "/query", params={"q": query})
         except (httpx.HTTPError, OSError) as exc:
-            log.error("could not create database %s: %s", self.cfg.influxdb_dbname, exc)
+            log.error("could not create database %s: %s", database, exc)
             return False
         if resp.status_code != 200 or b'"error"' in resp.content:
             log.error(
                 "could not create database %s: HTTP %d: %s",
-                self.cfg.influxdb_dbname,
+                database,
                 resp.status_code,
                 error_text(resp.content),
             )
             return False
-        log.warning("created database %s on %s", self.cfg.influxdb_dbname, self.url)
+        log.warning("created database %s on %s", database, target.url)
         return True
 
     async def _keep(self, job: Job, answer: Answer) -> bool:
@@ -951,7 +1059,7 @@ class Writer:
             log.warning(
                 "%d lines for %s come again later (%d since the last such line): %s",
                 lines,
-                self.url,
+                self._where(job).url,
                 self._handed_back,
                 answers.one_line(why, 300),
             )
@@ -1015,13 +1123,13 @@ class Writer:
                 "gave up %d lines for %s, which InfluxDB may have stored (its answer never"
                 " came): %s",
                 lines,
-                self.url,
+                self._where(job).url,
                 why,
             )
             return
         job.given_up += lines
         self.stats.inc("lines_given_up", lines)
-        log.error("gave up %d lines for %s: %s", lines, self.url, why)
+        log.error("gave up %d lines for %s: %s", lines, self._where(job).url, why)
 
     async def _give_up(self, job: Job, why: str) -> None:
         """Give up what is left of a job (counted and logged): its outcome is final.
@@ -1047,7 +1155,11 @@ class Writer:
         status = str(answer.status) if answer.status else "unreadable"
         for why, lines in by_error.items():
             error = answers.one_line(why)
-            headers = {"Error": error, "Influxdb-Status": status, "Influxdb-Target": self.url}
+            headers = {
+                "Error": error,
+                "Influxdb-Status": status,
+                "Influxdb-Target": self._where(job).url,
+            }
             data = b"".join(lines)
             if self._dead_letter is None:
                 self._count_given_up(
@@ -1133,13 +1245,13 @@ class WriterMode:
         writer.start()
 
         async def on_message(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-            await writer.add(data)
+            await writer.add(data, headers=headers)
 
         async def on_delivery(
             subject: str, data: bytes, headers: dict[str, str] | None, delivery: Delivery
         ) -> None:
             self._held[delivery] = time.monotonic()
-            await writer.add(data, tag=delivery)
+            await writer.add(data, tag=delivery, headers=headers)
 
         try:
             if cfg.durable:

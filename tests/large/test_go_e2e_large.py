@@ -7,7 +7,7 @@ datagrams and 5 requests of the same two lines. Its expectedMetrics must hold on
 series for series and value for value, for every metric name it names: a Grafana
 dashboard built for the Go version shows the same numbers.
 
-What remains different, and why, is in the README ("Moving from the Go influx-spout"):
+What remains different, and why, is in the README ("Moving from the Go influx-spout: metrics"):
 our extra counters (received_lines, ...; names of their own) and the monitor's own
 series are left aside here, and so is Go's writer gauge max_pending, which we do not have.
 """

@@ -37,7 +37,9 @@ def kcat_produce(tmp_path: Path, bootstrap: str, lines: list[bytes], topic: str 
     Debian's kcat fails against Tansu with its own old librdkafka; it works with the
     confluent-kafka wheel's library first on LD_LIBRARY_PATH (REAL-SERVERS.md).
     """
-    kcat = find_executable("kcat", "apt-get update && apt-get install -y kcat")
+    kcat = find_executable(
+        "kcat", "run scripts/setup as root (it installs Debian's kcat; README: Tests)"
+    )
     libs = Path(confluent_kafka.__file__).parent.parent / "confluent_kafka.libs"
     lib = next(libs.glob("librdkafka-*.so.1"))
     libdir = tmp_path / "kcat-lib"

@@ -31,8 +31,9 @@ def msg(subject: str, sid: int, payload: bytes, reply: str = "") -> bytes:
     return head.encode() + payload + b"\r\n"
 
 
-def hmsg(subject: str, sid: int, headers: bytes, payload: bytes) -> bytes:
-    head = f"HMSG {subject} {sid} {len(headers)} {len(headers) + len(payload)}\r\n"
+def hmsg(subject: str, sid: int, headers: bytes, payload: bytes, reply: str = "") -> bytes:
+    size = f"{len(headers)} {len(headers) + len(payload)}"
+    head = f"HMSG {subject} {sid} {reply + ' ' if reply else ''}{size}\r\n"
     return head.encode() + headers + payload + b"\r\n"
 
 
@@ -50,6 +51,9 @@ STREAM = b"".join(
         msg("in", 1, LINES[:70_001]),
         hmsg("in", 3, b"NATS/1.0\r\nA: b\r\n\r\n", b"h=1\n"),
         msg("in", 1, b"after headers\n"),
+        hmsg("in", 4, b"NATS/1.0\r\nInfluxdb-Db: a\r\nInfluxdb-Rp: r\r\n\r\n", LINES),
+        hmsg("in.r", 5, b"NATS/1.0\r\nB: c\r\n\r\n", b"m v=2\n", reply="_INBOX.x"),
+        msg("in", 12, b"a numeric reply\n", reply="34"),
         b"+OK\r\n",
         msg("in", 1, LINES[:1000]),
         b"-ERR 'Slow Consumer'\r\n",
@@ -71,7 +75,7 @@ EXPECTED = events_of(Parser, [STREAM])
 
 
 def test_the_stream_in_one_chunk_gives_what_nats_py_gives() -> None:
-    assert len([e for e in EXPECTED if e[0] == "msg"]) == 9
+    assert len([e for e in EXPECTED if e[0] == "msg"]) == 12
     assert all(e[4] is bytes for e in EXPECTED if e[0] == "msg")
     assert events_of(_LeanParser, [STREAM]) == EXPECTED
 
@@ -207,16 +211,23 @@ def test_the_self_check_passes_and_the_fast_path_is_installed(fresh_checks: None
     assert type(nc._ps) is _LeanParser
     assert fast.publishing
     canned = [e for e in parsed(Parser, [natsfast.SELF_CHECK_STREAM]) if e[0] == "msg"]
-    assert len(canned) == 7  # with and without reply, empty, cut across chunks, HMSG
-    assert [e[-1] for e in canned if e[-1] is not None] == [b"NATS/1.0\r\nA: b\r\n\r\n"]
+    # with and without reply, empty, cut across chunks, HMSG (small, cut, with a reply)
+    assert len(canned) == 10
+    assert [e[-1] for e in canned if e[-1] is not None] == [
+        b"NATS/1.0\r\nA: b\r\n\r\n",
+        b"NATS/1.0\r\nInfluxdb-Db: a\r\n\r\n",
+        b"NATS/1.0\r\nB: c\r\n\r\n",
+    ]
 
 
 def test_a_parser_that_differs_from_nats_py_is_not_used(
     fresh_checks: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def drops_empty(self: Any, sid: int, subject: bytes, reply: bytes, data: bytes) -> None:
+    async def drops_empty(
+        self: Any, sid: int, subject: bytes, reply: bytes, data: bytes, header: Any = None
+    ) -> None:
         if data:
-            await self.nc._process_msg(sid, subject, reply, data, None)
+            await self.nc._process_msg(sid, subject, reply, data, header)
 
     monkeypatch.setattr(_LeanParser, "_deliver", drops_empty)
     caplog.set_level(logging.WARNING, "influx_spout.bus")
@@ -293,9 +304,16 @@ class RecordingBus(Bus):
         super().__init__(Config(mode="filter"))
         self.sent: list[bytes] = []
 
-    async def _send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
+    async def _send(
+        self,
+        subject: str,
+        parts: Sequence[bytes],
+        size: int,
+        headers: dict[str, str] | None = None,
+        header: bytes = b"",
+    ) -> bool:
         data = b"".join(parts)
-        assert len(data) == size <= self.max_payload
+        assert len(data) == size <= self.max_payload - len(header)
         if b"refused" in data:
             return False
         self.sent.append(data)

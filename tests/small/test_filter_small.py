@@ -39,15 +39,24 @@ class FakeBus(Bus):
         self.limit = max_payload
         self.refuse = refuse
         self.published: list[tuple[str, bytes]] = []
+        self.headers: list[dict[str, str] | None] = []  # those of each message published
 
     @property
     def max_payload(self) -> int:
         return self.limit
 
-    async def _send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
+    async def _send(
+        self,
+        subject: str,
+        parts: Sequence[bytes],
+        size: int,
+        headers: dict[str, str] | None = None,
+        header: bytes = b"",
+    ) -> bool:
         if subject in self.refuse:
             return False
         self.published.append((subject, b"".join(parts)))
+        self.headers.append(headers)
         return True
 
     async def catch_up(self) -> None:
@@ -124,6 +133,8 @@ def test_routes_each_rule_to_its_subject_and_counts() -> None:
         "invalid_time": 1,
         "failed_nats_publish": 0,
         "failed_nats_publish_lines": 0,
+        "reloads": 0,
+        "reload_failures": 0,
     }
     # the Go convention: triggered is labelled with the rule's subject
     assert f.stats.get("triggered", rule="cpu") == 1

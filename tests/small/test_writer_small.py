@@ -367,6 +367,8 @@ def test_retries_succeed_after_500s() -> None:
             "lines_dead_lettered": 0,
             "lines_given_up": 0,
             "lines_unconfirmed": 0,
+            "reloads": 0,
+            "reload_failures": 0,
         }
 
     run(scenario())
