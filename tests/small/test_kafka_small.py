@@ -583,10 +583,27 @@ class PositionsConsumer(FakeConsumer):
 
 
 def refreshed(src: Any) -> None:
+    """One refresh of the gauges, however long a loaded machine takes for it."""
+
     async def main() -> None:
+        done = asyncio.Event()
+        set_gauge = src.stats.set_gauge
+
+        def noted(name: str, values: Any) -> None:
+            set_gauge(name, values)
+            if name == "kafka_committed_offset":
+                done.set()
+
+        def counted(name: str, n: int = 1, **labels: str) -> None:  # a failed refresh
+            inc(name, n, **labels)
+            done.set()
+
+        inc = src.stats.inc
+        src.stats.set_gauge, src.stats.inc = noted, counted
         task = asyncio.create_task(src.refresh_positions())
-        await asyncio.sleep(src.cfg.stats_interval * 1.5)
+        await asyncio.wait_for(done.wait(), 30)
         task.cancel()
+        src.stats.set_gauge, src.stats.inc = set_gauge, inc
 
     asyncio.run(main())
 
