@@ -95,6 +95,11 @@ class SoakClient:
         """Take no new body; the ones on their way keep being retried."""
         self._taking = False
 
+    @property
+    def done(self) -> bool:
+        """Every body taken has been answered (after stop())."""
+        return self._done.is_set()
+
     def finish(self, timeout: float) -> bool:
         """Wait for the bodies on their way to get their 204; False if some did not."""
         self.stop()

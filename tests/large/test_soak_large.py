@@ -46,7 +46,7 @@ def test_durable_soak_fills_the_streams_answers_503_and_loses_nothing(
     assert d["statuses"].get(503, 0) > 0, d["statuses"]  # the input stream filled
     assert d["retry_after"], "503 without Retry-After"
     assert max(r["stream_mb"] for r in curve) >= 8, "the backlog was not in the streams"
-    assert d["over_bound"] == {}, (SOAK_RSS_BOUND_MB, peaks)
+    assert d["over_bound"] == {}, (SOAK_RSS_BOUND_MB, peaks)  # every process's peak RSS
     assert d["all_answered"] and d["drained"], d
     assert result.lines_in > 100_000
     assert result.lines_out == result.lines_in  # every point answered 204, once
