@@ -149,7 +149,6 @@ COUNTERS = (
     "series_overflow",
     "failed_nats_publish",
     "failed_nats_publish_lines",
-    "ack_pending_full",
 )
 
 # every counter's meaning: the monitor's # HELP lines and the README's table
@@ -759,6 +758,7 @@ class DownsamplerMode:
         """Durable: the output streams made or checked, then the input consumed; a lone
         instance first gets back at once what a crashed run held."""
         cfg = self.cfg
+        ds.rt.stats.inc("ack_pending_full", 0)  # published in durable mode only
         await bus.ensure_streams([s + cfg.downsample_suffix for s in cfg.nats_subject])
         await bus.ensure_streams(cfg.nats_subject)
         if not cfg.queue_group:

@@ -380,7 +380,6 @@ def test_the_mode_counts_lines_and_publishes_on_the_suffixed_subject() -> None:
         "series_overflow": 0,
         "failed_nats_publish": 1,  # batches
         "failed_nats_publish_lines": 1,
-        "ack_pending_full": 0,
     }
     assert ds.rt.bus.published == [  # type: ignore[attr-defined]
         ("a-archive", b"m v=1.0 %d\nm,h=x v=1.0 %d\n" % (T0 + PERIOD, T0 + PERIOD))
