@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
+from support.faultproxy import FaultProxy
 from support.sample import telegraf_lines
 from support.servers import Component, InfluxServer, KafkaServer, NatsServer, free_port
 
-from bench import REPO_ROOT
+from bench import REPO_ROOT, soak
 from bench.load import Child, Templates
 from bench.procstat import ProcTree
 
@@ -825,6 +826,172 @@ def run_downsampler(opts: Options) -> RunResult:
         return result
 
 
+# the soak: a slow InfluxDB under steady load above what the writer can then take
+SOAK_SECONDS = 300.0
+SOAK_DELAY = 2.0  # seconds the proxy adds to every InfluxDB request
+SOAK_RATE = 20_000  # lines/s offered
+SOAK_CONNECTIONS = 16
+SOAK_SAMPLE = 5.0  # seconds between two rows of the curve
+SOAK_STREAM_MAX = "64MB"  # durable: each stream's jetstream_max_bytes, so they fill
+SOAK_RSS_BOUND_MB = 150.0  # the peak RSS no process of a component may pass
+SOAK_DRAIN = 600.0  # seconds the backlog may take to reach InfluxDB once it is fast
+
+
+def run_soak(
+    opts: Options,
+    influx: InfluxServer,
+    run: int,
+    durable: bool = False,
+    sample_every: float = 0,
+    stream_max: str = SOAK_STREAM_MAX,
+) -> RunResult:
+    """listener_http -> filter -> writer -> a proxy adding SOAK_DELAY to every request ->
+    InfluxDB, offered SOAK_RATE lines/s (--rate) for SOAK_SECONDS (--seconds; --lines:
+    as long as that many take at the rate) by clients that retry a 503 after its
+    Retry-After; prints the curve (bench.soak).
+
+    Then the proxy passes through and the backlog drains: every line answered 204 must
+    be a point in InfluxDB (durable), or be counted where it was given up (plain).
+    durable: every stream limited to stream_max (SOAK_STREAM_MAX), so they fill within
+    the run and listener_http answers 503 once the input stream is full.
+    """
+    rate = opts.rate or SOAK_RATE
+    seconds = opts.seconds or (opts.lines / rate if opts.lines else SOAK_SECONDS)
+    every = sample_every or min(SOAK_SAMPLE, max(1.0, seconds / 10))
+    db = f"bench_soak_{run}"
+    influx.create_database(db)
+    stream = {"durable": True, "jetstream_max_bytes": stream_max} if durable else {}
+    names = ["bench-listener-http", "bench-filter", "bench-writer"]
+    with FaultProxy(influx.url) as proxy, Procs(opts.workdir) as procs:
+        nats = procs.nats(jetstream=durable)
+        procs.component(
+            "writer",
+            names[2],
+            nats.url,
+            nats_subject=OUT_SUBJECTS,
+            influxdb_address="127.0.0.1",
+            influxdb_port=proxy.port,
+            influxdb_dbname=db,
+            batch_max_age="1s",
+            **stream,
+        )
+        procs.component(
+            "filter",
+            names[1],
+            nats.url,
+            nats_subject=[SUBJECT_IN],
+            nats_subject_junkyard=JUNKYARD,
+            workers=2,
+            rule=filter_rules(),
+            **stream,
+        )
+        port = free_port()
+        procs.component(
+            "listener_http",
+            names[0],
+            nats.url,
+            port=port,
+            nats_subject=[SUBJECT_IN],
+            batch_max_age="1s",  # so that the last bodies are not held for 5 minutes
+            **stream,
+        )
+        proxy.delay = SOAK_DELAY
+        pids: dict[str, int | None] = {n: procs.components[n].pid for n in names}
+        pids |= {"nats-server": nats.pid, "influxd": influx.pid}
+        client = soak.SoakClient(port, rate, SOAK_CONNECTIONS, nats.url)
+        cpu0 = procs.cpu_now()
+        start = time.time()
+        t0 = time.monotonic()
+        client.start()
+        soak.show(f"soak ({'durable' if durable else 'plain'}): {soak.header(list(pids))}")
+        curve = _soak_curve(t0, t0 + seconds, every, pids, nats.monitor_url, client)
+        soak.show(f"{time.monotonic() - t0:6.0f}s load stops; InfluxDB fast again, draining")
+        client.stop()
+        proxy.pass_through()
+        drained = _soak_drain(t0, every, pids, nats.monitor_url, client, influx, db, curve)
+        answered = client.finish(timeout=10)
+        answers, counters = client.snapshot()
+        result = _finish(
+            procs,
+            "soak-slow-influx-durable" if durable else "soak-slow-influx",
+            names[2],
+            answers.ok_lines,
+            influx_points(influx, db),
+            start,
+            time.time(),
+            cpu0,
+            tuple(names),
+            None,
+            {
+                "curve": [dataclasses.asdict(row) for row in curve],
+                "offered_lines": client.offered * soak.LINES_PER_BODY,
+                "statuses": dict(answers.statuses),
+                "retry_after": sorted(answers.retry_after),
+                "connection_errors": answers.connection_errors,
+                "first_error": answers.first_error,
+                "all_answered": answered,
+                "drained": drained,
+                "counters": counters,
+                "rss_bound_mb": SOAK_RSS_BOUND_MB,
+            },
+        )
+    with contextlib.suppress(Exception):
+        influx.drop_database(db)
+    _per_1m(result)
+    result.details["over_bound"] = {
+        name: fig.rss_mb
+        for name, fig in result.components.items()
+        if fig.rss_mb > SOAK_RSS_BOUND_MB
+    }
+    return result
+
+
+def _soak_curve(
+    t0: float,
+    until: float,
+    every: float,
+    pids: dict[str, int | None],
+    monitor_url: str,
+    client: soak.SoakClient,
+) -> list[soak.Row]:
+    """Sample a row every `every` seconds until `until` (time.monotonic), printing each."""
+    curve = []
+    while (left := until - time.monotonic()) > 0:
+        time.sleep(min(every, left))
+        curve.append(soak.sample(t0, pids, monitor_url, client))
+        soak.show(curve[-1].line(list(pids)))
+    return curve
+
+
+def _soak_drain(
+    t0: float,
+    every: float,
+    pids: dict[str, int | None],
+    monitor_url: str,
+    client: soak.SoakClient,
+    influx: InfluxServer,
+    db: str,
+    curve: list[soak.Row],
+) -> bool:
+    """Sample on until every body on its way was answered 204 and InfluxDB holds every
+    line answered so, or its count stops moving for a minute (plain mode's losses), or
+    SOAK_DRAIN; True when every line is there."""
+    deadline = time.monotonic() + SOAK_DRAIN
+    last, still_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(every)
+        curve.append(soak.sample(t0, pids, monitor_url, client))
+        points = influx_points(influx, db)
+        soak.show(f"{curve[-1].line(list(pids))}  influxdb={points}")
+        if client.done and points >= curve[-1].ok_lines:
+            return True
+        if points != last:
+            last, still_since = points, time.monotonic()
+        elif time.monotonic() - still_since >= 60:
+            return False
+    return False
+
+
 def produce_backlog(kafka: KafkaServer, messages: int, per_msg: int) -> dict[str, Any]:
     """Produce `messages` Kafka messages of per_msg fresh, unique lines; wait for the acks."""
     tpl = Templates(per_msg)
@@ -996,6 +1163,23 @@ SCENARIOS: dict[str, Scenario] = {
             False,
             run_downsampler,
             "1,000-line NATS messages -> downsampler (1 h period: lines taken, counted by it)",
+        ),
+        Scenario(
+            "soak-slow-influx",
+            ("listener_http", "filter", "writer"),
+            True,
+            run_soak,
+            f"{SOAK_RATE:,} lines/s offered for {SOAK_SECONDS:g} s (--rate, --seconds) to "
+            f"listener_http -> filter -> writer -> InfluxDB slowed by {SOAK_DELAY:g} s a "
+            "request: the RSS curve, what was given up (use --runs 1)",
+        ),
+        Scenario(
+            "soak-slow-influx-durable",
+            ("listener_http", "filter", "writer"),
+            True,
+            functools.partial(run_soak, durable=True),
+            f"the soak in durable mode, streams of {SOAK_STREAM_MAX}: they fill, listener_http "
+            "answers 503, nothing answered 204 is lost (use --runs 1)",
         ),
         Scenario(
             "kafka",

@@ -483,6 +483,13 @@ class Bus:
             self.dropped[subject] += 0
             self._consumers.append(asyncio.create_task(self._pull(sub, handler)))
 
+    async def redeliver_held(self, subjects: Sequence[str]) -> None:
+        """Before consume(), for a lone instance: every message its consumers still hold
+        unacknowledged (from a run that crashed) comes at once, not after their ack_wait
+        (the consumers are deleted; consume() makes them again)."""
+        for subject in subjects:
+            await jetstream.delete_consumer(self.js, subject, self.cfg)
+
     async def _pull(self, sub: Any, handler: DurableHandler) -> None:
         while self._consuming:
             try:

@@ -126,7 +126,7 @@ def from_environment(variable: str) -> Any:
 
 
 # the modes with a durable path (influx_spout.jetstream)
-DURABLE = ("listener", "listener_http", "filter", "writer", "archive")
+DURABLE = ("listener", "listener_http", "filter", "downsampler", "writer", "archive")
 
 
 @dataclass(kw_only=True)

@@ -193,3 +193,12 @@ def consumer_config(cfg: Config, subject: str, max_ack_pending: int, hold: float
         max_ack_pending=max_ack_pending,
         max_deliver=-1,
     )
+
+
+async def delete_consumer(js: JetStreamContext, subject: str, cfg: Config) -> None:
+    """Delete this component's consumer of subject's stream, if there is one: the messages
+    it held unacknowledged stay in the (work-queue) stream, for the next consumer."""
+    try:
+        await js.delete_consumer(stream_name(subject), consumer_name(cfg))
+    except nats.js.errors.NotFoundError:
+        pass

@@ -44,6 +44,18 @@ period is emitted, including the current and next ones, though incomplete: nothi
 received is lost. A period emitted incomplete and again by a restarted downsampler
 has two points with the same series and timestamp; InfluxDB keeps the later one.
 
+Durable (durable = true): each input subject is read through a durable JetStream
+consumer, and a message is acknowledged only once the period of its latest line (so every
+period its lines belong to: periods are emitted oldest first) is published and stored
+(PubAck); a period not stored is published again until it is. A message is held for up to
+three periods (hold_time: the consumer's ack_wait is that plus a margin, so no heartbeat is
+needed), at most downsample_max_ack_pending a subject (ack_pending_full counts reaching
+it). At stop no incomplete period is emitted: the held messages are handed back (nak). A
+lone instance deletes its consumers before consuming, so what a crashed run held comes
+back at once and the open periods are recomputed from the same messages: a period emitted
+twice is the same points. Held messages that come back after their oldest period was due
+are counted in invalid_timestamps and acknowledged (README "Delivery guarantees").
+
 With queue_group set, instances share the input and each averages only its share: the
 archive keeps one instance's point per series and period. Use it only when the
 instances' inputs hold different series.
@@ -69,6 +81,7 @@ Counters (lines unless said otherwise):
   failed_nats_publish    batches NATS refused (as in Go influx-spout)
   failed_nats_publish_lines  aggregated lines in them, not published
   nats_dropped{subject}  input messages NATS dropped because the input buffer was full
+  ack_pending_full       durable: times the messages held reached downsample_max_ack_pending
 """
 
 from __future__ import annotations
@@ -77,12 +90,14 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 
-from influx_spout import lineproto
+from influx_spout import jetstream, lineproto
 from influx_spout.batching import Parts, count_lines
+from influx_spout.bus import PUBACK_TIMEOUT, Bus, Delivery
 from influx_spout.config import Checker, Config, option, quote
 from influx_spout.mode import Host, Mode
 from influx_spout.runtime import publish_parts_counted
@@ -98,6 +113,12 @@ class Options:
     downsample_suffix: str = option(
         "str", "-archive", "appended to the input subject: where the averages go"
     )
+    downsample_max_ack_pending: int = option(
+        "int",
+        100_000,
+        "durable: input messages held unacknowledged until their periods are stored, a subject",
+        at_least=1,
+    )
 
 
 def validate(c: Checker) -> None:
@@ -105,6 +126,15 @@ def validate(c: Checker) -> None:
     suffix = c.cfg.downsample_suffix
     if not suffix or any(ch.isspace() for ch in suffix):
         raise c.fail("downsample_suffix", f"{quote(suffix)} is not usable", 'use e.g. "-archive"')
+    jetstream.validate(c)
+    cfg = c.cfg
+    if cfg.durable and cfg.jetstream_max_age < hold_time(cfg) + jetstream.ACK_MARGIN:
+        raise c.fail(
+            "jetstream_max_age",
+            f"{c.shown('jetstream_max_age')} is shorter than the {HELD_PERIODS} periods an input "
+            "message is held",
+            f"use at least {HELD_PERIODS} x downsample_period plus a minute",
+        )
 
 
 log = logging.getLogger("influx_spout.downsampler")
@@ -136,6 +166,9 @@ HELP = {
     "failed_nats_publish": "batches NATS refused (as in the Go influx-spout)",
     "failed_nats_publish_lines": "averaged lines in them, not published",
     "nats_dropped": "input messages NATS dropped because the input buffer was full",
+    "ack_pending_full": (
+        "times the input messages held reached `downsample_max_ack_pending` (only with `durable`)"
+    ),
 }
 
 # series one period may hold, all subjects together; 3 periods are open at a time
@@ -143,6 +176,11 @@ MAX_SERIES = 100_000
 
 # time allowed after a stop to aggregate what was already received (under runtime.STOP_GRACE)
 UNSUBSCRIBE_TIMEOUT = 2.0
+
+# durable: periods an input message may be held for (see hold_time); the pause before a
+# period JetStream did not store is published again
+HELD_PERIODS = 3
+STORE_RETRY = 1.0
 
 
 # field kinds: float, integer, unsigned, string, boolean
@@ -227,6 +265,7 @@ class Added:
     invalid_timestamps: int = 0
     series_overflow: int = 0
     rejected: list[tuple[str, bytes]] = field(default_factory=list)  # (reason, line)
+    latest: int | None = None  # the latest timestamp of a line in the open periods
 
 
 class Aggregator:
@@ -258,6 +297,10 @@ class Aggregator:
         """The earliest timestamp the open periods take."""
         return self.periods[0].end - self.period
 
+    def end_of(self, ts: int) -> int:
+        """The end of the period ts falls in."""
+        return (ts // self.period + 1) * self.period
+
     def until_next(self) -> float:
         """Seconds until the oldest open period is due (0 when it is)."""
         return max(0, self.periods[1].end - self.clock()) / 1e9
@@ -268,7 +311,7 @@ class Aggregator:
         n = count_lines(good)
         added = Added(lines=n + len(bad), invalid_lines=len(bad))
         added.rejected.extend(("not line protocol", line) for line in bad)
-        lo = self.oldest_start
+        lo = top = self.oldest_start
         p0, p1, p2 = self.periods
         end0, end1, end2 = p0.end, p1.end, p2.end
         series_of = self._series_of
@@ -278,6 +321,9 @@ class Aggregator:
             if ts < lo or ts >= end2:
                 reason = _OUTSIDE
             else:
+                if ts >= top:
+                    top = ts
+                    added.latest = ts
                 period = p0 if ts < end0 else p1 if ts < end1 else p2
                 names = pairs[::2]
                 # The hot path: a series of this period whose last line had the same field
@@ -524,13 +570,22 @@ def _render(period: _Period, out: dict[str, list[bytes]]) -> None:
 
 
 class Downsampler:
-    """Feeds the Aggregator from NATS, publishes what it emits, counts everything."""
+    """Feeds the Aggregator from NATS, publishes what it emits, counts everything.
+
+    Durable: each input message is held, unacknowledged, until the period of its latest
+    line is published and stored (PubAck); a period JetStream does not store is published
+    again until it is, its messages still held.
+    """
 
     def __init__(self, cfg: Config, rt: Host, aggregator: Aggregator) -> None:
         self.cfg = cfg
         self.rt = rt
         self.agg = aggregator
         self.closed = False  # after the final flush nothing more is aggregated
+        # durable: the messages held, by the end of the period their latest line is in
+        self.held: dict[int, list[Delivery]] = {}
+        self.holding = 0
+        self.full = False  # holding reached downsample_max_ack_pending (warned once)
 
     async def handle(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         """The subscription callback: aggregate the message's lines and count them."""
@@ -540,6 +595,33 @@ class Downsampler:
                 count_lines(data),
             )
             return
+        self._add(subject, data)
+
+    async def handle_durable(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, delivery: Delivery
+    ) -> None:
+        """A message of the durable consumer: aggregated, and held until its periods are
+        stored; one with no line in the open periods is acknowledged at once."""
+        if self.closed:
+            await delivery.nak()
+            return
+        latest = self._add(subject, data).latest
+        if latest is None:
+            await delivery.ack()
+            return
+        self.held.setdefault(self.agg.end_of(latest), []).append(delivery)
+        self.holding += 1
+        if self.holding >= self.cfg.downsample_max_ack_pending and not self.full:
+            self.full = True
+            self.rt.stats.inc("ack_pending_full")
+            log.warning(
+                "%d input messages held until their periods are published: JetStream "
+                "delivers no more until the oldest period is (raise "
+                "downsample_max_ack_pending to hold three periods of input)",
+                self.holding,
+            )
+
+    def _add(self, subject: str, data: bytes) -> Added:
         added = self.agg.add(subject, data)
         inc = self.rt.stats.inc
         inc("received")
@@ -550,24 +632,91 @@ class Downsampler:
         if self.cfg.debug:
             for reason, line in added.rejected:
                 log.info("rejected a line (%s): %s", reason, lineproto.shown(line))
+        return added
+
+    def _released(self) -> list[Delivery]:
+        """The messages held for periods no longer open (just taken from the Aggregator)."""
+        oldest = self.agg.periods[0].end
+        done = [end for end in self.held if end < oldest]
+        out = list(chain.from_iterable(self.held.pop(end) for end in done))
+        self.holding -= len(out)
+        if self.holding < self.cfg.downsample_max_ack_pending:
+            self.full = False
+        return out
 
     async def emit_until(self, stop: asyncio.Event) -> None:
         """Publish each period when it is due, until stop (never cut off mid-publish)."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.agg.until_next())
-            await self.publish(self.agg.take_due())
+            out = self.agg.take_due()
+            released = self._released()
+            if self.cfg.durable:
+                await self._store(out, released, stop)
+            else:
+                await self.publish(out)
 
-    async def publish(self, out: dict[str, list[bytes]]) -> None:
+    async def _store(
+        self, out: dict[str, list[bytes]], released: list[Delivery], stop: asyncio.Event
+    ) -> None:
+        """Durable: publish out until JetStream stored all of it (each failure counted),
+        then acknowledge the messages it was made of. At stop, what is still not stored is
+        given up (counted), its messages not acknowledged."""
+        beat = time.monotonic()
+        while True:
+            out = await self.publish(out)
+            if not out:
+                break
+            if stop.is_set():
+                log.error(
+                    "stopping with %d averaged lines JetStream did not store (counted in "
+                    "failed_nats_publish_lines)",
+                    sum(map(len, out.values())),
+                )
+                return
+            await asyncio.sleep(STORE_RETRY)
+            if time.monotonic() - beat >= self.ack_wait / 3:  # keep them from coming again
+                beat = time.monotonic()
+                held = chain(released, chain.from_iterable(self.held.values()))
+                for delivery in list(held):
+                    await delivery.in_progress()
+        for delivery in released:
+            await delivery.ack()
+
+    @property
+    def ack_wait(self) -> float:
+        return hold_time(self.cfg) + jetstream.ACK_MARGIN
+
+    async def publish(self, out: dict[str, list[bytes]]) -> dict[str, list[bytes]]:
+        """Publish each subject's lines; returns those of the subjects not all stored."""
         suffix = self.cfg.downsample_suffix
+        failed = {}
         for subject, lines in out.items():
             batch = Parts(lines, sum(map(len, lines)), len(lines))  # joined only if split
-            await publish_parts_counted(self.rt, subject + suffix, batch, batches=True)
+            if await publish_parts_counted(self.rt, subject + suffix, batch, batches=True):
+                failed[subject] = lines
+        return failed
 
     async def close(self) -> None:
-        """Once NATS delivered the last of the input: emit every open period."""
+        """Once NATS delivered the last of the input: emit every open period; durable:
+        hand their messages back instead, to be aggregated again by the next run."""
         self.closed = True
-        await self.publish(self.agg.take_all())
+        if not self.cfg.durable:
+            await self.publish(self.agg.take_all())
+            return
+        held = list(chain.from_iterable(self.held.values()))
+        self.held.clear()
+        self.holding = 0
+        for delivery in held:
+            await delivery.nak()
+        if held:
+            log.info("handed back %d input messages of the open periods", len(held))
+
+
+def hold_time(cfg: Config) -> float:
+    """Durable: the longest an input message is held (its latest line in the next period,
+    published at that period's end + one period), plus the time to store the output."""
+    return HELD_PERIODS * cfg.downsample_period + PUBACK_TIMEOUT
 
 
 class DownsamplerMode:
@@ -585,7 +734,10 @@ class DownsamplerMode:
         """Downsample cfg.nats_subject; the work emits each period when it is due."""
         cfg = self.cfg
         ds = self.ds = Downsampler(cfg, host, Aggregator(round(cfg.downsample_period * 1e9)))
-        await host.bus.subscribe(cfg.nats_subject, ds.handle, cfg.nats_max_pending_size)
+        if cfg.durable:
+            await self._consume(host.bus, ds)
+        else:
+            await host.bus.subscribe(cfg.nats_subject, ds.handle, cfg.nats_max_pending_size)
         log.info(
             "downsampling %s at %s every %gs to <subject>%s",
             ", ".join(cfg.nats_subject),
@@ -601,6 +753,24 @@ class DownsamplerMode:
             )
         self.emitter = asyncio.create_task(ds.emit_until(host.stop))
         return self.emitter
+
+    async def _consume(self, bus: Bus, ds: Downsampler) -> None:
+        """Durable: the output streams made or checked, then the input consumed; a lone
+        instance first gets back at once what a crashed run held."""
+        cfg = self.cfg
+        ds.rt.stats.inc("ack_pending_full", 0)  # published in durable mode only
+        await bus.ensure_streams([s + cfg.downsample_suffix for s in cfg.nats_subject])
+        await bus.ensure_streams(cfg.nats_subject)
+        if not cfg.queue_group:
+            await bus.redeliver_held(cfg.nats_subject)
+        pending = cfg.downsample_max_ack_pending
+        await bus.consume(cfg.nats_subject, ds.handle_durable, pending, hold_time(cfg))
+        log.info(
+            "durable: input held until its periods are stored, at most %d messages a "
+            "subject (three periods at %.0f messages a second)",
+            pending,
+            pending / (HELD_PERIODS * cfg.downsample_period),
+        )
 
     async def drain(self) -> None:
         """Emit every open period, once the emitter is done (it returns at stop)."""

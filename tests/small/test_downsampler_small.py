@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from influx_spout import lineproto as lp
 from influx_spout.batching import Parts
-from influx_spout.config import Config
+from influx_spout.config import Config, ConfigError, load_config
 from influx_spout.modes.downsampler import COUNTERS, Aggregator, Downsampler
 from influx_spout.stats import Stats
 
@@ -399,3 +400,140 @@ def test_after_the_final_emission_input_is_logged_as_lost(caplog: pytest.LogCapt
     asyncio.run(ds.handle("a", b"m v=1\nm v=2\n", None))
     assert "2 lines arrived after the final emission" in caplog.text
     assert ds.agg.take_all() == {}
+
+
+# --- durable: input held until its periods are stored ---------------------------------------
+
+
+class FakeDelivery:
+    def __init__(self) -> None:
+        self.done: list[str] = []
+
+    async def ack(self) -> None:
+        self.done.append("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.done.append("nak")
+
+    async def in_progress(self) -> None:
+        self.done.append("in_progress")
+
+
+def make_durable(**overrides: object) -> tuple[Downsampler, Clock]:
+    ds, clock = make_mode()
+    ds.cfg.durable = True
+    for key, value in overrides.items():
+        setattr(ds.cfg, key, value)
+    return ds, clock
+
+
+def test_added_names_the_latest_timestamp_in_the_open_periods() -> None:
+    agg, _ = make()
+    assert feed(agg, b"m v=1 %d" % at(2), b"m v=1 %d" % at(12), b"m v=1 5").latest == at(12)
+    assert feed(agg, b"m v=1 5", b"bad").latest is None
+    assert agg.end_of(at(12)) == T0 + 2 * PERIOD
+
+
+def test_durable_input_is_acknowledged_once_the_period_of_its_latest_line_is_stored() -> None:
+    ds, clock = make_durable()
+    now, nxt, old = FakeDelivery(), FakeDelivery(), FakeDelivery()
+
+    async def main() -> None:
+        await ds.handle_durable("a", b"m v=1 %d\n" % at(2), None, now)  # type: ignore[arg-type]
+        await ds.handle_durable(
+            "a", b"m v=3 %d\nm v=5 %d\n" % (at(3), at(12)), None, nxt  # type: ignore[arg-type]
+        )
+        await ds.handle_durable("a", b"m v=1 5\n", None, old)  # type: ignore[arg-type]
+        assert old.done == ["ack"] and now.done == nxt.done == [] and ds.holding == 2
+        clock.now = T0 + 2 * PERIOD  # the first period is due
+        await _one_emission(ds)(asyncio.Event())
+
+    asyncio.run(main())
+    assert now.done == ["ack"] and nxt.done == [] and ds.holding == 1
+    assert ds.rt.bus.published == [  # type: ignore[attr-defined]
+        ("a-archive", b"m v=2.0 %d\n" % (T0 + PERIOD))
+    ]
+
+
+def _one_emission(ds: Downsampler):  # type: ignore[no-untyped-def]
+    """emit_until's one step, as at a stop: take what is due, store it, settle."""
+
+    async def step(stop: asyncio.Event) -> None:
+        out = ds.agg.take_due()
+        await ds._store(out, ds._released(), stop)
+
+    return step
+
+
+def test_durable_output_not_stored_is_published_again_and_its_input_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("influx_spout.modes.downsampler.STORE_RETRY", 0)
+    ds, clock = make_durable()
+    bus = ds.rt.bus
+    held = FakeDelivery()
+    tries = []
+
+    async def flaky(subject: str, batch: Parts) -> int:
+        tries.append(subject)
+        if len(tries) < 3:
+            return batch.lines
+        return await FakeBus.publish_parts(bus, "ok", batch)  # type: ignore[arg-type]
+
+    bus.publish_parts = flaky  # type: ignore[method-assign]
+
+    async def main() -> None:
+        await ds.handle_durable("a", b"m v=1 %d\n" % at(2), None, held)  # type: ignore[arg-type]
+        clock.now = T0 + 2 * PERIOD
+        await _one_emission(ds)(asyncio.Event())
+
+    asyncio.run(main())
+    assert len(tries) == 3 and held.done == ["ack"]
+    assert ds.rt.stats.get("failed_nats_publish") == 2
+
+
+def test_durable_stop_hands_the_held_input_back_and_emits_nothing() -> None:
+    ds, _ = make_durable()
+    held = FakeDelivery()
+
+    async def main() -> None:
+        await ds.handle_durable("a", b"m v=1 %d\n" % at(2), None, held)  # type: ignore[arg-type]
+        await ds.close()
+        late = FakeDelivery()
+        await ds.handle_durable("a", b"m v=1 %d\n" % at(2), None, late)  # type: ignore[arg-type]
+        assert late.done == ["nak"]
+
+    asyncio.run(main())
+    assert held.done == ["nak"] and ds.holding == 0
+    assert ds.rt.bus.published == []  # type: ignore[attr-defined]
+
+
+def test_holding_downsample_max_ack_pending_is_counted_and_warned_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ds, _ = make_durable(downsample_max_ack_pending=2)
+
+    async def main() -> None:
+        for _ in range(4):
+            await ds.handle_durable(
+                "a", b"m v=1 %d\n" % at(2), None, FakeDelivery()  # type: ignore[arg-type]
+            )
+
+    asyncio.run(main())
+    assert ds.rt.stats.get("ack_pending_full") == 1
+    assert caplog.text.count("raise downsample_max_ack_pending") == 1
+
+
+@pytest.mark.parametrize("max_age", ["1m", "95s"])
+def test_durable_refuses_a_stream_max_age_shorter_than_three_periods(
+    max_age: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "ds.toml"
+    path.write_text(
+        f'mode = "downsampler"\ndurable = true\nnats_subject = ["a"]\n'
+        f'downsample_period = "30s"\njetstream_max_age = "{max_age}"\n'
+    )
+    with pytest.raises(ConfigError, match=r"jetstream_max_age: .* shorter than the 3 periods"):
+        load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
+    path.write_text('mode = "downsampler"\ndurable = true\nnats_subject = ["a"]\n')
+    assert load_config(str(path), etc_path=str(tmp_path / "none"), environ={}).durable

@@ -275,11 +275,11 @@ def test_durable_in_a_mode_without_a_durable_path_is_ignored_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "ds.toml"
-    path.write_text('mode = "downsampler"\ndurable = true\n')
+    path.write_text('mode = "monitor"\ndurable = true\n')
     caplog.set_level(logging.WARNING, logger="influx_spout.config")
     cfg = load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
     assert cfg.durable is False
-    assert any("durable: ignored in downsampler mode" in r.message for r in caplog.records)
+    assert any("durable: ignored in monitor mode" in r.message for r in caplog.records)
 
 
 def test_durable_options_are_checked_when_loading(tmp_path: Path) -> None:

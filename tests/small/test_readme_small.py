@@ -13,7 +13,7 @@ LABELLED = {
     "listener": set(),
     "listener_http": set(),
     "filter": {"triggered", "nats_dropped"},
-    "downsampler": {"nats_dropped"},
+    "downsampler": {"nats_dropped", "ack_pending_full"},
     "writer": {"dropped_by_rules", "nats_dropped", "lines_handed_back", "dead_letter_retries"},
     "monitor": {"nats_dropped"},
     "kafka": {"kafka_lag", "kafka_committed_offset"},
