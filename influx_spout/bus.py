@@ -63,12 +63,25 @@ RETRY_PAUSE = 1.0
 
 
 class Delivery:
-    """The acknowledgement handle of one message from a durable consumer."""
+    """The acknowledgement handle of one message from a durable consumer (and, for a
+    run handler, the message itself)."""
 
     __slots__ = ("_msg",)
 
     def __init__(self, msg: Msg) -> None:
         self._msg = msg
+
+    @property
+    def subject(self) -> str:
+        return self._msg.subject
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return self._msg.headers
 
     @property
     def delivered(self) -> int:
@@ -148,6 +161,8 @@ class PubAcks:
 
 # a durable consumer's handler: a message and the Delivery to settle it with
 DurableHandler = Callable[[str, bytes, dict[str, str] | None, Delivery], Awaitable[None]]
+# consume_runs()' handler: the messages of one fetch, in order, each its own Delivery
+RunHandler = Callable[[list[Delivery]], Awaitable[None]]
 
 
 class Bus:
@@ -406,6 +421,27 @@ class Bus:
     ) -> None:
         """Pull each subject's stream through this component's durable consumer, handing
         each message and its Delivery to handler, one at a time, until unsubscribe()."""
+
+        async def one_at_a_time(run: list[Delivery]) -> None:
+            for n, delivery in enumerate(run):
+                if not self._consuming:  # stopping: what was not handled comes again
+                    for rest in run[n:]:
+                        await rest.nak()
+                    return
+                try:
+                    await handler(delivery.subject, delivery.data, delivery.headers, delivery)
+                except Exception as exc:
+                    log.error("handling a message failed (it will come again): %r", exc)
+                    await delivery.nak(RETRY_PAUSE)
+
+        await self.consume_runs(subjects, one_at_a_time, max_ack_pending, hold)
+
+    async def consume_runs(
+        self, subjects: Sequence[str], handler: RunHandler, max_ack_pending: int, hold: float
+    ) -> None:
+        """consume(), handing handler the messages of each fetch at once (up to
+        FETCH_BATCH), for a mode that works on several together; it settles every one.
+        Should handler raise, the messages it got come again."""
         self._consuming = True
         streams = await self.ensure_streams(subjects)
         subs = []
@@ -427,7 +463,7 @@ class Bus:
             self.dropped[subject] += 0
             self._consumers.append(asyncio.create_task(self._pull(sub, handler)))
 
-    async def _pull(self, sub: Any, handler: DurableHandler) -> None:
+    async def _pull(self, sub: Any, handler: RunHandler) -> None:
         while self._consuming:
             try:
                 msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
@@ -438,16 +474,12 @@ class Bus:
                     log.warning("fetching from JetStream failed: %s", exc or type(exc).__name__)
                     await asyncio.sleep(RETRY_PAUSE)
                 continue
-            for n, msg in enumerate(msgs):
-                if not self._consuming:  # stopping: what was not handled comes again
-                    for rest in msgs[n:]:
-                        await Delivery(rest).nak()
-                    return
-                delivery = Delivery(msg)
-                try:
-                    await handler(msg.subject, msg.data, msg.headers, delivery)
-                except Exception as exc:
-                    log.error("handling a message failed (it will come again): %r", exc)
+            run = [Delivery(msg) for msg in msgs]
+            try:
+                await handler(run)
+            except Exception as exc:
+                log.error("handling %d messages failed (they will come again): %r", len(run), exc)
+                for delivery in run:
                     await delivery.nak(RETRY_PAUSE)
 
     async def confirm(self, timeout: int) -> None:
