@@ -122,8 +122,9 @@ class PubAcks:
     this reads the replies itself, on one wildcard inbox.
     """
 
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, fast: FastPath | None = None) -> None:
         self._nc = nc
+        self._fast = fast
         self._prefix = nc.new_inbox()
         self._next = 0
         self._waiting: dict[str, asyncio.Future[None]] = {}
@@ -137,7 +138,9 @@ class PubAcks:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[reply] = future
         future.add_done_callback(lambda _: self._waiting.pop(reply, None))
-        await self._nc.publish(subject, data, reply=reply)
+        fast = self._fast
+        if fast is None or not await fast.send(subject, (data,), len(data), reply.encode()):
+            await self._nc.publish(subject, data, reply=reply)
         return future
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -380,7 +383,7 @@ class Bus:
 
     def _pubacks(self) -> PubAcks:
         if self._acks is None:
-            self._acks = PubAcks(self.nc)
+            self._acks = PubAcks(self.nc, self.fast)
         return self._acks
 
     async def ensure_streams(self, subjects: Sequence[str]) -> list[str]:

@@ -56,10 +56,13 @@ class FastPath:
         if read_limit is not None and hasattr(reader, "_limit"):
             reader._limit = read_limit // 2  # it pauses past twice this
 
-    async def send(self, subject: str, parts: Sequence[bytes], size: int) -> bool:
+    async def send(
+        self, subject: str, parts: Sequence[bytes], size: int, reply: bytes = b""
+    ) -> bool:
         """Queue one message made of parts (size bytes, under the max payload) as
         header + the parts as they are + CRLF, for the client's flusher to write in one
-        writev. False, having sent nothing, where nats-py's publish() must do it."""
+        writev; reply, if given, is a subject of our own (an inbox: no check). False,
+        having sent nothing, where nats-py's publish() must do it."""
         nc = self.nc
         if not self.publishing or not nc.is_connected or nc.is_draining_pubs:
             return False
@@ -69,7 +72,10 @@ class FastPath:
             encoded = self._subjects[subject] = subject.encode() if ok else b""
         if not encoded:  # publish() checks it and says what is wrong
             return False
-        header = b"PUB %b %d\r\n" % (encoded, size)
+        if reply:
+            header = b"PUB %b %b %d\r\n" % (encoded, reply, size)
+        else:
+            header = b"PUB %b %d\r\n" % (encoded, size)
         pending = nc._pending
         pending.append(header)
         pending.extend(parts)
