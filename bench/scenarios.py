@@ -572,7 +572,13 @@ def _stat_counter(procs: Procs, nats: NatsServer, stat: str, name: str) -> Child
 
 
 def _writer_run(
-    procs: Procs, nats: NatsServer, opts: Options, port: int, db: str, default_lines: int
+    procs: Procs,
+    nats: NatsServer,
+    opts: Options,
+    port: int,
+    db: str,
+    default_lines: int,
+    durable: bool = False,
 ) -> tuple[Child, Child]:
     """Start a writer to 127.0.0.1:port/db, its lines_written counter, and the NATS load."""
     procs.component(
@@ -584,18 +590,22 @@ def _writer_run(
         influxdb_port=port,
         influxdb_dbname=db,
         batch_max_age="200ms",
+        **_durable(durable),
     )
     monitor = _stat_counter(procs, nats, "lines_written", "bench-writer")
     load = _nats_load(procs, nats, opts, default_lines, "received_lines", "bench-writer")
     return monitor, load
 
 
-def run_writer_null(opts: Options) -> RunResult:
-    """NATS messages of 1,000 lines -> writer -> a null HTTP endpoint (its own process)."""
+def run_writer_null(opts: Options, durable: bool = False) -> RunResult:
+    """NATS messages of 1,000 lines -> writer -> a null HTTP endpoint (its own process).
+
+    durable: the load's messages are stored by the input stream the writer creates, and
+    the writer acknowledges each once the null endpoint answered 204 for its lines."""
     with Procs(opts.workdir) as procs:
-        nats = procs.nats()
+        nats = procs.nats(jetstream=durable)
         _, null_port = procs.null_influx()
-        monitor, load = _writer_run(procs, nats, opts, null_port, "bench", 1_000_000)
+        monitor, load = _writer_run(procs, nats, opts, null_port, "bench", 1_000_000, durable)
         cpu0 = procs.cpu_now()
         load.send("go")
         sent = load.result()
@@ -604,7 +614,7 @@ def run_writer_null(opts: Options) -> RunResult:
         stats = monitor.result()
         return _finish(
             procs,
-            "writer-null",
+            "writer-durable" if durable else "writer-null",
             "bench-writer",
             sent["lines"],
             null["lines"],
@@ -1149,6 +1159,13 @@ SCENARIOS: dict[str, Scenario] = {
             False,
             functools.partial(run_listener_http, durable=True),
             "the listener_http scenario in durable mode (204 after the PubAck)",
+        ),
+        Scenario(
+            "writer-durable",
+            ("writer",),
+            False,
+            functools.partial(run_writer_null, durable=True),
+            "the writer-null scenario in durable mode (acks after the endpoint's 204)",
         ),
         Scenario(
             "pipeline-durable",

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from influx_spout.config import Config
     from influx_spout.mode import Host
 
-# how often, at most, the age of the open batch is checked
+# the longest a pump sleeps, with a batch open, before it checks that batch's age again
 MAX_AGE_CHECK_INTERVAL = 1.0
 
 
@@ -153,7 +153,11 @@ class Batcher:
 
     def due(self) -> bool:
         """True when the batch holds data older than max_age."""
-        return bool(self._chunks) and self._clock() - self.started >= self.max_age
+        return bool(self._chunks) and self.until_due() <= 0
+
+    def until_due(self) -> float:
+        """Seconds until the open batch is due (<= 0: it is)."""
+        return self.started + self.max_age - self._clock()
 
     def take(self) -> Parts:
         """Return the batch collected so far (no parts when empty) and start a new one."""
@@ -196,12 +200,16 @@ class Pump:
         self._confirming: set[asyncio.Task[None]] = set()  # confirmed batches publishing
 
     def add(self, chunk: bytes, lines: int, headers: dict[str, str] | None = None) -> None:
-        """Batch a chunk; the batches it makes ready wait in `ready` for the pump's task."""
+        """Batch a chunk; the batches it makes ready wait in `ready` for the pump's task
+        (woken too when a batch opens: it sleeps until that one is due)."""
+        opening = not self.batcher.count
         batches = self.batcher.add(chunk, lines, headers=headers)
         if batches:
             for batch in batches:
                 self._queue(batch)
             self._wake.set()
+        elif opening:
+            self._opened()
 
     def add_confirmed(
         self, chunk: bytes, lines: int, headers: dict[str, str] | None = None
@@ -225,9 +233,18 @@ class Pump:
     async def add_now(self, chunk: bytes, lines: int, headers: dict[str, str] | None = None) -> int:
         """Batch a chunk and publish the batches it makes ready; returns the lines lost."""
         lost = 0
+        opening = not self.batcher.count
         for batch in self.batcher.add(chunk, lines, headers=headers):
             lost += await self._publish(batch)
+        if opening:
+            self._opened()
         return lost
+
+    def _opened(self) -> None:
+        """A chunk went into an empty batcher: wake the task if a batch is open now, so
+        that it sleeps until that batch is due."""
+        if self.batcher.count:
+            self._wake.set()
 
     def start(self) -> asyncio.Task[None]:
         """Start publishing; the task ends at close(), or with what made publishing fail."""
@@ -235,11 +252,17 @@ class Pump:
         return self._task
 
     async def _run(self) -> None:
-        # never cancelled, so a batch is never cut off half-published
-        tick = min(MAX_AGE_CHECK_INTERVAL, max(self.batcher.max_age / 4, 0.001))
+        # never cancelled, so a batch is never cut off half-published; it sleeps until a
+        # batch is ready or the open one is due (a timer a tick would cost the durable
+        # listeners, whose batches are due within durable_linger, hundreds of wake-ups
+        # a second)
         while not self._closing:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), tick)
+            wait = self.batcher.until_due() if self.batcher.count else None
+            if wait is None:
+                await self._wake.wait()
+            elif wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(wait, MAX_AGE_CHECK_INTERVAL))
             self._wake.clear()
             if self.batcher.due():
                 self._queue(self.batcher.take())

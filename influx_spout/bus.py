@@ -67,12 +67,25 @@ HEADER_ID_ROOM = 64
 
 
 class Delivery:
-    """The acknowledgement handle of one message from a durable consumer."""
+    """The acknowledgement handle of one message from a durable consumer (and, for a
+    run handler, the message itself)."""
 
     __slots__ = ("_msg",)
 
     def __init__(self, msg: Msg) -> None:
         self._msg = msg
+
+    @property
+    def subject(self) -> str:
+        return self._msg.subject
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return self._msg.headers
 
     @property
     def delivered(self) -> int:
@@ -113,8 +126,9 @@ class PubAcks:
     this reads the replies itself, on one wildcard inbox.
     """
 
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, fast: FastPath | None = None) -> None:
         self._nc = nc
+        self._fast = fast
         self._prefix = nc.new_inbox()
         self._next = 0
         self._waiting: dict[str, asyncio.Future[None]] = {}
@@ -130,7 +144,10 @@ class PubAcks:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[reply] = future
         future.add_done_callback(lambda _: self._waiting.pop(reply, None))
-        await self._nc.publish(subject, data, reply=reply, headers=headers)
+        fast = self._fast
+        header = header_block(headers) if headers else b""
+        if fast is None or not await fast.send(subject, (data,), len(data), header, reply.encode()):
+            await self._nc.publish(subject, data, reply=reply, headers=headers)
         return future
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -154,6 +171,8 @@ class PubAcks:
 
 # a durable consumer's handler: a message and the Delivery to settle it with
 DurableHandler = Callable[[str, bytes, dict[str, str] | None, Delivery], Awaitable[None]]
+# consume_runs()' handler: the messages of one fetch, in order, each its own Delivery
+RunHandler = Callable[[list[Delivery]], Awaitable[None]]
 
 
 class Bus:
@@ -390,7 +409,7 @@ class Bus:
 
     def _pubacks(self) -> PubAcks:
         if self._acks is None:
-            self._acks = PubAcks(self.nc)
+            self._acks = PubAcks(self.nc, self.fast)
         return self._acks
 
     async def ensure_streams(self, subjects: Sequence[str]) -> list[str]:
@@ -462,6 +481,27 @@ class Bus:
     ) -> None:
         """Pull each subject's stream through this component's durable consumer, handing
         each message and its Delivery to handler, one at a time, until unsubscribe()."""
+
+        async def one_at_a_time(run: list[Delivery]) -> None:
+            for n, delivery in enumerate(run):
+                if not self._consuming:  # stopping: what was not handled comes again
+                    for rest in run[n:]:
+                        await rest.nak()
+                    return
+                try:
+                    await handler(delivery.subject, delivery.data, delivery.headers, delivery)
+                except Exception as exc:
+                    log.error("handling a message failed (it will come again): %r", exc)
+                    await delivery.nak(RETRY_PAUSE)
+
+        await self.consume_runs(subjects, one_at_a_time, max_ack_pending, hold)
+
+    async def consume_runs(
+        self, subjects: Sequence[str], handler: RunHandler, max_ack_pending: int, hold: float
+    ) -> None:
+        """consume(), handing handler the messages of each fetch at once (up to
+        FETCH_BATCH), for a mode that works on several together; it settles every one.
+        Should handler raise, the messages it got come again."""
         self._consuming = True
         streams = await self.ensure_streams(subjects)
         subs = []
@@ -490,7 +530,7 @@ class Bus:
         for subject in subjects:
             await jetstream.delete_consumer(self.js, subject, self.cfg)
 
-    async def _pull(self, sub: Any, handler: DurableHandler) -> None:
+    async def _pull(self, sub: Any, handler: RunHandler) -> None:
         while self._consuming:
             try:
                 msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
@@ -501,16 +541,12 @@ class Bus:
                     log.warning("fetching from JetStream failed: %s", exc or type(exc).__name__)
                     await asyncio.sleep(RETRY_PAUSE)
                 continue
-            for n, msg in enumerate(msgs):
-                if not self._consuming:  # stopping: what was not handled comes again
-                    for rest in msgs[n:]:
-                        await Delivery(rest).nak()
-                    return
-                delivery = Delivery(msg)
-                try:
-                    await handler(msg.subject, msg.data, msg.headers, delivery)
-                except Exception as exc:
-                    log.error("handling a message failed (it will come again): %r", exc)
+            run = [Delivery(msg) for msg in msgs]
+            try:
+                await handler(run)
+            except Exception as exc:
+                log.error("handling %d messages failed (they will come again): %r", len(run), exc)
+                for delivery in run:
                     await delivery.nak(RETRY_PAUSE)
 
     async def confirm(self, timeout: int) -> None:

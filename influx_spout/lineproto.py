@@ -313,6 +313,8 @@ _LINE_WITHOUT_TIMESTAMP = compile_batch(r'(?m)[="][^ \n]*$|\n\n|\A\n')
 
 _END_WITHOUT_TIMESTAMP = re.compile(rb'(?m)[="][^ \n]*+$')
 _TIMESTAMP_AT_NEWLINE = re.compile(rb" -?\d++\n")
+# _END_WITHOUT_TIMESTAMP for a search by RE2 (the durable listeners check every body)
+_UNSTAMPED = None if re2_engine is None else compile_batch(r'[="][^ \n]*(?:\n|$)')
 
 _BOOLS: dict[bytes, bool] = {
     b"t": True,
@@ -665,8 +667,11 @@ def escape_string_field(s: bytes) -> bytes:
 def stamp_missing(valid: bytes, ts_ns: int) -> bytes:
     """Valid lines (each ending with b"\\n"), those without a timestamp given ts_ns (as
     InfluxDB stamps on arrival): a line sent again then is the same point. Unchanged, after
-    one quick pass (spaces, not every "="), when every line has one."""
-    if len(_TIMESTAMP_AT_NEWLINE.findall(valid)) == valid.count(b"\n"):
+    one quick pass (RE2's DFA, else spaces, not every "="), when every line has one."""
+    if _UNSTAMPED is not None:
+        if _UNSTAMPED.search(valid) is None:
+            return valid
+    elif len(_TIMESTAMP_AT_NEWLINE.findall(valid)) == valid.count(b"\n"):
         return valid
     return _END_WITHOUT_TIMESTAMP.sub(b"\\g<0> %d" % ts_ns, valid)
 

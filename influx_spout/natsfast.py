@@ -57,12 +57,18 @@ class FastPath:
             reader._limit = read_limit // 2  # it pauses past twice this
 
     async def send(
-        self, subject: str, parts: Sequence[bytes], size: int, header: bytes = b""
+        self,
+        subject: str,
+        parts: Sequence[bytes],
+        size: int,
+        header: bytes = b"",
+        reply: bytes = b"",
     ) -> bool:
         """Queue one message made of parts (size bytes; with the header block, under the
         max payload) as control line + header block + the parts as they are + CRLF, for
-        the client's flusher to write in one writev. False, having sent nothing, where
-        nats-py's publish() must do it."""
+        the client's flusher to write in one writev; reply, if given, is a subject of our
+        own (an inbox: no check). False, having sent nothing, where nats-py's publish()
+        must do it."""
         nc = self.nc
         if not self.publishing or not nc.is_connected or nc.is_draining_pubs:
             return False
@@ -75,7 +81,15 @@ class FastPath:
         if header and not nc._server_info.get("headers"):  # publish() raises what it must
             return False
         if header:
-            command = b"HPUB %b %d %d\r\n%b" % (encoded, len(header), len(header) + size, header)
+            command = b"HPUB %b%b %d %d\r\n%b" % (
+                encoded,
+                b" " + reply if reply else b"",
+                len(header),
+                len(header) + size,
+                header,
+            )
+        elif reply:
+            command = b"PUB %b %b %d\r\n" % (encoded, reply, size)
         else:
             command = b"PUB %b %d\r\n" % (encoded, size)
         pending = nc._pending

@@ -18,7 +18,9 @@ bound drops and counts them (nats_dropped). A worker that dies stops the filter 
 With durable = true the input is a durable JetStream consumer (named after queue_group
 or name; the workers pull from the same one) and the outputs go into JetStream: an input
 message is acknowledged only once every output made of it is stored (PubAck), else it is
-handed back and routed again later; a crash loses nothing, and may repeat outputs.
+handed back and routed again later; a crash loses nothing, and may repeat outputs. The
+messages of one fetch are routed in groups (groups()), each group's outputs one message
+per subject, as JetStream's work is per message.
 
 Metrics (counters; lines unless said otherwise):
   processed            lines seen
@@ -197,30 +199,42 @@ class Filter:
             await self.rt.bus.catch_up()
             self.yielded = time.monotonic()
 
-    async def handle_durable(
-        self, subject: str, batch: bytes, headers: dict[str, str] | None, delivery: Delivery
-    ) -> None:
-        """A message from the durable consumer: acknowledged once JetStream stored all that
-        was made of it; else handed back, to be routed again (the same lines, again)."""
+    async def handle_run(self, run: list[Delivery]) -> None:
+        """The messages of one fetch from the durable consumer, routed in groups (see
+        groups()): a group's outputs go out as one message per subject, and each of its
+        messages is acknowledged once JetStream stored them all; else the group is handed
+        back, to be routed again (the same lines, again)."""
+        for group in groups(run, self.rt.bus.max_payload):
+            if self.failure is not None:  # routing broke: the filter stops
+                for delivery in group:
+                    await delivery.nak(RETRY_DELAY)
+                continue
+            await self._route_group(group)
+
+    async def _route_group(self, group: list[Delivery]) -> None:
         self.storing = []
-        await self.handle(subject, batch, headers)
+        first = group[0]
+        batch = first.data if len(group) == 1 else b"".join(_ended(d.data) for d in group)
+        await self.handle(first.subject, batch, first.headers)
         if self.failure is not None:
-            await delivery.nak(RETRY_DELAY)
+            for delivery in group:
+                await delivery.nak(RETRY_DELAY)
             return
-        # the next message is routed while JetStream stores this one's outputs
+        # the next group is routed while JetStream stores this one's outputs
         await self.settling.acquire()
-        task = asyncio.create_task(self._settle(self.storing, delivery))
+        task = asyncio.create_task(self._settle(self.storing, group))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _settle(
-        self, storing: list[tuple[str, asyncio.Future[int]]], delivery: Delivery
+        self, storing: list[tuple[str, asyncio.Future[int]]], group: list[Delivery]
     ) -> None:
         try:
             lost = 0
             for subject, future in storing:
                 lost += self._count_lost(subject, await future)
-            await (delivery.nak(RETRY_DELAY) if lost else delivery.ack())
+            for delivery in group:
+                await (delivery.nak(RETRY_DELAY) if lost else delivery.ack())
         finally:
             self.settling.release()
 
@@ -295,7 +309,7 @@ class FilterMode:
         if self.cfg.durable:
             cfg = self.cfg
             await host.bus.ensure_streams([*filt.routes[1], cfg.nats_subject_junkyard])
-            await host.bus.consume([cfg.nats_subject[0]], filt.handle_durable, MAX_ACK_PENDING, 0)
+            await host.bus.consume_runs([cfg.nats_subject[0]], filt.handle_run, MAX_ACK_PENDING, 0)
             return
         await host.bus.subscribe(
             [self.cfg.nats_subject[0]], filt.handle, self.cfg.nats_max_pending_size
@@ -317,6 +331,32 @@ class FilterMode:
                 f"routing failed ({failure!r}), so the filter stopped; "
                 "see the log above, then restart it"
             )
+
+
+def groups(run: list[Delivery], limit: int) -> list[list[Delivery]]:
+    """run cut into groups routed as one batch: consecutive messages with the same
+    headers, together at most limit bytes (the max payload, so that each output of a
+    group fits in one message; a larger message is a group of its own).
+
+    JetStream's cost is per message stored and acknowledged: routing the messages of a
+    fetch together cuts the filter's outputs (one per rule subject) by the group's size.
+    """
+    out: list[list[Delivery]] = []
+    size = 0
+    for delivery in run:
+        n = len(delivery.data) + 1
+        if out and size + n <= limit and delivery.headers == out[-1][0].headers:
+            out[-1].append(delivery)
+            size += n
+        else:
+            out.append([delivery])
+            size = n
+    return out
+
+
+def _ended(data: bytes) -> bytes:
+    """data with its last line ended, so that joined messages never merge two lines."""
+    return data if data.endswith(b"\n") or not data else data + b"\n"
 
 
 def make(cfg: Config) -> Mode:

@@ -161,6 +161,44 @@ def test_pump_publishes_the_open_batch_once_it_is_old() -> None:
     assert asyncio.run(main()).batches == [Parts([b"a\n"], 2, 1)]
 
 
+def test_an_idle_pump_sleeps_until_a_batch_opens_and_then_until_it_is_due() -> None:
+    """No timer ticks while nothing is batched; a batch opened after a long idle time
+    still goes out once it is max_age old."""
+
+    async def main() -> tuple[Published, int]:
+        published = Published()
+        pump = Pump(Batcher(max_count=100, max_size=1000, max_age=0.01), published)
+        turns = 0
+        publish_ready = pump.publish_ready
+
+        async def counted() -> None:
+            nonlocal turns
+            turns += 1
+            await publish_ready()
+
+        pump.publish_ready = counted  # type: ignore[method-assign]
+        task = pump.start()
+        await asyncio.sleep(0.1)
+        idle_turns = turns
+        pump.add(b"a\n", 1)
+        for _ in range(200):
+            if published.batches:
+                break
+            await asyncio.sleep(0.01)
+        assert await pump.add_now(b"b\n", 1) == 0  # the plain listener_http's way in
+        for _ in range(200):
+            if len(published.batches) == 2:
+                break
+            await asyncio.sleep(0.01)
+        await pump.close()
+        assert task.done()
+        return published, idle_turns
+
+    published, idle_turns = asyncio.run(main())
+    assert idle_turns == 0
+    assert published.batches == [Parts([b"a\n"], 2, 1), Parts([b"b\n"], 2, 1)]
+
+
 def test_pump_add_now_publishes_before_returning_and_says_what_was_lost() -> None:
     async def main() -> tuple[int, int, Published]:
         published = Published(lose=1)

@@ -258,6 +258,27 @@ def test_changed_client_internals_keep_nats_py_publish(
     assert "_flush_pending" in natsfast._publish_problem()
 
 
+def test_a_fast_publish_queues_what_nats_py_publish_queues(fresh_checks: None) -> None:
+    """The PUB command of send() with a reply subject (PubAcks), byte for byte nats-py's
+    own, its parts queued as they are (without one, nats-py writes two spaces)."""
+
+    async def main() -> list[tuple[bytes, bytes]]:
+        out = []
+        for reply in ("_INBOX.abc.7", "_INBOX.abc.8"):
+            ours, theirs = Client(), Client()
+            for nc in (ours, theirs):
+                nc._status = Client.CONNECTED
+                nc._max_payload = 1 << 20
+            fast = FastPath(ours)
+            assert await fast.send("in.s", (b"a v=1\n", b"b v=2\n"), 12, reply.encode())
+            await theirs.publish("in.s", b"a v=1\nb v=2\n", reply=reply)
+            out.append((b"".join(ours._pending), b"".join(theirs._pending)))
+        return out
+
+    for ours, theirs in asyncio.run(main()):
+        assert ours == theirs
+
+
 def test_the_environment_forces_the_stock_path(
     fresh_checks: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,6 +16,7 @@ from influx_spout import jetstream
 from influx_spout.batching import Batcher, Parts, Pump
 from influx_spout.config import Config, ConfigError, load_config
 from influx_spout.lineproto import stamp_missing
+from influx_spout.modes import filter as filter_mode
 from influx_spout.modes import writer as writer_mode
 from influx_spout.stats import Stats
 
@@ -290,3 +291,28 @@ def test_durable_options_are_checked_when_loading(tmp_path: Path) -> None:
     path.write_text('mode = "writer"\njetstream_storage = "disk"\n')
     with pytest.raises(ConfigError, match="jetstream_storage"):
         load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
+
+
+class FakeMessage:
+    """What filter.groups() reads of a Delivery: its payload and headers."""
+
+    def __init__(self, data: bytes, headers: dict[str, str] | None = None) -> None:
+        self.data = data
+        self.headers = headers
+
+
+def test_the_durable_filter_routes_a_fetch_in_groups_under_the_max_payload() -> None:
+    a, b, c = FakeMessage(b"x" * 9), FakeMessage(b"y" * 9), FakeMessage(b"z" * 9)
+    big = FakeMessage(b"w" * 50)
+    other = FakeMessage(b"v" * 9, {"Db": "other"})
+    run: Any = [a, b, c, big, other, FakeMessage(b"u" * 9, {"Db": "other"})]
+    got = filter_mode.groups(run, 20)  # 10 bytes a message, its last line ended
+    assert [[m.data[:1] for m in g] for g in got] == [
+        [b"x", b"y"],
+        [b"z"],
+        [b"w"],  # larger than the limit: a group of its own
+        [b"v", b"u"],  # same headers: together; other headers: apart
+    ]
+    assert filter_mode.groups(run[:3], 0) == [[a], [b], [c]]
+    assert filter_mode._ended(b"m v=1") == b"m v=1\n"
+    assert filter_mode._ended(b"m v=1\n") == b"m v=1\n"
