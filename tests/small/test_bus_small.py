@@ -269,9 +269,14 @@ def test_a_fast_publish_queues_what_nats_py_publish_queues(fresh_checks: None) -
             for nc in (ours, theirs):
                 nc._status = Client.CONNECTED
                 nc._max_payload = 1 << 20
+                nc._server_info = {"headers": True}
             fast = FastPath(ours)
-            assert await fast.send("in.s", (b"a v=1\n", b"b v=2\n"), 12, reply.encode())
+            assert await fast.send("in.s", (b"a v=1\n", b"b v=2\n"), 12, reply=reply.encode())
             await theirs.publish("in.s", b"a v=1\nb v=2\n", reply=reply)
+            headers = {"Influxdb-Db": "telegraf"}
+            header = natsfast.header_block(headers)
+            assert await fast.send("in.s", (b"a v=1\n",), 6, header, reply.encode())
+            await theirs.publish("in.s", b"a v=1\n", reply=reply, headers=headers)
             out.append((b"".join(ours._pending), b"".join(theirs._pending)))
         return out
 
