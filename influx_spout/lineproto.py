@@ -351,21 +351,27 @@ def split_valid(batch: bytes) -> tuple[bytes, list[bytes]]:
     but the grammar does not spell that way (blanks around sections) is passed on as the
     grammar spells it (check_line).
     """
-    good, bad = _split(batch)
+    good, bad, _ = _split(batch)
     return good, [line for line, _ in bad]
 
 
-def _split(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
-    """split_valid, with why each invalid line is refused (check_line)."""
+def _split(batch: bytes, max_bad: int = -1) -> tuple[bytes, list[tuple[bytes, str]], int]:
+    """split_valid, with why each invalid line is refused (check_line): (valid lines, the
+    first max_bad invalid lines with why (all when max_bad < 0), how many more there are).
+
+    Lines past max_bad are checked and counted, never held: a body of a million invalid
+    lines costs the memory of max_bad of them.
+    """
     batch = _normalise(batch)
     size = len(batch)
     end = _VALID_RUN.match(batch).end()  # the grammar matches b"" at worst
     if end == size and not _has_long_line(batch):
-        return batch, []
+        return batch, [], 0
     if end == size:
-        return _without_long_keys(batch)
+        return _without_long_keys(batch, max_bad)
     good: list[bytes] = []
     bad: list[tuple[bytes, str]] = []
+    more = 0
     start = 0
     while True:
         if end > start:
@@ -373,15 +379,19 @@ def _split(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
         if end == size:
             joined = b"".join(good)
             if not _has_long_line(joined):
-                return joined, bad
-            joined, too_long = _without_long_keys(joined)
-            return joined, bad + too_long
+                return joined, bad, more
+            joined, too_long, more_long = _without_long_keys(joined, max_bad - len(bad))
+            return joined, bad + too_long, more + more_long
         nl = batch.index(b"\n", end)
         checked = check_line(batch[end:nl])
         if isinstance(checked, bytes):
             good.append(checked + b"\n")
-        elif checked is not None:
+        elif checked is None:
+            pass
+        elif len(bad) != max_bad:
             bad.append((batch[end:nl], checked))
+        else:
+            more += 1
         start = nl + 1
         end = _VALID_RUN.match(batch, start).end()
 
@@ -398,17 +408,23 @@ def _has_long_line(batch: bytes) -> bool:
     return False
 
 
-def _without_long_keys(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
-    """A batch of valid lines without those whose series key is over MAX_KEY_BYTES."""
+def _without_long_keys(
+    batch: bytes, max_bad: int = -1
+) -> tuple[bytes, list[tuple[bytes, str]], int]:
+    """A batch of valid lines without those whose series key is over MAX_KEY_BYTES, as
+    _split gives them (the first max_bad with why, and a count of the rest)."""
     kept: list[bytes] = []
     bad: list[tuple[bytes, str]] = []
+    more = 0
     for line in batch.split(b"\n")[:-1]:
         why = check_line(line) if len(line) >= MAX_KEY_BYTES else None
-        if isinstance(why, str):
+        if not isinstance(why, str):
+            kept.append(line + b"\n")
+        elif len(bad) != max_bad:
             bad.append((line, why))
         else:
-            kept.append(line + b"\n")
-    return b"".join(kept), bad
+            more += 1
+    return b"".join(kept), bad, more
 
 
 INT64_RANGE = f"{-(INT64_MAX - 1)}..{INT64_MAX - 1}"
@@ -738,20 +754,34 @@ def to_nanoseconds(batch: bytes, precision: str) -> bytes:
     return _TIMESTAMP_AT_EOL.sub(lambda m: m[0] + zeros, batch)
 
 
-def to_nanoseconds_or_set_aside(batch: bytes, precision: str) -> tuple[bytes, list[bytes]]:
+def to_nanoseconds_or_set_aside(
+    batch: bytes, precision: str, max_set_aside: int = -1
+) -> tuple[bytes, list[bytes], int]:
     """to_nanoseconds, with the lines whose timestamp would not fit int64 once converted
-    set aside rather than raised for: (the other lines converted, those lines).
+    set aside rather than raised for: (the other lines converted, the first max_set_aside
+    of those lines (all when max_set_aside < 0), how many more there are).
 
     For sources that keep the good lines of a request or message and report the others.
     """
-    try:
-        return to_nanoseconds(batch, precision), []
-    except TimestampOverflowError as exc:
-        out_of_range = set(exc.lines)
-        kept = b"".join(
-            line + b"\n" for line in batch.split(b"\n")[:-1] if line not in out_of_range
-        )
-        return to_nanoseconds(kept, precision), exc.lines
+    factor = PRECISIONS.get(precision)
+    if factor is None or factor == 1 or not batch:
+        return to_nanoseconds(batch, precision), [], 0
+    batch = _normalise(batch)
+    kept: list[bytes] = []
+    aside: list[bytes] = []
+    more = start = 0
+    for m in _overflow_finder(factor).finditer(batch):  # one match at most per line
+        line_start = batch.rfind(b"\n", 0, m.start()) + 1
+        kept.append(batch[start:line_start])
+        if len(aside) != max_set_aside:
+            aside.append(batch[line_start : m.end()])
+        else:
+            more += 1
+        start = m.end() + 1
+    if start == 0:
+        return to_nanoseconds(batch, precision), [], 0
+    kept.append(batch[start:])
+    return to_nanoseconds(b"".join(kept), precision), aside, more
 
 
 # --- checking a body ---------------------------------------------------------------------------
@@ -769,7 +799,18 @@ class Decoded(NamedTuple):
 
     data: bytes  # valid line protocol in ns, every line ending with b"\n" (b"" when none)
     lines: int  # lines in data
-    rejected: list[Rejected]
+    rejected: list[Rejected]  # the first ones (check_body's max_rejected)
+    unlisted: int = 0  # rejected after those: counted, not held
+
+    @property
+    def rejected_count(self) -> int:
+        """Every piece rejected, listed or not: what counters count."""
+        return len(self.rejected) + self.unlisted
+
+
+# Rejected items a body check holds by default: what an answer quotes and a log shows; the
+# others are counted (Decoded.unlisted), so memory does not grow with the invalid lines.
+MAX_REJECTED = 100
 
 
 class Reasons(NamedTuple):
@@ -801,43 +842,58 @@ def _rejected(line: bytes, why: str, reasons: Reasons) -> Rejected:
 
 
 def check_body(
-    body: bytes, reasons: Reasons, precision: str = "ns", max_line: int = 0, arrival_ns: int = 0
+    body: bytes,
+    reasons: Reasons,
+    precision: str = "ns",
+    max_line: int = 0,
+    arrival_ns: int = 0,
+    max_rejected: int = MAX_REJECTED,
 ) -> Decoded:
     """The one check of a body of line protocol, whatever its source: split, validate,
     convert its timestamps from precision to ns, stamp the lines without one with
     arrival_ns when given (durable listener_http: stamp_missing), and reject lines over
     max_line bytes (the NATS max payload: NATS could never carry them; 0 for no limit).
 
-    A body of valid lines costs one pass of the whole-batch grammar (split_valid) and is
-    passed on without a copy when it needs no conversion.
+    The first max_rejected rejected lines are held with their reasons, the others only
+    counted. A body of valid lines costs one pass of the whole-batch grammar (split_valid)
+    and is passed on without a copy when it needs no conversion.
     """
-    valid, bad = _split(body)
+    valid, bad, unlisted = _split(body, max_rejected)
     rejected = [_rejected(line, why or why_not(line), reasons) for line, why in bad]
     if valid and PRECISIONS[precision] != 1:
-        valid, out_of_range = to_nanoseconds_or_set_aside(valid, precision)
+        room = max_rejected - len(rejected)
+        valid, out_of_range, more = to_nanoseconds_or_set_aside(valid, precision, room)
         reason = OUT_OF_RANGE.format(precision=precision)
         rejected += [Rejected(line, reason) for line in out_of_range]
+        unlisted += more
     if arrival_ns and valid:  # before the size check: a stamp makes a line longer
         valid = stamp_missing(valid, arrival_ns)
-    decoded = Decoded(valid, batching.count_lines(valid), rejected)
+    decoded = Decoded(valid, batching.count_lines(valid), rejected, unlisted)
     if max_line and len(valid) > max_line:  # else no line can be over it
-        return drop_overlong(decoded, max_line, reasons)
+        return drop_overlong(decoded, max_line, reasons, max_rejected=max_rejected)
     return decoded
 
 
-def drop_overlong(decoded: Decoded, max_line: int, reasons: Reasons, keep: int = 0) -> Decoded:
+def drop_overlong(
+    decoded: Decoded, max_line: int, reasons: Reasons, keep: int = 0, max_rejected: int = -1
+) -> Decoded:
     """decoded without its lines over max_line bytes, each rejected with reasons.overlong.
 
     check_body's last step, for sources whose lines were checked when they were built.
     keep, when given, is how many bytes of a rejected line its Rejected holds (a dead
-    letter could not carry the whole line either).
+    letter could not carry the whole line either); past max_rejected rejected items (when
+    not negative) a line is counted in unlisted instead.
     """
     data, too_long = batching.without_overlong(decoded.data, max_line)
     if not too_long:
         return decoded
     rejected = list(decoded.rejected)
+    unlisted = decoded.unlisted
     for line in too_long:  # each ends with its b"\n"
+        if 0 <= max_rejected <= len(rejected):
+            unlisted += 1
+            continue
         size = len(line) - 1
         reason = reasons.overlong.format(size=size, size_with_newline=size + 1, limit=max_line)
         rejected.append(Rejected(line[:keep] if keep else line[:-1], reason))
-    return Decoded(data, decoded.lines - len(too_long), rejected)
+    return Decoded(data, decoded.lines - len(too_long), rejected, unlisted)

@@ -16,6 +16,10 @@ import orjson
 # a decoder returns lineproto's Decoded, the one result of a body check, and its Rejected
 from influx_spout.lineproto import CONVERTED_REASONS, Decoded, Rejected, check_body
 
+# Rejected items a decoder holds per message, for its dead letter (one NATS message of at
+# most the max payload: about that many lines of typical size); the others are counted.
+MAX_REJECTED = 10_000
+
 Decoder = Callable[[bytes], Decoded]
 
 # the kafka_encoder names (config.py validates against this)
@@ -65,10 +69,19 @@ def checked(lines: list[bytes], rejected: list[Rejected]) -> Decoded:
         rejected.extend(Rejected(line, reason) for line in lines if line.startswith(b"#"))
         lines = [line for line in lines if not line.startswith(b"#")]
     if not lines:
-        return Decoded(b"", 0, rejected)
-    good, count, bad = check_body(b"\n".join(lines), CONVERTED_REASONS)
+        return bounded(b"", 0, rejected)
+    room = max(MAX_REJECTED - len(rejected), 0)
+    good, count, bad, unlisted = check_body(b"\n".join(lines), CONVERTED_REASONS, max_rejected=room)
     rejected.extend(bad)
-    return Decoded(good, count, rejected)
+    return bounded(good, count, rejected, unlisted)
+
+
+def bounded(data: bytes, lines: int, rejected: list[Rejected], unlisted: int = 0) -> Decoded:
+    """Decoded holding at most MAX_REJECTED rejected items, the others counted."""
+    if len(rejected) <= MAX_REJECTED:
+        return Decoded(data, lines, rejected, unlisted)
+    more = len(rejected) - MAX_REJECTED
+    return Decoded(data, lines, rejected[:MAX_REJECTED], unlisted + more)
 
 
 def _broken(line: bytes) -> bool:

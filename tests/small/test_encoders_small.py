@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from influx_spout.config import Config
 from influx_spout.encoders import (
     ENCODERS,
+    MAX_REJECTED,
     Decoded,
     Decoder,
     Rejected,
@@ -472,3 +473,10 @@ def test_every_encoder_survives_any_bytes(value: bytes) -> None:
         assert split_valid(out.data) == (out.data, []), name
         assert out.lines == out.data.count(b"\n"), name
         assert all(isinstance(r.data, bytes) and r.reason for r in out.rejected), name
+
+
+def test_a_decoder_holds_at_most_max_rejected_items_and_counts_the_rest() -> None:
+    value = b"".join(b"not graphite %d x y\n" % i for i in range(MAX_REJECTED + 3))
+    out = collectd_graphite.make_decoder(["host"])(value + b"web01.cpu.load 1 5\n")
+    assert out.lines == 1 and len(out.rejected) == MAX_REJECTED
+    assert out.unlisted == 3 and out.rejected_count == MAX_REJECTED + 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tracemalloc
 from types import ModuleType
 from unittest import mock
 
@@ -492,6 +493,47 @@ def test_drop_overlong_keeps_what_it_is_asked_to() -> None:
     assert fitted.data == b"a v=1\n" and fitted.lines == 1
     assert [r.data for r in fitted.rejected] == [b"x", line[:10]]
     assert lp.drop_overlong(fitted, 30, lp.KAFKA_REASONS) is fitted  # nothing over: as is
+
+
+def test_check_body_holds_the_first_rejected_lines_and_counts_the_rest() -> None:
+    body = b"a v=1 1\n" + b"".join(b"bad%d\n" % i for i in range(300)) + b"b v=2 2\n"
+    decoded = lp.check_body(body, lp.HTTP_REASONS, max_rejected=10)
+    assert decoded.data == b"a v=1 1\nb v=2 2\n" and decoded.lines == 2
+    assert [r.data for r in decoded.rejected] == [b"bad%d" % i for i in range(10)]
+    assert decoded.unlisted == 290 and decoded.rejected_count == 300
+    everything = lp.check_body(body, lp.HTTP_REASONS, max_rejected=-1)
+    assert len(everything.rejected) == 300 and everything.unlisted == 0
+
+
+def test_the_bound_holds_across_every_kind_of_rejection() -> None:
+    big = b"big v=" + b"9" * 40 + b" 1"
+    body = b"x\ny\n" + b"b v=2 %d\n" % (10**18) * 3 + big + b"\n" + big + b"\n"
+    decoded = lp.check_body(body, lp.HTTP_REASONS, "s", max_line=30, max_rejected=3)
+    assert [r.data for r in decoded.rejected] == [b"x", b"y", b"b v=2 %d" % (10**18)]
+    assert decoded.unlisted == 4 and decoded.data == b""
+    long_keys = b"".join(b"m,t=%s v=1\n" % (b"k" * lp.MAX_KEY_BYTES) for _ in range(3))
+    decoded = lp.check_body(long_keys, lp.HTTP_REASONS, max_rejected=1)
+    assert len(decoded.rejected) == 1 and decoded.unlisted == 2
+
+
+def test_invalid_lines_cost_the_memory_of_the_few_held() -> None:
+    body = b"not lp!!\n" * 10_000
+    tracemalloc.start()
+    try:
+        decoded = lp.check_body(body, lp.HTTP_REASONS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(decoded.rejected) == lp.MAX_REJECTED
+    assert decoded.rejected_count == 10_000 and decoded.lines == 0
+    assert peak < 200_000  # a Rejected per line would be about 2 MB
+
+
+def test_set_aside_lines_are_bounded_and_counted() -> None:
+    body = b"a v=1 1\n" + b"b v=2 %d\n" % (10**18) * 5 + b"c v=3 3\n"
+    converted, aside, more = lp.to_nanoseconds_or_set_aside(body, "s", 2)
+    assert converted == b"a v=1 1000000000\nc v=3 3000000000\n"
+    assert aside == [b"b v=2 %d" % (10**18)] * 2 and more == 3
 
 
 # --- properties -------------------------------------------------------------------------------
