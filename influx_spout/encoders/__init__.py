@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 # a decoder returns lineproto's Decoded, the one result of a body check, and its Rejected
+from influx_spout import lineproto
 from influx_spout.lineproto import CONVERTED_REASONS, Decoded, Rejected, check_body
 
 # Rejected items a decoder holds per message, for its dead letter (one NATS message of at
@@ -85,7 +86,9 @@ def bounded(data: bytes, lines: int, rejected: list[Rejected], unlisted: int = 0
 
 
 def _broken(line: bytes) -> bool:
-    return b"\n" in line or b"\r" in line
+    """Whether a built line would not stay one line: a carriage return, or a newline but
+    one inside a string field of a valid line (which stays in its line)."""
+    return b"\r" in line or (b"\n" in line and not isinstance(lineproto.check_line(line), bytes))
 
 
 def name_bytes(text: str, escape: Callable[[bytes], bytes]) -> bytes:
