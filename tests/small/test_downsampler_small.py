@@ -399,3 +399,16 @@ def test_after_the_final_emission_input_is_logged_as_lost(caplog: pytest.LogCapt
     asyncio.run(ds.handle("a", b"m v=1\nm v=2\n", None))
     assert "2 lines arrived after the final emission" in caplog.text
     assert ds.agg.take_all() == {}
+
+
+def test_a_newline_inside_a_string_stays_in_its_line() -> None:
+    agg, _ = make()
+    added = feed(
+        agg,
+        b'cpu,host=a f=1.0,s="one\nline" %d' % at(1),
+        b'cpu,host=a f=3.0,s="two\nlines" %d' % at(2),
+        b"cpu,host=a f=%d %d" % (5, at(3)),
+    )
+    assert (added.lines, added.invalid_lines) == (3, 0)
+    [line] = agg.take_all()[SUBJECT]
+    assert line == b'cpu,host=a f=3.0,s="two\nlines" %d\n' % (T0 + PERIOD)
