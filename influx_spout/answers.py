@@ -76,11 +76,14 @@ def one_line(text: str, limit: int = MAX_ERROR_TEXT) -> str:
 
 def lines_of(data: bytes) -> list[bytes]:
     """The lines of data, each with its b"\\n" (data ends with one)."""
-    return data.splitlines(keepends=True)
+    return lineproto.lines(data)
 
 
 def halves(data: bytes) -> tuple[bytes, bytes]:
     """data cut at the line boundary nearest its middle (data holds at least two lines)."""
+    if lineproto.has_quoted_newline(data):  # a newline in a string field is no boundary
+        whole = lineproto.lines(data)
+        return b"".join(whole[: len(whole) // 2]), b"".join(whole[len(whole) // 2 :])
     middle = len(data) // 2
     cut = data.rfind(b"\n", 0, middle) + 1
     if cut <= 0:

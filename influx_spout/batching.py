@@ -14,6 +14,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+# the line splitting every batch goes through (a newline in a string field stays in its line)
+from influx_spout.lineproto import count_lines, split_under
+
 if TYPE_CHECKING:
     from influx_spout.config import Config
     from influx_spout.mode import Host
@@ -27,52 +30,6 @@ def ensure_newline(chunk: bytes) -> bytes:
     if chunk and not chunk.endswith(b"\n"):
         return chunk + b"\n"
     return chunk
-
-
-def count_lines(data: bytes) -> int:
-    """The number of b"\\n" in data.
-
-    bytes.count() of one byte compares every byte; replace() jumps from newline to
-    newline with memchr, which for lines as long as Telegraf's is faster even with the
-    copy it makes, and holds the GIL that much less (bench/README.md).
-    """
-    return len(data) - len(data.replace(b"\n", b""))
-
-
-def split_under(data: bytes, limit: int) -> list[bytes]:
-    """Split data on line boundaries into pieces of at most limit bytes.
-
-    A single line longer than limit becomes a piece of its own (over the limit).
-    """
-    if len(data) <= limit:
-        return [data]
-    pieces = []
-    start = 0
-    end = len(data)
-    while start < end:
-        if end - start <= limit:
-            pieces.append(data[start:])
-            break
-        cut = data.rfind(b"\n", start, start + limit)
-        if cut < 0:  # one line longer than the limit
-            cut = data.find(b"\n", start + limit)
-            if cut < 0:
-                cut = end - 1
-        pieces.append(data[start : cut + 1])
-        start = cut + 1
-    return pieces
-
-
-def without_overlong(data: bytes, limit: int) -> tuple[bytes, list[bytes]]:
-    """(data without its lines longer than limit, those lines): what NATS, whose messages
-    hold at most limit bytes, could never carry. Lines keep their b"\\n"."""
-    if len(data) <= limit:
-        return data, []
-    pieces = split_under(data, limit)  # a line over the limit is a piece of its own
-    too_long = [p for p in pieces if len(p) > limit]
-    if not too_long:
-        return data, []
-    return b"".join(p for p in pieces if len(p) <= limit), too_long
 
 
 class Parts(NamedTuple):

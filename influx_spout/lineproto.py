@@ -31,7 +31,9 @@ Grammar (InfluxDB 1.x), one line::
   goes through the per-line slow path (check_line) and on with single spaces.
 - Lines end with ``\\n``; a ``\\r`` before it is refused (influxd refuses CRLF). Blank lines
   and lines whose first non-blank byte is ``#`` are skipped, never counted as invalid. A
-  string field cannot hold a newline: every component splits batches at newlines.
+  string field may hold a newline, as influxd takes it: ``lines`` and the functions after
+  it split batches so that such a line stays whole, and the whole-batch grammars leave it
+  to the slow path, which takes it whole when it is valid.
 - The slow path also refuses what the grammar cannot count: duplicate tag keys, a field
   given twice with two types, series keys over 65535 bytes. Of these only the last is
   looked for on the fast path (lines that long are found with one rfind per 64 KB); the
@@ -41,12 +43,11 @@ Grammar (InfluxDB 1.x), one line::
 from __future__ import annotations
 
 import functools
+import io
 import math
 import re
 import time
 from typing import Any, NamedTuple
-
-from influx_spout import batching
 
 try:  # optional accelerator: a DFA runs the whole-batch check several times faster
     import re2 as re2_engine
@@ -203,7 +204,10 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
     int64 = f"(?:-?{p}{int_at_most(INT64_MAX)}|-{int_at_most(INT64_MAX + 1)})"
     # influxd's time range is int64 without its two ends
     stamp = f"-?{p}{int_at_most(INT64_MAX - 1)}"
-    string_byte = r"[^\"\\\x00-\x08\x0a-\x1f\x7f-\xff]"  # a tab is fine in a string
+    # a tab is fine in a string, and for lenient (the slow path) a newline too: influxd
+    # takes it, and the whole-batch grammars leave such a line to the slow path
+    controls = r"\x00-\x08\x0b-\x1f" if lenient else r"\x00-\x08\x0a-\x1f"
+    string_byte = f"[^\"\\\\{controls}\\x7f-\\xff]"
     if capture:  # parse() reads any float the slow path (check_line) has found finite
         number = f"(?:\\d+{p}(?:\\.\\d*{p})?{p}|\\.\\d+{p})(?:[eE][+-]?{p}\\d+{p})?{p}"
     else:  # floats spelled so that they cannot overflow float64, as influxd requires
@@ -212,10 +216,10 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
             f"|\\d(?:\\.\\d*{p})?{p}[eE]\\+?(?:[12]\\d\\d|30[0-7])"
         )
     string = (
-        f'"(?:{string_byte}+{p}|{_UTF8}|\\\\(?:[^\\x00-\\x08\\x0a-\\x1f\\x7f-\\xff]|{_UTF8}))*{p}"'
+        f'"(?:{string_byte}+{p}|{_UTF8}|\\\\(?:[^{controls}\\x7f-\\xff]|{_UTF8}))*{p}"'
     )
     if permissive:
-        string = f'"(?:[^"\\\\\\n]+{p}|\\\\[^\\n])*{p}"'
+        string = f'"(?:[^"\\\\]+{p}|\\\\[\\s\\S])*{p}"'
     field_value = (
         f"(?:-?{p}(?:{number}){end}"
         f"|{int64}i"
@@ -296,7 +300,7 @@ _VALID_RUN: Any = (
     else compile_batch(f"(?:{_line_grammar(re2=True, capture=False)}\\n)*")
 )
 _LENIENT = re.compile(_line_grammar(re2=False, capture=True, lenient=True).encode())
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")  # a newline only ever is in a string
 # the pairs of a tag section check_line took, and the "=" of a value not escaped
 _BARE_EQUALS = re.compile(rb"(?<!\\)=")
 _TAGS_WITH_EQUALS = re.compile(rb"((?:[^\\ ,=]++|\\++[^\\])++)=((?:[^\\ ,]++|\\++[^\\])++)")
@@ -330,6 +334,105 @@ _BOOLS: dict[bytes, bool] = {
 }
 
 
+# --- lines ----------------------------------------------------------------------------------
+#
+# A newline ends a line except inside a quoted string field value, which influxd lets hold
+# one. Such lines are rare, so every function here first asks has_quoted_newline (a memchr
+# for '"', then one RE2 search) and otherwise works on newlines alone, at C speed.
+
+# '="' (a string value starts), then string bytes without the closing quote, then a newline
+_QUOTED_NEWLINE = compile_batch(r'="(?:[^"\\\n]|\\[^\n])*\\?\n')
+# One whole line as influxd's scanner reads it: the series key (to the first space that is
+# not escaped; a run of backslashes takes the byte after it, as in the grammar), then the
+# rest, where '="' opens a string that its closing '"' ends. Unlike influxd, a quote
+# never closed opens nothing: its line ends at its newline.
+_WHOLE_LINE = re.compile(
+    rb'(?=[\s\S])(?:[^ \n\\]|\\++[^\n]?)*+'
+    rb'(?: (?:="(?:[^"\\]++|\\[\s\S])*+"|\\[^\n]?|[^\n\\])*+)?(?:\n|\Z)'
+)
+
+
+def has_quoted_newline(batch: bytes) -> bool:
+    """Whether a newline of batch may be inside a string field (a false yes only costs the
+    per-line way); without a '"' in the batch, one memchr says no."""
+    return b'"' in batch and _QUOTED_NEWLINE.search(batch) is not None
+
+
+def lines(batch: bytes) -> list[bytes]:
+    """The lines of batch, each with its b"\\n" (the last one may have none), a newline
+    inside a string field kept in its line: the one splitter every stage uses."""
+    if not has_quoted_newline(batch):
+        # readlines() finds line ends with memchr, faster than bytes.split's loop
+        return io.BytesIO(batch).readlines()
+    return _WHOLE_LINE.findall(batch)
+
+
+def count_lines(data: bytes) -> int:
+    """The number of line ends (b"\\n" not inside a string field) in data.
+
+    bytes.count() of one byte compares every byte; replace() jumps from newline to
+    newline with memchr, which for lines as long as Telegraf's is faster even with the
+    copy it makes, and holds the GIL that much less (bench/README.md).
+    """
+    if has_quoted_newline(data):
+        return sum(1 for line in lines(data) if line.endswith(b"\n"))
+    return len(data) - len(data.replace(b"\n", b""))
+
+
+def split_under(data: bytes, limit: int) -> list[bytes]:
+    """Split data on line boundaries into pieces of at most limit bytes.
+
+    A single line longer than limit becomes a piece of its own (over the limit).
+    """
+    if len(data) <= limit:
+        return [data]
+    if has_quoted_newline(data):
+        return _pack(lines(data), limit)
+    pieces = []
+    start = 0
+    end = len(data)
+    while start < end:
+        if end - start <= limit:
+            pieces.append(data[start:])
+            break
+        cut = data.rfind(b"\n", start, start + limit)
+        if cut < 0:  # one line longer than the limit
+            cut = data.find(b"\n", start + limit)
+            if cut < 0:
+                cut = end - 1
+        pieces.append(data[start : cut + 1])
+        start = cut + 1
+    return pieces
+
+
+def _pack(whole_lines: list[bytes], limit: int) -> list[bytes]:
+    """split_under's pieces, from the lines themselves."""
+    pieces: list[bytes] = []
+    piece: list[bytes] = []
+    size = 0
+    for line in whole_lines:
+        if piece and size + len(line) > limit:
+            pieces.append(b"".join(piece))
+            piece, size = [], 0
+        piece.append(line)
+        size += len(line)
+    if piece:
+        pieces.append(b"".join(piece))
+    return pieces
+
+
+def without_overlong(data: bytes, limit: int) -> tuple[bytes, list[bytes]]:
+    """(data without its lines longer than limit, those lines): what NATS, whose messages
+    hold at most limit bytes, could never carry. Lines keep their b"\\n"."""
+    if len(data) <= limit:
+        return data, []
+    pieces = split_under(data, limit)  # a line over the limit is a piece of its own
+    too_long = [p for p in pieces if len(p) > limit]
+    if not too_long:
+        return data, []
+    return b"".join(p for p in pieces if len(p) <= limit), too_long
+
+
 # --- splitting and checking batches ---------------------------------------------------------
 
 
@@ -353,21 +456,27 @@ def split_valid(batch: bytes) -> tuple[bytes, list[bytes]]:
     but the grammar does not spell that way (blanks around sections) is passed on as the
     grammar spells it (check_line).
     """
-    good, bad = _split(batch)
+    good, bad, _ = _split(batch)
     return good, [line for line, _ in bad]
 
 
-def _split(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
-    """split_valid, with why each invalid line is refused (check_line)."""
+def _split(batch: bytes, max_bad: int = -1) -> tuple[bytes, list[tuple[bytes, str]], int]:
+    """split_valid, with why each invalid line is refused (check_line): (valid lines, the
+    first max_bad invalid lines with why (all when max_bad < 0), how many more there are).
+
+    Lines past max_bad are checked and counted, never held: a body of a million invalid
+    lines costs the memory of max_bad of them.
+    """
     batch = _normalise(batch)
     size = len(batch)
     end = _VALID_RUN.match(batch).end()  # the grammar matches b"" at worst
     if end == size and not _has_long_line(batch):
-        return batch, []
+        return batch, [], 0
     if end == size:
-        return _without_long_keys(batch)
+        return _without_long_keys(batch, max_bad)
     good: list[bytes] = []
     bad: list[tuple[bytes, str]] = []
+    more = 0
     start = 0
     while True:
         if end > start:
@@ -375,17 +484,34 @@ def _split(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
         if end == size:
             joined = b"".join(good)
             if not _has_long_line(joined):
-                return joined, bad
-            joined, too_long = _without_long_keys(joined)
-            return joined, bad + too_long
-        nl = batch.index(b"\n", end)
-        checked = check_line(batch[end:nl])
+                return joined, bad, more
+            joined, too_long, more_long = _without_long_keys(joined, max_bad - len(bad))
+            return joined, bad + too_long, more + more_long
+        nl, checked = _check_next(batch, end)
         if isinstance(checked, bytes):
             good.append(checked + b"\n")
-        elif checked is not None:
+        elif checked is None:
+            pass
+        elif len(bad) != max_bad:
             bad.append((batch[end:nl], checked))
+        else:
+            more += 1
         start = nl + 1
         end = _VALID_RUN.match(batch, start).end()
+
+
+def _check_next(batch: bytes, start: int) -> tuple[int, bytes | str | None]:
+    """(where the line at start ends, check_line of it). A line whose string field holds a
+    newline is taken whole when it is valid; otherwise its first newline ends it, so that a
+    quote never closed cannot take good lines after it with it."""
+    nl = batch.index(b"\n", start)
+    if b'"' in batch[start:nl]:
+        whole = _WHOLE_LINE.match(batch, start)
+        if whole is not None and whole.end() - 1 > nl:
+            checked = check_line(batch[start : whole.end() - 1])
+            if isinstance(checked, bytes):
+                return whole.end() - 1, checked
+    return nl, check_line(batch[start:nl])
 
 
 def _has_long_line(batch: bytes) -> bool:
@@ -400,17 +526,23 @@ def _has_long_line(batch: bytes) -> bool:
     return False
 
 
-def _without_long_keys(batch: bytes) -> tuple[bytes, list[tuple[bytes, str]]]:
-    """A batch of valid lines without those whose series key is over MAX_KEY_BYTES."""
+def _without_long_keys(
+    batch: bytes, max_bad: int = -1
+) -> tuple[bytes, list[tuple[bytes, str]], int]:
+    """A batch of valid lines without those whose series key is over MAX_KEY_BYTES, as
+    _split gives them (the first max_bad with why, and a count of the rest)."""
     kept: list[bytes] = []
     bad: list[tuple[bytes, str]] = []
+    more = 0
     for line in batch.split(b"\n")[:-1]:
         why = check_line(line) if len(line) >= MAX_KEY_BYTES else None
-        if isinstance(why, str):
+        if not isinstance(why, str):
+            kept.append(line + b"\n")
+        elif len(bad) != max_bad:
             bad.append((line, why))
         else:
-            kept.append(line + b"\n")
-    return b"".join(kept), bad
+            more += 1
+    return b"".join(kept), bad, more
 
 
 INT64_RANGE = f"{-(INT64_MAX - 1)}..{INT64_MAX - 1}"
@@ -657,7 +789,7 @@ def escape_tag(s: bytes) -> bytes:
 
 
 def escape_string_field(s: bytes) -> bytes:
-    """The inside of a quoted string field as it must appear in a line (no newlines)."""
+    """The inside of a quoted string field as it must appear in a line."""
     return s.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
 
 
@@ -668,6 +800,11 @@ def stamp_missing(valid: bytes, ts_ns: int) -> bytes:
     """Valid lines (each ending with b"\\n"), those without a timestamp given ts_ns (as
     InfluxDB stamps on arrival): a line sent again then is the same point. Unchanged, after
     one quick pass (RE2's DFA, else spaces, not every "="), when every line has one."""
+    if has_quoted_newline(valid):
+        return b"".join(
+            line if timestamp(line) is not None else line[:-1] + b" %d\n" % ts_ns
+            for line in lines(valid)
+        )
     if _UNSTAMPED is not None:
         if _UNSTAMPED.search(valid) is None:
             return valid
@@ -731,6 +868,8 @@ def to_nanoseconds(batch: bytes, precision: str) -> bytes:
     if factor == 1 or not batch:
         return batch
     batch = _normalise(batch)
+    if has_quoted_newline(batch):
+        return _to_ns_by_line(batch, factor, precision)
     overflow = [_line_around(batch, m.start()) for m in _overflow_finder(factor).finditer(batch)]
     if overflow:
         raise TimestampOverflowError(precision, overflow)
@@ -743,20 +882,62 @@ def to_nanoseconds(batch: bytes, precision: str) -> bytes:
     return _TIMESTAMP_AT_EOL.sub(lambda m: m[0] + zeros, batch)
 
 
-def to_nanoseconds_or_set_aside(batch: bytes, precision: str) -> tuple[bytes, list[bytes]]:
+def _to_ns_by_line(batch: bytes, factor: int, precision: str) -> bytes:
+    """to_nanoseconds of a batch with a newline inside a string field: line by line, since
+    a newline there is not a line end."""
+    out: list[bytes] = []
+    overflow: list[bytes] = []
+    for line in lines(batch):
+        ts = timestamp(line)
+        if ts is None:
+            out.append(line)
+        elif abs(ts) > INT64_MAX // factor:
+            overflow.append(line[:-1])
+        else:
+            out.append(b"%s %d\n" % (line[: line.rfind(b" ")], ts * factor))
+    if overflow:
+        raise TimestampOverflowError(precision, overflow)
+    return b"".join(out)
+
+
+def to_nanoseconds_or_set_aside(
+    batch: bytes, precision: str, max_set_aside: int = -1
+) -> tuple[bytes, list[bytes], int]:
     """to_nanoseconds, with the lines whose timestamp would not fit int64 once converted
-    set aside rather than raised for: (the other lines converted, those lines).
+    set aside rather than raised for: (the other lines converted, the first max_set_aside
+    of those lines (all when max_set_aside < 0), how many more there are).
 
     For sources that keep the good lines of a request or message and report the others.
     """
-    try:
-        return to_nanoseconds(batch, precision), []
-    except TimestampOverflowError as exc:
-        out_of_range = set(exc.lines)
-        kept = b"".join(
-            line + b"\n" for line in batch.split(b"\n")[:-1] if line not in out_of_range
-        )
-        return to_nanoseconds(kept, precision), exc.lines
+    factor = PRECISIONS.get(precision)
+    if factor is None or factor == 1 or not batch:
+        return to_nanoseconds(batch, precision), [], 0
+    batch = _normalise(batch)
+    kept: list[bytes] = []
+    aside: list[bytes] = []
+    more = start = 0
+    if has_quoted_newline(batch):
+        for line in lines(batch):
+            ts = timestamp(line)
+            if ts is None or abs(ts) <= INT64_MAX // factor:
+                kept.append(line)
+            elif len(aside) != max_set_aside:
+                aside.append(line[:-1])
+            else:
+                more += 1
+        return to_nanoseconds(b"".join(kept), precision), aside, more
+    for m in _overflow_finder(factor).finditer(batch):  # one match at most per line
+        line_start = batch.rfind(b"\n", 0, m.start()) + 1
+        kept.append(batch[start:line_start])
+        if len(aside) != max_set_aside:
+            aside.append(batch[line_start : m.end()])
+        else:
+            more += 1
+        start = m.end() + 1
+    if start == 0:
+        return to_nanoseconds(batch, precision), [], 0
+    kept.append(batch[start:])
+    return to_nanoseconds(b"".join(kept), precision), aside, more
 
 
 # --- checking a body ---------------------------------------------------------------------------
@@ -774,7 +955,18 @@ class Decoded(NamedTuple):
 
     data: bytes  # valid line protocol in ns, every line ending with b"\n" (b"" when none)
     lines: int  # lines in data
-    rejected: list[Rejected]
+    rejected: list[Rejected]  # the first ones (check_body's max_rejected)
+    unlisted: int = 0  # rejected after those: counted, not held
+
+    @property
+    def rejected_count(self) -> int:
+        """Every piece rejected, listed or not: what counters count."""
+        return len(self.rejected) + self.unlisted
+
+
+# Rejected items a body check holds by default: what an answer quotes and a log shows; the
+# others are counted (Decoded.unlisted), so memory does not grow with the invalid lines.
+MAX_REJECTED = 100
 
 
 class Reasons(NamedTuple):
@@ -806,43 +998,58 @@ def _rejected(line: bytes, why: str, reasons: Reasons) -> Rejected:
 
 
 def check_body(
-    body: bytes, reasons: Reasons, precision: str = "ns", max_line: int = 0, arrival_ns: int = 0
+    body: bytes,
+    reasons: Reasons,
+    precision: str = "ns",
+    max_line: int = 0,
+    arrival_ns: int = 0,
+    max_rejected: int = MAX_REJECTED,
 ) -> Decoded:
     """The one check of a body of line protocol, whatever its source: split, validate,
     convert its timestamps from precision to ns, stamp the lines without one with
     arrival_ns when given (durable listener_http: stamp_missing), and reject lines over
     max_line bytes (the NATS max payload: NATS could never carry them; 0 for no limit).
 
-    A body of valid lines costs one pass of the whole-batch grammar (split_valid) and is
-    passed on without a copy when it needs no conversion.
+    The first max_rejected rejected lines are held with their reasons, the others only
+    counted. A body of valid lines costs one pass of the whole-batch grammar (split_valid)
+    and is passed on without a copy when it needs no conversion.
     """
-    valid, bad = _split(body)
+    valid, bad, unlisted = _split(body, max_rejected)
     rejected = [_rejected(line, why or why_not(line), reasons) for line, why in bad]
     if valid and PRECISIONS[precision] != 1:
-        valid, out_of_range = to_nanoseconds_or_set_aside(valid, precision)
+        room = max_rejected - len(rejected)
+        valid, out_of_range, more = to_nanoseconds_or_set_aside(valid, precision, room)
         reason = OUT_OF_RANGE.format(precision=precision)
         rejected += [Rejected(line, reason) for line in out_of_range]
+        unlisted += more
     if arrival_ns and valid:  # before the size check: a stamp makes a line longer
         valid = stamp_missing(valid, arrival_ns)
-    decoded = Decoded(valid, batching.count_lines(valid), rejected)
+    decoded = Decoded(valid, count_lines(valid), rejected, unlisted)
     if max_line and len(valid) > max_line:  # else no line can be over it
-        return drop_overlong(decoded, max_line, reasons)
+        return drop_overlong(decoded, max_line, reasons, max_rejected=max_rejected)
     return decoded
 
 
-def drop_overlong(decoded: Decoded, max_line: int, reasons: Reasons, keep: int = 0) -> Decoded:
+def drop_overlong(
+    decoded: Decoded, max_line: int, reasons: Reasons, keep: int = 0, max_rejected: int = -1
+) -> Decoded:
     """decoded without its lines over max_line bytes, each rejected with reasons.overlong.
 
     check_body's last step, for sources whose lines were checked when they were built.
     keep, when given, is how many bytes of a rejected line its Rejected holds (a dead
-    letter could not carry the whole line either).
+    letter could not carry the whole line either); past max_rejected rejected items (when
+    not negative) a line is counted in unlisted instead.
     """
-    data, too_long = batching.without_overlong(decoded.data, max_line)
+    data, too_long = without_overlong(decoded.data, max_line)
     if not too_long:
         return decoded
     rejected = list(decoded.rejected)
+    unlisted = decoded.unlisted
     for line in too_long:  # each ends with its b"\n"
+        if 0 <= max_rejected <= len(rejected):
+            unlisted += 1
+            continue
         size = len(line) - 1
         reason = reasons.overlong.format(size=size, size_with_newline=size + 1, limit=max_line)
         rejected.append(Rejected(line[:keep] if keep else line[:-1], reason))
-    return Decoded(data, decoded.lines - len(too_long), rejected)
+    return Decoded(data, decoded.lines - len(too_long), rejected, unlisted)

@@ -206,9 +206,10 @@ class RuleSet:
             max_delta_ns = None  # every timestamp is in the window
         else:
             valid, invalid = lineproto.split_valid(batch)
-        # Each line keeps its b"\n", so that outputs are plain joins. readlines() finds line
-        # ends with memchr, several times faster than bytes.split's byte-by-byte loop.
-        lines = io.BytesIO(valid).readlines()
+        # Each line keeps its b"\n", so that outputs are plain joins. A batch valid_in_window
+        # took holds no newline inside a string (its grammar leaves those to split_valid):
+        # readlines() splits it with memchr, without lineproto.lines' search for one.
+        lines = io.BytesIO(valid).readlines() if checked is not None else lineproto.lines(valid)
         routed = Routed({}, b"", processed=len(lines) + len(invalid), invalid=len(invalid))
         routed.invalid_lines = invalid
         whole: bytes | None = valid  # all the lines joined, while no line was removed

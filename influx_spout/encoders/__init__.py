@@ -14,7 +14,12 @@ from typing import Any
 import orjson
 
 # a decoder returns lineproto's Decoded, the one result of a body check, and its Rejected
+from influx_spout import lineproto
 from influx_spout.lineproto import CONVERTED_REASONS, Decoded, Rejected, check_body
+
+# Rejected items a decoder holds per message, for its dead letter (one NATS message of at
+# most the max payload: about that many lines of typical size); the others are counted.
+MAX_REJECTED = 10_000
 
 Decoder = Callable[[bytes], Decoded]
 
@@ -65,14 +70,25 @@ def checked(lines: list[bytes], rejected: list[Rejected]) -> Decoded:
         rejected.extend(Rejected(line, reason) for line in lines if line.startswith(b"#"))
         lines = [line for line in lines if not line.startswith(b"#")]
     if not lines:
-        return Decoded(b"", 0, rejected)
-    good, count, bad = check_body(b"\n".join(lines), CONVERTED_REASONS)
+        return bounded(b"", 0, rejected)
+    room = max(MAX_REJECTED - len(rejected), 0)
+    good, count, bad, unlisted = check_body(b"\n".join(lines), CONVERTED_REASONS, max_rejected=room)
     rejected.extend(bad)
-    return Decoded(good, count, rejected)
+    return bounded(good, count, rejected, unlisted)
+
+
+def bounded(data: bytes, lines: int, rejected: list[Rejected], unlisted: int = 0) -> Decoded:
+    """Decoded holding at most MAX_REJECTED rejected items, the others counted."""
+    if len(rejected) <= MAX_REJECTED:
+        return Decoded(data, lines, rejected, unlisted)
+    more = len(rejected) - MAX_REJECTED
+    return Decoded(data, lines, rejected[:MAX_REJECTED], unlisted + more)
 
 
 def _broken(line: bytes) -> bool:
-    return b"\n" in line or b"\r" in line
+    """Whether a built line would not stay one line: a carriage return, or a newline but
+    one inside a string field of a valid line (which stays in its line)."""
+    return b"\r" in line or (b"\n" in line and not isinstance(lineproto.check_line(line), bytes))
 
 
 def name_bytes(text: str, escape: Callable[[bytes], bytes]) -> bytes:

@@ -160,9 +160,7 @@ def _tag_text(name: str, value: Any) -> str:
 def _field_token(name: str, value: Any) -> bytes:
     if isinstance(value, bool):
         return b"true" if value else b"false"
-    if isinstance(value, str):
-        if "\n" in value:
-            raise ValueError(f"field {name!r} holds a newline, which line protocol cannot")
+    if isinstance(value, str):  # a newline in it stays in its line, as influxd reads it
         return b'"' + escape_string_field(value.encode()) + b'"'
     token = number_token(value)
     if token is None:

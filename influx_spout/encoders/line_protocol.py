@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import functools
 
-from influx_spout.encoders import Decoded, Decoder
+from influx_spout.encoders import MAX_REJECTED, Decoded, Decoder
 from influx_spout.lineproto import KAFKA_REASONS, PRECISIONS, check_body
 
 
 def decode(value: bytes) -> Decoded:
-    return check_body(value, KAFKA_REASONS)
+    return check_body(value, KAFKA_REASONS, max_rejected=MAX_REJECTED)
 
 
 def make_decoder(precision: str = "ns") -> Decoder:
     """decode, for messages whose timestamps are in precision (see lineproto.PRECISIONS)."""
     if PRECISIONS[precision] == 1:
         return decode
-    return functools.partial(check_body, reasons=KAFKA_REASONS, precision=precision)
+    return functools.partial(
+        check_body, reasons=KAFKA_REASONS, precision=precision, max_rejected=MAX_REJECTED
+    )

@@ -363,7 +363,7 @@ class Aggregator:
                 reason = self._add_line(subject, period, key, names, pairs[1::2])
             if reason:
                 if lines is None:
-                    lines = good.split(b"\n")
+                    lines = [line[:-1] for line in lineproto.lines(good)]
                 _reject(added, reason, lines[i])
         return added
 
@@ -392,7 +392,7 @@ class Aggregator:
                 )
         now = self.clock()
         out: list[tuple[_Key, list[bytes], int, bool]] = []
-        for line in good.split(b"\n")[:-1]:
+        for line in [line[:-1] for line in lineproto.lines(good)]:
             if plain or (b"\\" not in line and b'"' not in line):
                 sections = line.split(b" ")
                 ts = int(sections[2]) if len(sections) == 3 else now

@@ -262,7 +262,7 @@ class Filter:
                     lineproto.shown(line),
                 )
             if routed.junk:
-                for line in routed.junk.split(b"\n")[:-1]:
+                for line in lineproto.lines(routed.junk):
                     log.info(
                         "no rule matched, sent to %s: %s",
                         self.cfg.nats_subject_junkyard,

@@ -539,7 +539,7 @@ class KafkaSource:
         """A message decoded alone: its refused lines are dead-lettered (with its offset)."""
         decoded = self._fit(self.decoding(_topic(msg)).decode(msg.value() or b""))
         if decoded.rejected:
-            await self.dead_letter(msg, decoded.rejected)
+            await self.dead_letter(msg, decoded.rejected, decoded.unlisted)
             if self.cfg.kafka_error_policy == "stop":
                 await self.flush()
                 raise PolicyStop(
@@ -636,11 +636,13 @@ class KafkaSource:
             return False
         return True
 
-    async def dead_letter(self, msg: Message, rejected: list[Rejected]) -> None:
-        """Publish what msg held that could not be decoded, with where it came from."""
-        self.stats.inc("decode_errors", len(rejected))
+    async def dead_letter(self, msg: Message, rejected: list[Rejected], unlisted: int = 0) -> None:
+        """Publish what msg held that could not be decoded, with where it came from
+        (unlisted: rejected lines the decoder counted but did not keep)."""
+        count = len(rejected) + unlisted
+        self.stats.inc("decode_errors", count)
         first = rejected[0].reason
-        reason = first if len(rejected) == 1 else f"{first} (and {len(rejected) - 1} more)"
+        reason = first if count == 1 else f"{first} (and {count - 1} more)"
         if self.cfg.debug:
             for r in rejected:
                 log.warning("%s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), r.reason)
@@ -651,6 +653,8 @@ class KafkaSource:
             "Kafka-Offset": str(msg.offset()),
             "Error": " ".join(reason.split()),
         }
+        if unlisted:
+            headers["Not-Carried"] = str(unlisted)  # rejected lines left out of the payload
         room = max(self.rt.bus.max_payload - DEAD_LETTER_ROOM, self.rt.bus.max_payload // 2)
         if len(payload) > room:
             headers["Truncated-From"] = str(len(payload))

@@ -260,8 +260,13 @@ class Checked(NamedTuple):
     # batch size, each with its line count: ready for Batcher.add as they are
     pieces: list[tuple[bytes, int]]
     valid_lines: int  # in all the pieces
-    rejected: list[lineproto.Rejected]
+    rejected: list[lineproto.Rejected]  # the first ones (lineproto.MAX_REJECTED)
     problem: str  # InfluxDB-style description of the rejected lines, "" when none
+    unlisted: int = 0  # rejected lines after those in rejected: counted, not held
+
+    @property
+    def rejected_lines(self) -> int:
+        return len(self.rejected) + self.unlisted
 
 
 # -- checking a body (pure functions, run in a worker thread for large bodies) -------------
@@ -335,7 +340,7 @@ def decode(
     """
     if gzipped and body:
         body = gunzip(body, limit, max_members)
-    valid, lines, rejected = lineproto.check_body(
+    valid, lines, rejected, unlisted = lineproto.check_body(
         body, lineproto.HTTP_REASONS, precision, max_payload, arrival_ns
     )
     piece_size = piece_size or max_payload
@@ -344,7 +349,8 @@ def decode(
         pieces = [(p, count_lines(p)) for p in split_under(valid, piece_size)]
     elif valid:
         pieces = [(valid, lines)]
-    return Checked(pieces, lines, rejected, describe(body, rejected) if rejected else "")
+    problem = describe(body, rejected, unlisted) if rejected else ""
+    return Checked(pieces, lines, rejected, problem, unlisted)
 
 
 def decode_chunks(chunks: list[bytes], *args: Any) -> Checked:
@@ -354,8 +360,9 @@ def decode_chunks(chunks: list[bytes], *args: Any) -> Checked:
     return decode(body, *args)
 
 
-def describe(body: bytes, rejected: list[lineproto.Rejected]) -> str:
-    """InfluxDB's "unable to parse '<line>': <reason>" for the first rejected lines."""
+def describe(body: bytes, rejected: list[lineproto.Rejected], unlisted: int = 0) -> str:
+    """InfluxDB's "unable to parse '<line>': <reason>" for the first rejected lines, and
+    how many more there are (unlisted: those check_body counted without holding)."""
     parts = []
     for line, reason in rejected[:MAX_LISTED_LINES]:
         shown = printable(line.decode("utf-8", "backslashreplace"))
@@ -364,7 +371,7 @@ def describe(body: bytes, rejected: list[lineproto.Rejected]) -> str:
         number = line_number(body, line)
         where = f" (line {number} of the body)" if number else ""
         parts.append(f"unable to parse '{shown}': {reason}{where}")
-    more = len(rejected) - MAX_LISTED_LINES
+    more = len(rejected) + unlisted - MAX_LISTED_LINES
     if more > 0:
         parts.append(f"and {more} more lines could not be parsed")
     if any(reason.startswith(lineproto.HTTP_REASONS.invalid) for _, reason in rejected):
@@ -629,13 +636,15 @@ class HttpListener:
         except Reject as exc:
             return self.refuse(request, exc, v2)
 
-        received = decoded.valid_lines + len(decoded.rejected)
+        received = decoded.valid_lines + decoded.rejected_lines
         stats = self.rt.stats
         stats.inc("received_lines", received)
-        stats.inc("rejected_lines", len(decoded.rejected))
+        stats.inc("rejected_lines", decoded.rejected_lines)
         if self.cfg.debug:
             for line, reason in decoded.rejected:
                 log.warning("rejected a line from %s: %s: %r", request.remote, reason, line)
+            if decoded.unlisted:
+                log.warning("rejected %d more lines from %s", decoded.unlisted, request.remote)
 
         if decoded.valid_lines:
             if not self.rt.bus.connected:
@@ -661,7 +670,7 @@ class HttpListener:
 
         if decoded.rejected:
             if decoded.valid_lines:
-                message = f"partial write: {decoded.problem} dropped={len(decoded.rejected)}"
+                message = f"partial write: {decoded.problem} dropped={decoded.rejected_lines}"
             else:
                 message = decoded.problem
             return error_response(400, message, v2)

@@ -16,6 +16,8 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from support.pipeline import Pipeline
 from support.servers import curl_status
 
+from influx_spout import lineproto
+
 
 @pytest.fixture
 def pipeline(tmp_path: Path) -> Iterator[Pipeline]:
@@ -120,3 +122,33 @@ def test_sigterm_flushes_everything_batched(pipeline: Pipeline) -> None:
     codes = p.stop()
     assert set(codes.values()) == {0}, codes
     assert p.influx.count("system", "cpu") == n
+
+
+def test_a_newline_inside_a_string_field_is_stored_exactly(pipeline: Pipeline) -> None:
+    """influxd takes a newline inside a string; every stage keeps such a line whole: the
+    body check, the batches, the filter's workers and rules, the writer."""
+    p = pipeline
+    now = time.time_ns()
+    text = 'first line\nsecond, "quoted" line\n'
+    note = lineproto.escape_string_field(text.encode())
+    body = b"\n".join(
+        [
+            b"mem,host=before used=2i %d" % now,
+            b'mem,host=nl used=1i,note="%s" %d' % (note, now + 1),
+            b'app,host=web9 note="%s",n=5i %d' % (note, now + 2),  # the regex rule
+            b"mem,host=after used=3i %d" % (now + 3),
+        ]
+    )
+    r = httpx.post(f"http://127.0.0.1:{p.http_port}/write?db=x", content=body)
+    assert r.status_code == 204, r.text
+    p.send_udp([b'mem,host=udp used=4i,note="a\nb" %d' % (now + 4)], per_datagram=1)
+    assert p.wait_for_count("system", "mem", 4) == 4
+    assert p.wait_for_count("web", "app", 1) == 1
+    mem = {r["host"]: r for r in rows(p, "system", "mem")}
+    assert mem["nl"]["note"] == text and mem["nl"]["used"] == 1 and mem["nl"]["time"] == now + 1
+    assert mem["udp"]["note"] == "a\nb" and mem["udp"]["time"] == now + 4
+    assert mem["before"]["used"] == 2 and mem["after"]["used"] == 3
+    [app] = rows(p, "web", "app")
+    assert app["note"] == text and app["n"] == 5
+    codes = p.stop()
+    assert set(codes.values()) == {0}, codes

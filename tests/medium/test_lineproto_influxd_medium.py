@@ -36,6 +36,8 @@ def judge(influxd: InfluxServer) -> Influxd:
 @example(line=b"\xff f=1")
 @example(line=b"m,time=1 f=1")
 @example(line=b"m f=1u")
+@example(line=b'm,t=a f="two\nlines",g=1i 5')  # a newline inside a string: one line
+@example(line=b'm f="a\\\\\nb" 5')
 @settings(
     max_examples=EXAMPLES,
     deadline=None,

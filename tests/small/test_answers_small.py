@@ -127,3 +127,10 @@ def test_one_line_escapes_controls_for_a_header() -> None:
     assert answers.one_line("a\nb\x00c\x7f") == "a b\\x00c\\x7f"
     assert answers.one_line("") == "(no message)"
     assert answers.one_line("x" * 50, 10) == "x" * 10 + "..."
+
+
+def test_halves_never_cut_inside_a_string_field() -> None:
+    data = b'a s="x\n\n\n\n\n\n\ny"\nb v=1\nc v=2\n'
+    first, second = answers.halves(data)
+    assert first == b'a s="x\n\n\n\n\n\n\ny"\n' and second == b"b v=1\nc v=2\n"
+    assert answers.lines_of(data)[0] == first

@@ -8,8 +8,8 @@ from influx_spout.batching import (
     Pump,
     ensure_newline,
     split_under,
-    without_overlong,
 )
+from influx_spout.lineproto import without_overlong
 
 
 class Clock:

@@ -537,3 +537,14 @@ def test_durable_refuses_a_stream_max_age_shorter_than_three_periods(
         load_config(str(path), etc_path=str(tmp_path / "none"), environ={})
     path.write_text('mode = "downsampler"\ndurable = true\nnats_subject = ["a"]\n')
     assert load_config(str(path), etc_path=str(tmp_path / "none"), environ={}).durable
+def test_a_newline_inside_a_string_stays_in_its_line() -> None:
+    agg, _ = make()
+    added = feed(
+        agg,
+        b'cpu,host=a f=1.0,s="one\nline" %d' % at(1),
+        b'cpu,host=a f=3.0,s="two\nlines" %d' % at(2),
+        b"cpu,host=a f=%d %d" % (5, at(3)),
+    )
+    assert (added.lines, added.invalid_lines) == (3, 0)
+    [line] = agg.take_all()[SUBJECT]
+    assert line == b'cpu,host=a f=3.0,s="two\nlines" %d\n' % (T0 + PERIOD)

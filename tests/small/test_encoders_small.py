@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from influx_spout.config import Config
 from influx_spout.encoders import (
     ENCODERS,
+    MAX_REJECTED,
     Decoded,
     Decoder,
     Rejected,
@@ -21,7 +22,7 @@ from influx_spout.encoders import (
     seconds_to_ns,
 )
 from influx_spout.encoders.json_mapping import JsonMapping, make_decoder
-from influx_spout.lineproto import split_valid
+from influx_spout.lineproto import count_lines, split_valid
 from influx_spout.modes import kafka
 
 # -- line_protocol --------------------------------------------------------------------
@@ -288,7 +289,6 @@ def test_json_timestamps(precision: str, stamp: object, ns: int) -> None:
         (JsonMapping(measurement_field="k"), {"k": 3, "v": 1}, "is not a name"),
         (JsonMapping(measurement="m", tags=["t"]), {"t": [1], "v": 1}, "object or array"),
         (JsonMapping(measurement="m", tags=["t"]), {"t": "a\nb", "v": 1}, "holds a newline"),
-        (JsonMapping(measurement="m"), {"v": "a\nb"}, "holds a newline"),
         (JsonMapping(measurement="m", fields=["v"]), {"v": {"a": 1}}, "is dict, not a value"),
         (JsonMapping(measurement="m", timestamp="t"), {"v": 1}, "no timestamp field 't'"),
         (JsonMapping(measurement="m", timestamp="t"), {"v": 1, "t": "soon"}, "neither a number"),
@@ -345,7 +345,7 @@ def test_any_bytes_give_valid_output_or_rejections(value: bytes) -> None:
     for decode in decoders:
         out = decode(value)
         assert split_valid(out.data) == (out.data, [])
-        assert out.lines == out.data.count(b"\n")
+        assert out.lines == count_lines(out.data)
 
 
 @given(
@@ -472,3 +472,16 @@ def test_every_encoder_survives_any_bytes(value: bytes) -> None:
         assert split_valid(out.data) == (out.data, []), name
         assert out.lines == out.data.count(b"\n"), name
         assert all(isinstance(r.data, bytes) and r.reason for r in out.rejected), name
+
+
+def test_a_decoder_holds_at_most_max_rejected_items_and_counts_the_rest() -> None:
+    value = b"".join(b"not graphite %d x y\n" % i for i in range(MAX_REJECTED + 3))
+    out = collectd_graphite.make_decoder(["host"])(value + b"web01.cpu.load 1 5\n")
+    assert out.lines == 1 and len(out.rejected) == MAX_REJECTED
+    assert out.unlisted == 3 and out.rejected_count == MAX_REJECTED + 3
+
+
+def test_a_newline_in_a_json_string_is_kept_in_its_line() -> None:
+    out = decode_json(JsonMapping(measurement="m"), {"note": "two\nlines", "v": 1})
+    assert out.rejected == [] and out.lines == 1
+    assert out.data == b'm note="two\nlines",v=1i\n'

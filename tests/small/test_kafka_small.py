@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from influx_spout import cli
 from influx_spout.batching import Parts
 from influx_spout.config import Config, ConfigError, load_config
+from influx_spout.encoders import MAX_REJECTED
 from influx_spout.encoders.json_mapping import JsonMapping
 from influx_spout.modes import kafka
 from influx_spout.stats import Stats
@@ -354,6 +355,18 @@ def test_undecodable_lines_are_dead_lettered_with_where_they_came_from() -> None
     }
     assert counters(src)["decode_errors"] == 2 and counters(src)["dead_lettered"] == 1
     assert src.consumer.commits == [{("t", 0): 1}]
+
+
+def test_a_message_of_many_bad_lines_dead_letters_the_first_and_counts_all() -> None:
+    src = source("skip", count=1)
+    bad = MAX_REJECTED + 7
+    feed(src, b"a v=1\n" + b"".join(b"bad%d\n" % i for i in range(bad)))
+    [(_, data, headers)] = src.rt.bus.dead
+    held = b"\n".join(b"bad%d" % i for i in range(MAX_REJECTED))
+    assert held.startswith(data) and headers.get("Truncated-From", str(len(data))) == str(len(held))
+    assert headers["Error"] == f"not valid line protocol (and {bad - 1} more)"
+    assert headers["Not-Carried"] == "7"
+    assert counters(src)["decode_errors"] == bad and counters(src)["dead_lettered"] == 1
 
 
 def test_a_line_over_the_nats_max_payload_is_dead_lettered_not_retried() -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tracemalloc
 from types import ModuleType
 from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from support.lineref import is_valid, split_lines
+from support.lineref import is_valid, split_lines, whole_lines
 from support.sample import telegraf_lines
 
 from influx_spout import lineproto as lp
@@ -494,6 +495,47 @@ def test_drop_overlong_keeps_what_it_is_asked_to() -> None:
     assert lp.drop_overlong(fitted, 30, lp.KAFKA_REASONS) is fitted  # nothing over: as is
 
 
+def test_check_body_holds_the_first_rejected_lines_and_counts_the_rest() -> None:
+    body = b"a v=1 1\n" + b"".join(b"bad%d\n" % i for i in range(300)) + b"b v=2 2\n"
+    decoded = lp.check_body(body, lp.HTTP_REASONS, max_rejected=10)
+    assert decoded.data == b"a v=1 1\nb v=2 2\n" and decoded.lines == 2
+    assert [r.data for r in decoded.rejected] == [b"bad%d" % i for i in range(10)]
+    assert decoded.unlisted == 290 and decoded.rejected_count == 300
+    everything = lp.check_body(body, lp.HTTP_REASONS, max_rejected=-1)
+    assert len(everything.rejected) == 300 and everything.unlisted == 0
+
+
+def test_the_bound_holds_across_every_kind_of_rejection() -> None:
+    big = b"big v=" + b"9" * 40 + b" 1"
+    body = b"x\ny\n" + b"b v=2 %d\n" % (10**18) * 3 + big + b"\n" + big + b"\n"
+    decoded = lp.check_body(body, lp.HTTP_REASONS, "s", max_line=30, max_rejected=3)
+    assert [r.data for r in decoded.rejected] == [b"x", b"y", b"b v=2 %d" % (10**18)]
+    assert decoded.unlisted == 4 and decoded.data == b""
+    long_keys = b"".join(b"m,t=%s v=1\n" % (b"k" * lp.MAX_KEY_BYTES) for _ in range(3))
+    decoded = lp.check_body(long_keys, lp.HTTP_REASONS, max_rejected=1)
+    assert len(decoded.rejected) == 1 and decoded.unlisted == 2
+
+
+def test_invalid_lines_cost_the_memory_of_the_few_held() -> None:
+    body = b"not lp!!\n" * 10_000
+    tracemalloc.start()
+    try:
+        decoded = lp.check_body(body, lp.HTTP_REASONS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(decoded.rejected) == lp.MAX_REJECTED
+    assert decoded.rejected_count == 10_000 and decoded.lines == 0
+    assert peak < 200_000  # a Rejected per line would be about 2 MB
+
+
+def test_set_aside_lines_are_bounded_and_counted() -> None:
+    body = b"a v=1 1\n" + b"b v=2 %d\n" % (10**18) * 5 + b"c v=3 3\n"
+    converted, aside, more = lp.to_nanoseconds_or_set_aside(body, "s", 2)
+    assert converted == b"a v=1 1000000000\nc v=3 3000000000\n"
+    assert aside == [b"b v=2 %d" % (10**18)] * 2 and more == 3
+
+
 # --- properties -------------------------------------------------------------------------------
 
 # Text from an alphabet heavy in the bytes the protocol treats specially, plus any other
@@ -720,3 +762,52 @@ def test_check_line_carries_what_influxd_takes(line: bytes, carried: bytes | str
     if isinstance(carried, bytes):
         assert lp.parse(carried) is not None
         assert lp.split_valid(line) == (carried + b"\n", [])
+
+
+# --- a newline inside a string field ----------------------------------------------------------
+
+QUOTED = b'm,t=a f="two\nlines",g=1i 5\n'
+
+
+def test_a_newline_inside_a_string_stays_in_its_line() -> None:
+    batch = b"a v=1 1\n" + QUOTED + b"b v=2 2\n"
+    assert lp.has_quoted_newline(batch) and not lp.has_quoted_newline(b'a s="x" 1\n')
+    assert lp.lines(batch) == [b"a v=1 1\n", QUOTED, b"b v=2 2\n"]
+    assert lp.count_lines(batch) == 3
+    assert lp.split_under(batch, 30) == [b"a v=1 1\n", QUOTED, b"b v=2 2\n"]
+    assert lp.parse_fields(lp.parse(QUOTED[:-1]).fields) == [(b"f", "two\nlines"), (b"g", 1)]
+
+
+def test_check_body_takes_such_a_line_whole_in_every_precision() -> None:
+    decoded = lp.check_body(b"a v=1 1\n" + QUOTED + b'c s="x\n"', lp.HTTP_REASONS, "s")
+    assert decoded.data == (
+        b'a v=1 1000000000\nm,t=a f="two\nlines",g=1i 5000000000\nc s="x\n"\n'
+    )
+    assert decoded.lines == 3 and decoded.rejected == []
+    stamped = lp.check_body(b'c s="x\ny"\nd v=1\n', lp.HTTP_REASONS, arrival_ns=7)
+    assert stamped.data == b'c s="x\ny" 7\nd v=1 7\n'
+    out = lp.check_body(b'c s="x\ny" 99999999999\nd v=1 1\n', lp.HTTP_REASONS, "h")
+    assert out.data == b"d v=1 3600000000000\n"
+    assert [r.data for r in out.rejected] == [b'c s="x\ny" 99999999999']
+
+
+def test_a_quote_never_closed_takes_no_good_line_with_it() -> None:
+    decoded = lp.check_body(b'a s="open\nb v=1 1\nc s="x" 2\n', lp.HTTP_REASONS)
+    assert decoded.data == b'b v=1 1\nc s="x" 2\n'
+    assert [r.data for r in decoded.rejected] == [b'a s="open']
+
+
+_NEAR_STRINGS = st.lists(
+    st.sampled_from([b"a", b" ", b"=", b'"', b"\\", b"\n", b",", b'x="', b"1"]), max_size=30
+).map(b"".join)
+
+
+@given(st.binary(max_size=40) | _NEAR_STRINGS)
+def test_the_splitter_reads_lines_as_the_reference_does(batch: bytes) -> None:
+    batch = lp._normalise(batch)
+    assert [line[:-1] for line in lp.lines(batch)] == whole_lines(batch)
+    assert b"".join(lp.lines(batch)) == batch
+    assert lp.count_lines(batch) == len(whole_lines(batch))
+    pieces = lp.split_under(batch, 8)
+    assert b"".join(pieces) == batch
+    assert all(piece.endswith(b"\n") for piece in pieces if piece)

@@ -10,7 +10,7 @@ import pytest
 from support.servers import free_port
 
 from influx_spout.config import Config
-from influx_spout.lineproto import HTTP_REASONS
+from influx_spout.lineproto import HTTP_REASONS, MAX_REJECTED
 from influx_spout.modes.listener_http import (
     COUNTERS,
     FORMAT_HINT,
@@ -278,3 +278,37 @@ def test_busy_writes_get_503_with_retry_after() -> None:
 
     asyncio.run(main())
     assert host.stats.get("rejected_busy") == 1
+
+
+def test_a_body_of_many_invalid_lines_is_counted_exactly_and_quoted_briefly() -> None:
+    """Only the first rejected lines are held (lineproto.MAX_REJECTED); the counters and
+    the answer's "and N more" count every one."""
+    cfg = Config(mode="listener_http", name="t", port=free_port())
+    host = StubHost(cfg)
+    body = b"".join(b"bad%d\n" % i for i in range(1000))
+
+    async def main() -> bytes:
+        listener = HttpListener(cfg, host)  # type: ignore[arg-type]
+        await listener.open()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", cfg.port)
+            head = b"POST /write HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+            writer.write(head + body)
+            answer = await asyncio.wait_for(reader.read(65536), 5)
+            writer.close()
+            return answer
+        finally:
+            await listener.server.close(1)
+
+    answer = asyncio.run(main())
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert b"and %d more lines could not be parsed" % (1000 - MAX_LISTED_LINES) in answer
+    assert host.stats.get("rejected_lines") == 1000
+    assert host.stats.get("received_lines") == 1000
+
+
+def test_a_partial_write_counts_the_lines_not_held() -> None:
+    body = b"good v=1 1\n" + b"bad\n" * (MAX_REJECTED + 50)
+    d = decode(body, False, "ns", MB, MB)
+    assert len(d.rejected) == MAX_REJECTED and d.rejected_lines == MAX_REJECTED + 50
+    assert f"and {MAX_REJECTED + 50 - MAX_LISTED_LINES} more lines" in d.problem

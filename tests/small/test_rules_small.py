@@ -45,10 +45,10 @@ def batch(*lines: bytes) -> bytes:
 def check_counts(r: Routed) -> None:
     """Every line is accounted for exactly once."""
     assert r.processed == r.passed + r.rejected + r.invalid + r.invalid_time
-    assert r.rejected == r.junk.count(b"\n")
+    assert r.rejected == lineproto.count_lines(r.junk)
     for index, data in r.outputs.items():
         assert data and data.endswith(b"\n")
-        assert r.triggered[index] == data.count(b"\n")
+        assert r.triggered[index] == lineproto.count_lines(data)
     assert set(r.outputs) == set(r.triggered)
 
 
@@ -515,3 +515,11 @@ def test_the_time_window_fast_path_is_not_fooled_by_lookalike_tails() -> None:
     keep, late = _in_window([fresh, *odd], now, delta)
     assert keep == [fresh, b"m v=17000000000000000000"]
     assert late == [odd[0], odd[1]]
+
+
+def test_a_newline_inside_a_string_stays_in_its_line_when_routed() -> None:
+    line = b'cpu,host=a s="two\nlines" %d' % NOW
+    other = b'mem s="more\nlines" %d' % NOW
+    r = route([basic("cpu"), regex("e\nl", "all")], line, other, b"disk v=1", b'bad s="open')
+    assert r.outputs == {0: line + b"\n", 1: other + b"\n"}
+    assert r.junk == batch(b"disk v=1") and r.invalid == 1
