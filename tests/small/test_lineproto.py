@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from support.lineref import is_valid, split_lines, whole_lines
+from support.lineref import is_valid, split_lines, whole_lines, writable
 from support.sample import telegraf_lines
 
 from influx_spout import lineproto as lp
@@ -546,10 +546,10 @@ _text = st.text(
     | st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters="\n"),
     max_size=12,
 ).map(lambda s: s.encode("utf-8", "surrogatepass"))
-# Where the real protocol is ambiguous, generation stays clear of it: a name ending with a
-# backslash would escape the separator after it, in InfluxDB too; a measurement starting
+# Where the real protocol is ambiguous, generation stays clear of it (lineref.writable): a
+# backslash escapes the byte after it, in InfluxDB too; a measurement starting
 # with "#" is a comment; names are never empty.
-_name = _text.filter(lambda b: b not in (b"", lp.RESERVED_KEY) and not b.endswith(b"\\"))
+_name = _text.filter(lambda b: b != lp.RESERVED_KEY and writable(b))
 _measurement = _name.filter(lambda b: not b.startswith(b"#"))
 _int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 _field_value = st.one_of(
