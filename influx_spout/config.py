@@ -126,7 +126,7 @@ def from_environment(variable: str) -> Any:
 
 
 # the modes with a durable path (influx_spout.jetstream)
-DURABLE = ("listener", "listener_http", "filter", "writer")
+DURABLE = ("listener", "listener_http", "filter", "writer", "kafka")
 
 
 @dataclass(kw_only=True)

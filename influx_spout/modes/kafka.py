@@ -1,5 +1,10 @@
 """kafka mode: Kafka topics (a consumer group) -> decoded line protocol -> one NATS subject.
 
+With durable = true the subject's JetStream stream is created or checked at start, each
+batch is stored in it (bus.publish_parts returns once its PubAcks came back), and the
+offsets a batch ends are committed only after that: a full stream or a NATS outage is
+a batch NATS did not take (kafka_error_policy: retry by default, nothing committed).
+
 Each message is decoded by the kafka_encoder (influx_spout/encoders/) and its lines are
 batched as the listeners batch (count / size / age, never above the NATS max payload).
 What could not be decoded goes to nats_subject_dead_letter with the message's topic,
@@ -68,7 +73,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import regex
 
-from influx_spout import lineproto
+from influx_spout import jetstream, lineproto
 from influx_spout.batching import Batcher, Parts
 from influx_spout.config import (
     Checker,
@@ -170,6 +175,7 @@ def validate(c: Checker) -> None:
         )
         raise c.fail(given, f"set without {missing}", "set both or neither")
     c.output_subject()
+    jetstream.validate(c)
     for broker in (b.strip() for b in cfg.kafka_brokers.split(",")):
         if not re.fullmatch(r"[^\s:/,]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", broker):
             raise c.fail(
@@ -931,6 +937,8 @@ class KafkaMode:
         from confluent_kafka import Consumer, KafkaException
 
         cfg = self.cfg
+        if cfg.durable:  # before joining the group: no stream, no consuming
+            await host.bus.ensure_streams(cfg.nats_subject[:1])
         holder: list[KafkaSource] = []
 
         def on_error(err: KafkaError) -> None:
