@@ -312,3 +312,78 @@ def test_durable_without_jetstream_stops_at_start(
             await asyncio.wait_for(runtime.run(kafka.make(cfg), asyncio.Event()), 15)
 
     asyncio.run(main())
+
+
+def test_partitions_a_rebalance_takes_away_leave_the_gauges(nats_server: NatsServer) -> None:
+    """Two members of one group against librdkafka's mock cluster: the second joining
+    takes some partitions; the first's kafka_lag and kafka_committed_offset drop them,
+    the second's show them, and between them every partition is someone's."""
+    cluster = MockCluster()
+    partitions = 4
+
+    def shown(mode: Any, gauge: str) -> set[int]:
+        stats = mode.source.stats if mode.source else None
+        gauges = stats.gauges.get(gauge, {}) if stats else {}
+        return {int(dict(labels)["partition"]) for labels in gauges}
+
+    def state() -> str:
+        return ", ".join(
+            f"{m.cfg.name}: lag {sorted(shown(m, 'kafka_lag'))} "
+            f"committed {sorted(shown(m, 'kafka_committed_offset'))}"
+            for m in (first, second)
+        )
+
+    def config(name: str) -> Config:
+        return make_config(
+            nats_server.url,
+            cluster.bootstrap,
+            name=name,
+            kafka_client=dict(MockCluster.CONSUMER_TIMEOUTS),
+        )
+
+    first, second = kafka.make(config("first")), kafka.make(config("second"))
+    everything = set(range(partitions))
+
+    async def main() -> None:
+        collector = Collector(SUBJECT, MONITOR)
+        await collector.start(nats_server.url)
+        stop_first, stop_second = asyncio.Event(), asyncio.Event()
+        for p in everything:
+            cluster.produce(TOPIC, [b"before,p=%d v=1i" % p], partition=p)
+        tasks = [asyncio.create_task(runtime.run(first, stop_first))]
+        try:
+            both = lambda m: shown(m, "kafka_lag") == shown(m, "kafka_committed_offset")  # noqa: E731
+            await wait_until(
+                lambda: shown(first, "kafka_committed_offset") == everything and both(first),
+                30,
+                state,
+            )
+            tasks.append(asyncio.create_task(runtime.run(second, stop_second)))
+            await wait_until(
+                lambda: shown(second, "kafka_lag")
+                and shown(first, "kafka_lag") | shown(second, "kafka_lag") == everything
+                and not shown(first, "kafka_lag") & shown(second, "kafka_lag"),
+                30,
+                state,
+            )
+            taken = shown(second, "kafka_lag")
+            assert shown(first, "kafka_lag") == everything - taken
+            assert not shown(first, "kafka_committed_offset") & taken
+            for p in everything:  # each member reads its own partitions on
+                cluster.produce(TOPIC, [b"after,p=%d v=2i" % p], partition=p)
+            await wait_until(
+                lambda: sum(line.startswith(b"after,") for line in lines_of(collector)) >= 4,
+                30,
+                lambda: f"{lines_of(collector)}; {state()}",
+            )
+            assert {line for line in lines_of(collector) if line.startswith(b"after,")} == {
+                b"after,p=%d v=2i" % p for p in everything
+            }
+        finally:
+            stop_first.set()
+            stop_second.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
+            await collector.close()
+            cluster.close()
+
+    asyncio.run(main())
