@@ -482,6 +482,7 @@ class KafkaSource:
             await self._consume()
         finally:
             positions.cancel()
+            await self._commit_ended()  # a stop policy: what was published is committed
 
     async def _consume(self) -> None:
         while not self.rt.stop.is_set():
