@@ -268,7 +268,7 @@ def test_durable_commits_only_what_jetstream_acknowledged(
                 lambda: f"committed {kafka_server.committed(GROUP, TOPIC)}",
             )
             assert sorted(await stream_lines(jetstream_server.url)) == sorted(big)
-            assert collector.counters["commits"] >= 2
+            await collector.wait_for(lambda: collector.counters["commits"] >= 2, 5)
 
     asyncio.run(main())
 
