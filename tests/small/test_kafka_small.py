@@ -100,6 +100,16 @@ timestamp_precision = "s"
     assert conf["security.protocol"] == "SASL_SSL" and conf["session.timeout.ms"] == 6000
 
 
+def test_a_partition_is_fetched_again_soon_after_its_queue_was_full(tmp_path: Path) -> None:
+    """librdkafka's 1 s fetch.queue.backoff.ms let a backlog of small messages run dry
+    every second; [kafka_client] may still set it."""
+    conf = kafka.consumer_config(load(tmp_path, K), lambda err: None)
+    assert conf["fetch.queue.backoff.ms"] == kafka.FETCH_QUEUE_BACKOFF_MS == 10
+    given = load(tmp_path, K + '[kafka_client]\n"fetch.queue.backoff.ms" = 500\n')
+    assert kafka.consumer_config(given, lambda err: None)["fetch.queue.backoff.ms"] == 500
+    kafka.preflight(given)  # librdkafka knows the property
+
+
 @pytest.mark.parametrize(
     "text, parts",
     [
