@@ -126,7 +126,7 @@ def from_environment(variable: str) -> Any:
 
 
 # the modes with a durable path (influx_spout.jetstream)
-DURABLE = ("listener", "listener_http", "filter", "downsampler", "writer", "archive")
+DURABLE = ("listener", "listener_http", "filter", "downsampler", "writer", "archive", "kafka")
 
 
 @dataclass(kw_only=True)
@@ -1274,7 +1274,7 @@ def _validate_shared(c: Checker) -> None:
 
     if cfg.durable and cfg.mode not in DURABLE:
         log.warning(
-            "%s: durable: ignored in %s mode (only %s have a durable path yet)",
+            "%s: durable: ignored in %s mode (it stores nothing; %s have a durable path)",
             c.where("durable")[0],
             cfg.mode,
             ", ".join(DURABLE),

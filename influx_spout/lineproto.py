@@ -783,7 +783,8 @@ def escape_measurement(name: bytes) -> bytes:
 def escape_tag(s: bytes) -> bytes:
     """A tag key, tag value or field key as it must appear in a line.
 
-    A name ending with a backslash cannot be written unambiguously.
+    A name with a backslash at its end, or before a comma, space or "=", cannot be
+    written unambiguously.
     """
     return s.replace(b",", b"\\,").replace(b" ", b"\\ ").replace(b"=", b"\\=")
 

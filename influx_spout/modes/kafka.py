@@ -1,21 +1,30 @@
 """kafka mode: Kafka topics (a consumer group) -> decoded line protocol -> one NATS subject.
 
+With durable = true the subject's JetStream stream is created or checked at start, each
+batch is stored in it (bus.publish_parts returns once its PubAcks came back), and the
+offsets a batch ends are committed only after that: a full stream or a NATS outage is
+a batch NATS did not take (kafka_error_policy: retry by default, nothing committed).
+
 Each message is decoded by the kafka_encoder (influx_spout/encoders/) and its lines are
 batched as the listeners batch (count / size / age, never above the NATS max payload).
 What could not be decoded goes to nats_subject_dead_letter with the message's topic,
 partition and offset in NATS headers.
 
-A consume() result is decoded in runs (the messages joined, one decoder call) where the
-encoder is line-based (JOINABLE); a run the decoder refuses any of is decoded again
-message by message, so that only the bad ones are dead-lettered, each with its offset.
+A consume() result is decoded in runs (the messages joined, one decoder call, one body
+check) where the encoder is line-based (JOINABLE); a run the decoder refuses any of is
+decoded again message by message, so that only the bad ones are dead-lettered, each with
+its offset. Reading a result (errors, topics, values, partitions) maps C methods over it:
+no Python runs per message in the common case.
 
 At-least-once: offsets are committed by hand (enable.auto.commit and
 enable.auto.offset.store are off), only for messages whose lines (and dead letters)
-NATS has confirmed: after each batch is published, a NATS flush (PING/PONG) must succeed
-before the offsets it ends are committed; a consume() never reads past the open batch.
-A crash therefore re-reads at most the one batch being built or published; a NATS outage
-re-reads what was not committed (duplicates, never loss). A rebalance may also redeliver
-what the old owner had batched but not committed.
+NATS has confirmed: after each batch is published, a NATS flush (PING/PONG; with durable =
+true, the batch's PubAcks) must succeed before the offsets it ends are committed. The
+commit runs in the background while the next batch is consumed and decoded, and the next
+batch is published only once that commit has ended: what is published and not committed
+is one batch at most, and a crash re-publishes at most that batch. A NATS outage re-reads
+what was not committed (duplicates, never loss). A rebalance may also redeliver what the
+old owner had batched but not committed.
 
 kafka_error_policy (seed 001's noop = skip, throw = stop), when NATS refuses a batch or a
 message cannot be decoded:
@@ -50,9 +59,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
+import gc
 import itertools
 import logging
+import operator
 import re
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,7 +73,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import regex
 
-from influx_spout import deadletters, lineproto
+from influx_spout import deadletters, jetstream, lineproto
 from influx_spout.batching import Batcher, Parts
 from influx_spout.config import (
     Checker,
@@ -162,6 +175,7 @@ def validate(c: Checker) -> None:
         )
         raise c.fail(given, f"set without {missing}", "set both or neither")
     c.output_subject()
+    jetstream.validate(c)
     for broker in (b.strip() for b in cfg.kafka_brokers.split(",")):
         if not re.fullmatch(r"[^\s:/,]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", broker):
             raise c.fail(
@@ -324,8 +338,11 @@ COUNTERS = (
 # encoders that decode messages joined by newlines as they decode each alone (line-based)
 JOINABLE = ("line_protocol", "collectd_graphite")
 CONSUME_MAX = 1000  # messages taken from the client at once
+GC_YOUNG_OBJECTS = 20 * CONSUME_MAX  # gc's first threshold (700 by default)
+FETCH_QUEUE_BACKOFF_MS = 10  # librdkafka's fetch.queue.backoff.ms (see consumer_config)
 POLL_TIMEOUT = 0.2  # seconds a consume call may wait: how soon a stop is noticed
 POSITION_TIMEOUT = 1  # seconds a broker has to give a partition's offsets for kafka_lag
+REVOKE_TIMEOUT = 5  # seconds the event loop has to drop the offsets of revoked partitions
 FLUSH_TIMEOUT = 2  # seconds NATS has to confirm what was published before a commit
 DEAD_LETTER_ROOM = 4096  # bytes of a dead letter kept for its headers when it is cut
 
@@ -399,6 +416,10 @@ def consumer_config(cfg: Config, on_error: Callable[[KafkaError], None]) -> dict
         "enable.auto.offset.store": False,
         "client.id": f"influx-spout-kafka-{cfg.name}",
         "error_cb": on_error,
+        # librdkafka stops fetching a partition whose queue is past queued.min.messages
+        # (100,000: a few MB of one-line messages) for this long, 1 s by default: the
+        # backlog then went dry every second (bench kafka-1: 106k -> 270k messages/s)
+        "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
     }
     conf.update(cfg.kafka_client)
     conf.update(kafka_secret_properties(cfg))
@@ -416,8 +437,9 @@ def in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[T], None]) -> Callabl
 
 
 class KafkaSource:
-    """Consumes, decodes, batches, publishes and commits; every consumer call runs in one
-    worker thread (librdkafka blocks), one at a time."""
+    """Consumes, decodes, batches, publishes and commits. What librdkafka has fetched is
+    taken in the event loop; a consume() that waits runs in a worker thread, commits in
+    another (librdkafka is thread-safe), the lag's offsets in a third."""
 
     def __init__(
         self, cfg: Config, rt: Host, consumer: Any, decoding: Callable[[str], Decoding]
@@ -439,10 +461,22 @@ class KafkaSource:
         # asking the brokers for offsets may wait a while: never in the way of consuming
         self._positions_thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-lag")
         self._unconfirmed = False  # NATS did not confirm the last flush
+        # commits wait for Kafka's answer in a thread of their own (librdkafka is
+        # thread-safe), not behind a consume() in progress
+        self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-commit")
+        self._committing: asyncio.Task[None] | None = None
+        # the event loop consuming, and its thread (on_revoke)
+        self._loop: tuple[asyncio.AbstractEventLoop, int] | None = None
 
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def call(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        thread: ThreadPoolExecutor | None = None,
+        **kwargs: Any,
+    ) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+        return await loop.run_in_executor(thread or self._thread, lambda: fn(*args, **kwargs))
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -453,23 +487,39 @@ class KafkaSource:
             await self._consume()
         finally:
             positions.cancel()
+            await self._commit_ended()  # a stop policy: what was published is committed
 
     async def _consume(self) -> None:
         while not self.rt.stop.is_set():
             room = self.batcher.max_count - self.open_messages  # a consume never spans
-            messages = await self.call(
-                self.consumer.consume, max(1, min(CONSUME_MAX, room)), POLL_TIMEOUT
-            )
+            messages = await self.take(max(1, min(CONSUME_MAX, room)))
             await self.handle_all(messages)
             if self.batcher.due():
-                await self.flush()
-            await self.commit()  # what an earlier commit could not (NATS or Kafka down)
+                await self.end_batch()
+            self.commit_soon()  # what an earlier commit could not (NATS or Kafka down)
         await self.flush()
+
+    async def take(self, count: int) -> list[Message]:
+        """Up to count messages: those librdkafka has fetched already are taken at once,
+        in the event loop (no thread hop: a backlog costs no wake-ups); only when there
+        are none does a consume() wait in the consumer's thread, for one message: a
+        consume() of more waits until it has them all or its timeout passed, which at the
+        end of each fetch left the backlog waiting POLL_TIMEOUT."""
+        await asyncio.sleep(0)  # the commit under way and NATS get their turn
+        self._loop = asyncio.get_running_loop(), threading.get_ident()
+        messages = self.consumer.consume(count, 0)
+        if messages:
+            return messages
+        messages = await self.call(self.consumer.consume, 1, POLL_TIMEOUT)
+        if messages and count > 1:
+            messages += self.consumer.consume(count - 1, 0)
+        return messages
 
     async def handle_all(self, messages: list[Message]) -> None:
         """A consume() result: decoded in runs that fit the open batch where the encoder
-        reads a run as it reads each message, else message by message."""
-        if any(msg.error() is not None for msg in messages):
+        reads a run as it reads each message, else message by message. The common case,
+        one topic without errors, costs no Python per message (map over C methods)."""
+        if any(map(_ERROR, messages)):
             for msg in messages:
                 if msg.error() is not None:
                     self._kafka_error(msg)
@@ -477,36 +527,51 @@ class KafkaSource:
         if not messages:
             return
         self.stats.inc("received", len(messages))
-        for topic, same in itertools.groupby(messages, key=_topic):
-            decoding = self.decoding(topic)
-            if decoding.joinable:
-                await self._runs(list(same), decoding.decode)
-            else:
-                for msg in same:
-                    await self._one(msg)
+        topics = list(map(_TOPIC, messages))
+        if topics.count(topics[0]) == len(topics):
+            await self._topic_run(topics[0] or "", messages)
+            return
+        for topic, same in itertools.groupby(zip(topics, messages, strict=True), key=_FIRST):
+            await self._topic_run(topic or "", [msg for _, msg in same])
 
-    async def _runs(self, messages: list[Message], decode: Decoder) -> None:
+    async def _topic_run(self, topic: str, messages: list[Message]) -> None:
+        decoding = self.decoding(topic)
+        if decoding.joinable:
+            await self._runs(topic, messages, decoding.decode)
+        else:
+            for msg in messages:
+                await self._one(msg)
+
+    async def _runs(self, topic: str, messages: list[Message], decode: Decoder) -> None:
         """Messages of one topic in runs that fit the open batch, each decoded at once."""
-        values = [msg.value() or b"" for msg in messages]
-        ends = list(itertools.accumulate(len(v) + 1 for v in values))
+        values = list(map(_VALUE, messages))
+        if None in values:  # tombstones
+            values = [v or b"" for v in values]
+        ends = list(itertools.accumulate(map(len, values)))
+
+        def joined_size(i: int) -> int:  # values[:i + 1], each with a newline at most
+            return ends[i] + i + 1
+
         start = 0
         while start < len(messages):
-            base = ends[start - 1] if start else 0
+            base = joined_size(start - 1) if start else 0
             room = self.batcher.max_size - self.batcher.size
-            stop = bisect.bisect_right(ends, base + room, lo=start)
+            stop = bisect.bisect_right(range(len(ends)), base + room, lo=start, key=joined_size)
             stop = min(stop, start + self.batcher.max_count - self.open_messages)
             if stop <= start:
                 if self.batcher.count:
-                    await self.flush()  # the open batch ends before this message
+                    await self.end_batch()  # the open batch ends before this message
                     continue
                 stop = start + 1  # one message larger than a whole batch
-            await self._run(messages[start:stop], values[start:stop], decode)
+            await self._run(topic, messages[start:stop], values[start:stop], decode)
             start = stop
 
-    async def _run(self, run: list[Message], values: list[bytes], decode: Decoder) -> None:
+    async def _run(
+        self, topic: str, run: list[Message], values: list[bytes], decode: Decoder
+    ) -> None:
         """Decode a run of messages at once; when any of it is refused, each message again
         alone, so that only the bad ones are dead-lettered, each with its own offset."""
-        decoded = self._fit(decode(b"\n".join(values)))
+        decoded = self._fit(decode(joined(values)))
         if decoded.rejected:
             for msg in run:
                 await self._one(msg)
@@ -516,7 +581,11 @@ class KafkaSource:
             ready = self.batcher.add(decoded.data, decoded.lines)
         else:
             ready = []
-        self.marks.update({(m.topic() or "", m.partition() or 0): m for m in run})
+        partitions = list(map(_PARTITION, run))
+        if partitions.count(partitions[0]) == len(partitions):
+            self.marks[(topic, partitions[0] or 0)] = run[-1]
+        else:  # the last message of each partition stays
+            self.marks.update(zip(zip(itertools.repeat(topic), partitions), run, strict=True))
         self.open_messages += len(run)
         await self._ship(ready)
 
@@ -550,7 +619,7 @@ class KafkaSource:
         if decoded.lines:
             self.stats.inc("lines", decoded.lines)
             if self.batcher.count and self.batcher.size + len(decoded.data) > self.batcher.max_size:
-                await self.flush()  # the open batch ends before this message
+                await self.end_batch()  # the open batch ends before this message
             ready = self.batcher.add(decoded.data, decoded.lines)
         else:
             ready = []
@@ -567,7 +636,7 @@ class KafkaSource:
             await self.publish(self.batcher.take())
         if not self.batcher.count:  # everything read so far is published
             self._settle()
-            await self.commit()
+            self.commit_soon()
 
     def _fit(self, decoded: Decoded) -> Decoded:
         """Reject lines NATS could never carry (longer than its max payload): the body
@@ -583,14 +652,25 @@ class KafkaSource:
 
     async def flush(self) -> None:
         """Publish the open batch and commit the offsets of every message it ends."""
+        await self.end_batch()
+        await self.commit()
+
+    async def end_batch(self) -> None:
+        """Publish the open batch; its offsets are committed in the background."""
         await self.publish(self.batcher.take())
         self._settle()
-        await self.commit()
+        self.commit_soon()
 
     # -- NATS ------------------------------------------------------------------------------
 
     async def publish(self, batch: Parts) -> None:
-        """Publish a batch, applying kafka_error_policy when NATS does not take it."""
+        """Publish a batch, applying kafka_error_policy when NATS does not take it.
+
+        The commit of the batch before it ends first: what is published and not committed
+        (what a crash would publish twice) is one batch at most."""
+        if not batch.size:
+            return
+        await self._commit_ended()
         attempts = 0
         while await publish_parts_counted(self.rt, self.subject, batch):
             attempts += 1
@@ -678,8 +758,24 @@ class KafkaSource:
 
     # -- Kafka -----------------------------------------------------------------------------
 
+    def commit_soon(self) -> None:
+        """commit() in the background, so that consuming and decoding the next batch
+        overlap the NATS round trip and Kafka's answer (publish() waits for it)."""
+        if self.published and (self._committing is None or self._committing.done()):
+            self._committing = asyncio.create_task(self._commit())
+
+    async def _commit_ended(self) -> None:
+        if self._committing is not None:
+            await self._committing
+            self._committing = None
+
     async def commit(self) -> None:
-        """Commit the published offsets once NATS confirms it has everything sent so far."""
+        """Commit the published offsets once NATS confirms it has everything sent so far
+        (after the commit in the background, if one is under way)."""
+        await self._commit_ended()
+        await self._commit()
+
+    async def _commit(self) -> None:
         if not self.published:
             return
         try:
@@ -697,7 +793,9 @@ class KafkaSource:
         offsets = dict(self.published)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
-            answer = await self.call(self.consumer.commit, offsets=tps, asynchronous=False)
+            answer = await self.call(
+                self.consumer.commit, offsets=tps, asynchronous=False, thread=self._commit_thread
+            )
         except KafkaException as exc:
             self.stats.inc("commit_failures")
             log.warning("offset commit failed: %s (retried with the next commit)", exc)
@@ -766,7 +864,30 @@ class KafkaSource:
 
     def on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         """Partitions given to another member: their new owner reads from the last commit,
-        so offsets not committed yet are dropped (what was batched may be delivered twice)."""
+        so offsets not committed yet are dropped (what was batched may be delivered twice).
+
+        librdkafka calls it inside consume() or close(), in the event loop or in the
+        consumer's thread; the bookkeeping belongs to the loop (a commit may be under way
+        there), so from the thread it is done in the loop, and waited for."""
+        if self._loop is None or self._loop[1] == threading.get_ident():
+            self._forget(partitions)
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def forget() -> None:
+            try:
+                self._forget(partitions)
+            finally:
+                done.set_result(None)
+
+        try:
+            self._loop[0].call_soon_threadsafe(forget)
+            done.result(REVOKE_TIMEOUT)
+        except (RuntimeError, concurrent.futures.TimeoutError):  # no loop runs: stopping
+            if not done.done():
+                self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.marks.pop((tp.topic, tp.partition), None)
             self.published.pop((tp.topic, tp.partition), None)
@@ -783,11 +904,32 @@ class KafkaSource:
             await self.call(self.consumer.close)
         finally:
             self._thread.shutdown(wait=False)
+            self._commit_thread.shutdown(wait=False)
             self._positions_thread.shutdown(wait=False)
 
 
 def _topic(msg: Message) -> str:
     return msg.topic() or ""
+
+
+# a consume() result is read with these, in C (map), not a Python call per message
+_ERROR = operator.methodcaller("error")
+_TOPIC = operator.methodcaller("topic")
+_PARTITION = operator.methodcaller("partition")
+_VALUE = operator.methodcaller("value")
+_FIRST = operator.itemgetter(0)
+_LAST_BYTE = operator.itemgetter(-1)
+
+
+def joined(values: list[bytes]) -> bytes:
+    """Messages as one body, a line break between two: none added after a message that
+    ends with one (Telegraf's do), so that the body has no empty lines, each of which
+    would stop the body check's one pass over it."""
+    try:
+        ends = bytes(map(_LAST_BYTE, values))
+    except IndexError:  # an empty message
+        return b"\n".join(values)
+    return b"".join(values) if ends.count(10) == len(ends) else b"\n".join(values)
 
 
 def _names(partitions: list[TopicPartition]) -> str:
@@ -810,6 +952,8 @@ class KafkaMode:
         from confluent_kafka import Consumer, KafkaException
 
         cfg = self.cfg
+        if cfg.durable:  # before joining the group: no stream, no consuming
+            await host.bus.ensure_streams(cfg.nats_subject[:1])
         holder: list[KafkaSource] = []
 
         def on_error(err: KafkaError) -> None:
@@ -844,6 +988,12 @@ class KafkaMode:
             source.subject,
             cfg.nats_address,
         )
+        # each consume() makes up to CONSUME_MAX Message objects, which the collector
+        # would otherwise traverse once or twice per consume(), and with them everything
+        # made at start (full collections): those are frozen, the young ones collected
+        # less often (they are freed by reference counting, in cycles only by accident)
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_OBJECTS, *gc.get_threshold()[1:])
         self.consuming = asyncio.create_task(self._consume(source))
         return self.consuming
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import confluent_kafka
+import pytest
 from support.collect import Collector, wait_until
 from support.servers import (
     Component,
@@ -119,21 +120,27 @@ def test_sigterm_commits_and_a_restart_resumes_at_the_committed_offset(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
 def test_sigkill_mid_stream_replays_at_most_one_batch(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
-    nats_server: NatsServer,
     kafka_server: KafkaServer,
     component: Callable[..., Component],
+    durable: bool,
 ) -> None:
-    """Offsets are committed after each confirmed batch: a restart after a SIGKILL reads
-    again at most the batch that was being published (issue 12 item 5)."""
+    """Offsets are committed after each confirmed batch (durable: after its PubAcks): a
+    restart after a SIGKILL reads again at most the batch that was being published
+    (issue 12 item 5, issue 9: kafka commits only after the PubAck)."""
+    nats_server: NatsServer = request.getfixturevalue(
+        "jetstream_server" if durable else "nats_server"
+    )
     total, batch = 60_000, 500
     lines = [b"cpu,host=k usage=%d 1700000000000000000" % i for i in range(total)]
     kafka_server.produce(TOPIC, lines, partition=0, flush_timeout=60)
     port = free_port()
     toml = kafka_toml(nats_server.url, kafka_server.bootstrap, port).replace(
         'batch_max_count = 100000\nbatch_max_age = "1h"',
-        f'batch_max_count = {batch}\nbatch_max_age = "1s"',
+        f'batch_max_count = {batch}\nbatch_max_age = "1s"\ndurable = {str(durable).lower()}',
     )
 
     def received() -> list[bytes]:
@@ -159,7 +166,8 @@ def test_sigkill_mid_stream_replays_at_most_one_batch(
             await collector.close()
         got = received()
         replayed = len(got) - len(set(got))
-        print(f"SIGKILL after {at_kill} of {total} lines: {replayed} lines replayed")
+        mode = "durable" if durable else "plain"
+        print(f"{mode}: SIGKILL after {at_kill} of {total} lines: {replayed} lines replayed")
         assert set(got) == set(lines)
         assert replayed <= batch
 

@@ -101,6 +101,16 @@ timestamp_precision = "s"
     assert conf["security.protocol"] == "SASL_SSL" and conf["session.timeout.ms"] == 6000
 
 
+def test_a_partition_is_fetched_again_soon_after_its_queue_was_full(tmp_path: Path) -> None:
+    """librdkafka's 1 s fetch.queue.backoff.ms let a backlog of small messages run dry
+    every second; [kafka_client] may still set it."""
+    conf = kafka.consumer_config(load(tmp_path, K), lambda err: None)
+    assert conf["fetch.queue.backoff.ms"] == kafka.FETCH_QUEUE_BACKOFF_MS == 10
+    given = load(tmp_path, K + '[kafka_client]\n"fetch.queue.backoff.ms" = 500\n')
+    assert kafka.consumer_config(given, lambda err: None)["fetch.queue.backoff.ms"] == 500
+    kafka.preflight(given)  # librdkafka knows the property
+
+
 @pytest.mark.parametrize(
     "text, parts",
     [
@@ -225,6 +235,11 @@ class FakeConsumer:
     def __init__(self, fail_commits: int = 0) -> None:
         self.commits: list[dict[tuple[str, int], int]] = []
         self.fail_commits = fail_commits
+        self.fetched: list[Any] = []  # what consume() hands out
+
+    def consume(self, count: int, timeout: float) -> list[Any]:
+        taken, self.fetched = self.fetched[:count], self.fetched[count:]
+        return taken
 
     def commit(self, offsets: list[Any], asynchronous: bool) -> list[Any]:
         if self.fail_commits:
@@ -546,7 +561,10 @@ def test_json_messages_are_decoded_one_by_one() -> None:
 
 @given(
     st.lists(
-        st.sampled_from([b"a v=1", b"b,t=x v=2i 5", b"bad", b"", b"# c", b"c v=" + b"9" * 300]),
+        st.sampled_from(
+            [b"a v=1", b"b,t=x v=2i 5", b"bad", b"", b"# c", b"c v=" + b"9" * 300]
+            + [b"d v=4\n", b"e v=5\n\n", b"\n", b"bad\n"]
+        ),
         max_size=30,
     ),
     st.integers(1, 6),
@@ -567,6 +585,79 @@ def test_runs_publish_and_commit_what_messages_one_by_one_would(
     assert not runs.published and (
         not values or runs.consumer.commits[-1] == {("t", 0): len(values)}
     )
+
+
+def test_messages_ending_with_a_line_break_are_joined_without_empty_lines() -> None:
+    """Each empty line would stop the body check's one pass (Telegraf's messages end
+    with a line break)."""
+    assert kafka.joined([b"a v=1\n", b"b v=2\n"]) == b"a v=1\nb v=2\n"
+    assert kafka.joined([b"a v=1\n", b"b v=2"]) == b"a v=1\n\nb v=2"
+    assert kafka.joined([b"a v=1", b""]) == b"a v=1\n"
+    assert kafka.joined([b"a v=1\n\n", b"b v=2\n"]) == b"a v=1\n\nb v=2\n"
+
+
+def test_a_run_of_messages_with_line_breaks_is_checked_in_one_pass() -> None:
+    src = source(count=3)
+    calls = counting(src)
+    feed_all(src, b"a v=1\n", b"b v=2\n", b"c v=3\n")
+    assert calls == [b"a v=1\nb v=2\nc v=3\n"]
+    assert src.rt.bus.published == [b"a v=1\nb v=2\nc v=3\n"]
+
+
+def test_a_batch_is_published_only_once_the_commit_of_the_one_before_ended() -> None:
+    """The commit runs in the background, but a crash must never re-publish more than
+    one batch: the next batch waits for it (and consuming goes on meanwhile)."""
+    src = source(count=2)
+    gate = threading.Event()
+    commit = src.consumer.commit
+
+    def slow_commit(offsets: list[Any], asynchronous: bool) -> list[Any]:
+        gate.wait(5)
+        return commit(offsets, asynchronous)
+
+    src.consumer.commit = slow_commit
+
+    async def main() -> None:
+        messages = [FakeMessage(i, b"m v=%d" % i) for i in range(6)]
+        handling = asyncio.create_task(src.handle_all(messages))
+        await asyncio.sleep(0.2)
+        assert src.rt.bus.published == [b"m v=0\nm v=1\n"]  # the second waits
+        assert src.consumer.commits == [] and src.open_messages == 2  # but is built
+        gate.set()
+        await handling
+        await src.commit()
+
+    asyncio.run(main())
+    assert src.consumer.commits == [{("t", 0): 2}, {("t", 0): 4}, {("t", 0): 6}]
+
+
+def test_fetched_messages_are_taken_without_the_consumers_thread() -> None:
+    src = source()
+    src.consumer.fetched = [FakeMessage(0, b"a v=1"), FakeMessage(1, b"b v=2")]
+    src.call = None  # a thread hop would fail
+
+    async def main() -> list[Any]:
+        return await src.take(5)
+
+    assert [m.offset() for m in asyncio.run(main())] == [0, 1]
+
+
+def test_a_revoke_in_the_consumers_thread_is_done_in_the_event_loop() -> None:
+    src = source()
+    seen: list[dict[Any, int]] = []
+
+    async def main() -> None:
+        await src.take(1)  # consuming in this loop
+        src.published[("t", 0)] = 5
+
+        def revoke() -> None:
+            src.on_revoke(None, [TopicPartition("t", 0)])
+            seen.append(dict(src.published))  # done by the time on_revoke returns
+
+        await asyncio.get_running_loop().run_in_executor(None, revoke)
+
+    asyncio.run(main())
+    assert seen == [{}]
 
 
 # -- kafka_lag and kafka_committed_offset ----------------------------------------------
@@ -596,27 +687,24 @@ class PositionsConsumer(FakeConsumer):
 
 
 def refreshed(src: Any) -> None:
-    """One refresh of the gauges, however long a loaded machine takes for it."""
+    """One refresh of the gauges, however loaded the machine: a second read of the
+    offsets starts only once the first one's gauges are set."""
+    calls: list[int] = []
+    positions = src._positions
+
+    def counted() -> Any:
+        calls.append(1)
+        return positions()
 
     async def main() -> None:
-        done = asyncio.Event()
-        set_gauge = src.stats.set_gauge
-
-        def noted(name: str, values: Any) -> None:
-            set_gauge(name, values)
-            if name == "kafka_committed_offset":
-                done.set()
-
-        def counted(name: str, n: int = 1, **labels: str) -> None:  # a failed refresh
-            inc(name, n, **labels)
-            done.set()
-
-        inc = src.stats.inc
-        src.stats.set_gauge, src.stats.inc = noted, counted
+        src._positions = counted
         task = asyncio.create_task(src.refresh_positions())
-        await asyncio.wait_for(done.wait(), 30)
+        for _ in range(500):
+            if len(calls) >= 2:
+                break
+            await asyncio.sleep(0.01)
         task.cancel()
-        src.stats.set_gauge, src.stats.inc = set_gauge, inc
+        src._positions = positions
 
     asyncio.run(main())
 

@@ -7,11 +7,13 @@ objects, put tests/support/faultproxy.py in front of it instead.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
+import sys
 from typing import Any, Self
 
-from support.servers import _child_env, _ServerProcess, find_executable, free_port, wait_for_http
+from support.servers import _child_env, _ServerProcess, free_port, wait_for_http
 
 MOTO_INSTALL = "run scripts/setup (it installs moto and boto3, the test extra; README: Tests)"
 
@@ -36,12 +38,14 @@ class S3Server(_ServerProcess):
 
     def start(self) -> Self:
         """Start (on the same port after stop()); return once it answers, buckets created."""
-        exe = find_executable("moto_server", MOTO_INSTALL)
+        # by this interpreter: the moto_server script's #! may name a venv since moved
+        if importlib.util.find_spec("moto") is None:
+            raise RuntimeError(f"moto not found for {sys.executable}; install it: {MOTO_INSTALL}")
         self.port = self.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_file = open(self.log_path, "ab")
         self._proc = subprocess.Popen(
-            [exe, "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
