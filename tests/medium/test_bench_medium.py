@@ -161,7 +161,7 @@ def test_component_configs_load(tmp_path: Path) -> None:
 
 def test_every_scenario_runs_and_counts_every_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "bench.json"
-    code = bench_main(["all", "--lines", "20000", "--runs", "1", "--json", str(out)])
+    code = bench_main([*SCENARIOS, "--lines", "20000", "--runs", "1", "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     results = json.loads(out.read_text())
