@@ -401,6 +401,42 @@ def test_a_full_output_stream_never_stores_the_other_outputs_twice(
     assert stats["failed_nats_publish"] == 0
 
 
+def test_a_filter_stopped_while_an_output_stream_is_full_hands_its_input_back(
+    jetstream_server: NatsServer,
+) -> None:
+    """Retrying a refused output does not hold up a stop: the inputs are handed back,
+    still in the input stream, and routed by the next run once the stream has room."""
+    url = jetstream_server.url
+
+    async def main() -> tuple[int, int, list[bytes]]:
+        cfg = filter_config(url, jetstream_max_bytes=400)
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        settings = jetstream.Settings.of(cfg)
+        for subject in (IN, OUT, JUNK):
+            await jetstream.ensure_stream(js, subject, settings)
+        with pytest.raises(nats.js.errors.APIError):  # fill the output stream
+            for _ in range(100):
+                await js.publish(OUT, b"x" * 50)
+        await js.publish(IN, b"cpu v=1i %d\n" % NOW)
+        async with running(cfg, filter_mode.make):  # its exit waits 10 s at most
+            await asyncio.sleep(1.0)
+        after_stop = await stream_state(url, IN)
+        await js.purge_stream(jetstream.stream_name(OUT))
+        async with running(cfg, filter_mode.make):
+            for _ in range(100):
+                if await stream_state(url, IN) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            left = await stream_state(url, IN)
+        await nc.close()
+        return after_stop, left, await stream_messages(url, OUT)
+
+    after_stop, left, out = asyncio.run(main())
+    assert after_stop == 1 and left == 0
+    assert out == [b"cpu v=1i %d\n" % NOW]
+
+
 def test_a_second_consumer_group_on_a_subject_is_one_clear_error(
     jetstream_server: NatsServer,
 ) -> None:
