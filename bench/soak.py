@@ -251,7 +251,7 @@ def header(names: list[str]) -> str:
 # gave up, dropped or refused
 SHOWN = {
     "bench-listener-http": ("rejected_busy", "failed_nats_publish_lines"),
-    "bench-filter": ("failed_nats_publish_lines", "nats_dropped"),
+    "bench-filter": ("failed_nats_publish_lines", "nats_dropped", "store_retries"),
     "bench-writer": (
         "lines_written", "lines_given_up", "lines_unconfirmed", "lines_handed_back",
         "nats_dropped",

@@ -19,6 +19,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -116,6 +117,21 @@ class Delivery:
 
 class JetStreamRefused(Exception):
     """JetStream answered a publish with an error (e.g. the stream is full)."""
+
+
+@dataclass
+class Unstored:
+    """What a store_soon() did not store: lines too long for any message (lost), and the
+    pieces JetStream refused or did not acknowledge in time, with why (whole lines, which
+    may be sent again; one that timed out may have been stored)."""
+
+    too_long: int
+    refused: list[tuple[bytes, str]]
+    split: bool  # the data went out in several messages
+
+    @property
+    def lines(self) -> int:
+        return self.too_long + sum(_lines(piece) for piece, _ in self.refused)
 
 
 class PubAcks:
@@ -426,34 +442,37 @@ class Bus:
     ) -> int:
         """publish() into JetStream: every message sent at once, then their PubAcks
         awaited together. Returns the lines not stored."""
-        return await (await self.store_soon(subject, data, lines, headers))
+        unstored = await (await self.store_soon(subject, data, headers))
+        for _, why in unstored.refused:
+            log.warning("JetStream did not store a message on %s: %s", subject, why)
+        if lines is not None and unstored.lines and not unstored.split:
+            return lines  # all the lines of a batch sent as one message
+        return unstored.lines
 
     async def store_soon(
-        self,
-        subject: str,
-        data: bytes,
-        lines: int | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> asyncio.Future[int]:
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> asyncio.Future[Unstored]:
         """Send whole lines to JetStream now (split under the max payload), each message
-        with the headers given; the future gives the lines not stored once every PubAck
-        came back (or timed out): a caller may send more meanwhile."""
+        with the headers given; the future gives what was not stored once every PubAck
+        came back (or timed out): a caller may send more meanwhile, and may send the
+        refused pieces again (their lines are whole)."""
         limit = self.max_payload - (len(header_block(headers)) if headers else 0)
         pieces = split_under(data, limit) if len(data) > limit else [data]
-        lost = 0
+        too_long = 0
+        refused: list[tuple[bytes, str]] = []
         waits: list[tuple[asyncio.Future[Any], bytes]] = []
         for piece in pieces:
             if len(piece) > limit:
                 log.warning("a line of %d bytes exceeds the NATS max payload %d", len(piece), limit)
-                lost += 1
+                too_long += 1
                 continue
             try:
                 waits.append((await self._pubacks().publish(subject, piece, headers), piece))
             except Exception as exc:
-                log.warning("publish to JetStream %s failed: %s", subject, exc)
-                lost += _lines(piece)
-        whole = lines if lines is not None and len(pieces) == 1 else None
-        return asyncio.ensure_future(_confirmed(subject, waits, lost, whole))
+                refused.append((piece, f"publish failed: {_why(exc)}"))
+        return asyncio.ensure_future(
+            _confirmed(waits, Unstored(too_long, refused, len(pieces) > 1))
+        )
 
     async def store_raw(
         self, subject: str, data: bytes, headers: dict[str, str], key: str = ""
@@ -659,24 +678,19 @@ class Bus:
 
 
 async def _confirmed(
-    subject: str, waits: list[tuple[asyncio.Future[Any], bytes]], lost: int, whole: int | None
-) -> int:
-    """The lines not stored: lost already, plus those of the messages whose PubAck did not
-    come (all `whole` lines of a batch sent as one message)."""
+    waits: list[tuple[asyncio.Future[Any], bytes]], unstored: Unstored
+) -> Unstored:
+    """unstored, with the pieces whose PubAck did not come (refused, or timed out)."""
     if waits:
         # one wait for them all: a wait_for each would cost a task each
         await asyncio.wait([f for f, _ in waits], timeout=PUBACK_TIMEOUT)
         for future, piece in waits:
             if not future.done():
                 future.cancel()
-                why = f"no PubAck within {PUBACK_TIMEOUT:g}s"
+                unstored.refused.append((piece, f"no PubAck within {PUBACK_TIMEOUT:g}s"))
             elif future.exception() is not None:
-                why = _why(future.exception())
-            else:
-                continue
-            log.warning("JetStream did not store a message on %s: %s", subject, why)
-            lost += _lines(piece)
-    return whole if whole is not None and lost else lost
+                unstored.refused.append((piece, _why(future.exception())))
+    return unstored
 
 
 def _why(exc: BaseException | None) -> str:

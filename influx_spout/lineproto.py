@@ -280,13 +280,17 @@ def compile_batch(pattern: str) -> Any:
 
     The pattern must be in the syntax both engines share (no lookaround, no possessives).
     Public for modes that scan batches for patterns of their own (the downsampler).
+    Callers keep what they compile; re2's own cache is emptied, or it would keep the last
+    128 patterns alive, DFA and all: valid_in_window's, one a second, grew the filter.
     """
     if re2_engine is None:  # pragma: no cover - depends on the environment
         return re.compile(pattern.encode())
     options = re2_engine.Options()
     options.encoding = re2_engine.Options.Encoding.LATIN1  # bytes are bytes, not UTF-8
     options.max_mem = 64 << 20  # room for the DFA's states; past it RE2 stays linear
-    return re2_engine.compile(pattern.encode(), options)
+    compiled = re2_engine.compile(pattern.encode(), options)
+    re2_engine.purge()
+    return compiled
 
 
 _LINE = re.compile(_line_grammar(re2=False, capture=True).encode())

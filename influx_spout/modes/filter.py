@@ -17,10 +17,13 @@ bound drops and counts them (nats_dropped). A worker that dies stops the filter 
 
 With durable = true the input is a durable JetStream consumer (named after queue_group
 or name; the workers pull from the same one) and the outputs go into JetStream: an input
-message is acknowledged only once every output made of it is stored (PubAck), else it is
-handed back and routed again later; a crash loses nothing, and may repeat outputs. The
-messages of one fetch are routed in groups (groups()), each group's outputs one message
-per subject, as JetStream's work is per message.
+message is acknowledged only once every output made of it is stored (PubAck). An output
+JetStream refuses (its stream full, NATS down) is sent again, alone, with backoff, while
+its inputs are held unacknowledged (reported in progress), so that a full stream never
+makes the outputs already stored go again; a crash or a stop meanwhile hands the inputs
+back, and their outputs may then be repeated. The messages of one fetch are routed in
+groups (groups()), each group's outputs one message per subject, as JetStream's work is
+per message; at most MAX_ACK_PENDING messages are held, which bounds the memory.
 
 Metrics (counters; lines unless said otherwise):
   processed            lines seen
@@ -30,6 +33,7 @@ Metrics (counters; lines unless said otherwise):
   invalid_time         lines whose timestamp is further than max_time_delta from now (dropped)
   failed_nats_publish  publishes NATS refused (messages, as in Go influx-spout)
   failed_nats_publish_lines  lines in them
+  store_retries        durable: outputs sent to JetStream again after it refused them
   nats_dropped         input messages NATS dropped because the input buffer was full
                        (one sum, no subject label, as in Go influx-spout)
   triggered{rule}      lines each rule took; rule is the rule's subject, as in Go influx-spout
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,7 +56,7 @@ from influx_spout.mode import RELOAD_COUNTERS, RELOAD_HELP, Host, Mode
 from influx_spout.rules import Routed, RuleSet
 
 if TYPE_CHECKING:
-    from influx_spout.bus import Delivery
+    from influx_spout.bus import Delivery, Unstored
 
 # -- options (the shared ones, rule and workers among them: config.SharedOptions) ----------
 
@@ -103,6 +108,7 @@ COUNTERS = (
     "invalid_time",
     "failed_nats_publish",
     "failed_nats_publish_lines",
+    "store_retries",
     *RELOAD_COUNTERS,
 )
 
@@ -115,6 +121,10 @@ HELP = {
     "invalid_time": "lines further than `max_time_delta` from now (dropped)",
     "failed_nats_publish": "messages NATS refused (as in the Go influx-spout)",
     "failed_nats_publish_lines": "lines in them, not published",
+    "store_retries": (
+        "outputs JetStream refused (stream full, NATS down), sent again alone while their"
+        " inputs are held (only with `durable`)"
+    ),
     "triggered": "lines each rule took; `rule` is the rule's subject, as in the Go influx-spout",
     "nats_dropped": (
         "input messages NATS dropped because the input buffer was full (one sum, no `subject`"
@@ -129,10 +139,18 @@ HELP = {
 YIELD_INTERVAL = 0.005
 
 # durable: input messages pulled and not yet acknowledged, per consumer; and how long
-# a message whose outputs JetStream did not all store waits before it comes again
+# a message handed back (routing broke, or the filter stops) waits before it comes again
 MAX_ACK_PENDING = 256
 RETRY_DELAY = 1.0
-MAX_SETTLING = 32  # messages routed whose outputs' PubAcks are awaited at once
+MAX_SETTLING = 32  # groups routed whose outputs' PubAcks are awaited at once
+# the backoff of an output JetStream refused: the first pause, doubling to the last
+# (with jitter); the inputs are reported in progress before each pause, and pause plus
+# PUBACK_TIMEOUT stays under the consumer's ack_wait (jetstream.ACK_MARGIN)
+STORE_RETRY_FIRST = 0.1
+STORE_RETRY_MAX = 2.0
+
+# an output being stored: its subject, its headers, and what the bus did not store
+Storing = tuple[str, "dict[str, str] | None", "asyncio.Future[Unstored]"]
 
 
 class Filter:
@@ -150,9 +168,11 @@ class Filter:
         self.failure: BaseException | None = None  # what broke the routing, fatal
         # durable: the outputs of the message being routed, being stored; messages whose
         # outputs are being stored (at most MAX_SETTLING)
-        self.storing: list[tuple[str, asyncio.Future[int]]] = []
+        self.storing: list[Storing] = []
         self.settling = asyncio.Semaphore(MAX_SETTLING)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.refusing = 0  # groups whose outputs JetStream refuses now (an outage)
+        self.outage_retries = 0  # outputs sent again in this outage
         self.yielded = 0.0  # when handle() last let the event loop run
 
     def _routes(self, rules: list[Rule]) -> tuple[RuleSet, list[str]]:
@@ -202,44 +222,121 @@ class Filter:
     async def handle_run(self, run: list[Delivery]) -> None:
         """The messages of one fetch from the durable consumer, routed in groups (see
         groups()): a group's outputs go out as one message per subject, and each of its
-        messages is acknowledged once JetStream stored them all; else the group is handed
-        back, to be routed again (the same lines, again)."""
-        for group in groups(run, self.rt.bus.max_payload):
-            if self.failure is not None:  # routing broke: the filter stops
-                for delivery in group:
-                    await delivery.nak(RETRY_DELAY)
+        messages is acknowledged once JetStream stored them all (_settle)."""
+        cut = groups(run, self.rt.bus.max_payload)
+        for n, group in enumerate(cut):
+            if self.failure is None and await self._slot(cut[n:]):
+                await self._route_group(group)
                 continue
-            await self._route_group(group)
+            for delivery in group:  # routing broke, or the filter stops
+                await delivery.nak(RETRY_DELAY)
+
+    async def _slot(self, waiting: list[list[Delivery]]) -> bool:
+        """A place among the MAX_SETTLING groups being stored; meanwhile the messages
+        waiting are reported in progress (the stored groups may be retrying for long).
+        False if the filter stops first."""
+        while not self.rt.stop.is_set():
+            try:
+                await asyncio.wait_for(self.settling.acquire(), STORE_RETRY_MAX)
+                return True
+            except TimeoutError:
+                for group in waiting:
+                    for delivery in group:
+                        await delivery.in_progress()
+        return False
 
     async def _route_group(self, group: list[Delivery]) -> None:
+        """Route group (its place taken) and store its outputs; settled by a task of its
+        own, so that the next group is routed while JetStream stores this one's."""
         self.storing = []
         first = group[0]
         batch = first.data if len(group) == 1 else b"".join(_ended(d.data) for d in group)
         await self.handle(first.subject, batch, first.headers)
         if self.failure is not None:
+            self.settling.release()
             for delivery in group:
                 await delivery.nak(RETRY_DELAY)
             return
-        # the next group is routed while JetStream stores this one's outputs
-        await self.settling.acquire()
         task = asyncio.create_task(self._settle(self.storing, group))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _settle(
-        self, storing: list[tuple[str, asyncio.Future[int]]], group: list[Delivery]
-    ) -> None:
+    async def _settle(self, storing: list[Storing], group: list[Delivery]) -> None:
+        """Acknowledge group once all its outputs are stored, sending again (alone) those
+        JetStream refused; hand it back if the filter stops first."""
         try:
-            lost = 0
-            for subject, future in storing:
-                lost += self._count_lost(subject, await future)
+            delay = STORE_RETRY_FIRST
+            refused = await self._refused(storing)
+            if refused:
+                self._refusing(refused[0])
+                while refused:
+                    if not await self._pause(group, delay):
+                        for delivery in group:
+                            await delivery.nak(RETRY_DELAY)
+                        return
+                    delay = min(delay * 2, STORE_RETRY_MAX)
+                    refused = await self._refused(await self._again(refused))
+                self._stored_again()
             for delivery in group:
-                await (delivery.nak(RETRY_DELAY) if lost else delivery.ack())
+                await delivery.ack()
         finally:
             self.settling.release()
 
+    async def _refused(
+        self, storing: list[Storing]
+    ) -> list[tuple[str, dict[str, str] | None, bytes, str]]:
+        """The outputs JetStream did not store (subject, headers, piece, why), once every
+        PubAck came; lines too long for any message are counted lost."""
+        refused = []
+        for subject, headers, future in storing:
+            unstored = await future
+            self._count_lost(subject, unstored.too_long)
+            refused += [(subject, headers, piece, why) for piece, why in unstored.refused]
+        return refused
+
+    async def _again(
+        self, refused: list[tuple[str, dict[str, str] | None, bytes, str]]
+    ) -> list[Storing]:
+        self.stats.inc("store_retries", len(refused))
+        self.outage_retries += len(refused)
+        bus = self.rt.bus
+        return [(s, h, await bus.store_soon(s, piece, h)) for s, h, piece, _ in refused]
+
+    async def _pause(self, group: list[Delivery], delay: float) -> bool:
+        """Report group in progress, then wait delay (with jitter); False if the filter
+        stops meanwhile."""
+        for delivery in group:
+            await delivery.in_progress()
+        try:
+            await asyncio.wait_for(self.rt.stop.wait(), delay * random.uniform(0.5, 1.0))
+        except TimeoutError:
+            return True
+        return False
+
+    def _refusing(self, first: tuple[str, dict[str, str] | None, bytes, str]) -> None:
+        """One more group held: the first of an outage is logged."""
+        if not self.refusing:
+            log.warning(
+                "JetStream did not store an output on %s: %s; its inputs are held and only "
+                "the refused outputs are sent again, with backoff, until it does (a full "
+                "stream: see its consumer, or raise jetstream_max_bytes)",
+                first[0],
+                first[3],
+            )
+        self.refusing += 1
+
+    def _stored_again(self) -> None:
+        self.refusing -= 1
+        if not self.refusing:
+            log.info(
+                "JetStream stores the filter's outputs again (%d sent again meanwhile)",
+                self.outage_retries,
+            )
+            self.outage_retries = 0
+
     async def drain(self) -> None:
-        """Wait for the outputs of the messages routed to be stored, and settle them."""
+        """Wait for the outputs of the messages routed to be stored, and settle them
+        (those JetStream still refuses are handed back: the stop is set)."""
         if self._tasks:
             await asyncio.wait(list(self._tasks))
 
@@ -276,7 +373,7 @@ class Filter:
         the lines NATS did not take. Durable: sent now, their PubAcks awaited by _settle."""
         bus = self.rt.bus
         if self.cfg.durable:
-            self.storing.append((subject, await bus.store_soon(subject, data, None, headers)))
+            self.storing.append((subject, headers, await bus.store_soon(subject, data, headers)))
             return
         self._count_lost(subject, await bus.publish(subject, data, headers))
 

@@ -312,6 +312,131 @@ def test_filter_keeps_its_input_while_an_output_stream_is_full(
     assert out == [b"cpu v=1i %d\n" % NOW]
 
 
+MEM = "durable-mem"
+
+
+def test_a_full_output_stream_never_stores_the_other_outputs_twice(
+    jetstream_server: NatsServer,
+) -> None:
+    """One output stream is full, the others are not: the outputs they took are stored
+    once, while the inputs are held (neither acknowledged nor handed back) and only the
+    refused output is sent again; once the full stream has room, every line is in its
+    stream exactly once and the input is acknowledged."""
+    url = jetstream_server.url
+    rules = [
+        Rule(type="basic", match="cpu", subject=OUT),
+        Rule(type="basic", match="mem", subject=MEM),
+    ]
+    bodies = [
+        b"cpu,n=%d v=1i %d\nmem,n=%d v=2i %d\ndisk,n=%d v=3i %d\n" % ((i, NOW + i) * 3)
+        for i in range(40)
+    ]
+
+    async def main() -> dict[str, object]:
+        cfg = filter_config(url, rule=rules, jetstream_max_bytes=65536, stats_interval=0.5)
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        settings = jetstream.Settings.of(cfg)
+        for subject in (IN, OUT, MEM, JUNK):
+            await jetstream.ensure_stream(js, subject, settings)
+        with pytest.raises(nats.js.errors.APIError):  # fill the cpu stream
+            for _ in range(1000):
+                await js.publish(OUT, b"x" * 1000)
+        for body in bodies:
+            await js.publish(IN, body)
+        seen: dict[str, float] = {}
+
+        async def on_stats(msg: nats.aio.msg.Msg) -> None:
+            for line in msg.data.decode().splitlines():
+                name, _, rest = line.partition("{")
+                seen[name] = float(rest.rsplit("} ", 1)[1].split()[0])
+
+        await nc.subscribe(cfg.nats_subject_monitor, cb=on_stats)
+        async with running(cfg, filter_mode.make):
+            await asyncio.sleep(3.0)  # a nak'ed input would have been routed again by now
+            held = await stream_state(url, IN)
+            mem_while_full = await stream_messages(url, MEM)
+            junk_while_full = await stream_messages(url, JUNK)
+            await js.purge_stream(jetstream.stream_name(OUT))
+            for _ in range(200):
+                if await stream_state(url, IN) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            left = await stream_state(url, IN)
+            await asyncio.sleep(cfg.stats_interval + 0.5)
+        await nc.close()
+        return {
+            "held": held,
+            "left": left,
+            "mem_while_full": mem_while_full,
+            "junk_while_full": junk_while_full,
+            "out": await stream_messages(url, OUT),
+            "mem": await stream_messages(url, MEM),
+            "junk": await stream_messages(url, JUNK),
+            "stats": seen,
+        }
+
+    got = asyncio.run(main())
+    assert got["held"] == 40 and got["left"] == 0
+
+    def lines(messages: object) -> list[bytes]:
+        assert isinstance(messages, list)
+        return sorted(b"".join(messages).splitlines())
+
+    def expected(name: bytes) -> list[bytes]:
+        return sorted(
+            b"%s,n=%d v=%di %d" % (name, i, k, NOW + i)
+            for i in range(40)
+            for k in [{b"cpu": 1, b"mem": 2, b"disk": 3}[name]]
+        )
+
+    assert lines(got["mem_while_full"]) == expected(b"mem")
+    assert lines(got["junk_while_full"]) == expected(b"disk")
+    assert lines(got["out"]) == expected(b"cpu")
+    assert lines(got["mem"]) == expected(b"mem")
+    assert lines(got["junk"]) == expected(b"disk")
+    stats = got["stats"]
+    assert isinstance(stats, dict)
+    assert stats["store_retries"] >= 2
+    assert stats["failed_nats_publish"] == 0
+
+
+def test_a_filter_stopped_while_an_output_stream_is_full_hands_its_input_back(
+    jetstream_server: NatsServer,
+) -> None:
+    """Retrying a refused output does not hold up a stop: the inputs are handed back,
+    still in the input stream, and routed by the next run once the stream has room."""
+    url = jetstream_server.url
+
+    async def main() -> tuple[int, int, list[bytes]]:
+        cfg = filter_config(url, jetstream_max_bytes=400)
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        settings = jetstream.Settings.of(cfg)
+        for subject in (IN, OUT, JUNK):
+            await jetstream.ensure_stream(js, subject, settings)
+        with pytest.raises(nats.js.errors.APIError):  # fill the output stream
+            for _ in range(100):
+                await js.publish(OUT, b"x" * 50)
+        await js.publish(IN, b"cpu v=1i %d\n" % NOW)
+        async with running(cfg, filter_mode.make):  # its exit waits 10 s at most
+            await asyncio.sleep(1.0)
+        after_stop = await stream_state(url, IN)
+        await js.purge_stream(jetstream.stream_name(OUT))
+        async with running(cfg, filter_mode.make):
+            for _ in range(100):
+                if await stream_state(url, IN) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            left = await stream_state(url, IN)
+        await nc.close()
+        return after_stop, left, await stream_messages(url, OUT)
+
+    after_stop, left, out = asyncio.run(main())
+    assert after_stop == 1 and left == 0
+    assert out == [b"cpu v=1i %d\n" % NOW]
+
+
 def test_a_second_consumer_group_on_a_subject_is_one_clear_error(
     jetstream_server: NatsServer,
 ) -> None:
