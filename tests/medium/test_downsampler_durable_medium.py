@@ -301,6 +301,47 @@ def test_sigkill_then_restart_after_the_periods_were_due_emits_the_uninterrupted
     assert counters["invalid_timestamps"] == 0 and counters["received_lines"] == 200
 
 
+def test_with_a_queue_group_messages_redelivered_after_ack_wait_give_the_means(
+    jetstream_server: NatsServer, component: Any
+) -> None:
+    """With queue_group the consumer is kept, so what a SIGKILLed instance held comes again
+    only after ack_wait (three periods and 15 s), its periods long past due: redelivered,
+    it is aggregated into late periods and emitted with an uninterrupted run's means."""
+    url = jetstream_server.url
+    period = 2_000_000_000
+    config = component_config(url, "2s") + f'queue_group = "{NAME}"\n'
+    first: Component = component(config)
+
+    async def main() -> tuple[list[bytes], list[bytes], int | None, int, dict]:
+        await wait_until(lambda: consumer_exists(url), lambda: not first.running)
+        now = lineproto.now_ns()
+        if (now // period + 1) * period - now < period // 2:
+            await asyncio.sleep(period / 2e9)
+            now = lineproto.now_ns()
+        bodies = bodies_around(now, period, 20)
+        await store(url, bodies)
+        await wait_until(lambda: held_is(url, 20))
+        first.proc.kill()
+        first.proc.wait()
+        component(config)
+        await wait_until(lambda: output_lines(url, 10), timeout=60)
+        await wait_until(lambda: held_is(url, 0))
+        await asyncio.sleep(0.5)
+        return (
+            b"".join(await stream_messages(url, OUT)).splitlines(),
+            expected(bodies, now, period),
+            await ack_pending(url),
+            len(await stream_messages(url, IN)),
+            await counters_of(url),
+        )
+
+    got, want, pending, left, counters = asyncio.run(main())
+    assert len(want) == 10
+    assert sorted(got) == want
+    assert pending == 0 and left == 0
+    assert counters["invalid_timestamps"] == 0 and counters["received_lines"] == 200
+
+
 def test_sigterm_hands_the_open_periods_input_back(jetstream_server: NatsServer) -> None:
     """A stopping durable downsampler emits no incomplete period: it hands the messages
     back, and the next run (of a queue group: its consumer kept) gets them at once, not
