@@ -654,6 +654,7 @@ class Downsampler:
         self.started = time.time()  # messages JetStream stored before are a backlog
         self.wake = asyncio.Event()  # too many late periods: emit the oldest now
         self.emitted = asyncio.Event()  # set after each emission
+        self.emitting = True  # until emit_until returns
 
     async def handle(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         """The subscription callback: aggregate the message's lines and count them."""
@@ -687,7 +688,7 @@ class Downsampler:
             assert latest is not None
             self.held.setdefault(self.agg.end_of(latest), []).append(delivery)
         self.holding += 1
-        while len(self.agg.late) > MAX_LATE_PERIODS and not self.closed:
+        while len(self.agg.late) > MAX_LATE_PERIODS and self.emitting:
             self.emitted.clear()  # memory: the oldest late periods go out before more come
             self.wake.set()
             await self.emitted.wait()
@@ -774,7 +775,8 @@ class Downsampler:
                     await self.publish(out)
                 self.emitted.set()
         finally:
-            self.emitted.set()  # no handler waits on an emitter that is gone
+            self.emitting = False  # no handler waits on an emitter that is gone
+            self.emitted.set()
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
         """Until stop, a wake-up (too many late periods), or seconds have passed."""

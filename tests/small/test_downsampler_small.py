@@ -633,3 +633,26 @@ def test_durable_stop_hands_late_input_back_too() -> None:
 
     asyncio.run(main())
     assert held.done == ["nak"] and ds.holding == 0 and ds.late_held == {}
+
+
+def test_durable_input_making_too_many_late_periods_waits_for_the_oldest_to_go_out() -> None:
+    ds, _ = make_durable()
+    n = downsampler.MAX_LATE_PERIODS + 1
+    body = b"".join(b"m v=1 %d\n" % at(-15 - 10 * i) for i in range(n))
+    held = FakeDelivery(delivered=2)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        emitter = asyncio.create_task(ds.emit_until(stop))
+        await asyncio.wait_for(ds.handle_durable("a", body, None, held), 5)  # type: ignore[arg-type]
+        assert len(ds.agg.late) == downsampler.MAX_LATE_PERIODS
+        stop.set()
+        await emitter
+        extra = FakeDelivery(delivered=2)
+        await asyncio.wait_for(ds.handle_durable("a", body, None, extra), 5)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert ds.rt.bus.published == [  # type: ignore[attr-defined]
+        ("a-archive", b"m v=1.0 %d\n" % (T0 - 4 * PERIOD))
+    ]
+    assert held.done == []  # its other late periods are not out yet
