@@ -157,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, help="lines/s offered (listener: default 500k; http: unlimited)"
     )
     parser.add_argument(
+        "--connections",
+        type=int,
+        help="HTTP connections of the pipeline scenarios' client (default 16)",
+    )
+    parser.add_argument(
         "--json", nargs="?", const="-", metavar="PATH", help="write results as JSON ('-': stdout)"
     )
     parser.add_argument("--keep", action="store_true", help="keep configs and logs of the runs")
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                             lines=args.lines,
                             seconds=args.seconds,
                             rate=args.rate,
+                            connections=args.connections,
                             workdir=work / name / f"run{i + 1}",
                         )
                         extra = (influx, i + 1) if sc.needs_influxd else ()

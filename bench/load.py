@@ -295,6 +295,7 @@ async def http_post(args: argparse.Namespace) -> None:
             "first_error": load.first_error,
             "pushback": load.pushback,
             "requests": load.requests,
+            "connections": args.connections,
             "body_bytes": load.tpl.message_size,
             "latency_ms": _percentiles(load.latencies),
             "start": start,

@@ -164,6 +164,7 @@ class Options:
     lines: int | None = None
     seconds: float | None = None
     rate: float | None = None
+    connections: int | None = None  # the pipeline scenarios' HTTP client (PIPELINE_CONNECTIONS)
     workdir: Path = Path(".")
 
 
@@ -566,9 +567,13 @@ def _nats_load(
     )
 
 
-def _stat_counter(procs: Procs, nats: NatsServer, stat: str, name: str) -> Child:
-    """A counting process that follows component name's stat counter on the monitor subject."""
-    return procs.child("count", ["--nats", nats.url, "--stat", stat, "--stat-name", name])
+def _stat_counter(
+    procs: Procs, nats: NatsServer, stat: str, name: str, idle: float | None = None
+) -> Child:
+    """A counting process that follows component name's stat counter on the monitor subject
+    (done once it reaches the count expected, or after idle seconds without a change)."""
+    args = ["--nats", nats.url, "--stat", stat, "--stat-name", name]
+    return procs.child("count", args if idle is None else [*args, "--idle", str(idle)])
 
 
 def _writer_run(
@@ -688,6 +693,16 @@ def run_writer_influx(opts: Options, influx: InfluxServer, run: int) -> RunResul
             influx.drop_database(db)
 
 
+# the pipeline scenarios' HTTP client: keep-alive connections, each waiting for its
+# answer before the next POST, as a Telegraf agent does: a fleet's worth, so that the
+# durable POST's PubAck wait does not cap the load (bench/README.md)
+PIPELINE_CONNECTIONS = 16
+# the pipeline's writer may wait out a failed write (writer_retry_interval "10s", with
+# jitter) before lines_written moves again: the run waits that long, not the 3 s default,
+# so that the lines it holds are written rather than counted lost when the run stops
+PIPELINE_IDLE = 30.0
+
+
 def run_pipeline(opts: Options, influx: InfluxServer, run: int, durable: bool = False) -> RunResult:
     """HTTP -> listener_http -> filter -> writer -> real InfluxDB; points counted there.
 
@@ -734,8 +749,10 @@ def run_pipeline(opts: Options, influx: InfluxServer, run: int, durable: bool = 
                 batch_max_age="200ms",
                 **_durable(durable),
             )
-            monitor = _stat_counter(procs, nats, "lines_written", "bench-writer")
-            args = ["--port", str(port), "--connections", "4", *_budget(opts, 500_000)]
+            monitor = _stat_counter(procs, nats, "lines_written", "bench-writer", PIPELINE_IDLE)
+            connections = opts.connections or PIPELINE_CONNECTIONS
+            args = ["--port", str(port), "--connections", str(connections)]
+            args += _budget(opts, 500_000)
             if opts.rate:
                 args += ["--rate", str(opts.rate)]
             load = procs.child("http", args)

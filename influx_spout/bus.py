@@ -93,6 +93,11 @@ class Delivery:
         """How many times JetStream delivered this message (1 the first time)."""
         return int(self._msg.metadata.num_delivered or 1)
 
+    @property
+    def stored(self) -> float:
+        """When JetStream stored this message (Unix seconds)."""
+        return self._msg.metadata.timestamp.timestamp()
+
     async def ack(self) -> None:
         """Done: JetStream drops the message (a lost ack means one more delivery)."""
         try:

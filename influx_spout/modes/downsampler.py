@@ -53,8 +53,16 @@ needed), at most downsample_max_ack_pending a subject (ack_pending_full counts r
 it). At stop no incomplete period is emitted: the held messages are handed back (nak). A
 lone instance deletes its consumers before consuming, so what a crashed run held comes
 back at once and the open periods are recomputed from the same messages: a period emitted
-twice is the same points. Held messages that come back after their oldest period was due
-are counted in invalid_timestamps and acknowledged (README "Delivery guarantees").
+twice is the same points. Held messages that come back after their periods were due (a
+restart crossing that time; with queue_group, after ack_wait) are a backlog: a message
+redelivered (delivered > 1), or stored before this run started and of periods this run
+never opened, has its lines past due aggregated into late periods, since nothing of a
+period not emitted was acknowledged and all of it comes again. A late period is emitted
+once a period passes with no line for it, or two periods after its first line (within
+ack_wait), its messages acknowledged once it and their other periods are stored. At most
+MAX_LATE_PERIODS are kept (beyond, the oldest is emitted at once, the input waiting for
+it), each holding at most MAX_SERIES series. Only a first delivery of a line past due is
+counted in invalid_timestamps (README "Delivery guarantees").
 
 With queue_group set, instances share the input and each averages only its share: the
 archive keeps one instance's point per series and period. Use it only when the
@@ -87,7 +95,6 @@ Counters (lines unless said otherwise):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -182,6 +189,9 @@ UNSUBSCRIBE_TIMEOUT = 2.0
 HELD_PERIODS = 3
 STORE_RETRY = 1.0
 
+# durable: late periods (a redelivered backlog past due) aggregated at a time
+MAX_LATE_PERIODS = 3
+
 
 # field kinds: float, integer, unsigned, string, boolean
 FLOAT, INT, UINT, STRING, BOOL = "f", "i", "u", "s", "b"
@@ -257,6 +267,14 @@ class _Period:
 
 
 @dataclass
+class _LatePeriod(_Period):
+    """A period past due taking a redelivered backlog (durable): when it got lines (ns)."""
+
+    first: int = 0
+    last: int = 0
+
+
+@dataclass
 class Added:
     """What add() did with a message's lines."""
 
@@ -266,6 +284,7 @@ class Added:
     series_overflow: int = 0
     rejected: list[tuple[str, bytes]] = field(default_factory=list)  # (reason, line)
     latest: int | None = None  # the latest timestamp of a line in the open periods
+    late: set[int] = field(default_factory=set)  # ends of the late periods it added to
 
 
 class Aggregator:
@@ -282,6 +301,10 @@ class Aggregator:
         self.clock = clock
         self.periods: list[_Period] = []
         self._open_periods(clock())
+        # periods before this start were never open in this run (see add's late_before)
+        self.first_start = self.oldest_start
+        # periods past due taking a redelivered backlog, by end (see take_late)
+        self.late: dict[int, _LatePeriod] = {}
         # a line's raw head (see _Key) -> its Series, or None for a duplicate tag key; a
         # cache that spares parsing and sorting the tags of every line, emptied at
         # 2 * max_series
@@ -302,11 +325,16 @@ class Aggregator:
         return (ts // self.period + 1) * self.period
 
     def until_next(self) -> float:
-        """Seconds until the oldest open period is due (0 when it is)."""
-        return max(0, self.periods[1].end - self.clock()) / 1e9
+        """Seconds until the oldest open period, or a late one, is due (0 when it is)."""
+        due = min((self._late_due(p) for p in self.late.values()), default=self.periods[1].end)
+        return max(0, min(due, self.periods[1].end) - self.clock()) / 1e9
 
-    def add(self, subject: str, batch: bytes) -> Added:
-        """Aggregate a message of line protocol received on subject."""
+    def add(self, subject: str, batch: bytes, late_before: int = 0) -> Added:
+        """Aggregate a message of line protocol received on subject.
+
+        A line before the open periods and before late_before goes to a late period (a
+        redelivered backlog, see take_late) instead of being counted in invalid_timestamps.
+        """
         good, bad = lineproto.split_valid(batch)
         n = count_lines(good)
         added = Added(lines=n + len(bad), invalid_lines=len(bad))
@@ -319,7 +347,10 @@ class Aggregator:
         numbers = _NOT_ONLY_NUMBERS.search(good) is None
         for i, (key, pairs, ts, only_numbers) in enumerate(self._sections(good, n, numbers)):
             if ts < lo or ts >= end2:
-                reason = _OUTSIDE
+                if ts < lo and ts < late_before:
+                    reason = self._add_late(subject, key, pairs, ts, added)
+                else:
+                    reason = _OUTSIDE
             else:
                 if ts >= top:
                     top = ts
@@ -366,6 +397,36 @@ class Aggregator:
                     lines = [line[:-1] for line in lineproto.lines(good)]
                 _reject(added, reason, lines[i])
         return added
+
+    def _add_late(self, subject: str, key: _Key, pairs: list[bytes], ts: int, added: Added) -> str:
+        """Add one line to the late period ts falls in (made if need be)."""
+        end = self.end_of(ts)
+        now = self.clock()
+        period = self.late.get(end)
+        if period is None:
+            period = self.late[end] = _LatePeriod(end, first=now)
+        period.last = now
+        reason = self._add_line(subject, period, key, pairs[::2], pairs[1::2])
+        if not reason:
+            added.late.add(end)
+        return reason
+
+    def _late_due(self, period: _LatePeriod) -> int:
+        """When a late period is due: a period with no line for it, or two periods after
+        its first line (so no message is held beyond its ack_wait), whichever is first."""
+        return min(period.last + self.period, period.first + 2 * self.period)
+
+    def take_late(self) -> tuple[dict[str, list[bytes]], list[int]]:
+        """The lines of every late period now due, oldest first, per subject, and their
+        ends. Beyond MAX_LATE_PERIODS, the oldest are due at once (memory)."""
+        out: dict[str, list[bytes]] = {}
+        now = self.clock()
+        ends = sorted(self.late)
+        extra = len(ends) - MAX_LATE_PERIODS
+        due = [e for i, e in enumerate(ends) if i < extra or self._late_due(self.late[e]) <= now]
+        for end in due:
+            _render(self.late.pop(end), out)
+        return out, due
 
     def _sections(
         self, good: bytes, n: int, numbers: bool
@@ -491,6 +552,7 @@ class Aggregator:
 
 
 _UNSEEN: Series = bytes(bytearray(b"unseen"))  # a sentinel, compared by identity
+_ANY_PERIOD = 1 << 63  # late_before for a redelivered message: every past period
 _OVERFLOW = "its period already holds the maximum number of series"
 _OUTSIDE = "timestamp outside the open periods"
 
@@ -584,8 +646,15 @@ class Downsampler:
         self.closed = False  # after the final flush nothing more is aggregated
         # durable: the messages held, by the end of the period their latest line is in
         self.held: dict[int, list[Delivery]] = {}
+        # durable: those with lines in late periods, by the first such period's end, with
+        # the ends of the other periods they wait for
+        self.late_held: dict[int, list[tuple[Delivery, list[int]]]] = {}
         self.holding = 0
         self.full = False  # holding reached downsample_max_ack_pending (warned once)
+        self.started = time.time()  # messages JetStream stored before are a backlog
+        self.wake = asyncio.Event()  # too many late periods: emit the oldest now
+        self.emitted = asyncio.Event()  # set after each emission
+        self.emitting = True  # until emit_until returns
 
     async def handle(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         """The subscription callback: aggregate the message's lines and count them."""
@@ -605,12 +674,24 @@ class Downsampler:
         if self.closed:
             await delivery.nak()
             return
-        latest = self._add(subject, data).latest
-        if latest is None:
+        added = self._add(subject, data, self._late_before(delivery))
+        latest, late = added.latest, added.late
+        if latest is None and not late:
             await delivery.ack()
             return
-        self.held.setdefault(self.agg.end_of(latest), []).append(delivery)
+        if late:
+            ends = sorted(late)
+            if latest is not None:
+                ends.append(self.agg.end_of(latest))
+            self.late_held.setdefault(ends[0], []).append((delivery, ends[1:]))
+        else:
+            assert latest is not None
+            self.held.setdefault(self.agg.end_of(latest), []).append(delivery)
         self.holding += 1
+        while len(self.agg.late) > MAX_LATE_PERIODS and self.emitting:
+            self.emitted.clear()  # memory: the oldest late periods go out before more come
+            self.wake.set()
+            await self.emitted.wait()
         if self.holding >= self.cfg.downsample_max_ack_pending and not self.full:
             self.full = True
             self.rt.stats.inc("ack_pending_full")
@@ -621,8 +702,18 @@ class Downsampler:
                 self.holding,
             )
 
-    def _add(self, subject: str, data: bytes) -> Added:
-        added = self.agg.add(subject, data)
+    def _late_before(self, delivery: Delivery) -> int:
+        """Where a message's lines past due go to late periods rather than counted late:
+        redelivered, any past period; stored before this run started (a lone instance's
+        backlog comes again as first deliveries), the periods this run never opened."""
+        if delivery.delivered > 1:
+            return _ANY_PERIOD
+        if delivery.stored < self.started:
+            return self.agg.first_start
+        return 0
+
+    def _add(self, subject: str, data: bytes, late_before: int = 0) -> Added:
+        added = self.agg.add(subject, data, late_before)
         inc = self.rt.stats.inc
         inc("received")
         inc("received_lines", added.lines)
@@ -639,22 +730,63 @@ class Downsampler:
         oldest = self.agg.periods[0].end
         done = [end for end in self.held if end < oldest]
         out = list(chain.from_iterable(self.held.pop(end) for end in done))
-        self.holding -= len(out)
+        self._unhold(len(out))
+        return out
+
+    def _late_released(self, ends: list[int]) -> list[Delivery]:
+        """The messages held for late periods just taken whose other periods are taken
+        too; the others are held again for the next period they wait for."""
+        out = []
+        oldest = self.agg.periods[0].end
+        for end in ends:
+            for delivery, rest in self.late_held.pop(end, []):
+                waits = [e for e in rest if e in self.agg.late or e >= oldest]
+                if not waits:
+                    out.append(delivery)
+                elif waits[0] in self.agg.late:
+                    self.late_held.setdefault(waits[0], []).append((delivery, waits[1:]))
+                else:
+                    self.held.setdefault(waits[-1], []).append(delivery)
+        self._unhold(len(out))
+        return out
+
+    def _unhold(self, n: int) -> None:
+        self.holding -= n
         if self.holding < self.cfg.downsample_max_ack_pending:
             self.full = False
-        return out
 
     async def emit_until(self, stop: asyncio.Event) -> None:
         """Publish each period when it is due, until stop (never cut off mid-publish)."""
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.agg.until_next())
-            out = self.agg.take_due()
-            released = self._released()
-            if self.cfg.durable:
-                await self._store(out, released, stop)
-            else:
-                await self.publish(out)
+        try:
+            while not stop.is_set():
+                await self._sleep(stop, self.agg.until_next())
+                out = self.agg.take_due()
+                released = self._released()
+                late, ends = self.agg.take_late()
+                if ends:
+                    released += self._late_released(ends)
+                    log.info("emitting %d late periods of a redelivered backlog", len(ends))
+                    for subject, lines in out.items():
+                        late.setdefault(subject, []).extend(lines)
+                    out = late
+                if self.cfg.durable:
+                    await self._store(out, released, stop)
+                else:
+                    await self.publish(out)
+                self.emitted.set()
+        finally:
+            self.emitting = False  # no handler waits on an emitter that is gone
+            self.emitted.set()
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        """Until stop, a wake-up (too many late periods), or seconds have passed."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        self.wake.clear()
 
     async def _store(
         self, out: dict[str, list[bytes]], released: list[Delivery], stop: asyncio.Event
@@ -677,7 +809,8 @@ class Downsampler:
             await asyncio.sleep(STORE_RETRY)
             if time.monotonic() - beat >= self.ack_wait / 3:  # keep them from coming again
                 beat = time.monotonic()
-                held = chain(released, chain.from_iterable(self.held.values()))
+                late = (d for d, _ in chain.from_iterable(self.late_held.values()))
+                held = chain(released, chain.from_iterable(self.held.values()), late)
                 for delivery in list(held):
                     await delivery.in_progress()
         for delivery in released:
@@ -704,8 +837,10 @@ class Downsampler:
         if not self.cfg.durable:
             await self.publish(self.agg.take_all())
             return
-        held = list(chain.from_iterable(self.held.values()))
+        late = (delivery for delivery, _ in chain.from_iterable(self.late_held.values()))
+        held = [*chain.from_iterable(self.held.values()), *late]
         self.held.clear()
+        self.late_held.clear()
         self.holding = 0
         for delivery in held:
             await delivery.nak()

@@ -189,6 +189,16 @@ def test_every_scenario_runs_and_counts_every_line(tmp_path: Path, capsys) -> No
         assert f"{name:14} run 1/1: " in printed
 
 
+def test_the_pipeline_client_takes_connections(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "bench.json"
+    argv = ["pipeline", "--lines", "20000", "--runs", "1", "--connections", "8"]
+    code = bench_main([*argv, "--json", str(out)])
+    assert code == 0, capsys.readouterr().out
+    (run,) = json.loads(out.read_text())["scenarios"]["pipeline"]["runs"]
+    assert run["details"]["load"]["connections"] == 8
+    assert run["lost"] == 0, run["details"]
+
+
 def test_perfcheck_compares_best_run_medians_by_name() -> None:
     old = Side("old", REPO_ROOT, "a", medians={"t::same": [1.0, 1.4], "t::gone": [1.0]})
     new = Side("new", REPO_ROOT, "b", medians={"t::same": [1.2, 1.1], "t::added": [1.0]})

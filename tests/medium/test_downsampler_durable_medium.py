@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import nats
+import pytest
 from support.servers import Component, NatsServer
 
 from influx_spout import jetstream, lineproto, runtime
@@ -179,6 +180,7 @@ name = "{NAME}"
 nats_address = "{url}"
 nats_subject = ["{IN}"]
 nats_subject_monitor = "ds-monitor"
+stats_interval = "200ms"
 downsample_period = "{period}"
 durable = true
 """
@@ -222,6 +224,122 @@ def test_sigkill_before_the_period_closes_then_restart_emits_the_uninterrupted_m
     assert len(want) == 10
     assert sorted(got) == want
     assert pending == 0 and left == 0
+
+
+async def counters_of(url: str) -> dict[str, int]:
+    """The downsampler's counters, from its next stats message."""
+    got: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
+
+    async def on_stats(msg: Any) -> None:
+        counters = {}
+        for line in msg.data.decode().splitlines():
+            if 'component="downsampler"' in line and not line.startswith("#"):
+                counters[line.split("{", 1)[0]] = int(line.rsplit(" ", 2)[1])
+        if counters and not got.done():
+            got.set_result(counters)
+
+    nc = await nats.connect(url)
+    try:
+        await nc.subscribe("ds-monitor", cb=on_stats)
+        return await asyncio.wait_for(got, 10)
+    finally:
+        await nc.close()
+
+
+def sleep_until(ns: int) -> float:
+    """Seconds from now until the wall-clock time ns (0 when past)."""
+    return max(0.0, (ns - lineproto.now_ns()) / 1e9)
+
+
+@pytest.mark.parametrize("past", ["both periods", "the first period"])
+def test_sigkill_then_restart_after_the_periods_were_due_emits_the_uninterrupted_means(
+    jetstream_server: NatsServer, component: Any, past: str
+) -> None:
+    """Lines held by a downsampler SIGKILLed, restarted only once their periods are past
+    due (both, or the first while the second is still open): its consumer re-made, they
+    come again as a backlog stored before the run, are aggregated into late periods and
+    emitted, giving the means of an uninterrupted run, and nothing is counted late."""
+    url = jetstream_server.url
+    period = 4_000_000_000
+    first: Component = component(component_config(url, "4s"))
+
+    async def main() -> tuple[list[bytes], list[bytes], list[bytes], int | None, int, dict]:
+        await wait_until(lambda: consumer_exists(url), lambda: not first.running)
+        now = lineproto.now_ns()
+        if (now // period + 1) * period - now < period // 2:  # the kill before the end
+            await asyncio.sleep(period / 2e9)
+            now = lineproto.now_ns()
+        bodies = bodies_around(now, period, 20)
+        await store(url, bodies)
+        await wait_until(lambda: held_is(url, 20))
+        first.proc.kill()
+        first.proc.wait()
+        before = await stream_messages(url, OUT)
+        end = (now // period + 1) * period  # of the first period; the second ends a period on
+        # a restart opens the periods around it: the previous one starts a period before
+        # the current one, so a period ending before then is past due for it
+        restart_at = end + 2 * period if past == "both periods" else end + period
+        await asyncio.sleep(sleep_until(restart_at + period // 10))
+        component(component_config(url, "4s"))
+        await wait_until(lambda: output_lines(url, 10), timeout=30)
+        await wait_until(lambda: held_is(url, 0))
+        await asyncio.sleep(0.5)  # nothing more comes
+        return (
+            before,
+            b"".join(await stream_messages(url, OUT)).splitlines(),
+            expected(bodies, now, period),
+            await ack_pending(url),
+            len(await stream_messages(url, IN)),
+            await counters_of(url),
+        )
+
+    before, got, want, pending, left, counters = asyncio.run(main())
+    assert before == []
+    assert len(want) == 10
+    assert sorted(got) == want
+    assert pending == 0 and left == 0
+    assert counters["invalid_timestamps"] == 0 and counters["received_lines"] == 200
+
+
+def test_with_a_queue_group_messages_redelivered_after_ack_wait_give_the_means(
+    jetstream_server: NatsServer, component: Any
+) -> None:
+    """With queue_group the consumer is kept, so what a SIGKILLed instance held comes again
+    only after ack_wait (three periods and 15 s), its periods long past due: redelivered,
+    it is aggregated into late periods and emitted with an uninterrupted run's means."""
+    url = jetstream_server.url
+    period = 2_000_000_000
+    config = component_config(url, "2s") + f'queue_group = "{NAME}"\n'
+    first: Component = component(config)
+
+    async def main() -> tuple[list[bytes], list[bytes], int | None, int, dict]:
+        await wait_until(lambda: consumer_exists(url), lambda: not first.running)
+        now = lineproto.now_ns()
+        if (now // period + 1) * period - now < period // 2:
+            await asyncio.sleep(period / 2e9)
+            now = lineproto.now_ns()
+        bodies = bodies_around(now, period, 20)
+        await store(url, bodies)
+        await wait_until(lambda: held_is(url, 20))
+        first.proc.kill()
+        first.proc.wait()
+        component(config)
+        await wait_until(lambda: output_lines(url, 10), timeout=60)
+        await wait_until(lambda: held_is(url, 0))
+        await asyncio.sleep(0.5)
+        return (
+            b"".join(await stream_messages(url, OUT)).splitlines(),
+            expected(bodies, now, period),
+            await ack_pending(url),
+            len(await stream_messages(url, IN)),
+            await counters_of(url),
+        )
+
+    got, want, pending, left, counters = asyncio.run(main())
+    assert len(want) == 10
+    assert sorted(got) == want
+    assert pending == 0 and left == 0
+    assert counters["invalid_timestamps"] == 0 and counters["received_lines"] == 200
 
 
 def test_sigterm_hands_the_open_periods_input_back(jetstream_server: NatsServer) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from support.lineref import writable
 from influx_spout import lineproto as lp
 from influx_spout.batching import Parts
 from influx_spout.config import Config, ConfigError, load_config
+from influx_spout.modes import downsampler
 from influx_spout.modes.downsampler import COUNTERS, Aggregator, Downsampler
 from influx_spout.stats import Stats
 
@@ -407,8 +409,10 @@ def test_after_the_final_emission_input_is_logged_as_lost(caplog: pytest.LogCapt
 
 
 class FakeDelivery:
-    def __init__(self) -> None:
+    def __init__(self, delivered: int = 1, stored: float | None = None) -> None:
         self.done: list[str] = []
+        self.delivered = delivered
+        self.stored = time.time() if stored is None else stored
 
     async def ack(self) -> None:
         self.done.append("ack")
@@ -549,3 +553,118 @@ def test_a_newline_inside_a_string_stays_in_its_line() -> None:
     assert (added.lines, added.invalid_lines) == (3, 0)
     [line] = agg.take_all()[SUBJECT]
     assert line == b'cpu,host=a f=3.0,s="two\nlines" %d\n' % (T0 + PERIOD)
+
+
+# --- durable: a redelivered backlog past due ------------------------------------------------
+
+
+def test_lines_past_due_go_to_late_periods_only_below_late_before() -> None:
+    agg, clock = make()
+    old = b"m v=%d %d"
+    added = feed(agg, old % (1, at(-15)), old % (3, at(-15)), old % (5, at(-35)))
+    assert added.invalid_timestamps == 3 and agg.late == {}  # late_before 0: counted
+    body = b"\n".join([old % (1, at(-15)), old % (3, at(-14)), b"m v=7 %d" % at(2)]) + b"\n"
+    added = agg.add(SUBJECT, body, late_before=at(-10))
+    assert added.invalid_timestamps == 0 and added.late == {T0 - PERIOD}
+    assert added.latest == at(2)
+    assert agg.take_late() == ({}, [])  # not due: lines came just now
+    clock.now += PERIOD  # a period without a line for it
+    out, ends = agg.take_late()
+    assert ends == [T0 - PERIOD] and out == {SUBJECT: [b"m v=2.0 %d\n" % (T0 - PERIOD)]}
+    assert agg.late == {}
+
+
+def test_a_late_period_is_due_a_quiet_period_or_two_periods_after_its_first_line() -> None:
+    agg, clock = make()
+    line = b"m v=1 %d\n" % at(-15)
+    for _ in range(4):  # a line every half period: never quiet
+        agg.add(SUBJECT, line, late_before=at(0))
+        assert agg.take_late()[1] == []
+        clock.now += PERIOD // 2
+    assert agg.until_next() == 0
+    assert agg.take_late()[1] == [T0 - PERIOD]  # two periods after its first line
+
+
+def test_at_most_max_late_periods_are_kept_the_oldest_due_at_once() -> None:
+    agg, _ = make()
+    n = downsampler.MAX_LATE_PERIODS + 2
+    body = b"".join(b"m v=1 %d\n" % at(-15 - 10 * i) for i in range(n))
+    agg.add(SUBJECT, body, late_before=at(0))
+    assert len(agg.late) == n
+    assert agg.take_late()[1] == [T0 - 5 * PERIOD, T0 - 4 * PERIOD]
+    assert len(agg.late) == downsampler.MAX_LATE_PERIODS
+
+
+def test_the_late_series_cap_applies_per_period() -> None:
+    agg, _ = make(max_series=2)
+    body = b"".join(b"m,h=%d v=1 %d\n" % (h, at(-15)) for h in range(3))
+    added = agg.add(SUBJECT, body, late_before=at(0))
+    assert added.series_overflow == 1 and agg.late[T0 - PERIOD].series == 2
+
+
+def test_durable_redelivered_or_backlog_input_past_due_is_emitted_then_acknowledged() -> None:
+    ds, clock = make_durable()
+    started = ds.started
+    redelivered = FakeDelivery(delivered=2)
+    backlog = FakeDelivery(stored=started - 1)  # stored before this run: periods before it
+    late = FakeDelivery()  # first delivery, after the start: genuinely late
+    both = FakeDelivery(delivered=2)  # a late line and one in the open periods
+
+    async def main() -> None:
+        await ds.handle_durable("a", b"m v=1 %d\n" % at(-15), None, redelivered)  # type: ignore[arg-type]
+        await ds.handle_durable("a", b"m v=3 %d\n" % at(-15), None, backlog)  # type: ignore[arg-type]
+        await ds.handle_durable("a", b"m v=9 %d\n" % at(-15), None, late)  # type: ignore[arg-type]
+        await ds.handle_durable(
+            "a", b"m v=5 %d\nm v=4 %d\n" % (at(-14), at(2)), None, both  # type: ignore[arg-type]
+        )
+        assert late.done == ["ack"] and ds.holding == 3
+        clock.now = at(1) + PERIOD  # the late period is quiet, the open one not yet due
+        await _late_emission(ds)
+
+    asyncio.run(main())
+    assert ds.rt.stats.get("invalid_timestamps") == 1  # the genuinely late line only
+    assert ds.rt.bus.published == [  # type: ignore[attr-defined]
+        ("a-archive", b"m v=3.0 %d\n" % (T0 - PERIOD))
+    ]
+    assert redelivered.done == backlog.done == ["ack"]
+    assert both.done == [] and ds.holding == 1 and ds.held == {T0 + PERIOD: [both]}
+
+
+async def _late_emission(ds: Downsampler) -> None:
+    out, ends = ds.agg.take_late()
+    await ds._store(out, ds._late_released(ends), asyncio.Event())
+
+
+def test_durable_stop_hands_late_input_back_too() -> None:
+    ds, _ = make_durable()
+    held = FakeDelivery(delivered=2)
+
+    async def main() -> None:
+        await ds.handle_durable("a", b"m v=1 %d\n" % at(-15), None, held)  # type: ignore[arg-type]
+        await ds.close()
+
+    asyncio.run(main())
+    assert held.done == ["nak"] and ds.holding == 0 and ds.late_held == {}
+
+
+def test_durable_input_making_too_many_late_periods_waits_for_the_oldest_to_go_out() -> None:
+    ds, _ = make_durable()
+    n = downsampler.MAX_LATE_PERIODS + 1
+    body = b"".join(b"m v=1 %d\n" % at(-15 - 10 * i) for i in range(n))
+    held = FakeDelivery(delivered=2)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        emitter = asyncio.create_task(ds.emit_until(stop))
+        await asyncio.wait_for(ds.handle_durable("a", body, None, held), 5)  # type: ignore[arg-type]
+        assert len(ds.agg.late) == downsampler.MAX_LATE_PERIODS
+        stop.set()
+        await emitter
+        extra = FakeDelivery(delivered=2)
+        await asyncio.wait_for(ds.handle_durable("a", body, None, extra), 5)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert ds.rt.bus.published == [  # type: ignore[attr-defined]
+        ("a-archive", b"m v=1.0 %d\n" % (T0 - 4 * PERIOD))
+    ]
+    assert held.done == []  # its other late periods are not out yet
