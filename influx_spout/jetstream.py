@@ -14,7 +14,7 @@ instances (or worker processes) of one group pull from the one consumer.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -100,16 +100,7 @@ class Settings:
         """The dead-letter stream: nobody consumes it, so limits retention with no age
         limit keeps each message until an operator removes it (influx-spout dead-letters);
         discard new: a full one refuses, and the writer holds its input meanwhile."""
-        return api.StreamConfig(
-            name=stream_name(subject),
-            subjects=[subject],
-            retention=api.RetentionPolicy.LIMITS,
-            discard=api.DiscardPolicy.NEW,
-            max_bytes=self.max_bytes,
-            max_age=0,
-            num_replicas=self.replicas,
-            storage=STORAGE[self.storage],
-        )
+        return replace(self.stream_config(subject), retention=api.RetentionPolicy.LIMITS, max_age=0)
 
 
 def mismatch(want: api.StreamConfig, have: api.StreamConfig) -> str:
