@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from influx_spout import jetstream, lineproto, targets, workers
+from influx_spout.batching import ensure_newline
 from influx_spout.config import Alias, Checker, Config, Rule, option
 from influx_spout.mode import RELOAD_COUNTERS, RELOAD_HELP, Host, Mode
 from influx_spout.rules import Routed, RuleSet
@@ -151,6 +152,8 @@ STORE_RETRY_MAX = 2.0
 
 # an output being stored: its subject, its headers, and what the bus did not store
 Storing = tuple[str, "dict[str, str] | None", "asyncio.Future[Unstored]"]
+# an output JetStream refused: subject, headers, the piece, why
+Refused = tuple[str, "dict[str, str] | None", bytes, str]
 
 
 class Filter:
@@ -250,7 +253,7 @@ class Filter:
         own, so that the next group is routed while JetStream stores this one's."""
         self.storing = []
         first = group[0]
-        batch = first.data if len(group) == 1 else b"".join(_ended(d.data) for d in group)
+        batch = first.data if len(group) == 1 else b"".join(ensure_newline(d.data) for d in group)
         await self.handle(first.subject, batch, first.headers)
         if self.failure is not None:
             self.settling.release()
@@ -282,9 +285,7 @@ class Filter:
         finally:
             self.settling.release()
 
-    async def _refused(
-        self, storing: list[Storing]
-    ) -> list[tuple[str, dict[str, str] | None, bytes, str]]:
+    async def _refused(self, storing: list[Storing]) -> list[Refused]:
         """The outputs JetStream did not store (subject, headers, piece, why), once every
         PubAck came; lines too long for any message are counted lost."""
         refused = []
@@ -294,9 +295,7 @@ class Filter:
             refused += [(subject, headers, piece, why) for piece, why in unstored.refused]
         return refused
 
-    async def _again(
-        self, refused: list[tuple[str, dict[str, str] | None, bytes, str]]
-    ) -> list[Storing]:
+    async def _again(self, refused: list[Refused]) -> list[Storing]:
         self.stats.inc("store_retries", len(refused))
         self.outage_retries += len(refused)
         bus = self.rt.bus
@@ -313,7 +312,7 @@ class Filter:
             return True
         return False
 
-    def _refusing(self, first: tuple[str, dict[str, str] | None, bytes, str]) -> None:
+    def _refusing(self, first: Refused) -> None:
         """One more group held: the first of an outage is logged."""
         if not self.refusing:
             log.warning(
@@ -449,11 +448,6 @@ def groups(run: list[Delivery], limit: int) -> list[list[Delivery]]:
             out.append([delivery])
             size = n
     return out
-
-
-def _ended(data: bytes) -> bytes:
-    """data with its last line ended, so that joined messages never merge two lines."""
-    return data if data.endswith(b"\n") or not data else data + b"\n"
 
 
 def make(cfg: Config) -> Mode:
