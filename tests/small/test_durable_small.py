@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from influx_spout import jetstream
-from influx_spout.batching import Batcher, Parts, Pump
+from influx_spout.batching import Batcher, Parts, Pump, ensure_newline
 from influx_spout.config import Config, ConfigError, load_config
 from influx_spout.lineproto import stamp_missing
 from influx_spout.modes import filter as filter_mode
@@ -314,5 +314,5 @@ def test_the_durable_filter_routes_a_fetch_in_groups_under_the_max_payload() -> 
         [b"v", b"u"],  # same headers: together; other headers: apart
     ]
     assert filter_mode.groups(run[:3], 0) == [[a], [b], [c]]
-    assert filter_mode._ended(b"m v=1") == b"m v=1\n"
-    assert filter_mode._ended(b"m v=1\n") == b"m v=1\n"
+    assert ensure_newline(b"m v=1") == b"m v=1\n"
+    assert ensure_newline(b"m v=1\n") == b"m v=1\n"
