@@ -703,6 +703,53 @@ PIPELINE_CONNECTIONS = 16
 PIPELINE_IDLE = 30.0
 
 
+def start_pipeline(
+    procs: Procs,
+    nats_url: str,
+    influx_port: int,
+    db: str,
+    batch_max_age: str,
+    writer: dict[str, Any] | None = None,
+    **shared: Any,
+) -> int:
+    """listener_http -> filter (2 workers, the bench rules) -> writer reading every filter
+    output and the junkyard -> InfluxDB at influx_port; shared options go to all three.
+    Returns listener_http's port."""
+    procs.component(
+        "writer",
+        "bench-writer",
+        nats_url,
+        nats_subject=OUT_SUBJECTS,
+        influxdb_address="127.0.0.1",
+        influxdb_port=influx_port,
+        influxdb_dbname=db,
+        batch_max_age=batch_max_age,
+        **(writer or {}),
+        **shared,
+    )
+    procs.component(
+        "filter",
+        "bench-filter",
+        nats_url,
+        nats_subject=[SUBJECT_IN],
+        nats_subject_junkyard=JUNKYARD,
+        workers=2,
+        rule=filter_rules(),
+        **shared,
+    )
+    port = free_port()
+    procs.component(
+        "listener_http",
+        "bench-listener-http",
+        nats_url,
+        port=port,
+        nats_subject=[SUBJECT_IN],
+        batch_max_age=batch_max_age,
+        **shared,
+    )
+    return port
+
+
 def run_pipeline(opts: Options, influx: InfluxServer, run: int, durable: bool = False) -> RunResult:
     """HTTP -> listener_http -> filter -> writer -> real InfluxDB; points counted there.
 
@@ -715,38 +762,15 @@ def run_pipeline(opts: Options, influx: InfluxServer, run: int, durable: bool = 
     try:
         with Procs(opts.workdir) as procs:
             nats = procs.nats(jetstream=durable)
-            procs.component(
-                "writer",
-                "bench-writer",
+            port = start_pipeline(
+                procs,
                 nats.url,
-                nats_subject=OUT_SUBJECTS,
-                influxdb_address="127.0.0.1",
-                influxdb_port=influx.port,
-                influxdb_dbname=db,
+                influx.port,
+                db,
+                batch_max_age="200ms",
                 # the filter splits each 10,000-line input batch into 12 small messages,
-                # one per output subject: take 100 of them per write (up to 10 MB)
-                batch_max_count=100,
-                batch_max_age="200ms",
-                **_durable(durable),
-            )
-            procs.component(
-                "filter",
-                "bench-filter",
-                nats.url,
-                nats_subject=[SUBJECT_IN],
-                nats_subject_junkyard=JUNKYARD,
-                workers=2,
-                rule=filter_rules(),
-                **_durable(durable),
-            )
-            port = free_port()
-            procs.component(
-                "listener_http",
-                "bench-listener-http",
-                nats.url,
-                port=port,
-                nats_subject=[SUBJECT_IN],
-                batch_max_age="200ms",
+                # one per output subject: the writer takes 100 of them per write (10 MB)
+                writer={"batch_max_count": 100},
                 **_durable(durable),
             )
             monitor = _stat_counter(procs, nats, "lines_written", "bench-writer", PIPELINE_IDLE)
@@ -887,41 +911,12 @@ def run_soak(
     every = sample_every or min(SOAK_SAMPLE, max(1.0, seconds / 10))
     db = f"bench_soak_{run}"
     influx.create_database(db)
-    stream = {"durable": True, "jetstream_max_bytes": stream_max} if durable else {}
+    stream: dict[str, Any] = {"durable": True, "jetstream_max_bytes": stream_max} if durable else {}
     names = ["bench-listener-http", "bench-filter", "bench-writer"]
     with FaultProxy(influx.url) as proxy, Procs(opts.workdir) as procs:
         nats = procs.nats(jetstream=durable)
-        procs.component(
-            "writer",
-            names[2],
-            nats.url,
-            nats_subject=OUT_SUBJECTS,
-            influxdb_address="127.0.0.1",
-            influxdb_port=proxy.port,
-            influxdb_dbname=db,
-            batch_max_age="1s",
-            **stream,
-        )
-        procs.component(
-            "filter",
-            names[1],
-            nats.url,
-            nats_subject=[SUBJECT_IN],
-            nats_subject_junkyard=JUNKYARD,
-            workers=2,
-            rule=filter_rules(),
-            **stream,
-        )
-        port = free_port()
-        procs.component(
-            "listener_http",
-            names[0],
-            nats.url,
-            port=port,
-            nats_subject=[SUBJECT_IN],
-            batch_max_age="1s",  # so that the last bodies are not held for 5 minutes
-            **stream,
-        )
+        # batch_max_age "1s": so that the last bodies are not held for 5 minutes
+        port = start_pipeline(procs, nats.url, proxy.port, db, batch_max_age="1s", **stream)
         proxy.delay = SOAK_DELAY
         pids: dict[str, int | None] = {n: procs.components[n].pid for n in names}
         pids |= {"nats-server": nats.pid, "influxd": influx.pid}
