@@ -42,6 +42,7 @@ import bcrypt
 from support.faultproxy import FaultProxy
 from support.sample import telegraf_lines
 from support.servers import Component, InfluxServer, KafkaServer, NatsServer, free_port
+from support.tomltext import toml_value
 
 from bench import REPO_ROOT, soak
 from bench.load import Child, Templates
@@ -175,20 +176,6 @@ def mode_available(mode: str) -> bool:
 # --- configs ----------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):  # an inline table
-        return (
-            "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-        )
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def config_text(mode: str, name: str, nats_url: str, probe_port: int, **options: Any) -> str:
     """A component's TOML: common settings, then options; rule=[dict, ...] as [[rule]]."""
     rules = options.pop("rule", [])
@@ -200,9 +187,9 @@ def config_text(mode: str, name: str, nats_url: str, probe_port: int, **options:
         "probe_port": probe_port,
         **options,
     }
-    text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items())
+    text = "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items())
     for rule in rules:
-        text += "\n[[rule]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in rule.items())
+        text += "\n[[rule]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in rule.items())
     return text
 
 

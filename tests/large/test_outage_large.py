@@ -22,23 +22,12 @@ from typing import Any
 import httpx
 import nats
 from support.servers import Component, InfluxServer, NatsServer, free_port
+from support.tomltext import toml_text
 
 OUTAGE = float(os.environ.get("INFLUX_SPOUT_OUTAGE_SECONDS", "15"))
 RATE = 2000  # points a second, in bodies of BODY_LINES
 BODY_LINES = 100
 AFTER = 10.0  # seconds of sending after influxd is back
-
-
-def config(**values: Any) -> str:
-    out = []
-    for key, value in values.items():
-        if isinstance(value, str):
-            out.append(f'{key} = "{value}"')
-        elif isinstance(value, list):
-            out.append(f"{key} = [{', '.join(chr(34) + v + chr(34) for v in value)}]")
-        else:
-            out.append(f"{key} = {value}")
-    return "\n".join(out) + "\n"
 
 
 class Counters:
@@ -148,7 +137,7 @@ def test_plain_mode_rides_out_an_influxdb_outage_at_the_default_retry_settings(
             ({"mode": "listener_http", "port": http_port, "batch_max_age": "100ms"}, ""),
         ):
             probe = free_port()
-            text = config(name=values["mode"], probe_port=probe, **common, **values) + tail
+            text = toml_text(name=values["mode"], probe_port=probe, **common, **values) + tail
             started[values["mode"]] = comp = component(text)
             comp.wait_ready(probe, timeout=20)
         figures = asyncio.run(outage(nats_server.url, influx, http_port))

@@ -17,21 +17,7 @@ from influxdb_client import InfluxDBClient as InfluxDB2Client
 from influxdb_client.client.write_api import SYNCHRONOUS
 from support.pipeline import _read_counters
 from support.servers import Component, InfluxServer, NatsServer, free_port
-
-
-def toml(**values: object) -> str:
-    out = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            out.append(f"{key} = {str(value).lower()}")
-        elif isinstance(value, str):
-            out.append(f'{key} = "{value}"')
-        elif isinstance(value, list):
-            out.append(f"{key} = [{', '.join(f'{v!r}'.replace(chr(39), chr(34)) for v in value)}]")
-        else:
-            out.append(f"{key} = {value}")
-    return "\n".join(out) + "\n"
-
+from support.tomltext import toml_text as toml
 
 RULES = """
 [[rule]]

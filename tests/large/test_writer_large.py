@@ -18,6 +18,7 @@ import nats
 from aiohttp import web
 from support.faultproxy import FaultProxy
 from support.servers import Component, InfluxServer, NatsServer, free_port, wait_for_http
+from support.tomltext import toml_text
 
 TS0 = 1_700_000_000_123_456_789
 
@@ -37,17 +38,7 @@ def writer_toml(nats_url: str, port: int, db: str, subjects: list[str], **extra:
         "writer_retry_timeout": "20s",
     }
     values.update(extra)
-    out = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            out.append(f"{key} = {str(value).lower()}")
-        elif isinstance(value, str):
-            out.append(f'{key} = "{value}"')
-        elif isinstance(value, list):
-            out.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
-        else:
-            out.append(f"{key} = {value}")
-    return "\n".join(out) + "\n"
+    return toml_text(**values)
 
 
 def point(subject: str, i: int) -> bytes:
