@@ -33,6 +33,7 @@ def judge(influxd: InfluxServer) -> Influxd:
 @example(line=b"m f=1 9223372036854775807")
 @example(line=b"m f=1 -9223372036854775806")
 @example(line=b"m\x00 f=1")
+@example(line=b"\t# time=0.0\x00")  # a comment holding NUL: taken by both
 @example(line=b"\xff f=1")
 @example(line=b"m,time=1 f=1")
 @example(line=b"m f=1u")

@@ -113,10 +113,10 @@ def router_should_take(line: bytes, influxd_took: bool) -> bool:
     takes them, the router passes them on), but for the lines the router refuses although
     influxd takes them, as influxd mishandles them downstream."""
     content = line.strip(b" \t\x00")  # influxd skips these bytes before a line
+    if content[:1] == b"#" and line.lstrip(b" \t")[:1] == b"#":
+        return influxd_took  # a comment, whatever it holds (NUL too: it carries no data)
     if b"\x00" in line:
-        return False  # influxd takes NUL as a blank; the router refuses it anywhere
-    if content[:1] == b"#":
-        return influxd_took  # a comment, whatever it holds
+        return False  # influxd takes NUL as a blank; the router refuses it anywhere else
     if lineproto._CONTROL.search(content):
         return False
     try:
