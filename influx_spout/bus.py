@@ -14,6 +14,7 @@ The streams and consumers are influx_spout.jetstream's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -531,12 +532,15 @@ class Bus:
         subs = []
         for subject, stream in zip(subjects, streams, strict=True):
             config = jetstream.consumer_config(self.cfg, subject, max_ack_pending, hold)
+            subscribe = functools.partial(
+                self.js.pull_subscribe,
+                subject,
+                durable=config.durable_name,
+                stream=stream,
+                config=config,
+            )
             try:
-                subs.append(
-                    await self.js.pull_subscribe(
-                        subject, durable=config.durable_name, stream=stream, config=config
-                    )
-                )
+                subs.append(await jetstream.patiently(f"the consumer of {stream}", subscribe))
             except nats.js.errors.APIError as exc:
                 raise jetstream.JetStreamError(
                     f"cannot consume {subject} from stream {stream} as {config.durable_name}: "

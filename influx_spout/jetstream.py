@@ -13,9 +13,13 @@ instances (or worker processes) of one group pull from the one consumer.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -33,6 +37,15 @@ STORAGE = {"file": api.StorageType.FILE, "memory": api.StorageType.MEMORY}
 ACK_MARGIN = 10.0
 
 _NOT_A_NAME = re.compile(r"[^A-Za-z0-9_-]")
+
+# at start, how long a JetStream that answers "temporarily unavailable", or not at all (a
+# cluster electing its leaders, a server still recovering its store), is waited for
+START_WAIT = 60.0
+START_PAUSE = 0.5
+
+log = logging.getLogger("influx_spout.jetstream")
+
+T = TypeVar("T")
 
 
 class JetStreamError(RuntimeError):
@@ -137,23 +150,25 @@ async def ensure_stream(
     want = want or settings.stream_config(subject)
     name = want.name
     assert name is not None
-    try:
+
+    async def stream_info() -> api.StreamInfo | None:
         try:
-            info = await js.stream_info(name)
+            return await js.stream_info(name)
         except nats.js.errors.NotFoundError:
             await js.add_stream(want)
-            return name
-    except nats.js.errors.ServiceUnavailableError as exc:
-        raise no_jetstream(exc) from exc
-    except nats.errors.NoRespondersError as exc:
+            return None
+
+    try:
+        info = await patiently(f"the stream {name}", stream_info)
+    except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
         raise no_jetstream(exc) from exc
     except nats.js.errors.APIError as exc:
         raise JetStreamError(
             f"cannot create JetStream stream {name} for {subject}: {exc.description} "
             "(check the jetstream_* settings and the server's JetStream limits)"
         ) from exc
-    except nats.errors.TimeoutError as exc:
-        raise no_jetstream(exc) from exc
+    if info is None:
+        return name
     diff = mismatch(want, info.config)
     if diff:
         raise JetStreamError(
@@ -161,6 +176,39 @@ async def ensure_stream(
             "component of the pipeline the same jetstream_* settings, or delete the stream)"
         )
     return name
+
+
+async def patiently(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """call(), again while JetStream is there but cannot answer yet (it times out, or
+    answers 503: a cluster electing its leaders, a server recovering its store), for up
+    to START_WAIT; logged once. A server without JetStream (no responders, which nats-py
+    raises as a 503 without a description) is not waited for. Raises JetStreamError once
+    START_WAIT went by."""
+    deadline = time.monotonic() + START_WAIT
+    logged = False
+    while True:
+        try:
+            return await call()
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            why = getattr(exc, "description", None)
+            if isinstance(exc, nats.js.errors.ServiceUnavailableError) and not why:
+                raise  # no responders: no JetStream there
+            why = why or type(exc).__name__
+            if time.monotonic() >= deadline:
+                raise JetStreamError(
+                    f"JetStream did not answer for {what} within {START_WAIT:g}s ({why}) "
+                    "(is the server or cluster up, with JetStream enabled and a leader "
+                    "elected? see nats-server's log; durable = false does without it)"
+                ) from exc
+            if not logged:
+                log.warning(
+                    "JetStream cannot answer for %s yet (%s): trying again for up to %gs",
+                    what,
+                    why,
+                    START_WAIT,
+                )
+                logged = True
+            await asyncio.sleep(START_PAUSE)
 
 
 def no_jetstream(exc: BaseException) -> JetStreamError:

@@ -316,3 +316,59 @@ def test_the_durable_filter_routes_a_fetch_in_groups_under_the_max_payload() -> 
     assert filter_mode.groups(run[:3], 0) == [[a], [b], [c]]
     assert ensure_newline(b"m v=1") == b"m v=1\n"
     assert ensure_newline(b"m v=1\n") == b"m v=1\n"
+
+
+def test_jetstream_that_cannot_answer_yet_is_waited_for_at_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cluster electing its leaders answers 503 or not at all: the call is made again
+    (logged once) until it answers; a server without JetStream is not waited for."""
+    import nats.errors
+    import nats.js.errors
+
+    monkeypatch.setattr(jetstream, "START_PAUSE", 0.0)
+    answers: list[BaseException | str] = [
+        nats.js.errors.ServiceUnavailableError(
+            description="JetStream system temporarily unavailable"
+        ),
+        nats.errors.TimeoutError(),
+        "info",
+    ]
+
+    async def call() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    with caplog.at_level(logging.WARNING, "influx_spout.jetstream"):
+        assert asyncio.run(jetstream.patiently("the stream S", call)) == "info"
+    assert len(caplog.records) == 1
+    assert "temporarily unavailable" in caplog.records[0].getMessage()
+
+    async def no_responders() -> str:
+        raise nats.js.errors.ServiceUnavailableError()  # how nats-py raises it
+
+    with pytest.raises(nats.js.errors.ServiceUnavailableError):
+        asyncio.run(jetstream.patiently("the stream S", no_responders))
+
+
+def test_jetstream_that_never_answers_is_a_one_line_error_after_the_start_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nats.errors
+
+    monkeypatch.setattr(jetstream, "START_WAIT", 0.05)
+    monkeypatch.setattr(jetstream, "START_PAUSE", 0.01)
+    calls = 0
+
+    async def call() -> None:
+        nonlocal calls
+        calls += 1
+        raise nats.errors.TimeoutError()
+
+    with pytest.raises(jetstream.JetStreamError) as err:
+        asyncio.run(jetstream.patiently("the consumer of S", call))
+    message = str(err.value)
+    assert "did not answer for the consumer of S within 0.05s" in message
+    assert "\n" not in message and calls > 1
