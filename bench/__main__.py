@@ -51,6 +51,11 @@ def run_line(r: RunResult) -> str:
     for name, fig in r.components.items():
         if name != r.main:
             parts.append(f"{name}: {fig.cpu_s_per_1m:.2f} CPU-s/1M, RSS {fig.rss_mb:.0f} MB")
+    server = r.details.get("nats_server")
+    if server:
+        parts.append(
+            f"nats-server: {server['cpu_s_per_1m']:.2f} CPU-s/1M, RSS {server['rss_mb']:.0f} MB"
+        )
     latency = r.details.get("load", {}).get("latency_ms")
     if latency:
         parts.append(f"POST p50 {latency['p50']:.1f} ms, p99 {latency['p99']:.1f} ms")

@@ -54,6 +54,7 @@ STATS_INTERVAL = "50ms"  # fast progress for the loads' flow control
 SUBJECT_IN = "bench.in"
 LINES_PER_MESSAGE = 1000  # lines per NATS message and per HTTP body, as the loads send them
 OUT_PREFIX = "bench.out."
+NATS_SERVER = "nats-server"  # its tree among Procs.trees; its figures in details
 JUNKYARD = OUT_PREFIX + "junk"
 
 # The filter's rules: 10 basic rules, 1 regex rule; the 5 other measurements of the
@@ -220,9 +221,17 @@ class Procs:
         self._stack.close()
 
     def nats(self, jetstream: bool = False) -> NatsServer:
+        """A fresh nats-server; its CPU and RSS are in the run's details ("nats_server"): on
+        one machine it shares the cores with the components."""
         server = NatsServer(jetstream=jetstream, workdir=self.dir / "nats")
         self._stack.callback(server.close)
-        return server.start()
+        server.start()
+        assert server.pid is not None
+        tree = ProcTree(server.pid)
+        tree.__enter__()
+        self._stack.callback(tree.close)
+        self.trees[NATS_SERVER] = tree
+        return server
 
     def kafka(self) -> KafkaServer:
         """A fresh Tansu broker; a missing binary raises RuntimeError with the install hint."""
@@ -350,6 +359,9 @@ def _finish(
     details: dict[str, Any],
 ) -> RunResult:
     figures = procs.figures(cpu_before, lines_out)
+    server = figures.pop(NATS_SERVER, None)  # not a component: its figures go in details
+    if server is not None:
+        details = {**details, "nats_server": dataclasses.asdict(server)}
     procs.stop(*stop_order)
     for name, code in procs.exit_codes.items():
         figures[name].exit_code = code
