@@ -22,8 +22,10 @@ JetStream refuses (its stream full, NATS down) is sent again, alone, with backof
 its inputs are held unacknowledged (reported in progress), so that a full stream never
 makes the outputs already stored go again; a crash or a stop meanwhile hands the inputs
 back, and their outputs may then be repeated. The messages of one fetch are routed in
-groups (groups()), each group's outputs one message per subject, as JetStream's work is
-per message; at most MAX_ACK_PENDING messages are held, which bounds the memory.
+groups (groups()) of up to GROUP_BYTES: each message is routed alone, and the group's
+outputs go out joined per subject, in messages as large as the max payload allows, as
+JetStream's work (and ours) is per message; at most MAX_ACK_PENDING messages are held,
+which bounds the memory.
 
 Metrics (counters; lines unless said otherwise):
   processed            lines seen
@@ -144,6 +146,9 @@ YIELD_INTERVAL = 0.005
 MAX_ACK_PENDING = 256
 RETRY_DELAY = 1.0
 MAX_SETTLING = 32  # groups routed whose outputs' PubAcks are awaited at once
+# a group's input bytes at most (or the max payload when larger), see groups(); with
+# MAX_ACK_PENDING it bounds what one group holds
+GROUP_BYTES = 8 * 1024 * 1024
 # the backoff of an output JetStream refused: the first pause, doubling to the last
 # (with jitter); the inputs are reported in progress before each pause, and pause plus
 # PUBACK_TIMEOUT stays under the consumer's ack_wait (jetstream.ACK_MARGIN)
@@ -169,9 +174,7 @@ class Filter:
         self.routes = self._routes(cfg.rule)
         self.max_delta_ns = int(cfg.max_time_delta * 1e9)
         self.failure: BaseException | None = None  # what broke the routing, fatal
-        # durable: the outputs of the message being routed, being stored; messages whose
-        # outputs are being stored (at most MAX_SETTLING)
-        self.storing: list[Storing] = []
+        # durable: groups whose outputs are being stored (at most MAX_SETTLING)
         self.settling = asyncio.Semaphore(MAX_SETTLING)
         self._tasks: set[asyncio.Task[None]] = set()
         self.refusing = 0  # groups whose outputs JetStream refuses now (an outage)
@@ -191,10 +194,20 @@ class Filter:
 
     async def handle(self, subject: str, batch: bytes, headers: dict[str, str] | None) -> None:
         """The subscription callback (one message at a time): route, count, publish."""
-        if self.failure is not None:
-            return
-        ruleset, subjects = self.routes  # a reload applies from the next batch on
         target = targets.only(headers)  # what the outputs carry on
+        outputs = await self._route(batch, target)
+        for s, data in outputs or ():
+            self._count_lost(s, await self.rt.bus.publish(s, data, target))
+        await self._let_loop_read()
+
+    async def _route(
+        self, batch: bytes, target: dict[str, str] | None
+    ) -> list[tuple[str, bytes]] | None:
+        """batch routed and counted: each rule subject's lines, then the junkyard's; None
+        once routing broke (a bug: the filter stops)."""
+        if self.failure is not None:
+            return None
+        ruleset, subjects = self.routes  # a reload applies from the next batch on
         names = targets.databases(target)
         try:
             if self.inline:
@@ -208,13 +221,14 @@ class Filter:
             log.error("routing failed, %d lines lost: %r", batch.count(b"\n"), exc)
             self.failure = exc
             self.rt.stop.set()
-            return
+            return None
         self._count(routed, subjects)
         outputs = [(subjects[index], data) for index, data in routed.outputs.items()]
         if routed.junk:
             outputs.append((self.cfg.nats_subject_junkyard, routed.junk))
-        for s, data in outputs:
-            await self._publish(s, data, target)
+        return outputs
+
+    async def _let_loop_read(self) -> None:
         if self.inline and time.monotonic() - self.yielded >= YIELD_INTERVAL:
             # routing keeps the event loop busy: let it read the socket now and then, or
             # under overload the backlog would pile up in nats-server (which cuts a slow
@@ -226,7 +240,7 @@ class Filter:
         """The messages of one fetch from the durable consumer, routed in groups (see
         groups()): a group's outputs go out as one message per subject, and each of its
         messages is acknowledged once JetStream stored them all (_settle)."""
-        cut = groups(run, self.rt.bus.max_payload)
+        cut = groups(run, max(GROUP_BYTES, self.rt.bus.max_payload))
         for n, group in enumerate(cut):
             if self.failure is None and await self._slot(cut[n:]):
                 await self._route_group(group)
@@ -249,18 +263,27 @@ class Filter:
         return False
 
     async def _route_group(self, group: list[Delivery]) -> None:
-        """Route group (its place taken) and store its outputs; settled by a task of its
-        own, so that the next group is routed while JetStream stores this one's."""
-        self.storing = []
-        first = group[0]
-        batch = first.data if len(group) == 1 else b"".join(ensure_newline(d.data) for d in group)
-        await self.handle(first.subject, batch, first.headers)
-        if self.failure is not None:
-            self.settling.release()
-            for delivery in group:
-                await delivery.nak(RETRY_DELAY)
-            return
-        task = asyncio.create_task(self._settle(self.storing, group))
+        """Route group (its place taken) a message at a time, and store its outputs joined
+        per subject; settled by a task of its own, so that the next group is routed while
+        JetStream stores this one's."""
+        target = targets.only(group[0].headers)
+        joined: dict[str, list[bytes]] = {}
+        for message in group:
+            outputs = await self._route(message.data, target)
+            if outputs is None:
+                self.settling.release()
+                for delivery in group:
+                    await delivery.nak(RETRY_DELAY)
+                return
+            for subject, data in outputs:
+                joined.setdefault(subject, []).append(data)
+            await self._let_loop_read()
+        bus = self.rt.bus
+        storing: list[Storing] = []
+        for subject, parts in joined.items():
+            data = parts[0] if len(parts) == 1 else b"".join(map(ensure_newline, parts))
+            storing.append((subject, target, await bus.store_soon(subject, data, target)))
+        task = asyncio.create_task(self._settle(storing, group))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -365,17 +388,6 @@ class Filter:
                         lineproto.shown(line),
                     )
 
-    async def _publish(
-        self, subject: str, data: bytes, headers: dict[str, str] | None = None
-    ) -> None:
-        """Publish whole lines (the bus splits them) with the input's target headers; count
-        the lines NATS did not take. Durable: sent now, their PubAcks awaited by _settle."""
-        bus = self.rt.bus
-        if self.cfg.durable:
-            self.storing.append((subject, headers, await bus.store_soon(subject, data, headers)))
-            return
-        self._count_lost(subject, await bus.publish(subject, data, headers))
-
     def _count_lost(self, subject: str, lost: int) -> int:
         if lost:
             self.stats.inc("failed_nats_publish")
@@ -430,12 +442,15 @@ class FilterMode:
 
 
 def groups(run: list[Delivery], limit: int) -> list[list[Delivery]]:
-    """run cut into groups routed as one batch: consecutive messages with the same
-    headers, together at most limit bytes (the max payload, so that each output of a
-    group fits in one message; a larger message is a group of its own).
+    """run cut into groups whose outputs are stored together: consecutive messages with
+    the same headers, together at most limit bytes (a larger message is a group of its
+    own).
 
-    JetStream's cost is per message stored and acknowledged: routing the messages of a
-    fetch together cuts the filter's outputs (one per rule subject) by the group's size.
+    JetStream's cost is per message stored and acknowledged, and so is the filter's:
+    joining a group's outputs per subject cuts the messages stored from one per rule
+    subject and input message to about one per max payload. (Routed as one batch, a
+    group of several MB would cost more per line than its messages routed one by one:
+    the passes over it no longer fit the CPU's caches.)
     """
     out: list[list[Delivery]] = []
     size = 0
