@@ -17,6 +17,9 @@ Grammar (InfluxDB 1.x), one line::
 - The measurement escapes ``\\,`` and ``\\ ``; tag keys, tag values and field keys escape
   ``\\,`` ``\\ `` ``\\=``. A backslash before any other byte is a literal backslash. A name
   cannot end with a backslash (it would escape the separator after it), as in InfluxDB.
+  influxd reads a field key two ways (in byte pairs a backslash starts, then with a
+  separator right after a backslash escaped): an even run of backslashes before ``=`` or
+  ``,`` in a field key, which the two readings split differently, is refused with a reason.
 - Field values: float (``1``, ``-1.5``, ``1e9``, ``.5``), integer ``12i``, unsigned ``12u``,
   booleans (``t T true True TRUE f F false False FALSE``), or a double-quoted string with
   ``\\"`` and ``\\\\`` escapes. Integers must fit int64, unsigned integers uint64, floats
@@ -232,10 +235,13 @@ def _line_grammar(re2: bool, capture: bool, timestamp: str = "", lenient: bool =
     # A run of backslashes takes the byte after it, escaped separator or not, so a
     # separator right after a backslash never ends a name (as influxd's scanner). For re,
     # the same loop unrolled: plain runs between backslash pairs, non-empty by lookahead.
-    # influxd reads a field key's backslashes in pairs instead: a field key takes a
-    # backslash only before another byte (so "\\\\," is refused, never misread).
+    # influxd reads a field key twice: in pairs of bytes a backslash starts (checking the
+    # fields), then taking a separator right after a backslash as escaped (splitting them).
+    # A field key takes what both readings agree on: a run of backslashes of odd length
+    # with the byte after it (escaped either way), or of even length before a plain byte;
+    # an even run before a separator ("\\\\=") is read two ways, and refused.
     esc = f"\\\\+{p}{_ESCAPED}"
-    esc_field = f"\\\\{_ESCAPED}"
+    esc_field = f"(?:\\\\\\\\)*{p}\\\\{_ESCAPED}|(?:\\\\\\\\)+{p}(?:{plain}|{_UTF8})"
     if re2:
         name = f"(?:{plain}|{_UTF8}|{esc})+"
         key = _key_not(RESERVED_KEY.decode(), plain, esc)
@@ -604,7 +610,21 @@ def why_not(line: bytes) -> str:
         line.decode()
     except UnicodeDecodeError:
         return "invalid UTF-8"
+    key = _SERIES_KEY.match(line)
+    fields = key.end() if key else 0  # it matches b"" at worst
+    strings = line.find(b'"', fields)  # a string may hold any backslashes
+    if _READ_TWO_WAYS.search(line, fields, len(line) if strings < 0 else strings):
+        return (
+            "an even run of backslashes before '=' or ',' in a field key, which InfluxDB "
+            "reads two ways; one more backslash escapes the separator"
+        )
     return ""
+
+
+# the series key, as influxd scans it (a run of backslashes takes the byte after it), and
+# in the fields after it an even run of backslashes before a separator (see esc_field)
+_SERIES_KEY = re.compile(rb"(?:[^\\ \n]|\\++[^\n])*+")
+_READ_TWO_WAYS = re.compile(rb"(?<!\\)(?:\\\\)++[=,]")
 
 
 def _why_refused(key: bytes, raw_tags: bytes, raw_fields: bytes) -> str:

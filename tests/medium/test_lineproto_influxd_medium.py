@@ -39,6 +39,10 @@ def judge(influxd: InfluxServer) -> Influxd:
 @example(line=b"m f=1u")
 @example(line=b'm,t=a f="two\nlines",g=1i 5')  # a newline inside a string: one line
 @example(line=b'm f="a\\\\\nb" 5')
+@example(line=b"a \\\\=0.0,time=0.0")  # a field key read two ways: influxd takes it
+@example(line=b"a x\\\\y=1")  # a doubled backslash in a field key: both take it
+@example(line=b"a x\\\\\\=1=2")  # an odd run escapes the "=" either way
+@example(line=b"a x\\\\=1")  # an even run before "=": both refuse
 @settings(
     max_examples=EXAMPLES,
     deadline=None,

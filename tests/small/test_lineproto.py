@@ -76,6 +76,10 @@ VALID = [
     b'm "=1',
     b"m f=1,f=2",
     b'm,t=v,t2=v2 f=1,g=2i,h="s",k=t 5',
+    # field keys as influxd reads them both ways (checking, then splitting the fields)
+    b"m f\\\\g=1",  # an even run of backslashes before a plain byte
+    b"m f\\\\\\=1=2",  # an odd run escapes the "=": the key is f\\\=1
+    b"m f\\,g=1",  # one backslash escapes the ","
 ]
 
 INVALID = [
@@ -158,6 +162,9 @@ REFUSED = [
     b"m time=1i",
     b"m f=1e999",
     b"m f=" + b"9" * 400,
+    b"m \\\\=0.0,time=0.0",  # influxd takes it, as the one field "\\\\=0.0,time"
+    b"m f\\\\=1",
+    b"m f\\\\,g=1",
 ]
 
 

@@ -81,6 +81,6 @@ def _closes(batch: bytes, i: int) -> bool:
 def writable(name: bytes) -> bool:
     """Whether lineproto.escape_tag writes name so that it reads back as itself: not
     empty, no backslash at its end or before a comma, space, "=" or another backslash
-    (influxd takes such a backslash as an escape; it reads a field key's backslashes in
-    pairs, and the router refuses a doubled one in a field key: a known disagreement)."""
+    (influxd takes such a backslash as an escape; and in a field key it reads an even
+    run of backslashes before a separator two ways, which the router refuses)."""
     return bool(name) and not name.endswith(b"\\") and not re.search(rb"\\[, =\\]", name)
