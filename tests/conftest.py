@@ -15,15 +15,37 @@ if TYPE_CHECKING:
     from support.tls import Certs
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """Mark a test whose call failed (item.stash[FAILED]), for the fixtures below."""
+    report = yield
+    if call.when == "call" and getattr(report, "failed", False):
+        item.stash[FAILED] = True
+    return report
+
+
+FAILED = pytest.StashKey[bool]()
+
+
+def _closed(server: NatsServer, request: pytest.FixtureRequest) -> None:
+    """Stop server; after a failed test, print the tail of its log (which close() removes),
+    so that a CI failure shows what the server saw (a client it cut off, and why)."""
+    server.stop()
+    if request.node.stash.get(FAILED, False):
+        print(f"----- {server.log_path.name} (its last 4000 characters) -----")
+        print(server.log()[-4000:])
+    server.close()
+
+
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+def nats_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NatsServer]:
     """A fresh nats-server for each test (starts in ~25 ms)."""
     server = NatsServer(workdir=tmp_path / "nats")
     server.start()
     try:
         yield server
     finally:
-        server.close()
+        _closed(server, request)
 
 
 @pytest.fixture
@@ -49,14 +71,14 @@ def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:
 
 
 @pytest.fixture
-def jetstream_server(tmp_path: Path) -> Iterator[NatsServer]:
+def jetstream_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NatsServer]:
     """A nats-server with JetStream, its store in tmp_path: kill() and start() keep it."""
     server = NatsServer(jetstream=True, workdir=tmp_path / "nats-js")
     server.start()
     try:
         yield server
     finally:
-        server.close()
+        _closed(server, request)
 
 
 @pytest.fixture
