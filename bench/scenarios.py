@@ -807,8 +807,14 @@ def run_pipeline(opts: Options, influx: InfluxServer, run: int, durable: bool = 
 
 def _per_1m(result: RunResult) -> None:
     """CPU per million lines once lines_out is known (it is counted after the run)."""
+    def per_1m(cpu_s: float) -> float:
+        return round(cpu_s / result.lines_out * 1e6, 3) if result.lines_out else 0.0
+
     for fig in result.components.values():
-        fig.cpu_s_per_1m = round(fig.cpu_s / result.lines_out * 1e6, 3) if result.lines_out else 0.0
+        fig.cpu_s_per_1m = per_1m(fig.cpu_s)
+    server = result.details.get("nats_server")
+    if server:
+        server["cpu_s_per_1m"] = per_1m(server["cpu_s"])
 
 
 def archive_series(messages: int) -> int:
