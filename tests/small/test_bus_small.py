@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import ProtocolError, SlowConsumerError
 from nats.protocol.parser import Parser
+from support.recordingbus import RecordingBus
 
 from influx_spout import natsfast
 from influx_spout.batching import Parts
@@ -320,46 +321,20 @@ def test_a_fault_in_the_lean_parser_puts_nats_py_parser_back_and_reconnects(
 # --- the bus: the one place that enforces the max payload, counting lines lost ----------
 
 
-class RecordingBus(Bus):
-    """The real Bus sending to a recorder with a max payload of 30; refuses messages that
-    hold b"refused" (as a closed connection)."""
-
-    max_payload = 30  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__(Config(mode="filter"))
-        self.sent: list[bytes] = []
-
-    async def _send(
-        self,
-        subject: str,
-        parts: Sequence[bytes],
-        size: int,
-        headers: dict[str, str] | None = None,
-        header: bytes = b"",
-    ) -> bool:
-        data = b"".join(parts)
-        assert len(data) == size <= self.max_payload - len(header)
-        if b"refused" in data:
-            return False
-        self.sent.append(data)
-        return True
-
-
 def test_the_bus_reports_the_lines_it_could_not_publish() -> None:
     async def main() -> None:
-        bus = RecordingBus()
+        bus = RecordingBus(max_payload=30, refuse_holding=b"refused")
         assert await bus.publish("s", b"a v=1\nb v=2\n") == 0
         assert await bus.publish("s", b"refused v=1\nb v=2\n") == 2  # its lines
         assert await bus.publish("s", b"refused v=1\nb v=2") == 2  # the last without b"\n"
         over = b"a v=1\n" + b"long v=" + b"9" * 40 + b"\n" + b"c v=1\n" * 6 + b"refused v=1\n"
         # split under 30 bytes: the overlong line is one lost, the refused piece its lines
         assert await bus.publish("s", over) == 1 + 2  # c v=1 and refused v=1 together
-        assert bus.sent[1:] == [b"a v=1\n", b"c v=1\n" * 5]
+        assert bus.payloads[1:] == [b"a v=1\n", b"c v=1\n" * 5]
         assert await bus.publish_parts("s", Parts([b"refused v=1\n", b"b v=2\n"], 18, 2)) == 2
         big = Parts([b"c v=1\n" * 4, b"d v=1\n" * 4], 48, 8)
         assert await bus.publish_parts("s", big) == 0
-        assert b"".join(bus.sent[3:]) == b"".join(big.parts)
+        assert b"".join(bus.payloads[3:]) == b"".join(big.parts)
 
     asyncio.run(main())
 

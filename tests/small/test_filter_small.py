@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from support.recordingbus import RecordingBus
 
 from bench.load import Templates
-from influx_spout.bus import Bus
 from influx_spout.config import Config, Rule
 from influx_spout.modes import filter as filter_mode
 from influx_spout.modes.filter import COUNTERS, Filter
@@ -29,39 +28,6 @@ NOW = time.time_ns()
 
 def ts(offset_s: float = 0) -> bytes:
     return b"%d" % (NOW + int(offset_s * 1e9))
-
-
-class FakeBus(Bus):
-    """The real Bus (its split under the max payload, its counts of lines lost) sending to
-    a recorder; refuses the messages to the subjects in `refuse` (as a closed connection)."""
-
-    def __init__(self, max_payload: int = 1024 * 1024, refuse: tuple[str, ...] = ()) -> None:
-        super().__init__(Config(mode="filter"))
-        self.limit = max_payload
-        self.refuse = refuse
-        self.published: list[tuple[str, bytes]] = []
-        self.headers: list[dict[str, str] | None] = []  # those of each message published
-
-    @property
-    def max_payload(self) -> int:
-        return self.limit
-
-    async def _send(
-        self,
-        subject: str,
-        parts: Sequence[bytes],
-        size: int,
-        headers: dict[str, str] | None = None,
-        header: bytes = b"",
-    ) -> bool:
-        if subject in self.refuse:
-            return False
-        self.published.append((subject, b"".join(parts)))
-        self.headers.append(headers)
-        return True
-
-    async def catch_up(self) -> None:
-        self.caught_up = getattr(self, "caught_up", 0) + 1
 
 
 def make_cfg(**kw: Any) -> Config:
@@ -78,7 +44,7 @@ def make_cfg(**kw: Any) -> Config:
     return Config(mode="filter", name="f", rule=rules, **kw)
 
 
-def make_filter(cfg: Config, bus: FakeBus, inline: bool = False) -> Filter:
+def make_filter(cfg: Config, bus: RecordingBus, inline: bool = False) -> Filter:
     rt = SimpleNamespace(
         stats=Stats("filter", "f", COUNTERS, host="h"), bus=bus, stop=asyncio.Event()
     )
@@ -99,8 +65,8 @@ def run(coro: Any) -> Any:
 
 
 def test_routes_each_rule_to_its_subject_and_counts() -> None:
-    async def main() -> tuple[Filter, FakeBus]:
-        bus = FakeBus()
+    async def main() -> tuple[Filter, RecordingBus]:
+        bus = RecordingBus()
         f = make_filter(make_cfg(), bus)
         data = b"".join(
             [
@@ -145,8 +111,8 @@ def test_routes_each_rule_to_its_subject_and_counts() -> None:
 
 
 def test_one_publish_per_subject_per_batch() -> None:
-    async def main() -> FakeBus:
-        bus = FakeBus()
+    async def main() -> RecordingBus:
+        bus = RecordingBus()
         f = make_filter(make_cfg(), bus)
         await f.handle(*msg(b"cpu v=1\ncpu v=2\nx v=1\ncpu v=3\ny v=1\n"))
         return bus
@@ -159,7 +125,7 @@ def test_one_publish_per_subject_per_batch() -> None:
 
 
 def test_counters_start_at_zero() -> None:
-    f = make_filter(make_cfg(), FakeBus())
+    f = make_filter(make_cfg(), RecordingBus())
     assert counters(f) == dict.fromkeys(COUNTERS, 0)
     assert f.stats.get("triggered", rule="system") == 0
     text = f.stats.render().decode()
@@ -167,8 +133,8 @@ def test_counters_start_at_zero() -> None:
 
 
 def test_failed_publishes_are_counted_in_lines() -> None:
-    async def main() -> tuple[Filter, FakeBus]:
-        bus = FakeBus(refuse=("cpu", "influx-spout-junk"))
+    async def main() -> tuple[Filter, RecordingBus]:
+        bus = RecordingBus(refuse_subjects=("cpu", "influx-spout-junk"))
         f = make_filter(make_cfg(), bus)
         await f.handle(*msg(b"cpu v=1\ncpu v=2\nmem v=1\nx v=1\n"))
         return f, bus
@@ -181,8 +147,8 @@ def test_failed_publishes_are_counted_in_lines() -> None:
 
 
 def test_outputs_over_the_max_payload_go_in_pieces() -> None:
-    async def main() -> FakeBus:
-        bus = FakeBus(max_payload=40)
+    async def main() -> RecordingBus:
+        bus = RecordingBus(max_payload=40)
         f = make_filter(make_cfg(), bus)
         await f.handle(*msg(b"".join(b"cpu,n=%d v=1\n" % i for i in range(10))))
         return bus
@@ -195,8 +161,8 @@ def test_outputs_over_the_max_payload_go_in_pieces() -> None:
 
 
 def test_a_line_over_the_max_payload_is_a_failed_publish() -> None:
-    async def main() -> tuple[Filter, FakeBus]:
-        bus = FakeBus(max_payload=30)
+    async def main() -> tuple[Filter, RecordingBus]:
+        bus = RecordingBus(max_payload=30)
         f = make_filter(make_cfg(), bus)
         await f.handle(*msg(b"cpu v=1\ncpu,host=" + b"x" * 50 + b" v=1\ncpu v=2\n"))
         return f, bus
@@ -209,8 +175,8 @@ def test_a_line_over_the_max_payload_is_a_failed_publish() -> None:
 @pytest.mark.parametrize("inline", [False, True])
 def test_inline_and_threaded_routing_agree(inline: bool) -> None:
     # a worker process routes in its event loop, a lone process in a thread
-    async def main() -> FakeBus:
-        bus = FakeBus()
+    async def main() -> RecordingBus:
+        bus = RecordingBus()
         f = make_filter(make_cfg(), bus, inline=inline)
         await f.handle(*msg(b"cpu v=1\nmem v=1\nx,host=db v=1\ny v=1\n"))
         return bus
@@ -229,8 +195,8 @@ def test_a_routing_failure_stops_the_filter(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(RuleSet, "route", broken)
 
-    async def main() -> tuple[Filter, FakeBus]:
-        bus = FakeBus()
+    async def main() -> tuple[Filter, RecordingBus]:
+        bus = RecordingBus()
         f = make_filter(make_cfg(), bus)
         await f.handle(*msg(b"cpu v=1\n"))
         await f.handle(*msg(b"cpu v=2\n"))  # after a failure, nothing more is taken
@@ -248,7 +214,7 @@ def test_serve_raises_after_a_routing_failure(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(RuleSet, "route", broken)
 
-    class SubscribingBus(FakeBus):
+    class SubscribingBus(RecordingBus):
         async def subscribe(self, subjects: list[str], handler: Any, pending: int) -> None:
             self.handler = handler
 
@@ -278,7 +244,7 @@ def test_serve_raises_after_a_routing_failure(monkeypatch: pytest.MonkeyPatch) -
 
 def test_debug_logs_each_rejected_line_once(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        f = make_filter(make_cfg(debug=True), FakeBus(refuse=("cpu",)))
+        f = make_filter(make_cfg(debug=True), RecordingBus(refuse_subjects=("cpu",)))
         long_bad = b"bad" + b"\xff" * 1000
         data = b"cpu v=1\nnot valid\n" + long_bad + b"\nx v=1 1\nswap v=1\nswap v=2\n"
         await f.handle(*msg(data))
@@ -296,7 +262,7 @@ def test_debug_logs_each_rejected_line_once(caplog: pytest.LogCaptureFixture) ->
 
 def test_no_debug_no_line_logs(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        f = make_filter(make_cfg(), FakeBus())
+        f = make_filter(make_cfg(), RecordingBus())
         await f.handle(*msg(b"bad\nx v=1 1\nswap v=1\n"))
 
     with caplog.at_level(logging.INFO, logger="influx_spout.filter"):

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import urllib.parse
-from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
+from support.recordingbus import RecordingBus
 from support.servers import free_port
 
 from influx_spout import targets
 from influx_spout.batching import Batcher, Parts
-from influx_spout.bus import Bus
 from influx_spout.config import Config, ConfigError, Rule, load_config
 from influx_spout.modes import filter as filter_mode
 from influx_spout.modes import listener_http
@@ -92,33 +91,6 @@ def test_the_header_block_is_what_nats_py_writes() -> None:
     assert block == b"NATS/1.0\r\nInfluxdb-Db: a  b\r\nInfluxdb-Rp: r\r\n\r\n"
     with pytest.raises(ValueError):
         header_block({"bad key": "v"})
-
-
-class RecordingBus(Bus):
-    """The real Bus (its split under the max payload) sending to a recorder."""
-
-    def __init__(self, max_payload: int = 1024 * 1024) -> None:
-        super().__init__(Config(mode="filter"))
-        self.limit = max_payload
-        self.sent: list[tuple[str, bytes, dict[str, str] | None]] = []
-
-    @property
-    def max_payload(self) -> int:
-        return self.limit
-
-    async def _send(
-        self,
-        subject: str,
-        parts: Sequence[bytes],
-        size: int,
-        headers: dict[str, str] | None = None,
-        header: bytes = b"",
-    ) -> bool:
-        data = b"".join(parts)
-        assert len(data) + len(header) <= self.max_payload
-        assert header == (header_block(headers) if headers else b"")
-        self.sent.append((subject, data, headers))
-        return True
 
 
 def test_the_bus_publishes_headers_and_splits_under_the_payload_with_them() -> None:
