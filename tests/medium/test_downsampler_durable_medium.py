@@ -186,6 +186,40 @@ durable = true
 """
 
 
+async def kill_holding(
+    url: str, first: Component, period: int, room: int
+) -> tuple[list[bytes], int]:
+    """Once first consumes: 20 bodies stored around now (at least period // room before
+    the period ends), held by first, then first SIGKILLed. Returns (bodies, now)."""
+    await wait_until(lambda: consumer_exists(url), lambda: not first.running)
+    now = lineproto.now_ns()
+    if (now // period + 1) * period - now < period // room:
+        await asyncio.sleep(period / room / 1e9)
+        now = lineproto.now_ns()
+    bodies = bodies_around(now, period, 20)
+    await store(url, bodies)
+    await wait_until(lambda: held_is(url, 20))
+    first.proc.kill()
+    first.proc.wait()
+    return bodies, now
+
+
+async def outcome(
+    url: str, bodies: list[bytes], now: int, period: int, timeout: float
+) -> tuple[list[bytes], list[bytes], int | None, int]:
+    """Once the 10 lines are out and nothing is held: (the lines emitted, the lines an
+    uninterrupted run emits, the consumer's ack pending, the messages left in the input)."""
+    await wait_until(lambda: output_lines(url, 10), timeout=timeout)
+    await wait_until(lambda: held_is(url, 0))
+    await asyncio.sleep(0.5)  # nothing more comes
+    return (
+        b"".join(await stream_messages(url, OUT)).splitlines(),
+        expected(bodies, now, period),
+        await ack_pending(url),
+        len(await stream_messages(url, IN)),
+    )
+
+
 def test_sigkill_before_the_period_closes_then_restart_emits_the_uninterrupted_means(
     jetstream_server: NatsServer, component: Any
 ) -> None:
@@ -196,28 +230,10 @@ def test_sigkill_before_the_period_closes_then_restart_emits_the_uninterrupted_m
     first: Component = component(component_config(url, "6s"))
 
     async def main() -> tuple[list[bytes], list[bytes], list[bytes], int | None, int]:
-        await wait_until(lambda: consumer_exists(url), lambda: not first.running)
-        now = lineproto.now_ns()
-        if (now // period + 1) * period - now < period // 3:
-            await asyncio.sleep(period / 3e9)
-            now = lineproto.now_ns()
-        bodies = bodies_around(now, period, 20)
-        await store(url, bodies)
-        await wait_until(lambda: held_is(url, 20))
-        first.proc.kill()
-        first.proc.wait()
+        bodies, now = await kill_holding(url, first, period, room=3)
         before = await stream_messages(url, OUT)
         component(component_config(url, "6s"))
-        await wait_until(lambda: output_lines(url, 10), timeout=30)
-        await wait_until(lambda: held_is(url, 0))
-        await asyncio.sleep(0.5)  # nothing more comes
-        return (
-            before,
-            b"".join(await stream_messages(url, OUT)).splitlines(),
-            expected(bodies, now, period),
-            await ack_pending(url),
-            len(await stream_messages(url, IN)),
-        )
+        return (before, *await outcome(url, bodies, now, period, timeout=30))
 
     before, got, want, pending, left = asyncio.run(main())
     assert before == []
@@ -264,16 +280,7 @@ def test_sigkill_then_restart_after_the_periods_were_due_emits_the_uninterrupted
     first: Component = component(component_config(url, "4s"))
 
     async def main() -> tuple[list[bytes], list[bytes], list[bytes], int | None, int, dict]:
-        await wait_until(lambda: consumer_exists(url), lambda: not first.running)
-        now = lineproto.now_ns()
-        if (now // period + 1) * period - now < period // 2:  # the kill before the end
-            await asyncio.sleep(period / 2e9)
-            now = lineproto.now_ns()
-        bodies = bodies_around(now, period, 20)
-        await store(url, bodies)
-        await wait_until(lambda: held_is(url, 20))
-        first.proc.kill()
-        first.proc.wait()
+        bodies, now = await kill_holding(url, first, period, room=2)  # before the end
         before = await stream_messages(url, OUT)
         end = (now // period + 1) * period  # of the first period; the second ends a period on
         # a restart opens the periods around it: the previous one starts a period before
@@ -281,17 +288,8 @@ def test_sigkill_then_restart_after_the_periods_were_due_emits_the_uninterrupted
         restart_at = end + 2 * period if past == "both periods" else end + period
         await asyncio.sleep(sleep_until(restart_at + period // 10))
         component(component_config(url, "4s"))
-        await wait_until(lambda: output_lines(url, 10), timeout=30)
-        await wait_until(lambda: held_is(url, 0))
-        await asyncio.sleep(0.5)  # nothing more comes
-        return (
-            before,
-            b"".join(await stream_messages(url, OUT)).splitlines(),
-            expected(bodies, now, period),
-            await ack_pending(url),
-            len(await stream_messages(url, IN)),
-            await counters_of(url),
-        )
+        got = await outcome(url, bodies, now, period, timeout=30)
+        return (before, *got, await counters_of(url))
 
     before, got, want, pending, left, counters = asyncio.run(main())
     assert before == []
@@ -313,27 +311,9 @@ def test_with_a_queue_group_messages_redelivered_after_ack_wait_give_the_means(
     first: Component = component(config)
 
     async def main() -> tuple[list[bytes], list[bytes], int | None, int, dict]:
-        await wait_until(lambda: consumer_exists(url), lambda: not first.running)
-        now = lineproto.now_ns()
-        if (now // period + 1) * period - now < period // 2:
-            await asyncio.sleep(period / 2e9)
-            now = lineproto.now_ns()
-        bodies = bodies_around(now, period, 20)
-        await store(url, bodies)
-        await wait_until(lambda: held_is(url, 20))
-        first.proc.kill()
-        first.proc.wait()
+        bodies, now = await kill_holding(url, first, period, room=2)
         component(config)
-        await wait_until(lambda: output_lines(url, 10), timeout=60)
-        await wait_until(lambda: held_is(url, 0))
-        await asyncio.sleep(0.5)
-        return (
-            b"".join(await stream_messages(url, OUT)).splitlines(),
-            expected(bodies, now, period),
-            await ack_pending(url),
-            len(await stream_messages(url, IN)),
-            await counters_of(url),
-        )
+        return (*await outcome(url, bodies, now, period, timeout=60), await counters_of(url))
 
     got, want, pending, left, counters = asyncio.run(main())
     assert len(want) == 10
