@@ -238,8 +238,8 @@ class Filter:
 
     async def handle_run(self, run: list[Delivery]) -> None:
         """The messages of one fetch from the durable consumer, routed in groups (see
-        groups()): a group's outputs go out as one message per subject, and each of its
-        messages is acknowledged once JetStream stored them all (_settle)."""
+        groups()): a group's outputs go out joined per subject, and each of its messages
+        is acknowledged once JetStream stored them all (_settle)."""
         cut = groups(run, max(GROUP_BYTES, self.rt.bus.max_payload))
         for n, group in enumerate(cut):
             if self.failure is None and await self._slot(cut[n:]):
