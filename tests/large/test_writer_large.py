@@ -109,10 +109,14 @@ async def publish(url: str, subject: str, messages: list[bytes]) -> None:
 async def wait_for_points(
     influxd: InfluxServer, db: str, expected: int, timeout: float = 15.0
 ) -> list[dict[str, Any]]:
+    """The rows once there are expected of them, each with all its fields: a query made
+    while influxd writes a batch can see a point with some of its fields only (CI saw one
+    with value and note still null)."""
     deadline = time.monotonic() + timeout
     while True:
         rows = influxd.query(db, "SELECT * FROM spout_w")
-        if len(rows) >= expected or time.monotonic() > deadline:
+        complete = len(rows) >= expected and all(None not in row.values() for row in rows)
+        if complete or time.monotonic() > deadline:
             return rows
         await asyncio.sleep(0.05)
 
