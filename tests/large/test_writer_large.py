@@ -446,6 +446,46 @@ def test_refused_lines_are_dead_lettered_and_good_lines_stored_once(
         assert len({r["id"] for r in rows}) == n
 
 
+def test_what_the_fast_path_passes_and_influxd_refuses_is_dead_lettered(
+    nats_server: NatsServer, influxd: InfluxServer, component: Callable[..., Component]
+) -> None:
+    """Duplicate tag keys and a field given twice with two types pass listener_http's fast
+    path (README, "Line protocol"): the writer dead-letters exactly those lines and writes
+    the rest of their batches, whether influxd names the line, names the field, or (the
+    line alone in its write) says only "field type conflict"."""
+    db = "writer_fast_path"
+    influxd.create_database(db)
+    start_writer(
+        component,
+        writer_toml(nats_server.url, influxd.port, db, ["answers"], batch_max_count=1),
+    )
+    duplicate_tags = b"dup,id=d,id=e value=1.5\n"
+    two_types = b"twice,id=t value=1.5,value=2i\n"
+    alone = b"alone,id=a value=1.5,value=true\n"
+    messages = [
+        b"".join(tagged("dup", "g", 3) + [duplicate_tags]),
+        b"".join(tagged("twice", "g", 3) + [two_types]),
+        alone,
+    ]
+    expected_dead = [duplicate_tags, two_types, alone]
+
+    async def scenario() -> None:
+        monitor, dead = await answers_scenario(
+            nats_server.url, influxd, db, messages, 6, expected_dead
+        )
+        assert "duplicate tags" in dead.error_of(duplicate_tags)
+        assert "field type conflict" in dead.error_of(two_types)
+        assert "field type conflict" in dead.error_of(alone)
+        await monitor.close()
+        await dead.close()
+
+    asyncio.run(scenario())
+    for measurement in ("dup", "twice"):
+        rows = influxd.query(db, f"SELECT * FROM {measurement}")
+        assert sorted(r["id"] for r in rows) == ["g0", "g1", "g2"], (measurement, rows)
+    assert influxd.query(db, "SELECT * FROM alone") == []
+
+
 def test_invalid_utf8_500_dead_letters_the_line_and_writes_the_rest(
     nats_server: NatsServer, influxd: InfluxServer, component: Callable[..., Component]
 ) -> None:
