@@ -516,12 +516,52 @@ def _check_next(batch: bytes, start: int) -> tuple[int, bytes | str | None]:
     quote never closed cannot take good lines after it with it."""
     nl = batch.index(b"\n", start)
     if b'"' in batch[start:nl]:
+        if batch[start:nl].lstrip(b" \t")[:1] == b"#":
+            return _comment_end(batch, start, nl), None
         whole = _WHOLE_LINE.match(batch, start)
         if whole is not None and whole.end() - 1 > nl:
             checked = check_line(batch[start : whole.end() - 1])
             if isinstance(checked, bytes):
                 return whole.end() - 1, checked
     return nl, check_line(batch[start:nl])
+
+
+# the rest of a quoted value, through its closing quote (a backslash takes the byte after it)
+_STRING_REST = re.compile(rb'(?:[^"\\]++|\\[\s\S])*+"')
+
+
+def _comment_end(batch: bytes, start: int, nl: int) -> int:
+    """Where influxd ends the comment line at start that holds a '"' (nl, its first
+    newline, or a later one). influxd's scanner reads a comment as any line: after the
+    first blank, a '"' opens a value when the line has more '=' than ',' so far, and a
+    newline in that value does not end the line. A value never closed ends at nl: influxd
+    would take the rest of the batch as the comment; the router keeps those lines, as
+    after any quote never closed. Python work over the comment's bytes only: a value
+    runs to its quote at C speed."""
+    i = start
+    fields = False
+    equals = commas = 0
+    while i < len(batch):
+        c = batch[i]
+        if c == 0x5C:  # a backslash and the byte after it
+            i += 2
+            continue
+        if c == 0x0A:
+            return i
+        if c == 0x20:
+            fields = True
+        elif fields and c == 0x3D:
+            equals += 1
+        elif fields and c == 0x2C:
+            commas += 1
+        elif fields and c == 0x22 and equals > commas:
+            value = _STRING_REST.match(batch, i + 1)
+            if value is None:
+                return nl
+            i = value.end()
+            continue
+        i += 1
+    return nl
 
 
 def _has_long_line(batch: bytes) -> bool:

@@ -1,7 +1,7 @@
 """lineproto against a real influxd: each generated line goes to both, and the router's
 verdict is influxd's (but for the documented exceptions: support/differential.py).
 
-A longer run: DIFFERENTIAL_EXAMPLES=20000 pytest tests/medium/test_lineproto_influxd_medium.py
+A longer run: DIFFERENTIAL_EXAMPLES=20000 pytest --timeout 1500 tests/medium/test_lineproto_influxd_medium.py
 (its figures: README, "Line protocol").
 """
 
@@ -34,6 +34,7 @@ def judge(influxd: InfluxServer) -> Influxd:
 @example(line=b"m f=1 -9223372036854775806")
 @example(line=b"m\x00 f=1")
 @example(line=b"\t# time=0.0\x00")  # a comment holding NUL: taken by both
+@example(line=b'\t# time="\n"')  # a comment's quoted value holds its newline
 @example(line=b"\xff f=1")
 @example(line=b"m,time=1 f=1")
 @example(line=b"m f=1u")

@@ -285,6 +285,12 @@ def test_split_valid_fast_path_returns_the_batch_itself(impl: ModuleType) -> Non
         (b"bad\n", (b"", [b"bad"])),
         (b" \n\t\n \t# x\n", (b"", [])),  # blank lines and indented comments, as influxd
         (b"#a f=1\na f=1\n", (b"a f=1\n", [])),
+        # a comment is scanned as influxd scans any line: a quoted value holds newlines
+        (b'\t# time="\n"', (b"", [])),
+        (b'# t="x\nm f=1\n"\nm g=2\n', (b"m g=2\n", [])),
+        (b'# t="x\\"\nm f=1\n"\nm g=2\n', (b"m g=2\n", [])),  # an escaped quote
+        (b'# a,b="\n"\nm f=1', (b"m f=1\n", [b'"'])),  # no more "=" than ",": no value
+        (b'# t="x\nm f=1\n', (b"m f=1\n", [])),  # never closed: the lines after it kept
         (b"bad\na f=1", (b"a f=1\n", [b"bad"])),
         (b"a f=1\nb f=1\nbad", (b"a f=1\nb f=1\n", [b"bad"])),
     ],
