@@ -1,8 +1,8 @@
 """lineproto against a real influxd: each generated line goes to both, and the router's
 verdict is influxd's (but for the documented exceptions: support/differential.py).
 
-A longer run: DIFFERENTIAL_EXAMPLES=20000 pytest --timeout 1500 tests/medium/test_lineproto_influxd_medium.py
-(its figures: README, "Line protocol").
+A longer run (its figures: README, "Line protocol"):
+DIFFERENTIAL_EXAMPLES=20000 pytest --timeout 1500 tests/medium/test_lineproto_influxd_medium.py
 """
 
 from __future__ import annotations
