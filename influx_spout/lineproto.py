@@ -352,13 +352,15 @@ _BOOLS: dict[bytes, bool] = {
 
 # '="' (a string value starts), then string bytes without the closing quote, then a newline
 _QUOTED_NEWLINE = compile_batch(r'="(?:[^"\\\n]|\\[^\n])*\\?\n')
+# the rest of a quoted value, through its closing quote (a backslash takes the byte after it)
+_STRING_REST = re.compile(rb'(?:[^"\\]++|\\[\s\S])*+"')
 # One whole line as influxd's scanner reads it: the series key (to the first space that is
 # not escaped; a run of backslashes takes the byte after it, as in the grammar), then the
 # rest, where '="' opens a string that its closing '"' ends. Unlike influxd, a quote
 # never closed opens nothing: its line ends at its newline.
 _WHOLE_LINE = re.compile(
     rb'(?=[\s\S])(?:[^ \n\\]|\\++[^\n]?)*+'
-    rb'(?: (?:="(?:[^"\\]++|\\[\s\S])*+"|\\[^\n]?|[^\n\\])*+)?(?:\n|\Z)'
+    rb'(?: (?:="' + _STRING_REST.pattern + rb'|\\[^\n]?|[^\n\\])*+)?(?:\n|\Z)'
 )
 
 
@@ -515,19 +517,16 @@ def _check_next(batch: bytes, start: int) -> tuple[int, bytes | str | None]:
     newline is taken whole when it is valid; otherwise its first newline ends it, so that a
     quote never closed cannot take good lines after it with it."""
     nl = batch.index(b"\n", start)
-    if b'"' in batch[start:nl]:
-        if batch[start:nl].lstrip(b" \t")[:1] == b"#":
+    line = batch[start:nl]
+    if b'"' in line:
+        if line.lstrip(b" \t")[:1] == b"#":
             return _comment_end(batch, start, nl), None
         whole = _WHOLE_LINE.match(batch, start)
         if whole is not None and whole.end() - 1 > nl:
             checked = check_line(batch[start : whole.end() - 1])
             if isinstance(checked, bytes):
                 return whole.end() - 1, checked
-    return nl, check_line(batch[start:nl])
-
-
-# the rest of a quoted value, through its closing quote (a backslash takes the byte after it)
-_STRING_REST = re.compile(rb'(?:[^"\\]++|\\[\s\S])*+"')
+    return nl, check_line(line)
 
 
 def _comment_end(batch: bytes, start: int, nl: int) -> int:
